@@ -1,0 +1,60 @@
+//! `environment/info`: what this executor is.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+
+use crate::protocol::path_to_uri;
+
+/// The signals `process/signal` accepts.
+const SIGNALS: &[&str] = &[
+    "interrupt",
+    "terminate",
+    "kill",
+    "hangup",
+    "quit",
+    "user1",
+    "user2",
+];
+
+/// The `environment/info` result.
+pub fn info(workspace_roots: &[PathBuf]) -> Value {
+    let shell = std::env::var_os("SHELL")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .unwrap_or_else(|| PathBuf::from("/bin/sh"));
+    let shell_name = shell
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "sh".into());
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    let tmp = std::env::temp_dir();
+    json!({
+        "shell": { "name": shell_name, "path": shell.to_string_lossy() },
+        "cwd": path_to_uri(&cwd),
+        "tempDir": path_to_uri(&tmp),
+        "temporaryDirectories": [path_to_uri(&tmp)],
+        "capabilities": {
+            "tty": true,
+            "pipeStdin": true,
+            "closeStdin": true,
+            "resize": true,
+            "signals": SIGNALS,
+            "processList": true,
+            "sandbox": false,
+        },
+        "os": std::env::consts::OS,
+        "arch": std::env::consts::ARCH,
+        "workspaceRoots": workspace_roots.iter().map(|p| path_to_uri(p)).collect::<Vec<_>>(),
+    })
+}
+
+/// The roots `:workspace_roots` binds to: the `--workspace-root` flags, or
+/// the server's own cwd when none was given.
+pub fn workspace_roots(flags: &[PathBuf]) -> Vec<PathBuf> {
+    if flags.is_empty() {
+        vec![std::env::current_dir().unwrap_or_else(|_| Path::new("/").to_path_buf())]
+    } else {
+        flags.to_vec()
+    }
+}

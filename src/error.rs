@@ -1,0 +1,201 @@
+//! The one error type every handler returns, and the one place where an error
+//! is mapped to its JSON-RPC code and its `data.kind`.
+
+use std::io;
+
+use serde_json::{Value, json};
+
+/// JSON-RPC error codes used on the wire (PROTOCOL.md section 2).
+pub mod code {
+    pub const PARSE_ERROR: i64 = -32700;
+    pub const INVALID_REQUEST: i64 = -32600;
+    pub const METHOD_NOT_FOUND: i64 = -32601;
+    pub const INVALID_PARAMS: i64 = -32602;
+    pub const INTERNAL_ERROR: i64 = -32603;
+    pub const NOT_FOUND: i64 = -32004;
+    pub const SESSION_ATTACHED: i64 = -32010;
+}
+
+/// Everything a request can fail with. Each variant's message is the
+/// lower-case sentence sent as the JSON-RPC `message`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The line was not JSON.
+    #[error("parse error: {0}")]
+    Parse(String),
+    /// JSON, but not a valid JSON-RPC request.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// A method other than `initialize` before `initialize`/`initialized`.
+    #[error("{0}")]
+    NotInitialized(String),
+    /// A second `initialize` on one connection.
+    #[error("initialize may only be sent once per connection")]
+    AlreadyInitialized,
+    /// No such method.
+    #[error("method not found: {0}")]
+    MethodNotFound(String),
+    /// Params that do not decode or do not make sense.
+    #[error("{0}")]
+    InvalidParams(String),
+    /// A process id the session does not know.
+    #[error("unknown process id {0}")]
+    UnknownProcess(String),
+    /// `process/start` with an id already in use.
+    #[error("process {0} already exists")]
+    ProcessExists(String),
+    /// A process that has not finished starting.
+    #[error("process id {0} is starting")]
+    ProcessStarting(String),
+    /// The OS refused to start the program.
+    #[error("{message}")]
+    SpawnFailed { message: String, errno: Option<i32> },
+    /// A filesystem path that does not exist.
+    #[error("{message}")]
+    NotFound { message: String, errno: Option<i32> },
+    /// The OS refused access.
+    #[error("{message}")]
+    PermissionDenied { message: String, errno: Option<i32> },
+    /// The sandbox asked for cannot be enforced here.
+    #[error("sandbox intent cannot be enforced on this executor: {0}")]
+    SandboxUnavailable(String),
+    /// `resumeSessionId` names no live session.
+    #[error("unknown session id {0}")]
+    UnknownSession(String),
+    /// `resumeSessionId` names a session another connection holds.
+    #[error("session {0} is already attached to another connection")]
+    SessionAttached(String),
+    /// This connection's session was resumed by another connection.
+    #[error("session has been resumed by another connection")]
+    SessionTakenOver,
+    /// A line over `--max-message-bytes`.
+    #[error("message of {size} bytes exceeds the limit of {limit} bytes")]
+    MessageTooLarge { size: usize, limit: usize },
+    /// Anything else, usually an I/O failure.
+    #[error("{message}")]
+    Internal { message: String, errno: Option<i32> },
+}
+
+impl Error {
+    /// The JSON-RPC error code.
+    pub fn code(&self) -> i64 {
+        use Error::*;
+        match self {
+            Parse(_) => code::PARSE_ERROR,
+            InvalidRequest(_)
+            | NotInitialized(_)
+            | AlreadyInitialized
+            | UnknownProcess(_)
+            | ProcessExists(_)
+            | ProcessStarting(_)
+            | PermissionDenied { .. }
+            | UnknownSession(_)
+            | SessionTakenOver
+            | MessageTooLarge { .. } => code::INVALID_REQUEST,
+            MethodNotFound(_) => code::METHOD_NOT_FOUND,
+            InvalidParams(_) | SandboxUnavailable(_) => code::INVALID_PARAMS,
+            SpawnFailed { .. } | Internal { .. } => code::INTERNAL_ERROR,
+            NotFound { .. } => code::NOT_FOUND,
+            SessionAttached(_) => code::SESSION_ATTACHED,
+        }
+    }
+
+    /// The `data.kind` string, so clients never parse `message`.
+    pub fn kind(&self) -> &'static str {
+        use Error::*;
+        match self {
+            Parse(_) => "parseError",
+            InvalidRequest(_) => "invalidRequest",
+            NotInitialized(_) => "notInitialized",
+            AlreadyInitialized => "alreadyInitialized",
+            MethodNotFound(_) => "methodNotFound",
+            InvalidParams(_) => "invalidParams",
+            UnknownProcess(_) => "unknownProcess",
+            ProcessExists(_) => "processExists",
+            ProcessStarting(_) => "processStarting",
+            SpawnFailed { .. } => "spawnFailed",
+            NotFound { .. } => "notFound",
+            PermissionDenied { .. } => "permissionDenied",
+            SandboxUnavailable(_) => "sandboxUnavailable",
+            UnknownSession(_) => "unknownSession",
+            SessionAttached(_) => "sessionAttached",
+            SessionTakenOver => "sessionTakenOver",
+            MessageTooLarge { .. } => "messageTooLarge",
+            Internal { .. } => "internal",
+        }
+    }
+
+    /// The OS error number behind the error, when there is one.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            Error::SpawnFailed { errno, .. }
+            | Error::NotFound { errno, .. }
+            | Error::PermissionDenied { errno, .. }
+            | Error::Internal { errno, .. } => *errno,
+            _ => None,
+        }
+    }
+
+    /// The JSON-RPC `error` object.
+    pub fn to_json(&self) -> Value {
+        let mut data = json!({ "kind": self.kind() });
+        if let Some(errno) = self.errno() {
+            data["errno"] = json!(errno);
+        }
+        json!({ "code": self.code(), "message": self.to_string(), "data": data })
+    }
+
+    /// An internal error from an I/O failure, with `context` naming what failed.
+    pub fn io(context: impl std::fmt::Display, err: &io::Error) -> Self {
+        Error::Internal {
+            message: format!("{context}: {}", lower_io(err)),
+            errno: err.raw_os_error(),
+        }
+    }
+}
+
+/// An I/O error's text in the protocol's style: lower-case, without the
+/// "(os error N)" suffix (the number travels in `data.errno`).
+pub fn lower_io(err: &io::Error) -> String {
+    let text = match err.raw_os_error() {
+        Some(n) => {
+            let full = io::Error::from_raw_os_error(n).to_string();
+            match full.find(" (os error") {
+                Some(i) => full[..i].to_string(),
+                None => full,
+            }
+        }
+        None => err.to_string(),
+    };
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => text,
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_json_carries_code_kind_and_errno() {
+        let err = Error::SpawnFailed {
+            message: "failed to start nope: no such file or directory".into(),
+            errno: Some(2),
+        };
+        assert_eq!(
+            err.to_json(),
+            json!({"code": -32603, "message": "failed to start nope: no such file or directory",
+                   "data": {"kind": "spawnFailed", "errno": 2}})
+        );
+    }
+
+    #[test]
+    fn io_text_is_lower_case_without_os_error_suffix() {
+        let err = io::Error::from_raw_os_error(libc::ENOENT);
+        assert_eq!(lower_io(&err), "no such file or directory");
+    }
+}

@@ -1,0 +1,34 @@
+//! exec-server runs processes and touches files on a machine on behalf of an
+//! orchestrator, speaking newline-delimited JSON-RPC 2.0 (the wire contract
+//! is `PROTOCOL.md`, compatible with the Codex exec-server protocol).
+//!
+//! # Layout
+//!
+//! A request flows one way: transport -> jsonrpc -> dispatch -> handler ->
+//! response.
+//!
+//! - [`transport`]: bytes in, frames out; lines out, bytes written. Knows no
+//!   method.
+//! - [`jsonrpc`]: what one line means (request, notification, batch, or the
+//!   error it earned) and how a response or notification is written.
+//! - [`error`]: the one error enum, and where each error gets its JSON-RPC
+//!   code and `data.kind`.
+//! - [`server`]: the connection loop and handshake gating, the method table
+//!   (`dispatch`), the session registry, and the stdio mode.
+//! - [`protocol`]: params and results of every method.
+//! - [`process`]: spawning with pipes or a pty, the sequence-numbered output
+//!   log, stdin, signals, reaping, and the watchdog that kills every child
+//!   when the server dies.
+//! - [`env_policy`]: deriving a child's environment from a policy.
+//! - [`environment`]: `environment/info`.
+//! - [`sandbox`]: sandbox intent on `process/start`.
+
+pub mod env_policy;
+pub mod environment;
+pub mod error;
+pub mod jsonrpc;
+pub mod process;
+pub mod protocol;
+pub mod sandbox;
+pub mod server;
+pub mod transport;

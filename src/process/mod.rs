@@ -1,0 +1,683 @@
+//! Processes of one session: starting them, pumping their output into a
+//! sequence-numbered log, writing their stdin, signalling their groups and
+//! reaping them.
+//!
+//! Every event of a process (output chunk, exit, close) takes the next value
+//! of one counter while the process's state is locked, and its notification
+//! is queued under the same lock, so notifications leave in seq order.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use base64::Engine;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{Notify, mpsc, watch};
+
+use crate::error::{Error, Result};
+use crate::jsonrpc::notification_line;
+use crate::protocol::{
+    ClosedNotification, ExitedNotification, OutputNotification, ProcessSummary, ReadParams,
+    ReadResponse, Signal, Stream, TtySize, WriteStatus, method,
+};
+use crate::transport::Outbound;
+
+pub mod output;
+pub mod spawn;
+pub mod watchdog;
+
+use output::{OutputLog, Retention};
+use spawn::{Io, PtyMaster};
+
+/// How many write ids each process remembers for de-duplication.
+const WRITE_IDS_REMEMBERED: usize = 4096;
+/// Bytes read from a child's pipe at a time.
+const READ_CHUNK: usize = 64 * 1024;
+/// After the exit status is known, how long to let the output pumps drain
+/// what the child wrote before exiting, so that it gets the lower seqs.
+const EXIT_DRAIN_GRACE: Duration = Duration::from_millis(50);
+
+/// Where a session's notifications go: the attached connection, if any.
+pub type Attachment = Arc<Mutex<Option<(u64, Outbound)>>>;
+
+/// Settings that apply to every process.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub retention: Retention,
+    pub closed_retention: Duration,
+}
+
+/// The processes of one session.
+pub struct ProcessTable {
+    processes: Mutex<HashMap<String, Arc<Process>>>,
+    limits: Limits,
+    attachment: Attachment,
+    watchdog: Option<Arc<watchdog::Watchdog>>,
+    /// How many children have not been reaped yet.
+    live: watch::Sender<usize>,
+}
+
+/// What `process/start` needs beyond the spawn spec.
+pub struct StartRequest<'a> {
+    pub id: String,
+    pub spec: spawn::Spec<'a>,
+    pub pipe_stdin: bool,
+}
+
+/// One started process.
+pub struct Process {
+    pub id: String,
+    pub pid: i32,
+    pub argv: Vec<String>,
+    pub tty: bool,
+    pipe_stdin: bool,
+    state: Mutex<State>,
+    /// Woken on every state change, for long-polls and the reaper.
+    changed: Notify,
+    attachment: Attachment,
+    stdin: Option<mpsc::UnboundedSender<StdinCommand>>,
+    pty: Option<Arc<PtyMaster>>,
+}
+
+#[derive(Debug)]
+struct State {
+    log: OutputLog,
+    next_seq: u64,
+    exit: Option<Exit>,
+    closed_seq: Option<u64>,
+    open_streams: u8,
+    /// The group leader has been reaped: its id may be reused, so the group
+    /// is no longer signalled.
+    reaped: bool,
+    stdin_closed: bool,
+    write_ids: WriteIds,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Exit {
+    seq: u64,
+    code: i32,
+}
+
+enum StdinCommand {
+    Data(Vec<u8>),
+    Close,
+}
+
+#[derive(Debug, Default)]
+struct WriteIds {
+    order: VecDeque<String>,
+    set: HashSet<String>,
+}
+
+impl WriteIds {
+    /// Remember `id`; false if it was already remembered.
+    fn insert(&mut self, id: &str) -> bool {
+        if self.set.contains(id) {
+            return false;
+        }
+        if self.order.len() == WRITE_IDS_REMEMBERED {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        self.order.push_back(id.to_string());
+        self.set.insert(id.to_string());
+        true
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl ProcessTable {
+    pub fn new(
+        limits: Limits,
+        attachment: Attachment,
+        watchdog: Option<Arc<watchdog::Watchdog>>,
+    ) -> Arc<Self> {
+        Arc::new(ProcessTable {
+            processes: Mutex::new(HashMap::new()),
+            limits,
+            attachment,
+            watchdog,
+            live: watch::channel(0).0,
+        })
+    }
+
+    /// Start a process and the tasks that pump its output and reap it.
+    pub fn start(self: &Arc<Self>, req: StartRequest<'_>) -> Result<()> {
+        let mut processes = lock(&self.processes);
+        if processes.contains_key(&req.id) {
+            return Err(Error::ProcessExists(req.id));
+        }
+        let mut spec = req.spec;
+        spec.watchdog_fd = self.watchdog.as_ref().map(|w| w.raw_fd());
+        let spawned = spawn::spawn(&spec)?;
+        let tty = spec.tty.is_some();
+        let (stdin_tx, stdin_rx) = if tty || req.pipe_stdin {
+            let (tx, rx) = mpsc::unbounded_channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let pty = match &spawned.io {
+            Io::Pty(master) => Some(master.clone()),
+            Io::Pipes { .. } => None,
+        };
+        let process = Arc::new(Process {
+            id: req.id.clone(),
+            pid: spawned.pid,
+            argv: spec.argv.to_vec(),
+            tty,
+            pipe_stdin: req.pipe_stdin,
+            state: Mutex::new(State {
+                log: OutputLog::new(self.limits.retention),
+                next_seq: 1,
+                exit: None,
+                closed_seq: None,
+                open_streams: if tty { 1 } else { 2 },
+                reaped: false,
+                stdin_closed: stdin_tx.is_none(),
+                write_ids: WriteIds::default(),
+            }),
+            changed: Notify::new(),
+            attachment: self.attachment.clone(),
+            stdin: stdin_tx,
+            pty,
+        });
+        processes.insert(req.id, process.clone());
+        drop(processes);
+        self.live.send_modify(|n| *n += 1);
+        tracing::debug!(id = %process.id, pid = process.pid, "started");
+
+        match spawned.io {
+            Io::Pipes {
+                stdin,
+                stdout,
+                stderr,
+            } => {
+                tokio::spawn(pump(process.clone(), Stream::Stdout, Source::Pipe(Box::new(stdout))));
+                tokio::spawn(pump(process.clone(), Stream::Stderr, Source::Pipe(Box::new(stderr))));
+                if let (Some(stdin), Some(rx)) = (stdin, stdin_rx) {
+                    tokio::spawn(feed_stdin(process.clone(), Sink::Pipe(stdin), rx));
+                }
+            }
+            Io::Pty(master) => {
+                tokio::spawn(pump(process.clone(), Stream::Pty, Source::Pty(master.clone())));
+                if let Some(rx) = stdin_rx {
+                    tokio::spawn(feed_stdin(process.clone(), Sink::Pty(master), rx));
+                }
+            }
+        }
+        tokio::spawn(reap(self.clone(), process, spawned.child));
+        Ok(())
+    }
+
+    /// Look a process up by id.
+    pub fn get(&self, id: &str) -> Result<Arc<Process>> {
+        lock(&self.processes)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::UnknownProcess(id.to_string()))
+    }
+
+    fn find(&self, id: &str) -> Option<Arc<Process>> {
+        lock(&self.processes).get(id).cloned()
+    }
+
+    /// `process/read`: answer at once when there is something to say, else
+    /// wait up to `waitMs` for it.
+    pub async fn read(&self, params: ReadParams) -> Result<ReadResponse> {
+        let process = self.get(&params.process_id)?;
+        process.read(&params).await
+    }
+
+    /// The immediate answer of a read, if it needs no waiting.
+    pub fn read_now(&self, params: &ReadParams) -> Result<Option<ReadResponse>> {
+        let process = self.get(&params.process_id)?;
+        let response = process.snapshot(params);
+        let wait = params.wait_ms.unwrap_or(0) > 0;
+        Ok(if !wait || process.is_ready(&response, params) {
+            Some(response)
+        } else {
+            None
+        })
+    }
+
+    /// `process/write`.
+    pub fn write(&self, id: &str, data: Vec<u8>, write_id: Option<&str>) -> WriteStatus {
+        match self.find(id) {
+            Some(process) => process.write(data, write_id),
+            None => WriteStatus::UnknownProcess,
+        }
+    }
+
+    /// `process/closeStdin`.
+    pub fn close_stdin(&self, id: &str) -> WriteStatus {
+        match self.find(id) {
+            Some(process) => process.close_stdin(),
+            None => WriteStatus::UnknownProcess,
+        }
+    }
+
+    /// `process/signal`: a no-op for unknown or exited processes.
+    pub fn signal(&self, id: &str, signal: Signal) {
+        if let Some(process) = self.find(id) {
+            process.signal_group(signal.number());
+        }
+    }
+
+    /// `process/terminate`: SIGKILL to the group; whether it was running.
+    pub fn terminate(&self, id: &str) -> bool {
+        match self.find(id) {
+            Some(process) => {
+                let running = lock(&process.state).exit.is_none();
+                process.signal_group(libc::SIGKILL);
+                running
+            }
+            None => false,
+        }
+    }
+
+    /// `process/resize`.
+    pub fn resize(&self, id: &str, size: TtySize) -> Result<()> {
+        let process = self.get(id)?;
+        let Some(pty) = &process.pty else {
+            return Err(Error::InvalidRequest(format!("process {id} has no terminal")));
+        };
+        pty.resize(size)
+            .map_err(|e| Error::io(format!("failed to resize the terminal of {id}"), &e))
+    }
+
+    /// `process/list`, sorted by id.
+    pub fn list(&self) -> Vec<ProcessSummary> {
+        let mut all: Vec<ProcessSummary> = lock(&self.processes)
+            .values()
+            .map(|p| {
+                let state = lock(&p.state);
+                ProcessSummary {
+                    process_id: p.id.clone(),
+                    pid: p.pid,
+                    argv: p.argv.clone(),
+                    tty: p.tty,
+                    exited: state.exit.is_some(),
+                    exit_code: state.exit.map(|e| e.code),
+                    closed: state.closed_seq.is_some(),
+                }
+            })
+            .collect();
+        all.sort_by(|a, b| a.process_id.cmp(&b.process_id));
+        all
+    }
+
+    /// Kill every process group of this session.
+    pub fn kill_all(&self) {
+        let all: Vec<Arc<Process>> = lock(&self.processes).values().cloned().collect();
+        for process in all {
+            process.signal_group(libc::SIGKILL);
+        }
+    }
+
+    /// Wait until every child of this session has been reaped.
+    pub async fn wait_reaped(&self) {
+        let mut live = self.live.subscribe();
+        let _ = live.wait_for(|n| *n == 0).await;
+    }
+}
+
+impl Process {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    /// Reserve room for one notification on the attached connection, if
+    /// any. Room is reserved before the state lock is taken and the line is
+    /// queued while it is held, which keeps notifications in seq order.
+    async fn reserve(&self) -> Option<mpsc::OwnedPermit<Vec<u8>>> {
+        let tx = lock(&self.attachment).as_ref().map(|(_, tx)| tx.clone())?;
+        tx.reserve_owned().await.ok()
+    }
+
+    async fn push_output(&self, stream: Stream, data: &[u8]) {
+        let encoded = base64::engine::general_purpose::STANDARD.encode(data);
+        let permit = self.reserve().await;
+        {
+            let mut state = self.lock();
+            let seq = state.next_seq;
+            state.next_seq += 1;
+            state.log.push(seq, stream, data.to_vec());
+            if let Some(permit) = permit {
+                permit.send(notification_line(
+                    method::PROCESS_OUTPUT,
+                    &OutputNotification {
+                        process_id: &self.id,
+                        seq,
+                        stream,
+                        chunk: &encoded,
+                    },
+                ));
+            }
+        }
+        self.changed.notify_waiters();
+    }
+
+    async fn stream_ended(&self) {
+        self.lock().open_streams -= 1;
+        self.changed.notify_waiters();
+        self.maybe_close().await;
+    }
+
+    async fn record_exit(&self, code: i32, signal: Option<&'static str>) {
+        let permit = self.reserve().await;
+        {
+            let mut state = self.lock();
+            let seq = state.next_seq;
+            state.next_seq += 1;
+            state.exit = Some(Exit { seq, code });
+            state.reaped = true;
+            if let Some(permit) = permit {
+                permit.send(notification_line(
+                    method::PROCESS_EXITED,
+                    &ExitedNotification {
+                        process_id: &self.id,
+                        seq,
+                        exit_code: code,
+                        sandbox_denied: false,
+                        signal,
+                    },
+                ));
+            }
+        }
+        self.changed.notify_waiters();
+        self.maybe_close().await;
+    }
+
+    /// Record `closed` once the exit is known and every stream has ended.
+    async fn maybe_close(&self) {
+        let ready = |s: &State| s.exit.is_some() && s.open_streams == 0 && s.closed_seq.is_none();
+        if !ready(&self.lock()) {
+            return;
+        }
+        let permit = self.reserve().await;
+        {
+            let mut state = self.lock();
+            if !ready(&state) {
+                return;
+            }
+            let seq = state.next_seq;
+            state.next_seq += 1;
+            state.closed_seq = Some(seq);
+            state.stdin_closed = true;
+            if let Some(permit) = permit {
+                permit.send(notification_line(
+                    method::PROCESS_CLOSED,
+                    &ClosedNotification {
+                        process_id: &self.id,
+                        seq,
+                    },
+                ));
+            }
+        }
+        self.changed.notify_waiters();
+    }
+
+    fn snapshot(&self, params: &ReadParams) -> ReadResponse {
+        let state = self.lock();
+        let after = params.after_seq.unwrap_or(0);
+        let slice = state.log.read(after, params.max_bytes);
+        let next_seq = match (params.max_bytes, slice.last_seq) {
+            (Some(_), Some(last)) => last + 1,
+            _ => state.next_seq,
+        };
+        ReadResponse {
+            chunks: slice.chunks,
+            next_seq,
+            exited: state.exit.is_some(),
+            exit_code: state.exit.map(|e| e.code),
+            closed: state.closed_seq.is_some(),
+            failure: None,
+            sandbox_denied: false,
+            truncated: slice.truncated,
+        }
+    }
+
+    /// Whether a read may return without waiting.
+    fn is_ready(&self, response: &ReadResponse, params: &ReadParams) -> bool {
+        let after = params.after_seq.unwrap_or(0);
+        let unseen_exit = self.lock().exit.is_some_and(|e| after < e.seq);
+        !response.chunks.is_empty() || response.closed || unseen_exit
+    }
+
+    async fn read(&self, params: &ReadParams) -> Result<ReadResponse> {
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(params.wait_ms.unwrap_or(0));
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let response = self.snapshot(params);
+            if self.is_ready(&response, params) || tokio::time::Instant::now() >= deadline {
+                return Ok(response);
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return Ok(self.snapshot(params));
+            }
+        }
+    }
+
+    fn write(&self, data: Vec<u8>, write_id: Option<&str>) -> WriteStatus {
+        let mut state = self.lock();
+        if let Some(id) = write_id {
+            if !state.write_ids.insert(id) {
+                return WriteStatus::Accepted;
+            }
+        }
+        if state.stdin_closed {
+            return WriteStatus::StdinClosed;
+        }
+        match &self.stdin {
+            Some(tx) if tx.send(StdinCommand::Data(data)).is_ok() => WriteStatus::Accepted,
+            _ => {
+                state.stdin_closed = true;
+                WriteStatus::StdinClosed
+            }
+        }
+    }
+
+    fn close_stdin(&self) -> WriteStatus {
+        let mut state = self.lock();
+        if !self.tty && !self.pipe_stdin {
+            return WriteStatus::StdinClosed;
+        }
+        if !state.stdin_closed {
+            if let Some(tx) = &self.stdin {
+                let _ = tx.send(StdinCommand::Close);
+            }
+            state.stdin_closed = true;
+        }
+        WriteStatus::Accepted
+    }
+
+    /// Signal the whole group, unless the leader was reaped (its id may
+    /// then belong to someone else).
+    fn signal_group(&self, signal: i32) {
+        let state = self.lock();
+        if state.reaped || self.pid <= 1 {
+            return;
+        }
+        // SAFETY: plain syscall; the group exists while its leader is unreaped.
+        unsafe { libc::kill(-self.pid, signal) };
+    }
+}
+
+/// Where output comes from.
+enum Source {
+    Pipe(Box<dyn AsyncRead + Unpin + Send>),
+    Pty(Arc<PtyMaster>),
+}
+
+impl Source {
+    async fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Source::Pipe(r) => r.read(buf).await,
+            Source::Pty(m) => m.read(buf).await,
+        }
+    }
+}
+
+/// Where stdin goes.
+enum Sink {
+    Pipe(tokio::process::ChildStdin),
+    Pty(Arc<PtyMaster>),
+}
+
+async fn pump(process: Arc<Process>, stream: Stream, mut source: Source) {
+    let mut buf = vec![0u8; READ_CHUNK];
+    loop {
+        match source.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => process.push_output(stream, &buf[..n]).await,
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(err) => {
+                tracing::warn!(id = %process.id, "reading {} failed: {err}", stream.as_str());
+                break;
+            }
+        }
+    }
+    // Release the read end (and for a pty, the input side) promptly.
+    drop(source);
+    process.stream_ended().await;
+}
+
+async fn feed_stdin(
+    process: Arc<Process>,
+    mut sink: Sink,
+    mut rx: mpsc::UnboundedReceiver<StdinCommand>,
+) {
+    while let Some(command) = rx.recv().await {
+        let result = match (&mut sink, command) {
+            (Sink::Pipe(pipe), StdinCommand::Data(data)) => pipe.write_all(&data).await,
+            (Sink::Pty(pty), StdinCommand::Data(data)) => pty.write_all(&data).await,
+            (Sink::Pipe(_), StdinCommand::Close) => break,
+            (Sink::Pty(pty), StdinCommand::Close) => pty.write_all(&[pty.eof_char()]).await,
+        };
+        if let Err(err) = result {
+            tracing::debug!(id = %process.id, "stdin closed: {err}");
+            process.lock().stdin_closed = true;
+            break;
+        }
+    }
+}
+
+/// Wait for the child, record its exit, and forget the process once it has
+/// been closed for the retention period.
+async fn reap(table: Arc<ProcessTable>, process: Arc<Process>, mut child: tokio::process::Child) {
+    let status = child.wait().await;
+    process.lock().reaped = true;
+    // Let the pumps take what the child wrote before it exited.
+    let drained = async {
+        loop {
+            let changed = process.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if process.lock().open_streams == 0 {
+                return;
+            }
+            changed.await;
+        }
+    };
+    let _ = tokio::time::timeout(EXIT_DRAIN_GRACE, drained).await;
+    let (code, signal) = match status {
+        Ok(status) => exit_code(status),
+        Err(err) => {
+            tracing::warn!(id = %process.id, "waiting for the child failed: {err}");
+            (-1, None)
+        }
+    };
+    process.record_exit(code, signal).await;
+    table.live.send_modify(|n| *n -= 1);
+
+    // Wait for close, then keep the process readable for a while.
+    loop {
+        let changed = process.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        if process.lock().closed_seq.is_some() {
+            break;
+        }
+        changed.await;
+    }
+    unregister_if_empty(&table, process.pid);
+    tokio::time::sleep(table.limits.closed_retention).await;
+    let mut processes = lock(&table.processes);
+    if processes
+        .get(&process.id)
+        .is_some_and(|p| Arc::ptr_eq(p, &process))
+    {
+        processes.remove(&process.id);
+    }
+    drop(processes);
+    unregister_if_empty(&table, process.pid);
+}
+
+/// Tell the watchdog to forget a group once no process is left in it.
+fn unregister_if_empty(table: &ProcessTable, pgid: i32) {
+    let Some(watchdog) = &table.watchdog else {
+        return;
+    };
+    // SAFETY: signal 0 only checks for existence.
+    let gone = unsafe { libc::kill(-pgid, 0) } == -1
+        && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+    if gone {
+        watchdog.unregister(pgid);
+    }
+}
+
+/// The protocol's exit code (128+N for a signal) and the signal's name.
+fn exit_code(status: std::process::ExitStatus) -> (i32, Option<&'static str>) {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => (code, None),
+        (None, Some(sig)) => (128 + sig, Some(signal_name(sig))),
+        (None, None) => (-1, None),
+    }
+}
+
+/// The conventional name of a signal number.
+pub fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGTRAP => "SIGTRAP",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGUSR1 => "SIGUSR1",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGUSR2 => "SIGUSR2",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGALRM => "SIGALRM",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGCHLD => "SIGCHLD",
+        libc::SIGCONT => "SIGCONT",
+        libc::SIGSTOP => "SIGSTOP",
+        libc::SIGTSTP => "SIGTSTP",
+        libc::SIGTTIN => "SIGTTIN",
+        libc::SIGTTOU => "SIGTTOU",
+        libc::SIGURG => "SIGURG",
+        libc::SIGXCPU => "SIGXCPU",
+        libc::SIGXFSZ => "SIGXFSZ",
+        libc::SIGVTALRM => "SIGVTALRM",
+        libc::SIGPROF => "SIGPROF",
+        libc::SIGWINCH => "SIGWINCH",
+        libc::SIGIO => "SIGIO",
+        libc::SIGPWR => "SIGPWR",
+        libc::SIGSYS => "SIGSYS",
+        _ => "SIGUNKNOWN",
+    }
+}

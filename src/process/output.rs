@@ -1,0 +1,146 @@
+//! The retained output of one process: chunks with their sequence numbers,
+//! bounded in bytes and in count, oldest evicted first.
+
+use std::collections::VecDeque;
+
+use crate::protocol::{Bytes, OutputChunk, Stream};
+
+/// Retention limits for one process's output.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    pub max_bytes: usize,
+    pub max_chunks: usize,
+}
+
+#[derive(Debug)]
+struct Retained {
+    seq: u64,
+    stream: Stream,
+    data: Vec<u8>,
+}
+
+/// Output chunks in seq order.
+#[derive(Debug)]
+pub struct OutputLog {
+    chunks: VecDeque<Retained>,
+    bytes: usize,
+    limits: Retention,
+    /// The highest seq evicted so far (0: none).
+    evicted_through: u64,
+}
+
+/// What a read of the log found.
+#[derive(Debug, Default)]
+pub struct Slice {
+    pub chunks: Vec<OutputChunk>,
+    /// The seq of the last chunk returned.
+    pub last_seq: Option<u64>,
+    /// Output after the reader's position was evicted before this read.
+    pub truncated: bool,
+}
+
+impl OutputLog {
+    pub fn new(limits: Retention) -> Self {
+        OutputLog {
+            chunks: VecDeque::new(),
+            bytes: 0,
+            limits,
+            evicted_through: 0,
+        }
+    }
+
+    /// Append a chunk, then evict the oldest chunks beyond the limits. The
+    /// newest chunk is always kept so that a reader can make progress.
+    pub fn push(&mut self, seq: u64, stream: Stream, data: Vec<u8>) {
+        self.bytes += data.len();
+        self.chunks.push_back(Retained { seq, stream, data });
+        while self.chunks.len() > 1
+            && (self.bytes > self.limits.max_bytes || self.chunks.len() > self.limits.max_chunks)
+        {
+            if let Some(old) = self.chunks.pop_front() {
+                self.bytes -= old.data.len();
+                self.evicted_through = old.seq;
+            }
+        }
+    }
+
+    /// Chunks with `seq > after`, stopping before the chunk that would take
+    /// the decoded size over `max_bytes` (but always at least one chunk).
+    pub fn read(&self, after: u64, max_bytes: Option<usize>) -> Slice {
+        let mut slice = Slice {
+            truncated: self.evicted_through > after,
+            ..Slice::default()
+        };
+        let start = self.chunks.partition_point(|c| c.seq <= after);
+        let mut total = 0usize;
+        for chunk in self.chunks.range(start..) {
+            if let Some(max) = max_bytes {
+                if !slice.chunks.is_empty() && total + chunk.data.len() > max {
+                    break;
+                }
+            }
+            total += chunk.data.len();
+            slice.last_seq = Some(chunk.seq);
+            slice.chunks.push(OutputChunk {
+                seq: chunk.seq,
+                stream: chunk.stream,
+                chunk: Bytes(chunk.data.clone()),
+            });
+        }
+        slice
+    }
+
+    /// Every retained byte, lower-cased, for the sandbox-denial heuristic.
+    pub fn retained_text_lowercase(&self) -> String {
+        let mut text = String::new();
+        for chunk in &self.chunks {
+            text.push_str(&String::from_utf8_lossy(&chunk.data).to_lowercase());
+        }
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log(max_bytes: usize, max_chunks: usize) -> OutputLog {
+        OutputLog::new(Retention {
+            max_bytes,
+            max_chunks,
+        })
+    }
+
+    #[test]
+    fn eviction_by_bytes_marks_truncation_for_earlier_readers() {
+        let mut log = log(10, 100);
+        for seq in 1..=4 {
+            log.push(seq, Stream::Stdout, vec![b'a'; 4]);
+        }
+        let slice = log.read(0, None);
+        assert!(slice.truncated);
+        assert_eq!(slice.chunks.first().map(|c| c.seq), Some(3));
+        assert!(!log.read(2, None).truncated);
+    }
+
+    #[test]
+    fn eviction_by_count() {
+        let mut log = log(1 << 20, 2);
+        for seq in 1..=5 {
+            log.push(seq, Stream::Stderr, vec![1]);
+        }
+        let seqs: Vec<u64> = log.read(0, None).chunks.iter().map(|c| c.seq).collect();
+        assert_eq!(seqs, vec![4, 5]);
+    }
+
+    #[test]
+    fn max_bytes_stops_before_overflow_but_returns_one_chunk() {
+        let mut log = log(1 << 20, 100);
+        log.push(1, Stream::Stdout, vec![0; 5]);
+        log.push(2, Stream::Stdout, vec![0; 5]);
+        log.push(3, Stream::Stdout, vec![0; 5]);
+        assert_eq!(log.read(0, Some(10)).last_seq, Some(2));
+        assert_eq!(log.read(0, Some(1)).last_seq, Some(1));
+        assert_eq!(log.read(3, Some(1)).last_seq, None);
+    }
+}

@@ -1,0 +1,408 @@
+//! Params and results of every method (PROTOCOL.md sections 3 to 5, 7).
+//!
+//! Field names are camelCase on the wire; every optional or added field has a
+//! default, and unknown fields are ignored, so a newer client works with this
+//! server.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use base64::Engine;
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::error::Error;
+
+/// Method names.
+pub mod method {
+    pub const INITIALIZE: &str = "initialize";
+    pub const INITIALIZED: &str = "initialized";
+    pub const PROCESS_START: &str = "process/start";
+    pub const PROCESS_READ: &str = "process/read";
+    pub const PROCESS_WRITE: &str = "process/write";
+    pub const PROCESS_CLOSE_STDIN: &str = "process/closeStdin";
+    pub const PROCESS_SIGNAL: &str = "process/signal";
+    pub const PROCESS_RESIZE: &str = "process/resize";
+    pub const PROCESS_TERMINATE: &str = "process/terminate";
+    pub const PROCESS_LIST: &str = "process/list";
+    pub const PROCESS_OUTPUT: &str = "process/output";
+    pub const PROCESS_EXITED: &str = "process/exited";
+    pub const PROCESS_CLOSED: &str = "process/closed";
+    pub const ENVIRONMENT_INFO: &str = "environment/info";
+    pub const ENVIRONMENT_STATUS: &str = "environment/status";
+}
+
+/// Bytes that travel as standard base64.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Bytes(pub Vec<u8>);
+
+impl Serialize for Bytes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Bytes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(text.as_bytes())
+            .map(Bytes)
+            .map_err(|err| serde::de::Error::custom(format!("invalid base64: {err}")))
+    }
+}
+
+/// A path field: an absolute native path or a `file:` URI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WirePath(pub PathBuf);
+
+impl<'de> Deserialize<'de> for WirePath {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        parse_path(&text)
+            .map(WirePath)
+            .map_err(|err| serde::de::Error::custom(err.to_string()))
+    }
+}
+
+/// Turn a wire path into an absolute native path.
+pub fn parse_path(text: &str) -> Result<PathBuf, Error> {
+    let native = if let Some(rest) = text.strip_prefix("file://") {
+        // Only the local host is meaningful here.
+        let rest = rest.strip_prefix("localhost").unwrap_or(rest);
+        percent_decode(rest).ok_or_else(|| {
+            Error::InvalidParams(format!("invalid percent-escape in file uri {text}"))
+        })?
+    } else if let Some(rest) = text.strip_prefix("file:") {
+        percent_decode(rest).ok_or_else(|| {
+            Error::InvalidParams(format!("invalid percent-escape in file uri {text}"))
+        })?
+    } else {
+        text.as_bytes().to_vec()
+    };
+    let path = PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(
+        native,
+    ));
+    if !path.is_absolute() {
+        return Err(Error::InvalidParams(format!(
+            "path must be absolute: {text}"
+        )));
+    }
+    Ok(path)
+}
+
+fn percent_decode(text: &str) -> Option<Vec<u8>> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3)?;
+            let hex = std::str::from_utf8(hex).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    Some(out)
+}
+
+/// A native path as a `file:` URI, percent-encoding what a URI can't carry.
+pub fn path_to_uri(path: &std::path::Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut uri = String::from("file://");
+    for &b in path.as_os_str().as_bytes() {
+        if b.is_ascii_alphanumeric() || b"/-._~!$&'()*+,;=:@".contains(&b) {
+            uri.push(b as char);
+        } else {
+            uri.push_str(&format!("%{b:02X}"));
+        }
+    }
+    uri
+}
+
+// ---- handshake ----
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InitializeParams {
+    pub client_name: String,
+    #[serde(default)]
+    pub resume_session_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InitializeResponse {
+    pub session_id: String,
+    pub server_info: ServerInfo,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerInfo {
+    pub name: &'static str,
+    pub version: &'static str,
+}
+
+// ---- processes ----
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StartParams {
+    pub process_id: String,
+    pub argv: Vec<String>,
+    pub cwd: WirePath,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub env_policy: Option<EnvPolicy>,
+    #[serde(default)]
+    pub tty: bool,
+    #[serde(default)]
+    pub tty_size: Option<TtySize>,
+    #[serde(default)]
+    pub pipe_stdin: bool,
+    #[serde(default)]
+    pub arg0: Option<String>,
+    /// Parsed by the sandbox layer; kept raw here.
+    #[serde(default)]
+    pub sandbox: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+pub struct TtySize {
+    pub cols: u16,
+    pub rows: u16,
+}
+
+impl Default for TtySize {
+    fn default() -> Self {
+        TtySize { cols: 80, rows: 24 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StartResponse {
+    pub process_id: String,
+    pub sandbox_type: &'static str,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReadParams {
+    pub process_id: String,
+    #[serde(default)]
+    pub after_seq: Option<u64>,
+    #[serde(default)]
+    pub max_bytes: Option<usize>,
+    #[serde(default)]
+    pub wait_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum Stream {
+    Stdout,
+    Stderr,
+    Pty,
+}
+
+impl Stream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+            Stream::Pty => "pty",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OutputChunk {
+    pub seq: u64,
+    pub stream: Stream,
+    pub chunk: Bytes,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReadResponse {
+    pub chunks: Vec<OutputChunk>,
+    pub next_seq: u64,
+    pub exited: bool,
+    pub exit_code: Option<i32>,
+    pub closed: bool,
+    pub failure: Option<String>,
+    pub sandbox_denied: bool,
+    pub truncated: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WriteParams {
+    pub process_id: String,
+    pub chunk: Bytes,
+    #[serde(default)]
+    pub write_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum WriteStatus {
+    Accepted,
+    UnknownProcess,
+    StdinClosed,
+    Starting,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct WriteResponse {
+    pub status: WriteStatus,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProcessIdParams {
+    pub process_id: String,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum Signal {
+    Interrupt,
+    Terminate,
+    Kill,
+    Hangup,
+    Quit,
+    User1,
+    User2,
+}
+
+impl Signal {
+    pub fn number(self) -> i32 {
+        match self {
+            Signal::Interrupt => libc::SIGINT,
+            Signal::Terminate => libc::SIGTERM,
+            Signal::Kill => libc::SIGKILL,
+            Signal::Hangup => libc::SIGHUP,
+            Signal::Quit => libc::SIGQUIT,
+            Signal::User1 => libc::SIGUSR1,
+            Signal::User2 => libc::SIGUSR2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SignalParams {
+    pub process_id: String,
+    pub signal: Signal,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResizeParams {
+    pub process_id: String,
+    pub cols: u16,
+    pub rows: u16,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TerminateResponse {
+    pub running: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProcessSummary {
+    pub process_id: String,
+    pub pid: i32,
+    pub argv: Vec<String>,
+    pub tty: bool,
+    pub exited: bool,
+    pub exit_code: Option<i32>,
+    pub closed: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ListResponse {
+    pub processes: Vec<ProcessSummary>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OutputNotification<'a> {
+    pub process_id: &'a str,
+    pub seq: u64,
+    pub stream: Stream,
+    pub chunk: &'a str,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExitedNotification<'a> {
+    pub process_id: &'a str,
+    pub seq: u64,
+    pub exit_code: i32,
+    pub sandbox_denied: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signal: Option<&'static str>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClosedNotification<'a> {
+    pub process_id: &'a str,
+    pub seq: u64,
+}
+
+// ---- environment policy ----
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum Inherit {
+    #[default]
+    All,
+    Core,
+    None,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct EnvPolicy {
+    pub inherit: Inherit,
+    pub ignore_default_excludes: bool,
+    pub exclude: Vec<String>,
+    pub set: BTreeMap<String, String>,
+    pub include_only: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_uri_is_percent_decoded() {
+        assert_eq!(
+            parse_path("file:///tmp/a%20b").unwrap(),
+            PathBuf::from("/tmp/a b")
+        );
+    }
+
+    #[test]
+    fn relative_path_is_invalid_params() {
+        let err = parse_path("tmp/x").unwrap_err();
+        assert_eq!(err.kind(), "invalidParams");
+        assert_eq!(err.to_string(), "path must be absolute: tmp/x");
+    }
+
+    #[test]
+    fn uri_round_trips_through_encoding() {
+        let path = std::path::Path::new("/tmp/a b%c");
+        assert_eq!(path_to_uri(path), "file:///tmp/a%20b%25c");
+        assert_eq!(parse_path(&path_to_uri(path)).unwrap(), path);
+    }
+}

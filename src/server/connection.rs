@@ -1,0 +1,207 @@
+//! One connection: frames in, responses and notifications out, the
+//! handshake and its gating. Everything method-specific lives in
+//! [`super::dispatch`].
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use super::Server;
+use super::dispatch::{self, Ctx, Reply};
+use super::session::Session;
+use crate::error::Error;
+use crate::jsonrpc::{self, Incoming, Message, Request, Response, value_line};
+use crate::protocol::{InitializeParams, InitializeResponse, ServerInfo, method};
+use crate::transport::{Frame, Outbound, Transport};
+
+/// A response that is ready, or one that will be.
+enum Pending {
+    Ready(Response),
+    Later(Pin<Box<dyn Future<Output = Response> + Send>>),
+}
+
+struct Connection {
+    server: Arc<Server>,
+    id: u64,
+    outgoing: Outbound,
+    session: Option<Arc<Session>>,
+    initialized: bool,
+}
+
+/// Serve one connection until its input ends, then detach its session.
+pub async fn serve(server: Arc<Server>, transport: Transport) {
+    let Transport {
+        mut incoming,
+        outgoing,
+    } = transport;
+    let mut conn = Connection {
+        id: server.next_connection_id(),
+        server,
+        outgoing,
+        session: None,
+        initialized: false,
+    };
+    while let Some(frame) = incoming.recv().await {
+        conn.on_frame(frame).await;
+    }
+    if let Some(session) = &conn.session {
+        conn.server.sessions.detach(session, conn.id);
+    }
+}
+
+impl Connection {
+    async fn send(&self, line: Vec<u8>) {
+        // A send fails only when the writer is gone, and then the
+        // connection is ending anyway.
+        let _ = self.outgoing.send(line).await;
+    }
+
+    async fn on_frame(&mut self, frame: Frame) {
+        let bytes = match frame {
+            Frame::Line(bytes) => bytes,
+            Frame::TooLong { size } => {
+                let limit = self.server.config.max_message_bytes;
+                let error = Error::MessageTooLarge { size, limit };
+                tracing::warn!("{error}");
+                self.send(Response::err(None, error).to_line()).await;
+                return;
+            }
+        };
+        match jsonrpc::parse(&bytes) {
+            Incoming::Single(Err(response)) => self.send(response.to_line()).await,
+            Incoming::Single(Ok(message)) => match self.handle(message) {
+                None => {}
+                Some(Pending::Ready(response)) => self.send(response.to_line()).await,
+                Some(Pending::Later(future)) => {
+                    let out = self.outgoing.clone();
+                    tokio::spawn(async move {
+                        let _ = out.send(future.await.to_line()).await;
+                    });
+                }
+            },
+            Incoming::Batch(items) => {
+                let pending: Vec<Pending> = items
+                    .into_iter()
+                    .filter_map(|item| match item {
+                        Err(response) => Some(Pending::Ready(response)),
+                        Ok(message) => self.handle(message),
+                    })
+                    .collect();
+                if pending.is_empty() {
+                    return;
+                }
+                let out = self.outgoing.clone();
+                let batch = async move {
+                    let mut responses = Vec::with_capacity(pending.len());
+                    for p in pending {
+                        responses.push(match p {
+                            Pending::Ready(r) => r.to_value(),
+                            Pending::Later(f) => f.await.to_value(),
+                        });
+                    }
+                    value_line(&Value::Array(responses))
+                };
+                tokio::spawn(async move {
+                    let _ = out.send(batch.await).await;
+                });
+            }
+        }
+    }
+
+    fn handle(&mut self, message: Message) -> Option<Pending> {
+        match message {
+            Message::Response => {
+                tracing::debug!("ignoring a response from the client");
+                None
+            }
+            Message::Notification(n) if n.method == method::INITIALIZED => {
+                if self.session.is_some() {
+                    self.initialized = true;
+                } else {
+                    tracing::warn!("received `initialized` before `initialize`");
+                }
+                None
+            }
+            Message::Notification(n) => {
+                tracing::debug!(method = %n.method, "ignoring an unknown notification");
+                None
+            }
+            Message::Request(request) => Some(self.request(request)),
+        }
+    }
+
+    fn request(&mut self, request: Request) -> Pending {
+        let Request { id, method, params } = request;
+        if method == method::INITIALIZE {
+            return Pending::Ready(Response {
+                id: Some(id),
+                outcome: self.initialize(params),
+            });
+        }
+        let Some(route) = dispatch::route(&method) else {
+            return Pending::Ready(Response::err(Some(id), Error::MethodNotFound(method)));
+        };
+        let session = match self.gate(route.family) {
+            Ok(session) => session,
+            Err(error) => return Pending::Ready(Response::err(Some(id), error)),
+        };
+        let ctx = Ctx {
+            server: self.server.clone(),
+            session,
+        };
+        match (route.handler)(&ctx, &method, params) {
+            Reply::Ready(outcome) => Pending::Ready(Response {
+                id: Some(id),
+                outcome,
+            }),
+            Reply::Later(future) => Pending::Later(Box::pin(async move {
+                Response {
+                    id: Some(id),
+                    outcome: future.await,
+                }
+            })),
+        }
+    }
+
+    /// The session, if this connection may use methods of `family`.
+    fn gate(&self, family: &str) -> Result<Arc<Session>, Error> {
+        let Some(session) = &self.session else {
+            return Err(Error::NotInitialized(format!(
+                "client must call initialize before using {family} methods"
+            )));
+        };
+        if !session.is_attached_to(self.id) {
+            return Err(Error::SessionTakenOver);
+        }
+        if !self.initialized {
+            return Err(Error::NotInitialized(format!(
+                "client must send initialized before using {family} methods"
+            )));
+        }
+        Ok(session.clone())
+    }
+
+    fn initialize(&mut self, params: Value) -> Result<Value, Error> {
+        if self.session.is_some() {
+            return Err(Error::AlreadyInitialized);
+        }
+        let params: InitializeParams = dispatch::decode(method::INITIALIZE, params)?;
+        let sessions = &self.server.sessions;
+        let session = match &params.resume_session_id {
+            Some(id) => sessions.resume(id, self.id, self.outgoing.clone())?,
+            None => sessions.create(self.id, self.outgoing.clone()),
+        };
+        tracing::info!(client = %params.client_name, session = %session.id, "initialized");
+        let response = InitializeResponse {
+            session_id: session.id.clone(),
+            server_info: ServerInfo {
+                name: "exec-server",
+                version: env!("CARGO_PKG_VERSION"),
+            },
+        };
+        self.session = Some(session);
+        Ok(serde_json::to_value(response).unwrap_or(Value::Null))
+    }
+}

@@ -1,0 +1,189 @@
+//! The method table: which handler serves a method, and in which family it
+//! is gated. Handlers decode their params, do their work and return a
+//! [`Reply`]; none of them knows which transport the request came from.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use super::Server;
+use super::session::Session;
+use crate::env_policy::child_env;
+use crate::error::{Error, Result};
+use crate::process::{StartRequest, spawn};
+use crate::protocol::{
+    ListResponse, ProcessIdParams, ReadParams, ResizeParams, SignalParams, StartParams,
+    StartResponse, TerminateResponse, TtySize, WriteParams, WriteResponse, method,
+};
+use crate::{environment, sandbox};
+
+/// What a handler needs: the server and the caller's session.
+#[derive(Clone)]
+pub struct Ctx {
+    pub server: Arc<Server>,
+    pub session: Arc<Session>,
+}
+
+pub type BoxFuture = Pin<Box<dyn Future<Output = Result<Value>> + Send>>;
+
+/// A handler's answer: ready now, or after waiting (a long-poll). Ready
+/// answers are sent in arrival order; waiting ones never hold up others.
+pub enum Reply {
+    Ready(Result<Value>),
+    Later(BoxFuture),
+}
+
+/// A method's entry in the table.
+pub struct Route {
+    /// The family named in gating errors ("exec", "filesystem", ...).
+    pub family: &'static str,
+    pub handler: fn(&Ctx, &str, Value) -> Reply,
+}
+
+/// Look up a method (other than `initialize`, which the connection serves).
+pub fn route(name: &str) -> Option<Route> {
+    let (family, handler): (&'static str, fn(&Ctx, &str, Value) -> Reply) = match name {
+        method::PROCESS_START => ("exec", start),
+        method::PROCESS_READ => ("exec", read),
+        method::PROCESS_WRITE => ("exec", write),
+        method::PROCESS_CLOSE_STDIN => ("exec", close_stdin),
+        method::PROCESS_SIGNAL => ("exec", signal),
+        method::PROCESS_RESIZE => ("exec", resize),
+        method::PROCESS_TERMINATE => ("exec", terminate),
+        method::PROCESS_LIST => ("exec", list),
+        method::ENVIRONMENT_INFO => ("environment info", info),
+        method::ENVIRONMENT_STATUS => ("environment status", status),
+        _ => return None,
+    };
+    Some(Route { family, handler })
+}
+
+/// Decode params, naming the method in the error.
+pub fn decode<T: DeserializeOwned>(name: &str, params: Value) -> Result<T> {
+    serde_json::from_value(params)
+        .map_err(|err| Error::InvalidParams(format!("invalid params for {name}: {err}")))
+}
+
+fn ready<T: Serialize>(result: Result<T>) -> Reply {
+    Reply::Ready(result.and_then(|v| {
+        serde_json::to_value(v).map_err(|e| Error::Internal {
+            message: format!("failed to encode the result: {e}"),
+            errno: None,
+        })
+    }))
+}
+
+fn start(ctx: &Ctx, name: &str, params: Value) -> Reply {
+    ready((|| {
+        let p: StartParams = decode(name, params)?;
+        if p.process_id.is_empty() || p.process_id.len() > 256 {
+            return Err(Error::InvalidParams(format!(
+                "processId must be 1 to 256 bytes, got {}",
+                p.process_id.len()
+            )));
+        }
+        if p.argv.is_empty() {
+            return Err(Error::InvalidParams("argv must not be empty".into()));
+        }
+        let sandbox_type = sandbox::check(p.sandbox.as_ref())?;
+        let env = child_env(p.env_policy.as_ref(), &p.env, std::env::vars());
+        let tty = p.tty.then(|| p.tty_size.unwrap_or_default());
+        ctx.session.processes.start(StartRequest {
+            id: p.process_id.clone(),
+            spec: spawn::Spec {
+                argv: &p.argv,
+                arg0: p.arg0.as_deref(),
+                cwd: &p.cwd.0,
+                env: &env,
+                tty,
+                pipe_stdin: p.pipe_stdin,
+                watchdog_fd: None,
+            },
+            pipe_stdin: p.pipe_stdin,
+        })?;
+        Ok(StartResponse {
+            process_id: p.process_id,
+            sandbox_type,
+        })
+    })())
+}
+
+fn read(ctx: &Ctx, name: &str, params: Value) -> Reply {
+    let p: ReadParams = match decode(name, params) {
+        Ok(p) => p,
+        Err(err) => return Reply::Ready(Err(err)),
+    };
+    match ctx.session.processes.read_now(&p) {
+        Ok(Some(response)) => ready(Ok(response)),
+        Err(err) => Reply::Ready(Err(err)),
+        Ok(None) => {
+            let table = ctx.session.processes.clone();
+            Reply::Later(Box::pin(async move {
+                let response = table.read(p).await?;
+                Ok(serde_json::to_value(response).unwrap_or(Value::Null))
+            }))
+        }
+    }
+}
+
+fn write(ctx: &Ctx, name: &str, params: Value) -> Reply {
+    ready((|| {
+        let p: WriteParams = decode(name, params)?;
+        if p.write_id.as_deref() == Some("") {
+            return Err(Error::InvalidParams("writeId must not be empty".into()));
+        }
+        let status = ctx
+            .session
+            .processes
+            .write(&p.process_id, p.chunk.0, p.write_id.as_deref());
+        Ok(WriteResponse { status })
+    })())
+}
+
+fn close_stdin(ctx: &Ctx, name: &str, params: Value) -> Reply {
+    ready(decode::<ProcessIdParams>(name, params).map(|p| WriteResponse {
+        status: ctx.session.processes.close_stdin(&p.process_id),
+    }))
+}
+
+fn signal(ctx: &Ctx, name: &str, params: Value) -> Reply {
+    ready(decode::<SignalParams>(name, params).map(|p| {
+        ctx.session.processes.signal(&p.process_id, p.signal);
+        serde_json::json!({})
+    }))
+}
+
+fn resize(ctx: &Ctx, name: &str, params: Value) -> Reply {
+    ready(decode::<ResizeParams>(name, params).and_then(|p| {
+        let size = TtySize {
+            cols: p.cols,
+            rows: p.rows,
+        };
+        ctx.session.processes.resize(&p.process_id, size)?;
+        Ok(serde_json::json!({}))
+    }))
+}
+
+fn terminate(ctx: &Ctx, name: &str, params: Value) -> Reply {
+    ready(decode::<ProcessIdParams>(name, params).map(|p| TerminateResponse {
+        running: ctx.session.processes.terminate(&p.process_id),
+    }))
+}
+
+fn list(ctx: &Ctx, _name: &str, _params: Value) -> Reply {
+    ready(Ok(ListResponse {
+        processes: ctx.session.processes.list(),
+    }))
+}
+
+fn info(ctx: &Ctx, _name: &str, _params: Value) -> Reply {
+    ready(Ok(environment::info(&ctx.server.workspace_roots)))
+}
+
+fn status(_ctx: &Ctx, _name: &str, _params: Value) -> Reply {
+    ready(Ok(serde_json::json!({ "status": "ready" })))
+}

@@ -1,0 +1,137 @@
+//! The server: configuration, the session registry, and the stdio mode.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::environment;
+use crate::process::output::Retention;
+use crate::process::watchdog::Watchdog;
+use crate::process::Limits;
+use crate::transport::stdio;
+
+pub mod connection;
+pub mod dispatch;
+pub mod session;
+
+/// Server settings (the command-line flags).
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub max_message_bytes: usize,
+    pub retain_bytes: usize,
+    pub retain_chunks: usize,
+    pub closed_retention: Duration,
+    pub detached_ttl: Duration,
+    pub workspace_roots: Vec<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            max_message_bytes: 64 * 1024 * 1024,
+            retain_bytes: 1024 * 1024,
+            retain_chunks: 50_000,
+            closed_retention: Duration::from_secs(30),
+            detached_ttl: Duration::from_secs(30),
+            workspace_roots: Vec::new(),
+        }
+    }
+}
+
+/// State shared by every connection of one server process.
+pub struct Server {
+    pub config: Config,
+    pub sessions: Arc<session::Registry>,
+    /// The roots `:workspace_roots` binds to.
+    pub workspace_roots: Vec<PathBuf>,
+    next_connection: AtomicU64,
+}
+
+impl Server {
+    pub fn new(config: Config, watchdog: Option<Arc<Watchdog>>) -> Arc<Self> {
+        let limits = Limits {
+            retention: Retention {
+                max_bytes: config.retain_bytes,
+                max_chunks: config.retain_chunks,
+            },
+            closed_retention: config.closed_retention,
+        };
+        Arc::new(Server {
+            sessions: Arc::new(session::Registry::new(limits, watchdog, config.detached_ttl)),
+            workspace_roots: environment::workspace_roots(&config.workspace_roots),
+            config,
+            next_connection: AtomicU64::new(1),
+        })
+    }
+
+    fn next_connection_id(&self) -> u64 {
+        self.next_connection.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// How long shutdown waits for killed children to be reaped.
+const REAP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long shutdown waits for the last lines to reach stdout.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Serve one connection on stdin/stdout. When stdin ends (or a terminating
+/// signal arrives) nobody can reattach, so every process is killed and
+/// reaped before this returns.
+///
+/// Call this from a single-threaded process: it forks the watchdog before
+/// starting the async runtime.
+pub fn run_stdio(config: Config) -> std::io::Result<()> {
+    let watchdog = match Watchdog::start() {
+        Ok(w) => Some(Arc::new(w)),
+        Err(err) => {
+            tracing::warn!("no watchdog, children may outlive a killed server: {err}");
+            None
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let server = Server::new(config, watchdog);
+        let io = stdio::start(server.config.max_message_bytes);
+        let serve = connection::serve(server.clone(), io.transport);
+        tokio::select! {
+            () = serve => tracing::debug!("stdin closed"),
+            name = terminating_signal() => tracing::info!("received {name}, shutting down"),
+        }
+        if tokio::time::timeout(REAP_TIMEOUT, server.sessions.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some children were not reaped in time");
+        }
+        drop(server);
+        // The writer ends once every sender is gone; don't wait forever for
+        // a reader that stopped reading.
+        let writer = io.writer;
+        let _ = tokio::time::timeout(
+            FLUSH_TIMEOUT,
+            tokio::task::spawn_blocking(move || writer.join()),
+        )
+        .await;
+    });
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    Ok(())
+}
+
+async fn terminating_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+        _ = hup.recv() => "SIGHUP",
+    }
+}
