@@ -160,7 +160,10 @@ fn classify(value: Value) -> Result<Message, Response> {
     };
     if let Some(version) = map.get("jsonrpc") {
         if version != "2.0" {
-            return Err(invalid(id, &format!("unsupported jsonrpc version {version}")));
+            return Err(invalid(
+                id,
+                &format!("unsupported jsonrpc version {version}"),
+            ));
         }
     }
     match map.remove("method") {
@@ -171,7 +174,10 @@ fn classify(value: Value) -> Result<Message, Response> {
                 None => Message::Notification(Notification { method, params }),
             })
         }
-        Some(other) => Err(invalid(id, &format!("method must be a string, not {other}"))),
+        Some(other) => Err(invalid(
+            id,
+            &format!("method must be a string, not {other}"),
+        )),
         None if map.contains_key("result") || map.contains_key("error") => Ok(Message::Response),
         None => Err(invalid(id, "a request must have a method")),
     }

@@ -20,7 +20,7 @@
 //!   log, stdin, signals, reaping, and the watchdog that kills every child
 //!   when the server dies.
 //! - [`env_policy`]: deriving a child's environment from a policy.
-//! - [`environment`]: `environment/info`.
+//! - [`environment`]: the `environment/info` result.
 //! - [`sandbox`]: sandbox intent on `process/start`.
 
 pub mod env_policy;

@@ -50,8 +50,7 @@ struct Cli {
 fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
-    let stdio = cli.stdio
-        || matches!(cli.listen.as_deref(), Some("stdio") | Some("stdio://"));
+    let stdio = cli.stdio || matches!(cli.listen.as_deref(), Some("stdio") | Some("stdio://"));
     if !stdio {
         match cli.listen.as_deref() {
             Some(other) => eprintln!("exec-server: unsupported listen address {other}"),
@@ -61,7 +60,10 @@ fn main() -> ExitCode {
     }
     for root in &cli.workspace_roots {
         if !root.is_absolute() {
-            eprintln!("exec-server: --workspace-root must be absolute: {}", root.display());
+            eprintln!(
+                "exec-server: --workspace-root must be absolute: {}",
+                root.display()
+            );
             return ExitCode::from(2);
         }
     }

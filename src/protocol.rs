@@ -47,7 +47,22 @@ impl<'de> Deserialize<'de> for Bytes {
         base64::engine::general_purpose::STANDARD
             .decode(text.as_bytes())
             .map(Bytes)
-            .map_err(|err| serde::de::Error::custom(format!("invalid base64: {err}")))
+            .map_err(|err| serde::de::Error::custom(base64_error(&err)))
+    }
+}
+
+/// A base64 decode error in the protocol's style.
+fn base64_error(err: &base64::DecodeError) -> String {
+    use base64::DecodeError::*;
+    match err {
+        InvalidByte(offset, byte) => {
+            format!("invalid base64: invalid byte {byte:#04x} at offset {offset}")
+        }
+        InvalidLength(len) => format!("invalid base64: invalid length {len}"),
+        InvalidLastSymbol(offset, _) => {
+            format!("invalid base64: invalid last symbol at offset {offset}")
+        }
+        InvalidPadding => "invalid base64: invalid padding".to_string(),
     }
 }
 
@@ -79,9 +94,8 @@ pub fn parse_path(text: &str) -> Result<PathBuf, Error> {
     } else {
         text.as_bytes().to_vec()
     };
-    let path = PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(
-        native,
-    ));
+    let path =
+        PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(native));
     if !path.is_absolute() {
         return Err(Error::InvalidParams(format!(
             "path must be absolute: {text}"

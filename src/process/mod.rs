@@ -40,6 +40,10 @@ const EXIT_DRAIN_GRACE: Duration = Duration::from_millis(50);
 /// Where a session's notifications go: the attached connection, if any.
 pub type Attachment = Arc<Mutex<Option<(u64, Outbound)>>>;
 
+/// Work a request does once its response is queued, so that no effect of
+/// a request (output, exit) can be seen before its response.
+pub type Effect = Box<dyn FnOnce() + Send>;
+
 /// Settings that apply to every process.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -64,13 +68,67 @@ pub struct StartRequest<'a> {
     pub pipe_stdin: bool,
 }
 
+/// A started process whose output is not being pumped yet. Dropping it
+/// starts the pumps, the stdin feeder and the reaper; callers drop it once
+/// the `process/start` response is queued, so that no notification of the
+/// process can overtake that response.
+pub struct Launch {
+    table: Arc<ProcessTable>,
+    process: Arc<Process>,
+    parts: Option<(
+        Io,
+        tokio::process::Child,
+        Option<mpsc::UnboundedReceiver<StdinCommand>>,
+    )>,
+}
+
+impl Drop for Launch {
+    fn drop(&mut self) {
+        let Some((io, child, stdin_rx)) = self.parts.take() else {
+            return;
+        };
+        let process = &self.process;
+        match io {
+            Io::Pipes {
+                stdin,
+                stdout,
+                stderr,
+            } => {
+                tokio::spawn(pump(
+                    process.clone(),
+                    Stream::Stdout,
+                    Source::Pipe(Box::new(stdout)),
+                ));
+                tokio::spawn(pump(
+                    process.clone(),
+                    Stream::Stderr,
+                    Source::Pipe(Box::new(stderr)),
+                ));
+                if let (Some(stdin), Some(rx)) = (stdin, stdin_rx) {
+                    tokio::spawn(feed_stdin(process.clone(), Sink::Pipe(stdin), rx));
+                }
+            }
+            Io::Pty(master) => {
+                tokio::spawn(pump(
+                    process.clone(),
+                    Stream::Pty,
+                    Source::Pty(master.clone()),
+                ));
+                if let Some(rx) = stdin_rx {
+                    tokio::spawn(feed_stdin(process.clone(), Sink::Pty(master), rx));
+                }
+            }
+        }
+        tokio::spawn(reap(self.table.clone(), process.clone(), child));
+    }
+}
+
 /// One started process.
 pub struct Process {
     pub id: String,
     pub pid: i32,
     pub argv: Vec<String>,
     pub tty: bool,
-    pipe_stdin: bool,
     state: Mutex<State>,
     /// Woken on every state change, for long-polls and the reaper.
     changed: Notify,
@@ -147,7 +205,7 @@ impl ProcessTable {
     }
 
     /// Start a process and the tasks that pump its output and reap it.
-    pub fn start(self: &Arc<Self>, req: StartRequest<'_>) -> Result<()> {
+    pub fn start(self: &Arc<Self>, req: StartRequest<'_>) -> Result<Launch> {
         let mut processes = lock(&self.processes);
         if processes.contains_key(&req.id) {
             return Err(Error::ProcessExists(req.id));
@@ -171,7 +229,6 @@ impl ProcessTable {
             pid: spawned.pid,
             argv: spec.argv.to_vec(),
             tty,
-            pipe_stdin: req.pipe_stdin,
             state: Mutex::new(State {
                 log: OutputLog::new(self.limits.retention),
                 next_seq: 1,
@@ -191,28 +248,11 @@ impl ProcessTable {
         drop(processes);
         self.live.send_modify(|n| *n += 1);
         tracing::debug!(id = %process.id, pid = process.pid, "started");
-
-        match spawned.io {
-            Io::Pipes {
-                stdin,
-                stdout,
-                stderr,
-            } => {
-                tokio::spawn(pump(process.clone(), Stream::Stdout, Source::Pipe(Box::new(stdout))));
-                tokio::spawn(pump(process.clone(), Stream::Stderr, Source::Pipe(Box::new(stderr))));
-                if let (Some(stdin), Some(rx)) = (stdin, stdin_rx) {
-                    tokio::spawn(feed_stdin(process.clone(), Sink::Pipe(stdin), rx));
-                }
-            }
-            Io::Pty(master) => {
-                tokio::spawn(pump(process.clone(), Stream::Pty, Source::Pty(master.clone())));
-                if let Some(rx) = stdin_rx {
-                    tokio::spawn(feed_stdin(process.clone(), Sink::Pty(master), rx));
-                }
-            }
-        }
-        tokio::spawn(reap(self.clone(), process, spawned.child));
-        Ok(())
+        Ok(Launch {
+            table: self.clone(),
+            process,
+            parts: Some((spawned.io, spawned.child, stdin_rx)),
+        })
     }
 
     /// Look a process up by id.
@@ -246,38 +286,46 @@ impl ProcessTable {
         })
     }
 
-    /// `process/write`.
-    pub fn write(&self, id: &str, data: Vec<u8>, write_id: Option<&str>) -> WriteStatus {
+    /// `process/write`: the status now, and the write itself as an effect
+    /// to run once the response is queued.
+    pub fn write(
+        &self,
+        id: &str,
+        data: Vec<u8>,
+        write_id: Option<&str>,
+    ) -> (WriteStatus, Option<Effect>) {
         match self.find(id) {
             Some(process) => process.write(data, write_id),
-            None => WriteStatus::UnknownProcess,
+            None => (WriteStatus::UnknownProcess, None),
         }
     }
 
     /// `process/closeStdin`.
-    pub fn close_stdin(&self, id: &str) -> WriteStatus {
+    pub fn close_stdin(&self, id: &str) -> (WriteStatus, Option<Effect>) {
         match self.find(id) {
             Some(process) => process.close_stdin(),
-            None => WriteStatus::UnknownProcess,
+            None => (WriteStatus::UnknownProcess, None),
         }
     }
 
     /// `process/signal`: a no-op for unknown or exited processes.
-    pub fn signal(&self, id: &str, signal: Signal) {
-        if let Some(process) = self.find(id) {
-            process.signal_group(signal.number());
-        }
+    pub fn signal(&self, id: &str, signal: Signal) -> Option<Effect> {
+        let process = self.find(id)?;
+        Some(Box::new(move || process.signal_group(signal.number())))
     }
 
-    /// `process/terminate`: SIGKILL to the group; whether it was running.
-    pub fn terminate(&self, id: &str) -> bool {
+    /// `process/terminate`: whether it was running, and the SIGKILL to its
+    /// group as an effect.
+    pub fn terminate(&self, id: &str) -> (bool, Option<Effect>) {
         match self.find(id) {
             Some(process) => {
                 let running = lock(&process.state).exit.is_none();
-                process.signal_group(libc::SIGKILL);
-                running
+                (
+                    running,
+                    Some(Box::new(move || process.signal_group(libc::SIGKILL))),
+                )
             }
-            None => false,
+            None => (false, None),
         }
     }
 
@@ -285,7 +333,9 @@ impl ProcessTable {
     pub fn resize(&self, id: &str, size: TtySize) -> Result<()> {
         let process = self.get(id)?;
         let Some(pty) = &process.pty else {
-            return Err(Error::InvalidRequest(format!("process {id} has no terminal")));
+            return Err(Error::InvalidRequest(format!(
+                "process {id} has no terminal"
+            )));
         };
         pty.resize(size)
             .map_err(|e| Error::io(format!("failed to resize the terminal of {id}"), &e))
@@ -467,37 +517,41 @@ impl Process {
         }
     }
 
-    fn write(&self, data: Vec<u8>, write_id: Option<&str>) -> WriteStatus {
+    fn write(&self, data: Vec<u8>, write_id: Option<&str>) -> (WriteStatus, Option<Effect>) {
         let mut state = self.lock();
         if let Some(id) = write_id {
             if !state.write_ids.insert(id) {
-                return WriteStatus::Accepted;
+                return (WriteStatus::Accepted, None);
             }
-        }
-        if state.stdin_closed {
-            return WriteStatus::StdinClosed;
         }
         match &self.stdin {
-            Some(tx) if tx.send(StdinCommand::Data(data)).is_ok() => WriteStatus::Accepted,
-            _ => {
-                state.stdin_closed = true;
-                WriteStatus::StdinClosed
+            Some(tx) if !state.stdin_closed => {
+                let tx = tx.clone();
+                let effect: Effect = Box::new(move || {
+                    // If the feeder is gone, stdin closed meanwhile and the
+                    // bytes have nowhere to go.
+                    let _ = tx.send(StdinCommand::Data(data));
+                });
+                (WriteStatus::Accepted, Some(effect))
             }
+            _ => (WriteStatus::StdinClosed, None),
         }
     }
 
-    fn close_stdin(&self) -> WriteStatus {
+    fn close_stdin(&self) -> (WriteStatus, Option<Effect>) {
         let mut state = self.lock();
-        if !self.tty && !self.pipe_stdin {
-            return WriteStatus::StdinClosed;
+        let Some(tx) = &self.stdin else {
+            return (WriteStatus::StdinClosed, None);
+        };
+        if state.stdin_closed {
+            return (WriteStatus::Accepted, None);
         }
-        if !state.stdin_closed {
-            if let Some(tx) = &self.stdin {
-                let _ = tx.send(StdinCommand::Close);
-            }
-            state.stdin_closed = true;
-        }
-        WriteStatus::Accepted
+        state.stdin_closed = true;
+        let tx = tx.clone();
+        let effect: Effect = Box::new(move || {
+            let _ = tx.send(StdinCommand::Close);
+        });
+        (WriteStatus::Accepted, Some(effect))
     }
 
     /// Signal the whole group, unless the leader was reaped (its id may

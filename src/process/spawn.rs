@@ -58,17 +58,25 @@ pub fn spawn(spec: &Spec<'_>) -> Result<Spawned, Error> {
     let mut pty = None;
     match spec.tty {
         Some(size) => {
-            let (master, slave) = open_pty(size).map_err(|e| Error::io("failed to open a pty", &e))?;
-            let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| Error::io("failed to dup the pty", &e));
+            let (master, slave) =
+                open_pty(size).map_err(|e| Error::io("failed to open a pty", &e))?;
+            let dup = |fd: &OwnedFd| {
+                fd.try_clone()
+                    .map_err(|e| Error::io("failed to dup the pty", &e))
+            };
             cmd.stdin(Stdio::from(dup(&slave)?))
                 .stdout(Stdio::from(dup(&slave)?))
                 .stderr(Stdio::from(slave));
             pty = Some(master);
         }
         None => {
-            cmd.stdin(if spec.pipe_stdin { Stdio::piped() } else { Stdio::null() })
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
+            cmd.stdin(if spec.pipe_stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         }
     }
     let tty = spec.tty.is_some();
@@ -175,7 +183,9 @@ impl PtyMaster {
         // SAFETY: plain fcntl calls on an fd we own.
         unsafe {
             let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
-            if flags == -1 || libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) == -1 {
+            if flags == -1
+                || libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) == -1
+            {
                 return Err(io::Error::last_os_error());
             }
         }
@@ -193,7 +203,11 @@ impl PtyMaster {
             let result = guard.try_io(|fd| {
                 // SAFETY: reads into a valid buffer.
                 let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-                if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
             });
             match result {
                 Ok(Err(err)) if err.raw_os_error() == Some(libc::EIO) => return Ok(0),
@@ -210,7 +224,11 @@ impl PtyMaster {
             let result = guard.try_io(|fd| {
                 // SAFETY: writes from a valid buffer.
                 let n = unsafe { libc::write(fd.as_raw_fd(), data.as_ptr().cast(), data.len()) };
-                if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
             });
             match result {
                 Ok(Ok(n)) => data = &data[n..],

@@ -32,7 +32,8 @@ impl Watchdog {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: both fds were just created and are owned here alone.
-        let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (read_end, write_end) =
+            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         // SAFETY: the caller guarantees a single-threaded process.
         match unsafe { libc::fork() } {
             -1 => Err(io::Error::last_os_error()),

@@ -19,6 +19,8 @@ use crate::transport::{Frame, Outbound, Transport};
 /// A response that is ready, or one that will be.
 enum Pending {
     Ready(Response),
+    /// Ready; run the hook once the response is queued.
+    ReadyThen(Response, Box<dyn FnOnce() + Send>),
     Later(Pin<Box<dyn Future<Output = Response> + Send>>),
 }
 
@@ -74,6 +76,10 @@ impl Connection {
             Incoming::Single(Ok(message)) => match self.handle(message) {
                 None => {}
                 Some(Pending::Ready(response)) => self.send(response.to_line()).await,
+                Some(Pending::ReadyThen(response, hook)) => {
+                    self.send(response.to_line()).await;
+                    hook();
+                }
                 Some(Pending::Later(future)) => {
                     let out = self.outgoing.clone();
                     tokio::spawn(async move {
@@ -92,12 +98,24 @@ impl Connection {
                 if pending.is_empty() {
                     return;
                 }
+                // Hooks run at once: a batch may hold a read that waits on
+                // the output of a process the same batch starts.
+                let pending: Vec<Pending> = pending
+                    .into_iter()
+                    .map(|p| match p {
+                        Pending::ReadyThen(response, hook) => {
+                            hook();
+                            Pending::Ready(response)
+                        }
+                        other => other,
+                    })
+                    .collect();
                 let out = self.outgoing.clone();
                 let batch = async move {
                     let mut responses = Vec::with_capacity(pending.len());
                     for p in pending {
                         responses.push(match p {
-                            Pending::Ready(r) => r.to_value(),
+                            Pending::Ready(r) | Pending::ReadyThen(r, _) => r.to_value(),
                             Pending::Later(f) => f.await.to_value(),
                         });
                     }
@@ -156,6 +174,13 @@ impl Connection {
                 id: Some(id),
                 outcome,
             }),
+            Reply::ReadyThen(outcome, hook) => Pending::ReadyThen(
+                Response {
+                    id: Some(id),
+                    outcome,
+                },
+                hook,
+            ),
             Reply::Later(future) => Pending::Later(Box::pin(async move {
                 Response {
                     id: Some(id),

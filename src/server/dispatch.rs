@@ -34,19 +34,24 @@ pub type BoxFuture = Pin<Box<dyn Future<Output = Result<Value>> + Send>>;
 /// answers are sent in arrival order; waiting ones never hold up others.
 pub enum Reply {
     Ready(Result<Value>),
+    /// Ready, with work to run once the response is queued.
+    ReadyThen(Result<Value>, Box<dyn FnOnce() + Send>),
     Later(BoxFuture),
 }
 
 /// A method's entry in the table.
+/// The signature every handler has: context, method name, raw params.
+pub type Handler = fn(&Ctx, &str, Value) -> Reply;
+
 pub struct Route {
     /// The family named in gating errors ("exec", "filesystem", ...).
     pub family: &'static str,
-    pub handler: fn(&Ctx, &str, Value) -> Reply,
+    pub handler: Handler,
 }
 
 /// Look up a method (other than `initialize`, which the connection serves).
 pub fn route(name: &str) -> Option<Route> {
-    let (family, handler): (&'static str, fn(&Ctx, &str, Value) -> Reply) = match name {
+    let (family, handler): (&'static str, Handler) = match name {
         method::PROCESS_START => ("exec", start),
         method::PROCESS_READ => ("exec", read),
         method::PROCESS_WRITE => ("exec", write),
@@ -69,16 +74,18 @@ pub fn decode<T: DeserializeOwned>(name: &str, params: Value) -> Result<T> {
 }
 
 fn ready<T: Serialize>(result: Result<T>) -> Reply {
-    Reply::Ready(result.and_then(|v| {
-        serde_json::to_value(v).map_err(|e| Error::Internal {
-            message: format!("failed to encode the result: {e}"),
-            errno: None,
-        })
-    }))
+    Reply::Ready(result.and_then(to_value))
+}
+
+fn to_value<T: Serialize>(value: T) -> Result<Value> {
+    serde_json::to_value(value).map_err(|e| Error::Internal {
+        message: format!("failed to encode the result: {e}"),
+        errno: None,
+    })
 }
 
 fn start(ctx: &Ctx, name: &str, params: Value) -> Reply {
-    ready((|| {
+    let started = (|| {
         let p: StartParams = decode(name, params)?;
         if p.process_id.is_empty() || p.process_id.len() > 256 {
             return Err(Error::InvalidParams(format!(
@@ -92,7 +99,7 @@ fn start(ctx: &Ctx, name: &str, params: Value) -> Reply {
         let sandbox_type = sandbox::check(p.sandbox.as_ref())?;
         let env = child_env(p.env_policy.as_ref(), &p.env, std::env::vars());
         let tty = p.tty.then(|| p.tty_size.unwrap_or_default());
-        ctx.session.processes.start(StartRequest {
+        let launch = ctx.session.processes.start(StartRequest {
             id: p.process_id.clone(),
             spec: spawn::Spec {
                 argv: &p.argv,
@@ -105,11 +112,16 @@ fn start(ctx: &Ctx, name: &str, params: Value) -> Reply {
             },
             pipe_stdin: p.pipe_stdin,
         })?;
-        Ok(StartResponse {
+        let response = StartResponse {
             process_id: p.process_id,
             sandbox_type,
-        })
-    })())
+        };
+        Ok((response, launch))
+    })();
+    match started {
+        Ok((response, launch)) => then(to_value(response), Some(Box::new(move || drop(launch)))),
+        Err(err) => Reply::Ready(Err(err)),
+    }
 }
 
 fn read(ctx: &Ctx, name: &str, params: Value) -> Reply {
@@ -122,39 +134,45 @@ fn read(ctx: &Ctx, name: &str, params: Value) -> Reply {
         Err(err) => Reply::Ready(Err(err)),
         Ok(None) => {
             let table = ctx.session.processes.clone();
-            Reply::Later(Box::pin(async move {
-                let response = table.read(p).await?;
-                Ok(serde_json::to_value(response).unwrap_or(Value::Null))
-            }))
+            Reply::Later(Box::pin(async move { to_value(table.read(p).await?) }))
         }
     }
 }
 
 fn write(ctx: &Ctx, name: &str, params: Value) -> Reply {
-    ready((|| {
-        let p: WriteParams = decode(name, params)?;
+    let decoded = decode::<WriteParams>(name, params).and_then(|p| {
         if p.write_id.as_deref() == Some("") {
             return Err(Error::InvalidParams("writeId must not be empty".into()));
         }
-        let status = ctx
+        Ok(ctx
             .session
             .processes
-            .write(&p.process_id, p.chunk.0, p.write_id.as_deref());
-        Ok(WriteResponse { status })
-    })())
+            .write(&p.process_id, p.chunk.0, p.write_id.as_deref()))
+    });
+    match decoded {
+        Ok((status, effect)) => then(to_value(WriteResponse { status }), effect),
+        Err(err) => Reply::Ready(Err(err)),
+    }
 }
 
 fn close_stdin(ctx: &Ctx, name: &str, params: Value) -> Reply {
-    ready(decode::<ProcessIdParams>(name, params).map(|p| WriteResponse {
-        status: ctx.session.processes.close_stdin(&p.process_id),
-    }))
+    match decode::<ProcessIdParams>(name, params) {
+        Ok(p) => {
+            let (status, effect) = ctx.session.processes.close_stdin(&p.process_id);
+            then(to_value(WriteResponse { status }), effect)
+        }
+        Err(err) => Reply::Ready(Err(err)),
+    }
 }
 
 fn signal(ctx: &Ctx, name: &str, params: Value) -> Reply {
-    ready(decode::<SignalParams>(name, params).map(|p| {
-        ctx.session.processes.signal(&p.process_id, p.signal);
-        serde_json::json!({})
-    }))
+    match decode::<SignalParams>(name, params) {
+        Ok(p) => {
+            let effect = ctx.session.processes.signal(&p.process_id, p.signal);
+            then(Ok(serde_json::json!({})), effect)
+        }
+        Err(err) => Reply::Ready(Err(err)),
+    }
 }
 
 fn resize(ctx: &Ctx, name: &str, params: Value) -> Reply {
@@ -169,9 +187,21 @@ fn resize(ctx: &Ctx, name: &str, params: Value) -> Reply {
 }
 
 fn terminate(ctx: &Ctx, name: &str, params: Value) -> Reply {
-    ready(decode::<ProcessIdParams>(name, params).map(|p| TerminateResponse {
-        running: ctx.session.processes.terminate(&p.process_id),
-    }))
+    match decode::<ProcessIdParams>(name, params) {
+        Ok(p) => {
+            let (running, effect) = ctx.session.processes.terminate(&p.process_id);
+            then(to_value(TerminateResponse { running }), effect)
+        }
+        Err(err) => Reply::Ready(Err(err)),
+    }
+}
+
+/// A ready result with an optional effect to run after the response.
+fn then(result: Result<Value>, effect: Option<crate::process::Effect>) -> Reply {
+    match effect {
+        Some(effect) => Reply::ReadyThen(result, effect),
+        None => Reply::Ready(result),
+    }
 }
 
 fn list(ctx: &Ctx, _name: &str, _params: Value) -> Reply {

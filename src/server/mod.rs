@@ -6,9 +6,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::environment;
+use crate::process::Limits;
 use crate::process::output::Retention;
 use crate::process::watchdog::Watchdog;
-use crate::process::Limits;
 use crate::transport::stdio;
 
 pub mod connection;
@@ -58,7 +58,11 @@ impl Server {
             closed_retention: config.closed_retention,
         };
         Arc::new(Server {
-            sessions: Arc::new(session::Registry::new(limits, watchdog, config.detached_ttl)),
+            sessions: Arc::new(session::Registry::new(
+                limits,
+                watchdog,
+                config.detached_ttl,
+            )),
             workspace_roots: environment::workspace_roots(&config.workspace_roots),
             config,
             next_connection: AtomicU64::new(1),

@@ -92,7 +92,7 @@ impl Registry {
     pub fn detach(self: &Arc<Self>, session: &Arc<Session>, conn: u64) {
         {
             let mut slot = session.attachment.lock().unwrap_or_else(|p| p.into_inner());
-            if !slot.as_ref().is_some_and(|(id, _)| *id == conn) {
+            if slot.as_ref().is_none_or(|(id, _)| *id != conn) {
                 return;
             }
             *slot = None;
@@ -146,7 +146,14 @@ fn uuid_v4() -> String {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 #[cfg(test)]

@@ -133,11 +133,8 @@ pub fn write_lines(out: impl Write, mut rx: mpsc::Receiver<Vec<u8>>) -> io::Resu
     let mut out = BufWriter::with_capacity(256 * 1024, out);
     while let Some(line) = rx.blocking_recv() {
         out.write_all(&line)?;
-        loop {
-            match rx.try_recv() {
-                Ok(line) => out.write_all(&line)?,
-                Err(_) => break,
-            }
+        while let Ok(line) = rx.try_recv() {
+            out.write_all(&line)?;
         }
         out.flush()?;
     }

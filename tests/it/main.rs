@@ -1,0 +1,8 @@
+//! The one integration-test binary: every test drives the real
+//! `exec-server` binary over real pipes.
+
+mod errors;
+mod hygiene;
+mod process;
+mod support;
+mod transcripts;

@@ -1,0 +1,229 @@
+//! A small client for tests: spawns the real binary, sends lines, receives
+//! messages with timeouts.
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use serde_json::{Value, json};
+
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_exec-server")
+}
+
+pub fn b64(data: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(data)
+}
+
+pub fn unb64(text: &Value) -> Vec<u8> {
+    base64::engine::general_purpose::STANDARD
+        .decode(text.as_str().expect("base64 string"))
+        .expect("valid base64")
+}
+
+/// A running server and our ends of its pipes.
+pub struct Server {
+    pub child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    /// Messages received but not yet asked for.
+    backlog: VecDeque<Value>,
+    next_id: i64,
+}
+
+impl Server {
+    pub fn start(args: &[&str]) -> Server {
+        let mut child = Command::new(bin())
+            .arg("--stdio")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn exec-server");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Server {
+            stdin: child.stdin.take(),
+            child,
+            lines: rx,
+            backlog: VecDeque::new(),
+            next_id: 1000,
+        }
+    }
+
+    /// Start and complete the handshake.
+    pub fn started(args: &[&str]) -> Server {
+        let mut server = Server::start(args);
+        let init = server.request("initialize", json!({"clientName": "it"}));
+        assert!(init["result"]["sessionId"].is_string(), "{init}");
+        server.send(&json!({"method": "initialized"}));
+        server
+    }
+
+    pub fn send_raw(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        stdin.write_all(line.as_bytes()).unwrap();
+        stdin.write_all(b"\n").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    pub fn send(&mut self, value: &Value) {
+        self.send_raw(&value.to_string());
+    }
+
+    pub fn close_stdin(&mut self) {
+        self.stdin.take();
+    }
+
+    /// The next line from the server, parsed; `None` on timeout or EOF.
+    pub fn recv_line(&mut self, timeout: Duration) -> Option<Value> {
+        match self.lines.recv_timeout(timeout) {
+            Ok(line) => {
+                Some(serde_json::from_str(&line).unwrap_or_else(|e| {
+                    panic!("server wrote a line that is not JSON ({e}): {line}")
+                }))
+            }
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
+        }
+    }
+
+    /// Send a request and wait for its response; other messages are kept.
+    pub fn request(&mut self, method: &str, params: Value) -> Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.send(&json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}));
+        self.response(id)
+    }
+
+    /// Wait for the response with `id`.
+    pub fn response(&mut self, id: i64) -> Value {
+        if let Some(i) = self.backlog.iter().position(|m| m["id"] == id) {
+            return self.backlog.remove(i).unwrap();
+        }
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let msg = self
+                .recv_line(left)
+                .unwrap_or_else(|| panic!("no response to request {id}"));
+            if msg["id"] == id {
+                return msg;
+            }
+            self.backlog.push_back(msg);
+        }
+    }
+
+    /// Wait for a notification matching `pred`.
+    pub fn notification(&mut self, pred: impl Fn(&Value) -> bool) -> Value {
+        if let Some(i) = self
+            .backlog
+            .iter()
+            .position(|m| m.get("id").is_none() && pred(m))
+        {
+            return self.backlog.remove(i).unwrap();
+        }
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let msg = self
+                .recv_line(left)
+                .unwrap_or_else(|| panic!("no matching notification arrived"));
+            if msg.get("id").is_none() && pred(&msg) {
+                return msg;
+            }
+            self.backlog.push_back(msg);
+        }
+    }
+
+    /// The result of a request, panicking with the message on error.
+    pub fn call(&mut self, method: &str, params: Value) -> Value {
+        let response = self.request(method, params);
+        assert!(
+            response.get("error").is_none(),
+            "{method} failed: {response}"
+        );
+        response["result"].clone()
+    }
+
+    /// Start a process and return its result.
+    pub fn start_process(&mut self, id: &str, argv: &[&str], extra: Value) -> Value {
+        let mut params = json!({"processId": id, "argv": argv, "cwd": "/tmp"});
+        if let Value::Object(extra) = extra {
+            for (k, v) in extra {
+                params[k] = v;
+            }
+        }
+        self.call("process/start", params)
+    }
+
+    /// Read all output of a process until it is closed; returns
+    /// (bytes of each stream concatenated in seq order, exit code).
+    pub fn collect(&mut self, id: &str) -> (Vec<u8>, Option<i64>) {
+        let mut after = 0;
+        let mut out = Vec::new();
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "process {id} did not close in time"
+            );
+            let r = self.call(
+                "process/read",
+                json!({"processId": id, "afterSeq": after, "waitMs": 2000}),
+            );
+            for chunk in r["chunks"].as_array().unwrap() {
+                out.extend(unb64(&chunk["chunk"]));
+            }
+            after = r["nextSeq"].as_u64().unwrap() - 1;
+            if r["closed"] == true {
+                return (out, r["exitCode"].as_i64());
+            }
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether a pid is gone (no such process, or a zombie awaiting its reaper).
+pub fn pid_gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => {
+            let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+            state.starts_with('Z') || state.starts_with('X')
+        }
+    }
+}
+
+/// Poll `cond` until it holds or `timeout` passes.
+pub fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,325 @@
+//! Golden transcripts: every `fixtures/transcripts/*.jsonl` is played
+//! against the built binary over real pipes.
+//!
+//! # Format
+//!
+//! One JSON object per line; blank lines and lines starting with `#` are
+//! comments. Steps:
+//!
+//! - `{"args": [..]}`: extra server flags (first step only).
+//! - `{"send": VALUE}`: the client writes VALUE as one compact line.
+//! - `{"sendRaw": "TEXT"}`: the client writes TEXT as a line, verbatim.
+//! - `{"expect": PATTERN}`: the next server line matches PATTERN.
+//! - `{"expectUnordered": [PATTERN, ..]}`: the next lines match these
+//!   patterns in any order (notifications racing a response).
+//! - `{"sleepMs": N}`: pause.
+//!
+//! Patterns are JSON where objects must have the same keys and these strings
+//! are wildcards: `"$any"`, `"$int"`, `"$string"`, `"$bool"`, `"$uuid"`,
+//! `"$absent"` (the key must be missing), `"$b64:TEXT"` (base64 of TEXT),
+//! `"$save:NAME"` (anything; remembered), `"$var:NAME"` (equal to the
+//! remembered value; also substituted inside `send`).
+//!
+//! After the last step no unexpected line may be pending, and closing stdin
+//! must make the server exit with status 0.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support::{Server, TIMEOUT, unb64};
+
+#[test]
+fn golden_transcripts() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/transcripts");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("fixtures/transcripts exists")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .collect();
+    files.sort();
+    assert!(
+        files.len() >= 25,
+        "expected at least 25 transcripts, found {}",
+        files.len()
+    );
+    // Transcripts are independent; run a few at a time.
+    let failures: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = files
+            .chunks(files.len().div_ceil(4))
+            .map(|group| {
+                scope.spawn(move || {
+                    group
+                        .iter()
+                        .filter_map(|f| run(f).err())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    assert!(
+        failures.is_empty(),
+        "{} of {} transcripts failed:\n\n{}",
+        failures.len(),
+        files.len(),
+        failures.join("\n\n")
+    );
+}
+
+struct Run {
+    name: String,
+    history: Vec<String>,
+    vars: HashMap<String, Value>,
+}
+
+impl Run {
+    fn fail(&self, line: usize, what: String) -> String {
+        let mut out = format!(
+            "--- {} (line {line}): {what}\n    exchange so far:\n",
+            self.name
+        );
+        for h in self
+            .history
+            .iter()
+            .rev()
+            .take(20)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+        {
+            let _ = writeln!(out, "      {h}");
+        }
+        out
+    }
+}
+
+fn run(path: &Path) -> Result<(), String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut steps: Vec<(usize, Value)> = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let trimmed = line.trim();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        let step: Value = serde_json::from_str(trimmed)
+            .map_err(|e| format!("{}:{}: not JSON: {e}", path.display(), i + 1))?;
+        steps.push((i + 1, step));
+    }
+    let args: Vec<String> = steps
+        .first()
+        .and_then(|(_, s)| s.get("args"))
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut server = Server::start(&arg_refs);
+    let mut run = Run {
+        name: path.file_name().unwrap().to_string_lossy().into_owned(),
+        history: Vec::new(),
+        vars: HashMap::new(),
+    };
+
+    for (line, step) in &steps {
+        let line = *line;
+        if step.get("args").is_some() {
+            continue;
+        } else if let Some(value) = step.get("send") {
+            let value = substitute(value, &run.vars);
+            run.history.push(format!("> {value}"));
+            server.send(&value);
+        } else if let Some(raw) = step.get("sendRaw").and_then(Value::as_str) {
+            run.history.push(format!("> {}", shorten(raw)));
+            server.send_raw(raw);
+        } else if let Some(ms) = step.get("sleepMs").and_then(Value::as_u64) {
+            std::thread::sleep(Duration::from_millis(ms));
+        } else if let Some(pattern) = step.get("expect") {
+            let Some(actual) = server.recv_line(TIMEOUT) else {
+                return Err(run.fail(line, format!("timed out waiting for\n      {pattern}")));
+            };
+            run.history.push(format!("< {actual}"));
+            if let Err(at) = matches(pattern, &actual, "$", &mut run.vars) {
+                return Err(run.fail(
+                    line,
+                    format!("mismatch at {at}\n    expected: {pattern}\n    actual:   {actual}"),
+                ));
+            }
+        } else if let Some(patterns) = step.get("expectUnordered").and_then(Value::as_array) {
+            let mut left: Vec<&Value> = patterns.iter().collect();
+            while !left.is_empty() {
+                let Some(actual) = server.recv_line(TIMEOUT) else {
+                    let want: Vec<String> = left.iter().map(|p| p.to_string()).collect();
+                    return Err(run.fail(
+                        line,
+                        format!(
+                            "timed out waiting for any of\n      {}",
+                            want.join("\n      ")
+                        ),
+                    ));
+                };
+                run.history.push(format!("< {actual}"));
+                let hit = left.iter().position(|p| {
+                    let mut scratch = run.vars.clone();
+                    matches(p, &actual, "$", &mut scratch).is_ok()
+                });
+                match hit {
+                    Some(i) => {
+                        let p = left.remove(i);
+                        let _ = matches(p, &actual, "$", &mut run.vars);
+                    }
+                    None => {
+                        let want: Vec<String> = left.iter().map(|p| p.to_string()).collect();
+                        return Err(run.fail(
+                            line,
+                            format!(
+                                "unexpected line\n    actual: {actual}\n    none of:\n      {}",
+                                want.join("\n      ")
+                            ),
+                        ));
+                    }
+                }
+            }
+        } else {
+            return Err(run.fail(line, format!("unknown step {step}")));
+        }
+    }
+
+    // Nothing unexpected may be pending.
+    if let Some(extra) = server.recv_line(Duration::from_millis(200)) {
+        run.history.push(format!("< {extra}"));
+        return Err(run.fail(
+            steps.last().map_or(0, |s| s.0),
+            format!("unexpected extra line {extra}"),
+        ));
+    }
+    server.close_stdin();
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        match server.child.try_wait() {
+            Ok(Some(status)) if status.success() => return Ok(()),
+            Ok(Some(status)) => {
+                return Err(run.fail(0, format!("server exited with {status} after stdin closed")));
+            }
+            _ if Instant::now() > deadline => {
+                return Err(run.fail(0, "server did not exit after stdin closed".into()));
+            }
+            _ => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
+fn shorten(text: &str) -> String {
+    if text.len() > 120 {
+        format!("{}... ({} bytes)", &text[..100], text.len())
+    } else {
+        text.to_string()
+    }
+}
+
+fn substitute(value: &Value, vars: &HashMap<String, Value>) -> Value {
+    match value {
+        Value::String(s) => match s.strip_prefix("$var:") {
+            Some(name) => vars.get(name).cloned().unwrap_or(Value::Null),
+            None => value.clone(),
+        },
+        Value::Array(items) => Value::Array(items.iter().map(|v| substitute(v, vars)).collect()),
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| (k.clone(), substitute(v, vars)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+/// Match `actual` against `pattern`; on mismatch, the path where it failed.
+fn matches(
+    pattern: &Value,
+    actual: &Value,
+    at: &str,
+    vars: &mut HashMap<String, Value>,
+) -> Result<(), String> {
+    let fail = || Err(at.to_string());
+    match pattern {
+        Value::String(p) if p.starts_with('$') => {
+            let ok = match p.as_str() {
+                "$any" => true,
+                "$int" => actual.is_i64() || actual.is_u64(),
+                "$string" => actual.is_string(),
+                "$bool" => actual.is_boolean(),
+                "$uuid" => actual.as_str().is_some_and(is_uuid),
+                _ if p.starts_with("$b64:") => {
+                    actual.is_string()
+                        && std::panic::catch_unwind(|| unb64(actual)).ok().as_deref()
+                            == Some(&p.as_bytes()[5..])
+                }
+                _ if p.starts_with("$save:") => {
+                    vars.insert(p[6..].to_string(), actual.clone());
+                    true
+                }
+                _ if p.starts_with("$var:") => vars.get(&p[5..]) == Some(actual),
+                _ => pattern == actual,
+            };
+            if ok { Ok(()) } else { fail() }
+        }
+        Value::Object(p) => {
+            let Value::Object(a) = actual else {
+                return fail();
+            };
+            for (key, pv) in p {
+                match a.get(key) {
+                    None if pv == "$absent" => {}
+                    None => return Err(format!("{at}.{key} (missing)")),
+                    Some(_) if pv == "$absent" => {
+                        return Err(format!("{at}.{key} (should be absent)"));
+                    }
+                    Some(av) => matches(pv, av, &format!("{at}.{key}"), vars)?,
+                }
+            }
+            if let Some(extra) = a.keys().find(|k| !p.contains_key(*k)) {
+                return Err(format!("{at}.{extra} (unexpected member)"));
+            }
+            Ok(())
+        }
+        Value::Array(p) => {
+            let Value::Array(a) = actual else {
+                return fail();
+            };
+            if p.len() != a.len() {
+                return Err(format!("{at} (length {} instead of {})", a.len(), p.len()));
+            }
+            for (i, (pv, av)) in p.iter().zip(a).enumerate() {
+                matches(pv, av, &format!("{at}[{i}]"), vars)?;
+            }
+            Ok(())
+        }
+        _ => {
+            if pattern == actual {
+                Ok(())
+            } else {
+                fail()
+            }
+        }
+    }
+}
+
+fn is_uuid(s: &str) -> bool {
+    s.len() == 36
+        && s.char_indices().all(|(i, c)| {
+            if matches!(i, 8 | 13 | 18 | 23) {
+                c == '-'
+            } else {
+                c.is_ascii_hexdigit()
+            }
+        })
+}
