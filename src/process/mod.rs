@@ -37,6 +37,10 @@ const READ_CHUNK: usize = 64 * 1024;
 /// what the child wrote before exiting, so that it gets the lower seqs.
 const EXIT_DRAIN_GRACE: Duration = Duration::from_millis(50);
 
+/// The longest a single `process/read` waits (one day); larger `waitMs`
+/// values are clamped, so no value can overflow a deadline.
+const MAX_WAIT_MS: u64 = 24 * 60 * 60 * 1000;
+
 /// Where a session's notifications go: the attached connection, if any.
 pub type Attachment = Arc<Mutex<Option<(u64, Outbound)>>>;
 
@@ -501,8 +505,8 @@ impl Process {
     }
 
     async fn read(&self, params: &ReadParams) -> Result<ReadResponse> {
-        let deadline =
-            tokio::time::Instant::now() + Duration::from_millis(params.wait_ms.unwrap_or(0));
+        let wait = Duration::from_millis(params.wait_ms.unwrap_or(0).min(MAX_WAIT_MS));
+        let deadline = tokio::time::Instant::now() + wait;
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
