@@ -42,6 +42,7 @@ pub fn info(workspace_roots: &[PathBuf]) -> Value {
             "signals": SIGNALS,
             "processList": true,
             "sandbox": false,
+            "filesystem": true,
         },
         "os": std::env::consts::OS,
         "arch": std::env::consts::ARCH,

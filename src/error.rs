@@ -71,6 +71,15 @@ pub enum Error {
     /// A line over `--max-message-bytes`.
     #[error("message of {size} bytes exceeds the limit of {limit} bytes")]
     MessageTooLarge { size: usize, limit: usize },
+    /// Input the OS or the method refuses: a directory where a file was
+    /// expected, a non-empty directory, an existing path, and so on. `kind`
+    /// names the case.
+    #[error("{message}")]
+    InvalidInput {
+        kind: &'static str,
+        message: String,
+        errno: Option<i32>,
+    },
     /// Anything else, usually an I/O failure.
     #[error("{message}")]
     Internal { message: String, errno: Option<i32> },
@@ -91,7 +100,8 @@ impl Error {
             | PermissionDenied { .. }
             | UnknownSession(_)
             | SessionTakenOver
-            | MessageTooLarge { .. } => code::INVALID_REQUEST,
+            | MessageTooLarge { .. }
+            | InvalidInput { .. } => code::INVALID_REQUEST,
             MethodNotFound(_) => code::METHOD_NOT_FOUND,
             InvalidParams(_) | SandboxUnavailable(_) => code::INVALID_PARAMS,
             SpawnFailed { .. } | Internal { .. } => code::INTERNAL_ERROR,
@@ -121,6 +131,7 @@ impl Error {
             SessionAttached(_) => "sessionAttached",
             SessionTakenOver => "sessionTakenOver",
             MessageTooLarge { .. } => "messageTooLarge",
+            InvalidInput { kind, .. } => kind,
             Internal { .. } => "internal",
         }
     }
@@ -131,6 +142,7 @@ impl Error {
             Error::SpawnFailed { errno, .. }
             | Error::NotFound { errno, .. }
             | Error::PermissionDenied { errno, .. }
+            | Error::InvalidInput { errno, .. }
             | Error::Internal { errno, .. } => *errno,
             _ => None,
         }
@@ -171,6 +183,32 @@ pub fn lower_io(err: &io::Error) -> String {
     match chars.next() {
         Some(first) => first.to_lowercase().chain(chars).collect(),
         None => text,
+    }
+}
+
+/// A filesystem error: `what` names the operation and the path (for
+/// example "failed to read /tmp/x"); the OS error decides the code and kind.
+pub fn fs_error(what: impl std::fmt::Display, err: &io::Error) -> Error {
+    let message = format!("{what}: {}", lower_io(err));
+    let errno = err.raw_os_error();
+    let invalid = |kind| Error::InvalidInput {
+        kind,
+        message: message.clone(),
+        errno,
+    };
+    match errno {
+        Some(libc::ENOENT) => Error::NotFound { message, errno },
+        Some(libc::EACCES | libc::EPERM | libc::EROFS) => {
+            Error::PermissionDenied { message, errno }
+        }
+        Some(libc::EISDIR) => invalid("isADirectory"),
+        Some(libc::ENOTDIR) => invalid("notADirectory"),
+        Some(libc::ENOTEMPTY) => invalid("directoryNotEmpty"),
+        Some(libc::EEXIST) => invalid("alreadyExists"),
+        Some(libc::ELOOP) => invalid("tooManySymlinks"),
+        Some(libc::EINVAL | libc::ENAMETOOLONG) => invalid("invalidInput"),
+        None if err.kind() == io::ErrorKind::InvalidInput => invalid("invalidInput"),
+        _ => Error::Internal { message, errno },
     }
 }
 

@@ -19,6 +19,7 @@
 //! - [`process`]: spawning with pipes or a pty, the sequence-numbered output
 //!   log, stdin, signals, reaping, and the watchdog that kills every child
 //!   when the server dies.
+//! - [`fs`]: the filesystem methods and per-connection streaming handles.
 //! - [`env_policy`]: deriving a child's environment from a policy.
 //! - [`environment`]: the `environment/info` result.
 //! - [`sandbox`]: sandbox intent on `process/start`.
@@ -26,6 +27,7 @@
 pub mod env_policy;
 pub mod environment;
 pub mod error;
+pub mod fs;
 pub mod jsonrpc;
 pub mod process;
 pub mod protocol;

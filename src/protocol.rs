@@ -29,6 +29,19 @@ pub mod method {
     pub const PROCESS_CLOSED: &str = "process/closed";
     pub const ENVIRONMENT_INFO: &str = "environment/info";
     pub const ENVIRONMENT_STATUS: &str = "environment/status";
+    pub const FS_READ_FILE: &str = "fs/readFile";
+    pub const FS_WRITE_FILE: &str = "fs/writeFile";
+    pub const FS_CREATE_DIRECTORY: &str = "fs/createDirectory";
+    pub const FS_GET_METADATA: &str = "fs/getMetadata";
+    pub const FS_READ_DIRECTORY: &str = "fs/readDirectory";
+    pub const FS_REMOVE: &str = "fs/remove";
+    pub const FS_COPY: &str = "fs/copy";
+    pub const FS_RENAME: &str = "fs/rename";
+    pub const FS_CANONICALIZE: &str = "fs/canonicalize";
+    pub const FS_WALK: &str = "fs/walk";
+    pub const FS_OPEN: &str = "fs/open";
+    pub const FS_READ_BLOCK: &str = "fs/readBlock";
+    pub const FS_CLOSE: &str = "fs/close";
 }
 
 /// Bytes that travel as standard base64.

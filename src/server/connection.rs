@@ -9,7 +9,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use super::Server;
-use super::dispatch::{self, Ctx, Reply};
+use super::dispatch::{self, ConnState, Ctx, Reply};
 use super::session::Session;
 use crate::error::Error;
 use crate::jsonrpc::{self, Incoming, Message, Request, Response, value_line};
@@ -30,6 +30,7 @@ struct Connection {
     outgoing: Outbound,
     session: Option<Arc<Session>>,
     initialized: bool,
+    state: Arc<ConnState>,
 }
 
 /// Serve one connection until its input ends, then detach its session.
@@ -44,6 +45,7 @@ pub async fn serve(server: Arc<Server>, transport: Transport) {
         outgoing,
         session: None,
         initialized: false,
+        state: Arc::new(ConnState::start()),
     };
     while let Some(frame) = incoming.recv().await {
         conn.on_frame(frame).await;
@@ -168,6 +170,7 @@ impl Connection {
         let ctx = Ctx {
             server: self.server.clone(),
             session,
+            conn: self.state.clone(),
         };
         match (route.handler)(&ctx, &method, params) {
             Reply::Ready(outcome) => Pending::Ready(Response {

@@ -11,6 +11,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::Server;
+use super::lane::Lane;
 use super::session::Session;
 use crate::env_policy::child_env;
 use crate::error::{Error, Result};
@@ -19,13 +20,31 @@ use crate::protocol::{
     ListResponse, ProcessIdParams, ReadParams, ResizeParams, SignalParams, StartParams,
     StartResponse, TerminateResponse, TtySize, WriteParams, WriteResponse, method,
 };
-use crate::{environment, sandbox};
+use crate::{environment, fs, sandbox};
 
-/// What a handler needs: the server and the caller's session.
+/// What a handler needs: the server, the caller's session, and state that
+/// lives as long as the caller's connection.
 #[derive(Clone)]
 pub struct Ctx {
     pub server: Arc<Server>,
     pub session: Arc<Session>,
+    pub conn: Arc<ConnState>,
+}
+
+/// Per-connection state: streaming file handles (closed with the
+/// connection) and the lane filesystem requests run on.
+pub struct ConnState {
+    pub handles: fs::Handles,
+    pub lane: Lane,
+}
+
+impl ConnState {
+    pub fn start() -> Self {
+        ConnState {
+            handles: fs::Handles::default(),
+            lane: Lane::start(),
+        }
+    }
 }
 
 pub type BoxFuture = Pin<Box<dyn Future<Output = Result<Value>> + Send>>;
@@ -62,6 +81,19 @@ pub fn route(name: &str) -> Option<Route> {
         method::PROCESS_LIST => ("exec", list),
         method::ENVIRONMENT_INFO => ("environment info", info),
         method::ENVIRONMENT_STATUS => ("environment status", status),
+        method::FS_READ_FILE => ("filesystem", fs_read_file),
+        method::FS_WRITE_FILE => ("filesystem", fs_write_file),
+        method::FS_CREATE_DIRECTORY => ("filesystem", fs_create_directory),
+        method::FS_GET_METADATA => ("filesystem", fs_get_metadata),
+        method::FS_READ_DIRECTORY => ("filesystem", fs_read_directory),
+        method::FS_REMOVE => ("filesystem", fs_remove),
+        method::FS_COPY => ("filesystem", fs_copy),
+        method::FS_RENAME => ("filesystem", fs_rename),
+        method::FS_CANONICALIZE => ("filesystem", fs_canonicalize),
+        method::FS_WALK => ("filesystem", fs_walk),
+        method::FS_OPEN => ("filesystem", fs_open),
+        method::FS_READ_BLOCK => ("filesystem", fs_read_block),
+        method::FS_CLOSE => ("filesystem", fs_close),
         _ => return None,
     };
     Some(Route { family, handler })
@@ -216,4 +248,88 @@ fn info(ctx: &Ctx, _name: &str, _params: Value) -> Reply {
 
 fn status(_ctx: &Ctx, _name: &str, _params: Value) -> Reply {
     ready(Ok(serde_json::json!({ "status": "ready" })))
+}
+
+/// Run a filesystem operation on the connection's lane, after checking its
+/// sandbox intent and decoding its params.
+fn on_lane<P>(
+    ctx: &Ctx,
+    name: &str,
+    params: Value,
+    op: impl FnOnce(P, &Ctx) -> Result<Value> + Send + 'static,
+) -> Reply
+where
+    P: DeserializeOwned + Send + 'static,
+{
+    if let Err(err) = sandbox::check(params.get("sandbox")) {
+        return Reply::Ready(Err(err));
+    }
+    let p: P = match decode(name, params) {
+        Ok(p) => p,
+        Err(err) => return Reply::Ready(Err(err)),
+    };
+    let job_ctx = ctx.clone();
+    let done = ctx.conn.lane.run(move || op(p, &job_ctx));
+    Reply::Later(Box::pin(async move {
+        done.await.unwrap_or_else(|| {
+            Err(Error::Internal {
+                message: "the filesystem worker stopped".into(),
+                errno: None,
+            })
+        })
+    }))
+}
+
+fn fs_read_file(ctx: &Ctx, name: &str, params: Value) -> Reply {
+    on_lane(ctx, name, params, |p, ctx| {
+        fs::read_file(p, ctx.server.config.max_message_bytes)
+    })
+}
+
+fn fs_write_file(ctx: &Ctx, name: &str, params: Value) -> Reply {
+    on_lane(ctx, name, params, |p, _| fs::write_file(p))
+}
+
+fn fs_create_directory(ctx: &Ctx, name: &str, params: Value) -> Reply {
+    on_lane(ctx, name, params, |p, _| fs::create_directory(p))
+}
+
+fn fs_get_metadata(ctx: &Ctx, name: &str, params: Value) -> Reply {
+    on_lane(ctx, name, params, |p, _| fs::get_metadata(p))
+}
+
+fn fs_read_directory(ctx: &Ctx, name: &str, params: Value) -> Reply {
+    on_lane(ctx, name, params, |p, _| fs::read_directory(p))
+}
+
+fn fs_remove(ctx: &Ctx, name: &str, params: Value) -> Reply {
+    on_lane(ctx, name, params, |p, _| fs::remove(p))
+}
+
+fn fs_copy(ctx: &Ctx, name: &str, params: Value) -> Reply {
+    on_lane(ctx, name, params, |p, _| fs::copy(p))
+}
+
+fn fs_rename(ctx: &Ctx, name: &str, params: Value) -> Reply {
+    on_lane(ctx, name, params, |p, _| fs::rename(p))
+}
+
+fn fs_canonicalize(ctx: &Ctx, name: &str, params: Value) -> Reply {
+    on_lane(ctx, name, params, |p, _| fs::canonicalize(p))
+}
+
+fn fs_walk(ctx: &Ctx, name: &str, params: Value) -> Reply {
+    on_lane(ctx, name, params, |p, _| fs::walk(p))
+}
+
+fn fs_open(ctx: &Ctx, name: &str, params: Value) -> Reply {
+    on_lane(ctx, name, params, |p, ctx| ctx.conn.handles.open(p))
+}
+
+fn fs_read_block(ctx: &Ctx, name: &str, params: Value) -> Reply {
+    on_lane(ctx, name, params, |p, ctx| ctx.conn.handles.read_block(p))
+}
+
+fn fs_close(ctx: &Ctx, name: &str, params: Value) -> Reply {
+    on_lane(ctx, name, params, |p, ctx| ctx.conn.handles.close(p))
 }

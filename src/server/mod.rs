@@ -13,6 +13,7 @@ use crate::transport::stdio;
 
 pub mod connection;
 pub mod dispatch;
+pub mod lane;
 pub mod session;
 
 /// Server settings (the command-line flags).

@@ -1,0 +1,645 @@
+//! Filesystem methods (PROTOCOL.md section 8). Each function is blocking and
+//! runs on a blocking thread; errors name the operation and the path.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::UNIX_EPOCH;
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::error::{Error, Result, fs_error};
+use crate::protocol::{WirePath, path_to_uri};
+
+/// Streaming handles one connection may hold open.
+pub const MAX_HANDLES: usize = 128;
+/// Longest handle id, in bytes.
+pub const MAX_HANDLE_ID: usize = 32;
+/// Largest block one `fs/readBlock` returns.
+pub const MAX_BLOCK: usize = 16 * 1024 * 1024;
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PathParams {
+    pub path: WirePath,
+    #[serde(default = "yes")]
+    pub follow_symlinks: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WriteFileParams {
+    pub path: WirePath,
+    pub data_base64: String,
+    #[serde(default = "yes")]
+    pub follow_symlinks: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateDirectoryParams {
+    pub path: WirePath,
+    #[serde(default)]
+    pub recursive: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RemoveParams {
+    pub path: WirePath,
+    #[serde(default)]
+    pub recursive: Option<bool>,
+    #[serde(default)]
+    pub force: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CopyParams {
+    pub source_path: WirePath,
+    pub destination_path: WirePath,
+    #[serde(default)]
+    pub recursive: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RenameParams {
+    pub source_path: WirePath,
+    pub destination_path: WirePath,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WalkParams {
+    pub path: WirePath,
+    #[serde(default)]
+    pub options: WalkOptions,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct WalkOptions {
+    pub max_depth: usize,
+    pub max_directories: usize,
+    pub max_entries: usize,
+    pub follow_directory_symlinks: bool,
+}
+
+impl Default for WalkOptions {
+    fn default() -> Self {
+        WalkOptions {
+            max_depth: 64,
+            max_directories: 10_000,
+            max_entries: 100_000,
+            follow_directory_symlinks: false,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OpenParams {
+    pub handle_id: String,
+    pub path: WirePath,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReadBlockParams {
+    pub handle_id: String,
+    pub offset: u64,
+    pub len: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HandleParams {
+    pub handle_id: String,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct DirEntry {
+    file_name: String,
+    is_directory: bool,
+    is_file: bool,
+}
+
+fn b64(data: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(data)
+}
+
+fn shown(path: &Path) -> std::path::Display<'_> {
+    path.display()
+}
+
+/// Open a regular file for reading without ever blocking on a FIFO or a
+/// device: the open is non-blocking and anything but a regular file is
+/// refused.
+fn open_regular(path: &Path, follow: bool) -> Result<(File, fs::Metadata)> {
+    let mut flags = libc::O_NONBLOCK;
+    if !follow {
+        flags |= libc::O_NOFOLLOW;
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(flags)
+        .open(path)
+        .map_err(|e| fs_error(format!("failed to open {}", shown(path)), &e))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| fs_error(format!("failed to stat {}", shown(path)), &e))?;
+    if meta.is_dir() {
+        return Err(Error::InvalidInput {
+            kind: "isADirectory",
+            message: format!("{} is a directory", shown(path)),
+            errno: Some(libc::EISDIR),
+        });
+    }
+    if !meta.is_file() {
+        return Err(Error::InvalidInput {
+            kind: "notARegularFile",
+            message: format!("{} is not a regular file", shown(path)),
+            errno: None,
+        });
+    }
+    Ok((file, meta))
+}
+
+/// `fs/readFile`. Files whose base64 would not fit in one message are
+/// refused with a pointer to the streaming methods.
+pub fn read_file(p: PathParams, max_message_bytes: usize) -> Result<Value> {
+    let path = &p.path.0;
+    let (mut file, meta) = open_regular(path, p.follow_symlinks)?;
+    let encoded = meta.len().saturating_mul(4) / 3 + 64;
+    if encoded > max_message_bytes as u64 {
+        return Err(Error::InvalidInput {
+            kind: "fileTooLarge",
+            message: format!(
+                "{} is {} bytes, too large for fs/readFile; read it in blocks with fs/open and fs/readBlock",
+                shown(path),
+                meta.len()
+            ),
+            errno: None,
+        });
+    }
+    let mut data = Vec::with_capacity(meta.len() as usize);
+    file.read_to_end(&mut data)
+        .map_err(|e| fs_error(format!("failed to read {}", shown(path)), &e))?;
+    Ok(json!({ "dataBase64": b64(&data) }))
+}
+
+/// Where a write through `path` lands: the final target of a symlink chain
+/// when following links, else the path itself.
+fn write_target(path: &Path, follow: bool) -> Result<PathBuf> {
+    let mut target = path.to_path_buf();
+    if !follow {
+        return Ok(target);
+    }
+    for _ in 0..40 {
+        match fs::symlink_metadata(&target) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                let link = fs::read_link(&target)
+                    .map_err(|e| fs_error(format!("failed to read link {}", shown(&target)), &e))?;
+                target = match target.parent() {
+                    Some(dir) => dir.join(link),
+                    None => link,
+                };
+            }
+            _ => return Ok(target),
+        }
+    }
+    Err(fs_error(
+        format!("failed to resolve {}", shown(path)),
+        &io::Error::from_raw_os_error(libc::ELOOP),
+    ))
+}
+
+/// `fs/writeFile`: write a temporary file beside the target, then rename it
+/// over the target, so a reader sees the old file or the new one, never
+/// half of one. An existing file's permission bits and owner are kept.
+pub fn write_file(p: WriteFileParams) -> Result<Value> {
+    let data = base64::engine::general_purpose::STANDARD
+        .decode(p.data_base64.as_bytes())
+        .map_err(|e| Error::InvalidParams(format!("dataBase64 is not valid base64: {e}")))?;
+    let target = write_target(&p.path.0, p.follow_symlinks)?;
+    let dir = target.parent().unwrap_or(Path::new("/"));
+    let name = target
+        .file_name()
+        .ok_or_else(|| Error::InvalidParams(format!("cannot write to {}", shown(&target))))?;
+    let existing = fs::symlink_metadata(&target).ok().filter(|m| m.is_file());
+    let (tmp_path, mut tmp) = create_temp(dir, name)?;
+    let result = (|| {
+        use std::io::Write;
+        tmp.write_all(&data)?;
+        if let Some(meta) = &existing {
+            tmp.set_permissions(fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+            // Keeping the owner needs privileges; without them the new file
+            // belongs to the server's user, as any editor's save would.
+            let _ = std::os::unix::fs::fchown(&tmp, Some(meta.uid()), Some(meta.gid()));
+        }
+        fs::rename(&tmp_path, &target)
+    })();
+    if let Err(err) = result {
+        let _ = fs::remove_file(&tmp_path);
+        return Err(fs_error(
+            format!("failed to write {}", shown(&target)),
+            &err,
+        ));
+    }
+    Ok(json!({}))
+}
+
+fn create_temp(dir: &Path, name: &std::ffi::OsStr) -> Result<(PathBuf, File)> {
+    let mut last = None;
+    for attempt in 0..16u32 {
+        let mut random = [0u8; 8];
+        // SAFETY: getrandom fills a valid buffer.
+        unsafe { libc::getrandom(random.as_mut_ptr().cast(), random.len(), 0) };
+        let suffix = u64::from_le_bytes(random) ^ u64::from(attempt);
+        let tmp = dir.join(format!(".{}.{suffix:016x}.tmp", name.to_string_lossy()));
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o666)
+            .open(&tmp)
+        {
+            Ok(file) => return Ok((tmp, file)),
+            Err(err) if err.kind() == io::ErrorKind::AlreadyExists => last = Some(err),
+            Err(err) => return Err(fs_error(format!("failed to write in {}", shown(dir)), &err)),
+        }
+    }
+    Err(fs_error(
+        format!("failed to write in {}", shown(dir)),
+        &last.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EEXIST)),
+    ))
+}
+
+/// `fs/createDirectory`.
+pub fn create_directory(p: CreateDirectoryParams) -> Result<Value> {
+    let path = &p.path.0;
+    let result = if p.recursive.unwrap_or(false) {
+        fs::create_dir_all(path)
+    } else {
+        fs::create_dir(path)
+    };
+    result.map_err(|e| fs_error(format!("failed to create directory {}", shown(path)), &e))?;
+    Ok(json!({}))
+}
+
+fn millis(time: io::Result<std::time::SystemTime>) -> i64 {
+    time.ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// `fs/getMetadata`. `isSymlink` says whether the path itself is a link;
+/// the other fields describe its target when following links.
+pub fn get_metadata(p: PathParams) -> Result<Value> {
+    let path = &p.path.0;
+    let what = || format!("failed to stat {}", shown(path));
+    let link = fs::symlink_metadata(path).map_err(|e| fs_error(what(), &e))?;
+    let meta = if p.follow_symlinks && link.file_type().is_symlink() {
+        fs::metadata(path).map_err(|e| fs_error(what(), &e))?
+    } else {
+        link.clone()
+    };
+    Ok(json!({
+        "isDirectory": meta.is_dir(),
+        "isFile": meta.is_file(),
+        "isSymlink": link.file_type().is_symlink(),
+        "size": meta.len(),
+        "createdAtMs": millis(meta.created()),
+        "modifiedAtMs": millis(meta.modified()),
+        "mode": meta.mode() & 0o7777,
+    }))
+}
+
+/// `fs/readDirectory`: entries sorted by name; a link counts as what it
+/// points to.
+pub fn read_directory(p: PathParams) -> Result<Value> {
+    let path = &p.path.0;
+    let what = || format!("failed to read directory {}", shown(path));
+    let mut entries = Vec::new();
+    for entry in fs::read_dir(path).map_err(|e| fs_error(what(), &e))? {
+        let entry = entry.map_err(|e| fs_error(what(), &e))?;
+        let mut file_type = entry.file_type().map_err(|e| fs_error(what(), &e))?;
+        if file_type.is_symlink() {
+            if let Ok(meta) = fs::metadata(entry.path()) {
+                file_type = meta.file_type();
+            }
+        }
+        entries.push(DirEntry {
+            file_name: entry.file_name().to_string_lossy().into_owned(),
+            is_directory: file_type.is_dir(),
+            is_file: file_type.is_file(),
+        });
+    }
+    entries.sort_by(|a, b| a.file_name.cmp(&b.file_name));
+    Ok(json!({ "entries": entries }))
+}
+
+/// `fs/remove`. A link is removed, never what it points to.
+pub fn remove(p: RemoveParams) -> Result<Value> {
+    let path = &p.path.0;
+    let what = || format!("failed to remove {}", shown(path));
+    let meta = match fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(err) if err.kind() == io::ErrorKind::NotFound && p.force.unwrap_or(false) => {
+            return Ok(json!({}));
+        }
+        Err(err) => return Err(fs_error(what(), &err)),
+    };
+    let result = if meta.is_dir() {
+        if p.recursive.unwrap_or(false) {
+            fs::remove_dir_all(path)
+        } else {
+            fs::remove_dir(path)
+        }
+    } else {
+        fs::remove_file(path)
+    };
+    result.map_err(|e| fs_error(what(), &e))?;
+    Ok(json!({}))
+}
+
+/// `fs/copy`: a file (with its mode), a link as a link, or with
+/// `recursive` a whole tree. A directory's destination must not exist.
+pub fn copy(p: CopyParams) -> Result<Value> {
+    let (src, dst) = (&p.source_path.0, &p.destination_path.0);
+    let what = || format!("failed to copy {} to {}", shown(src), shown(dst));
+    let meta = fs::symlink_metadata(src).map_err(|e| fs_error(what(), &e))?;
+    if same_file(src, dst) {
+        return Err(Error::InvalidInput {
+            kind: "sameFile",
+            message: format!("cannot copy {} onto itself", shown(src)),
+            errno: None,
+        });
+    }
+    if meta.is_dir() {
+        if !p.recursive {
+            return Err(Error::InvalidInput {
+                kind: "isADirectory",
+                message: format!("{} is a directory; copying it needs recursive", shown(src)),
+                errno: Some(libc::EISDIR),
+            });
+        }
+        if let (Ok(s), Some(parent)) = (fs::canonicalize(src), dst.parent()) {
+            if fs::canonicalize(parent).is_ok_and(|d| d.starts_with(&s)) {
+                return Err(Error::InvalidInput {
+                    kind: "invalidInput",
+                    message: format!("cannot copy {} into itself", shown(src)),
+                    errno: None,
+                });
+            }
+        }
+    }
+    copy_tree(src, dst, &meta).map_err(|e| fs_error(what(), &e))?;
+    Ok(json!({}))
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (fs::symlink_metadata(a), fs::symlink_metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
+fn copy_tree(src: &Path, dst: &Path, meta: &fs::Metadata) -> io::Result<()> {
+    let kind = meta.file_type();
+    if kind.is_symlink() {
+        let target = fs::read_link(src)?;
+        if fs::symlink_metadata(dst).is_ok_and(|m| !m.is_dir()) {
+            fs::remove_file(dst)?;
+        }
+        std::os::unix::fs::symlink(target, dst)
+    } else if kind.is_dir() {
+        fs::create_dir(dst)?;
+        for entry in fs::read_dir(src)? {
+            let entry = entry?;
+            let child_meta = fs::symlink_metadata(entry.path())?;
+            copy_tree(&entry.path(), &dst.join(entry.file_name()), &child_meta)?;
+        }
+        fs::set_permissions(dst, fs::Permissions::from_mode(meta.mode() & 0o7777))
+    } else if kind.is_file() {
+        fs::copy(src, dst).map(|_| ())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not a file, directory or link", src.display()),
+        ))
+    }
+}
+
+/// `fs/rename`; across filesystems it copies, then removes the source.
+pub fn rename(p: RenameParams) -> Result<Value> {
+    let (src, dst) = (&p.source_path.0, &p.destination_path.0);
+    let what = || format!("failed to rename {} to {}", shown(src), shown(dst));
+    match fs::rename(src, dst) {
+        Ok(()) => {}
+        Err(err) if err.raw_os_error() == Some(libc::EXDEV) => {
+            let meta = fs::symlink_metadata(src).map_err(|e| fs_error(what(), &e))?;
+            copy_tree(src, dst, &meta).map_err(|e| fs_error(what(), &e))?;
+            let removed = if meta.is_dir() {
+                fs::remove_dir_all(src)
+            } else {
+                fs::remove_file(src)
+            };
+            removed.map_err(|e| fs_error(what(), &e))?;
+        }
+        Err(err) => return Err(fs_error(what(), &err)),
+    }
+    Ok(json!({}))
+}
+
+/// `fs/canonicalize`: the absolute path with every link and `..` resolved.
+pub fn canonicalize(p: PathParams) -> Result<Value> {
+    let path = &p.path.0;
+    let real = fs::canonicalize(path)
+        .map_err(|e| fs_error(format!("failed to canonicalize {}", shown(path)), &e))?;
+    Ok(json!({ "path": path_to_uri(&real) }))
+}
+
+/// `fs/walk`: breadth-first below `path` (not including it), within the
+/// limits; `truncated` says a limit cut the walk short.
+pub fn walk(p: WalkParams) -> Result<Value> {
+    let root = &p.path.0;
+    let opts = &p.options;
+    let root_meta =
+        fs::metadata(root).map_err(|e| fs_error(format!("failed to walk {}", shown(root)), &e))?;
+    if !root_meta.is_dir() {
+        return Err(Error::InvalidInput {
+            kind: "notADirectory",
+            message: format!("{} is not a directory", shown(root)),
+            errno: Some(libc::ENOTDIR),
+        });
+    }
+    let mut entries = Vec::new();
+    let mut errors = Vec::new();
+    let mut truncated = false;
+    let mut seen: HashSet<(u64, u64)> = HashSet::from([(root_meta.dev(), root_meta.ino())]);
+    let mut queue: VecDeque<(PathBuf, usize)> = VecDeque::from([(root.clone(), 0)]);
+    let mut directories_read = 0;
+    'walk: while let Some((dir, depth)) = queue.pop_front() {
+        if directories_read == opts.max_directories {
+            truncated = true;
+            break;
+        }
+        directories_read += 1;
+        let listing = match fs::read_dir(&dir) {
+            Ok(listing) => listing,
+            Err(err) => {
+                errors.push(
+                    json!({"path": dir.to_string_lossy(), "message": crate::error::lower_io(&err)}),
+                );
+                continue;
+            }
+        };
+        let mut children: Vec<_> = listing.filter_map(|e| e.ok()).collect();
+        children.sort_by_key(|e| e.file_name());
+        for child in children {
+            if entries.len() == opts.max_entries {
+                truncated = true;
+                break 'walk;
+            }
+            let path = child.path();
+            let file_type = match child.file_type() {
+                Ok(t) => t,
+                Err(err) => {
+                    errors.push(json!({"path": path.to_string_lossy(), "message": crate::error::lower_io(&err)}));
+                    continue;
+                }
+            };
+            let kind = if file_type.is_dir() {
+                "directory"
+            } else if file_type.is_file() {
+                "file"
+            } else if file_type.is_symlink() {
+                "symlink"
+            } else {
+                "other"
+            };
+            entries.push(json!({"path": path.to_string_lossy(), "kind": kind}));
+            let descend = file_type.is_dir()
+                || (file_type.is_symlink() && opts.follow_directory_symlinks && path.is_dir());
+            if descend {
+                if depth + 1 >= opts.max_depth {
+                    truncated = true;
+                    continue;
+                }
+                if let Ok(meta) = fs::metadata(&path) {
+                    if seen.insert((meta.dev(), meta.ino())) {
+                        queue.push_back((path, depth + 1));
+                    }
+                }
+            }
+        }
+    }
+    Ok(json!({ "entries": entries, "errors": errors, "truncated": truncated }))
+}
+
+/// Open streaming handles of one connection.
+#[derive(Default)]
+pub struct Handles {
+    files: Mutex<HashMap<String, Arc<File>>>,
+}
+
+impl Handles {
+    /// `fs/open`: a regular file only, opened without blocking.
+    pub fn open(&self, p: OpenParams) -> Result<Value> {
+        if p.handle_id.is_empty() || p.handle_id.len() > MAX_HANDLE_ID {
+            return Err(Error::InvalidParams(format!(
+                "handleId must be 1 to {MAX_HANDLE_ID} bytes, got {}",
+                p.handle_id.len()
+            )));
+        }
+        {
+            let files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+            if files.contains_key(&p.handle_id) {
+                return Err(Error::InvalidRequest(format!(
+                    "handle {} is already open",
+                    p.handle_id
+                )));
+            }
+            if files.len() >= MAX_HANDLES {
+                return Err(Error::InvalidRequest(format!(
+                    "too many open handles: at most {MAX_HANDLES} per connection"
+                )));
+            }
+        }
+        let (file, _) = open_regular(&p.path.0, true)?;
+        let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        if files.len() >= MAX_HANDLES {
+            return Err(Error::InvalidRequest(format!(
+                "too many open handles: at most {MAX_HANDLES} per connection"
+            )));
+        }
+        files.insert(p.handle_id.clone(), Arc::new(file));
+        Ok(json!({ "handleId": p.handle_id }))
+    }
+
+    fn get(&self, id: &str) -> Result<Arc<File>> {
+        self.files
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::InvalidRequest(format!("unknown handle id {id}")))
+    }
+
+    /// `fs/readBlock`: up to `len` bytes at `offset`; `eof` once the end of
+    /// the file is reached.
+    pub fn read_block(&self, p: ReadBlockParams) -> Result<Value> {
+        let file = self.get(&p.handle_id)?;
+        let len = p.len.min(MAX_BLOCK);
+        let mut buf = vec![0u8; len];
+        let mut filled = 0;
+        while filled < len {
+            match file.read_at(&mut buf[filled..], p.offset + filled as u64) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) => {
+                    return Err(fs_error(
+                        format!("failed to read handle {}", p.handle_id),
+                        &err,
+                    ));
+                }
+            }
+        }
+        buf.truncate(filled);
+        let size = file
+            .metadata()
+            .map_err(|e| fs_error(format!("failed to stat handle {}", p.handle_id), &e))?
+            .len();
+        let eof = p.offset + filled as u64 >= size;
+        Ok(json!({ "chunk": b64(&buf), "eof": eof }))
+    }
+
+    /// `fs/close`.
+    pub fn close(&self, p: HandleParams) -> Result<Value> {
+        match self
+            .files
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&p.handle_id)
+        {
+            Some(_) => Ok(json!({})),
+            None => Err(Error::InvalidRequest(format!(
+                "unknown handle id {}",
+                p.handle_id
+            ))),
+        }
+    }
+}
