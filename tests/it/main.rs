@@ -2,6 +2,7 @@
 //! `exec-server` binary over real pipes.
 
 mod errors;
+mod fs;
 mod hygiene;
 mod process;
 mod support;
