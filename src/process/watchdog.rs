@@ -92,6 +92,9 @@ fn watch(pipe: OwnedFd) -> ! {
             libc::signal(sig, libc::SIG_IGN);
         }
         libc::prctl(libc::PR_SET_NAME, c"exec-watchdog".as_ptr());
+        // Its own process group: a client that kills the server's group
+        // (as a careful client does) must not take the watchdog with it.
+        libc::setpgid(0, 0);
         // Do not hold the protocol channel open.
         let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
         if null >= 0 {

@@ -136,3 +136,23 @@ fn finished_children_leave_no_zombies() {
         "zombie children of the server remain"
     );
 }
+
+#[test]
+fn killing_the_servers_whole_group_still_kills_its_children() {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(crate::support::bin());
+    cmd.arg("--stdio").process_group(0);
+    let mut s = Server::from_command(cmd);
+    s.call("initialize", json!({"clientName": "it"}));
+    s.send(&json!({"method": "initialized"}));
+    let pids = start_sleepers(&mut s);
+    let group = s.child.id() as i32;
+    // SAFETY: plain syscall on the group we created.
+    unsafe { libc::kill(-group, libc::SIGKILL) };
+    s.child.wait().unwrap();
+    assert!(
+        eventually(Duration::from_secs(2), || pids.iter().all(|&p| pid_gone(p))),
+        "survivors: {:?}",
+        pids.iter().filter(|&&p| !pid_gone(p)).collect::<Vec<_>>()
+    );
+}

@@ -38,9 +38,14 @@ pub struct Server {
 
 impl Server {
     pub fn start(args: &[&str]) -> Server {
-        let mut child = Command::new(bin())
-            .arg("--stdio")
-            .args(args)
+        let mut cmd = Command::new(bin());
+        cmd.arg("--stdio").args(args);
+        Server::from_command(cmd)
+    }
+
+    /// Start the server from a prepared command (extra flags, process group).
+    pub fn from_command(mut cmd: Command) -> Server {
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
