@@ -23,7 +23,10 @@
 //! - [`env_policy`]: deriving a child's environment from a policy.
 //! - [`environment`]: the `environment/info` result.
 //! - [`sandbox`]: sandbox intent on `process/start`.
+//! - [`client`]: the orchestrator side: a client that spawns a server lazily
+//!   over any command, process handles, and the `exec-server run` CLI.
 
+pub mod client;
 pub mod env_policy;
 pub mod environment;
 pub mod error;

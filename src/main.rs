@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use exec_server::client::run::{self, RunOptions, SandboxMode};
 use exec_server::server::{self, Config};
 
 /// Runs processes and touches files on this machine for an orchestrator,
@@ -13,6 +14,71 @@ use exec_server::server::{self, Config};
 #[derive(Debug, Parser)]
 #[command(name = "exec-server", version)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run one command through a server (started lazily) and exit with its code.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// The server command, e.g. "ssh host exec-server --stdio" (default: this
+    /// binary with --stdio).
+    #[arg(long, value_name = "CMD")]
+    via: Option<String>,
+
+    /// Run under a pseudo-terminal (the local terminal goes raw).
+    #[arg(long)]
+    tty: bool,
+
+    /// Working directory on the server (default: here, or the server's own
+    /// directory with --via).
+    #[arg(long, value_name = "DIR")]
+    cwd: Option<PathBuf>,
+
+    /// Set a variable for the command (repeatable).
+    #[arg(long = "env", value_name = "K=V", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+
+    /// Run inside the server's sandbox.
+    #[arg(long, value_enum)]
+    sandbox: Option<SandboxArg>,
+
+    /// Allow network access inside the sandbox.
+    #[arg(long)]
+    network: bool,
+
+    /// A root `:workspace_roots` binds to (repeatable).
+    #[arg(long = "workspace-root", value_name = "DIR")]
+    workspace_roots: Vec<PathBuf>,
+
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "PROGRAM ARGS")]
+    argv: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum SandboxArg {
+    ReadOnly,
+    WorkspaceWrite,
+}
+
+fn parse_env(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected K=V, got {text}")),
+    }
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
     /// Serve one connection on stdin/stdout (same as `--listen stdio`).
     #[arg(long)]
     stdio: bool,
@@ -50,6 +116,26 @@ struct Cli {
 fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
+    if let Some(Command::Run(args)) = cli.command {
+        let code = run::run(RunOptions {
+            via: args.via,
+            tty: args.tty,
+            cwd: args.cwd,
+            env: args.env,
+            sandbox: args.sandbox.map(|s| match s {
+                SandboxArg::ReadOnly => SandboxMode::ReadOnly,
+                SandboxArg::WorkspaceWrite => SandboxMode::WorkspaceWrite,
+            }),
+            network: args.network,
+            workspace_roots: args.workspace_roots,
+            argv: args.argv,
+        });
+        return ExitCode::from(code.clamp(0, 255) as u8);
+    }
+    serve(cli.serve)
+}
+
+fn serve(cli: ServeArgs) -> ExitCode {
     let stdio = cli.stdio || matches!(cli.listen.as_deref(), Some("stdio") | Some("stdio://"));
     if !stdio {
         match cli.listen.as_deref() {

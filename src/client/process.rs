@@ -1,0 +1,349 @@
+//! A started process, seen from the client.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use base64::Engine;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use super::{Client, ClientError, Conn, decode_b64, uri};
+use crate::protocol::{Stream, TtySize};
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct StartOptions {
+    pub process_id: String,
+    pub argv: Vec<String>,
+    pub cwd: Option<PathBuf>,
+    pub env: BTreeMap<String, String>,
+    /// An `envPolicy` object (PROTOCOL.md section 7), passed as is.
+    pub env_policy: Option<Value>,
+    pub tty: Option<TtySize>,
+    pub pipe_stdin: bool,
+    pub arg0: Option<String>,
+    /// A `FileSystemSandboxContext` (PROTOCOL.md section 6), passed as is.
+    pub sandbox: Option<Value>,
+}
+
+impl StartOptions {
+    pub fn new<I, S>(process_id: impl Into<String>, argv: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        StartOptions {
+            process_id: process_id.into(),
+            argv: argv.into_iter().map(Into::into).collect(),
+            cwd: None,
+            env: BTreeMap::new(),
+            env_policy: None,
+            tty: None,
+            pipe_stdin: false,
+            arg0: None,
+            sandbox: None,
+        }
+    }
+
+    /// The working directory on the server (default: `/`).
+    pub fn cwd(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.cwd = Some(dir.into());
+        self
+    }
+
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.insert(key.into(), value.into());
+        self
+    }
+
+    pub fn env_policy(mut self, policy: Value) -> Self {
+        self.env_policy = Some(policy);
+        self
+    }
+
+    /// Run under a pseudo-terminal of this size.
+    pub fn tty(mut self, cols: u16, rows: u16) -> Self {
+        self.tty = Some(TtySize { cols, rows });
+        self
+    }
+
+    /// Keep stdin open for [`Process::write`].
+    pub fn pipe_stdin(mut self, yes: bool) -> Self {
+        self.pipe_stdin = yes;
+        self
+    }
+
+    pub fn sandbox(mut self, sandbox: Value) -> Self {
+        self.sandbox = Some(sandbox);
+        self
+    }
+}
+
+/// Something that happened to a process, in seq order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Output {
+        stream: Stream,
+        data: Vec<u8>,
+    },
+    Exited(ExitStatus),
+    /// Exit is known and every stream ended; no more events follow.
+    Closed,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitStatus {
+    /// The exit code; 128+N for a process killed by signal N.
+    pub code: i32,
+    /// The signal's name (`"SIGKILL"`), when a signal ended it.
+    pub signal: Option<String>,
+    /// The server thinks the sandbox probably caused the failure.
+    pub sandbox_denied: bool,
+}
+
+/// A process started through a [`Client`].
+pub struct Process {
+    client: Client,
+    conn: Arc<Conn>,
+    id: String,
+    events: mpsc::UnboundedReceiver<Value>,
+    /// The last seq turned into an event.
+    seen: u64,
+    ready: VecDeque<Event>,
+    exit: Option<ExitStatus>,
+    closed: bool,
+    writes: AtomicU64,
+    write_prefix: String,
+}
+
+impl Process {
+    pub(super) async fn start(
+        client: Client,
+        conn: Arc<Conn>,
+        o: StartOptions,
+    ) -> Result<Process, ClientError> {
+        // Subscribe first: the first notification may follow the response
+        // at once.
+        let events = conn.subscribe(&o.process_id);
+        let mut params = json!({
+            "processId": o.process_id,
+            "argv": o.argv,
+            "cwd": uri(o.cwd.as_deref().unwrap_or(std::path::Path::new("/"))),
+            "env": o.env,
+            "tty": o.tty.is_some(),
+            "pipeStdin": o.pipe_stdin,
+        });
+        if let Some(size) = o.tty {
+            params["ttySize"] = json!({"cols": size.cols, "rows": size.rows});
+        }
+        if let Some(policy) = o.env_policy {
+            params["envPolicy"] = policy;
+        }
+        if let Some(arg0) = o.arg0 {
+            params["arg0"] = json!(arg0);
+        }
+        if let Some(sandbox) = o.sandbox {
+            params["sandbox"] = sandbox;
+        }
+        if let Err(err) = conn.call("process/start", params).await {
+            conn.unsubscribe(&o.process_id);
+            return Err(err);
+        }
+        let session = client.session_id().await.unwrap_or_default();
+        Ok(Process {
+            write_prefix: format!("{}-{}", &session[..session.len().min(8)], o.process_id),
+            client,
+            conn,
+            id: o.process_id,
+            events,
+            seen: 0,
+            ready: VecDeque::new(),
+            exit: None,
+            closed: false,
+            writes: AtomicU64::new(0),
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The next event, or `None` after [`Event::Closed`]. Gaps in the
+    /// notification stream are filled with `process/read`.
+    pub async fn next_event(&mut self) -> Result<Option<Event>, ClientError> {
+        loop {
+            if let Some(event) = self.ready.pop_front() {
+                return Ok(Some(event));
+            }
+            if self.closed {
+                return Ok(None);
+            }
+            let Some(msg) = self.events.recv().await else {
+                // The subscription ended with the connection.
+                return Err(ClientError::ConnectionLost {
+                    stderr: self.conn.stderr_tail(),
+                });
+            };
+            let params = &msg["params"];
+            let seq = params["seq"].as_u64().unwrap_or(0);
+            if seq <= self.seen {
+                continue;
+            }
+            if seq > self.seen + 1 {
+                self.fill_gap(seq).await?;
+            }
+            self.seen = seq;
+            match msg["method"].as_str().unwrap_or("") {
+                "process/output" => {
+                    let stream =
+                        serde_json::from_value(params["stream"].clone()).unwrap_or(Stream::Stdout);
+                    let data = decode_b64("process/output", &params["chunk"])?;
+                    self.ready.push_back(Event::Output { stream, data });
+                }
+                "process/exited" => {
+                    let status = ExitStatus {
+                        code: params["exitCode"].as_i64().unwrap_or(-1) as i32,
+                        signal: params["signal"].as_str().map(String::from),
+                        sandbox_denied: params["sandboxDenied"].as_bool().unwrap_or(false),
+                    };
+                    self.exit = Some(status.clone());
+                    self.ready.push_back(Event::Exited(status));
+                }
+                "process/closed" => {
+                    self.closed = true;
+                    self.ready.push_back(Event::Closed);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Read the output between `self.seen` and `upto` from the server's
+    /// retained log.
+    async fn fill_gap(&mut self, upto: u64) -> Result<(), ClientError> {
+        let r = self
+            .conn
+            .call(
+                "process/read",
+                json!({"processId": self.id, "afterSeq": self.seen}),
+            )
+            .await?;
+        for chunk in r["chunks"].as_array().into_iter().flatten() {
+            let seq = chunk["seq"].as_u64().unwrap_or(0);
+            if seq <= self.seen || seq >= upto {
+                continue;
+            }
+            let stream = serde_json::from_value(chunk["stream"].clone()).unwrap_or(Stream::Stdout);
+            let data = decode_b64("process/read", &chunk["chunk"])?;
+            self.ready.push_back(Event::Output { stream, data });
+            self.seen = seq;
+        }
+        if r["exited"] == true && self.exit.is_none() {
+            let code = r["exitCode"].as_i64().unwrap_or(-1) as i32;
+            let status = ExitStatus {
+                code,
+                signal: None,
+                sandbox_denied: r["sandboxDenied"].as_bool().unwrap_or(false),
+            };
+            self.exit = Some(status.clone());
+            self.ready.push_back(Event::Exited(status));
+        }
+        Ok(())
+    }
+
+    /// Wait until the process is closed, handing every output chunk to
+    /// `on_output`; returns how it ended.
+    pub async fn wait_with_output(
+        &mut self,
+        mut on_output: impl FnMut(Stream, &[u8]),
+    ) -> Result<ExitStatus, ClientError> {
+        while let Some(event) = self.next_event().await? {
+            if let Event::Output { stream, data } = event {
+                on_output(stream, &data);
+            }
+        }
+        self.exit.clone().ok_or_else(|| ClientError::Decode {
+            method: "process/closed".into(),
+            message: "closed without an exit".into(),
+        })
+    }
+
+    /// Wait until the process is closed, discarding output.
+    pub async fn wait(&mut self) -> Result<ExitStatus, ClientError> {
+        self.wait_with_output(|_, _| {}).await
+    }
+
+    /// Write to stdin with a fresh write id; returns the server's status
+    /// (`accepted`, `stdinClosed`, ...).
+    pub async fn write(&self, data: &[u8]) -> Result<String, ClientError> {
+        let n = self.writes.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}-{n}", self.write_prefix);
+        self.write_with_id(data, &id).await
+    }
+
+    /// Write with an explicit id: retrying with the same id writes once.
+    pub async fn write_with_id(&self, data: &[u8], write_id: &str) -> Result<String, ClientError> {
+        let chunk = base64::engine::general_purpose::STANDARD.encode(data);
+        let r = self
+            .conn
+            .call(
+                "process/write",
+                json!({"processId": self.id, "chunk": chunk, "writeId": write_id}),
+            )
+            .await?;
+        Ok(r["status"].as_str().unwrap_or("").to_string())
+    }
+
+    /// Close stdin (on a tty: send the EOF character).
+    pub async fn close_stdin(&self) -> Result<(), ClientError> {
+        self.conn
+            .call("process/closeStdin", json!({"processId": self.id}))
+            .await
+            .map(|_| ())
+    }
+
+    /// Send a signal (`"interrupt"`, `"terminate"`, `"kill"`, ...) to the group.
+    pub async fn signal(&self, signal: &str) -> Result<(), ClientError> {
+        self.conn
+            .call(
+                "process/signal",
+                json!({"processId": self.id, "signal": signal}),
+            )
+            .await
+            .map(|_| ())
+    }
+
+    /// Resize the process's terminal.
+    pub async fn resize(&self, cols: u16, rows: u16) -> Result<(), ClientError> {
+        self.conn
+            .call(
+                "process/resize",
+                json!({"processId": self.id, "cols": cols, "rows": rows}),
+            )
+            .await
+            .map(|_| ())
+    }
+
+    /// Kill the process group; whether it was still running.
+    pub async fn terminate(&self) -> Result<bool, ClientError> {
+        let r = self
+            .conn
+            .call("process/terminate", json!({"processId": self.id}))
+            .await?;
+        Ok(r["running"] == true)
+    }
+
+    /// The client this process belongs to.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.conn.unsubscribe(&self.id);
+    }
+}
