@@ -177,7 +177,9 @@ fn split_words(line: &str) -> Result<Vec<String>, ClientError> {
                         Some('\'') => break,
                         Some(c) => w.push(c),
                         None => {
-                            return Err(ClientError::InvalidCommand("unclosed single quote".into()));
+                            return Err(ClientError::InvalidCommand(
+                                "unclosed single quote".into(),
+                            ));
                         }
                     }
                 }
@@ -201,7 +203,9 @@ fn split_words(line: &str) -> Result<Vec<String>, ClientError> {
                         },
                         Some(c) => w.push(c),
                         None => {
-                            return Err(ClientError::InvalidCommand("unclosed double quote".into()));
+                            return Err(ClientError::InvalidCommand(
+                                "unclosed double quote".into(),
+                            ));
                         }
                     }
                 }

@@ -1,9 +1,12 @@
 //! The one integration-test binary: every test drives the real
 //! `exec-server` binary over real pipes.
 
+mod cli;
+mod client;
 mod errors;
 mod fs;
 mod hygiene;
 mod process;
+mod ssh;
 mod support;
 mod transcripts;

@@ -1,0 +1,151 @@
+//! Through a real `sshd` on 127.0.0.1: the way an orchestrator reaches
+//! another host. `.ci/run` installs openssh-server.
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use exec_server::client::{Client, Event, ServerCommand, StartOptions};
+
+use crate::support::{bin, eventually};
+
+/// An sshd of our own on a free port, with a fresh host key and one
+/// authorized client key, all in a temporary directory.
+struct Sshd {
+    child: Child,
+    port: u16,
+    key: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Sshd {
+    fn start() -> Sshd {
+        let sshd = Path::new("/usr/sbin/sshd");
+        assert!(
+            sshd.exists(),
+            "sshd is missing: install openssh-server (.ci/run does)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for (name, kind) in [("host_key", "ed25519"), ("client_key", "ed25519")] {
+            let status = Command::new("ssh-keygen")
+                .args(["-q", "-t", kind, "-N", "", "-f"])
+                .arg(d.join(name))
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+        std::fs::copy(d.join("client_key.pub"), d.join("authorized_keys")).unwrap();
+        // Privilege separation wants this directory to exist.
+        let _ = std::fs::create_dir_all("/run/sshd");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let config = format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\n\
+             PidFile {d}/sshd.pid\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n\
+             KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nLogLevel ERROR\n",
+            d = d.display()
+        );
+        std::fs::write(d.join("sshd_config"), config).unwrap();
+        let child = Command::new(sshd)
+            .args(["-D", "-e", "-f"])
+            .arg(d.join("sshd_config"))
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        assert!(
+            eventually(Duration::from_secs(10), || TcpStream::connect((
+                "127.0.0.1",
+                port
+            ))
+            .is_ok()),
+            "sshd did not start listening"
+        );
+        Sshd {
+            child,
+            port,
+            key: d.join("client_key"),
+            _dir: dir,
+        }
+    }
+
+    /// The `--via` command line that runs the server over this sshd.
+    fn via(&self) -> String {
+        format!(
+            "ssh -p {} -i {} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null \
+             -o BatchMode=yes -o LogLevel=ERROR 127.0.0.1 {} --stdio",
+            self.port,
+            self.key.display(),
+            bin()
+        )
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn cli_runs_a_command_over_ssh() {
+    let sshd = Sshd::start();
+    let out = Command::new(bin())
+        .args([
+            "run",
+            "--via",
+            &sshd.via(),
+            "--",
+            "sh",
+            "-c",
+            "echo out; echo err >&2; exit 3",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+    assert_eq!(out.status.code(), Some(3));
+}
+
+#[tokio::test]
+async fn library_runs_and_resizes_a_tty_process_over_ssh() {
+    let sshd = tokio::task::spawn_blocking(Sshd::start).await.unwrap();
+    let client = Client::new(ServerCommand::parse(&sshd.via()).unwrap());
+    let mut p = client
+        .start(
+            StartOptions::new(
+                "t",
+                ["sh", "-c", "stty -echo; stty size; read x; stty size"],
+            )
+            .cwd("/tmp")
+            .tty(100, 30),
+        )
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    while !String::from_utf8_lossy(&out).contains("30 100\r\n") {
+        match p.next_event().await.unwrap() {
+            Some(Event::Output { data, .. }) => out.extend(data),
+            other => panic!("expected the first size, got {other:?}"),
+        }
+    }
+    p.resize(120, 40).await.unwrap();
+    p.write(b"\n").await.unwrap();
+    let status = p
+        .wait_with_output(|_, d| out.extend_from_slice(d))
+        .await
+        .unwrap();
+    assert_eq!(status.code, 0);
+    assert!(
+        String::from_utf8_lossy(&out).ends_with("40 120\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(&out)
+    );
+    client.shutdown().await;
+}
