@@ -22,7 +22,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -336,7 +336,7 @@ impl Client {
     }
 
     /// `fs/readFile`: the file's bytes.
-    pub async fn read_file(&self, path: &std::path::Path) -> Result<Vec<u8>, ClientError> {
+    pub async fn read_file(&self, path: &Path) -> Result<Vec<u8>, ClientError> {
         let r = self
             .call("fs/readFile", json!({ "path": uri(path) }))
             .await?;
@@ -344,7 +344,7 @@ impl Client {
     }
 
     /// `fs/writeFile` (atomic on the server).
-    pub async fn write_file(&self, path: &std::path::Path, data: &[u8]) -> Result<(), ClientError> {
+    pub async fn write_file(&self, path: &Path, data: &[u8]) -> Result<(), ClientError> {
         use base64::Engine;
         let data = base64::engine::general_purpose::STANDARD.encode(data);
         self.call(
@@ -353,6 +353,124 @@ impl Client {
         )
         .await
         .map(|_| ())
+    }
+
+    /// `fs/createDirectory`.
+    pub async fn create_directory(&self, path: &Path, recursive: bool) -> Result<(), ClientError> {
+        self.call(
+            "fs/createDirectory",
+            json!({ "path": uri(path), "recursive": recursive }),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// `fs/getMetadata`: `{isDirectory, isFile, isSymlink, size, createdAtMs, modifiedAtMs, mode}`.
+    pub async fn get_metadata(
+        &self,
+        path: &Path,
+        follow_symlinks: bool,
+    ) -> Result<Value, ClientError> {
+        self.call(
+            "fs/getMetadata",
+            json!({ "path": uri(path), "followSymlinks": follow_symlinks }),
+        )
+        .await
+    }
+
+    /// `fs/readDirectory`: `[{fileName, isDirectory, isFile}]`.
+    pub async fn read_directory(&self, path: &Path) -> Result<Vec<Value>, ClientError> {
+        let r = self
+            .call("fs/readDirectory", json!({ "path": uri(path) }))
+            .await?;
+        Ok(r["entries"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// `fs/remove`.
+    pub async fn remove(
+        &self,
+        path: &Path,
+        recursive: bool,
+        force: bool,
+    ) -> Result<(), ClientError> {
+        self.call(
+            "fs/remove",
+            json!({ "path": uri(path), "recursive": recursive, "force": force }),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// `fs/copy`.
+    pub async fn copy(&self, from: &Path, to: &Path, recursive: bool) -> Result<(), ClientError> {
+        self.call(
+            "fs/copy",
+            json!({ "sourcePath": uri(from), "destinationPath": uri(to), "recursive": recursive }),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// `fs/rename`.
+    pub async fn rename(&self, from: &Path, to: &Path) -> Result<(), ClientError> {
+        self.call(
+            "fs/rename",
+            json!({ "sourcePath": uri(from), "destinationPath": uri(to) }),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// `fs/canonicalize`: the resolved path on the server.
+    pub async fn canonicalize(&self, path: &Path) -> Result<PathBuf, ClientError> {
+        let r = self
+            .call("fs/canonicalize", json!({ "path": uri(path) }))
+            .await?;
+        crate::protocol::parse_path(r["path"].as_str().unwrap_or("")).map_err(|e| {
+            ClientError::Decode {
+                method: "fs/canonicalize".into(),
+                message: e.to_string(),
+            }
+        })
+    }
+
+    /// `fs/walk` with `options` as PROTOCOL.md gives them.
+    pub async fn walk(&self, path: &Path, options: Value) -> Result<Value, ClientError> {
+        self.call("fs/walk", json!({ "path": uri(path), "options": options }))
+            .await
+    }
+
+    /// `fs/open`: a streaming handle for `read_block`.
+    pub async fn open(&self, handle_id: &str, path: &Path) -> Result<(), ClientError> {
+        self.call(
+            "fs/open",
+            json!({ "handleId": handle_id, "path": uri(path) }),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// `fs/readBlock`: the bytes and whether the end was reached.
+    pub async fn read_block(
+        &self,
+        handle_id: &str,
+        offset: u64,
+        len: usize,
+    ) -> Result<(Vec<u8>, bool), ClientError> {
+        let r = self
+            .call(
+                "fs/readBlock",
+                json!({ "handleId": handle_id, "offset": offset, "len": len }),
+            )
+            .await?;
+        Ok((decode_b64("fs/readBlock", &r["chunk"])?, r["eof"] == true))
+    }
+
+    /// `fs/close`.
+    pub async fn close(&self, handle_id: &str) -> Result<(), ClientError> {
+        self.call("fs/close", json!({ "handleId": handle_id }))
+            .await
+            .map(|_| ())
     }
 
     /// Start a process; its output arrives through the returned handle.
