@@ -7,11 +7,9 @@ use serde_json::json;
 
 use crate::support::{Server, eventually, pid_gone, unb64};
 
-/// Start a pipe child, a tty child and a grandchild, all sleeping; return
-/// their pids.
-fn start_sleepers(s: &mut Server) -> Vec<i32> {
-    s.start_process("pipe", &["sleep", "1000"], json!({}));
-    s.start_process("tty", &["sleep", "1000"], json!({"tty": true}));
+/// Start process "tree": a shell whose background child sleeps; returns the
+/// grandchild's pid.
+fn start_tree(s: &mut Server) -> i32 {
     s.start_process(
         "tree",
         &["sh", "-c", "sleep 1000 & echo $!; wait"],
@@ -19,11 +17,19 @@ fn start_sleepers(s: &mut Server) -> Vec<i32> {
     );
     let out =
         s.notification(|m| m["method"] == "process/output" && m["params"]["processId"] == "tree");
-    let grandchild: i32 = String::from_utf8(unb64(&out["params"]["chunk"]))
+    String::from_utf8(unb64(&out["params"]["chunk"]))
         .unwrap()
         .trim()
         .parse()
-        .unwrap();
+        .unwrap()
+}
+
+/// Start a pipe child, a tty child and a grandchild, all sleeping; return
+/// their pids.
+fn start_sleepers(s: &mut Server) -> Vec<i32> {
+    s.start_process("pipe", &["sleep", "1000"], json!({}));
+    s.start_process("tty", &["sleep", "1000"], json!({"tty": true}));
+    let grandchild = start_tree(s);
     let list = s.call("process/list", json!({}));
     let mut pids: Vec<i32> = list["processes"]
         .as_array()
@@ -86,17 +92,7 @@ fn sigterm_of_the_server_kills_children() {
 #[test]
 fn terminate_kills_the_whole_process_group() {
     let mut s = Server::started(&[]);
-    s.start_process(
-        "tree",
-        &["sh", "-c", "sleep 1000 & echo $!; wait"],
-        json!({}),
-    );
-    let out = s.notification(|m| m["method"] == "process/output");
-    let grandchild: i32 = String::from_utf8(unb64(&out["params"]["chunk"]))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let grandchild = start_tree(&mut s);
     let r = s.call("process/terminate", json!({"processId": "tree"}));
     assert_eq!(r["running"], true);
     assert!(eventually(Duration::from_secs(2), || pid_gone(grandchild)));

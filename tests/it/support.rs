@@ -116,29 +116,21 @@ impl Server {
 
     /// Wait for the response with `id`.
     pub fn response(&mut self, id: i64) -> Value {
-        if let Some(i) = self.backlog.iter().position(|m| m["id"] == id) {
-            return self.backlog.remove(i).unwrap();
-        }
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let msg = self
-                .recv_line(left)
-                .unwrap_or_else(|| panic!("no response to request {id}"));
-            if msg["id"] == id {
-                return msg;
-            }
-            self.backlog.push_back(msg);
-        }
+        self.take(|m| m["id"] == id, &format!("the response to request {id}"))
     }
 
     /// Wait for a notification matching `pred`.
     pub fn notification(&mut self, pred: impl Fn(&Value) -> bool) -> Value {
-        if let Some(i) = self
-            .backlog
-            .iter()
-            .position(|m| m.get("id").is_none() && pred(m))
-        {
+        self.take(
+            |m| m.get("id").is_none() && pred(m),
+            "a matching notification",
+        )
+    }
+
+    /// The first message (kept earlier or arriving within the timeout) that
+    /// matches `pred`; other messages are kept for later.
+    fn take(&mut self, pred: impl Fn(&Value) -> bool, what: &str) -> Value {
+        if let Some(i) = self.backlog.iter().position(&pred) {
             return self.backlog.remove(i).unwrap();
         }
         let deadline = Instant::now() + TIMEOUT;
@@ -146,8 +138,8 @@ impl Server {
             let left = deadline.saturating_duration_since(Instant::now());
             let msg = self
                 .recv_line(left)
-                .unwrap_or_else(|| panic!("no matching notification arrived"));
-            if msg.get("id").is_none() && pred(&msg) {
+                .unwrap_or_else(|| panic!("timed out waiting for {what}"));
+            if pred(&msg) {
                 return msg;
             }
             self.backlog.push_back(msg);
