@@ -117,7 +117,7 @@ fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
     if let Some(Command::Run(args)) = cli.command {
-        let code = run::run(RunOptions {
+        let outcome = run::run(RunOptions {
             via: args.via,
             tty: args.tty,
             cwd: args.cwd,
@@ -130,7 +130,10 @@ fn main() -> ExitCode {
             workspace_roots: args.workspace_roots,
             argv: args.argv,
         });
-        return ExitCode::from(code.clamp(0, 255) as u8);
+        if let Some(message) = outcome.message {
+            eprintln!("exec-server: {message}");
+        }
+        return ExitCode::from(outcome.code.clamp(0, 255) as u8);
     }
     serve(cli.serve)
 }

@@ -13,8 +13,9 @@
 //! let mut process = client
 //!     .start(StartOptions::new("p1", ["sh", "-c", "echo hi; exit 3"]).cwd("/tmp"))
 //!     .await?;
-//! let status = process.wait_with_output(|_stream, bytes| print!("{}", String::from_utf8_lossy(bytes))).await?;
-//! assert_eq!(status.code, 3);
+//! let mut output = Vec::new();
+//! let status = process.wait_with_output(|_stream, bytes| output.extend_from_slice(bytes)).await?;
+//! assert_eq!((status.code, &output[..]), (3, &b"hi\n"[..]));
 //! client.shutdown().await;
 //! # Ok(())
 //! # }

@@ -58,8 +58,16 @@ pub fn sandbox_intent(mode: SandboxMode, network: bool, roots: &[PathBuf]) -> Va
     intent
 }
 
-/// Run the command and return the exit code to exit with.
-pub fn run(options: RunOptions) -> i32 {
+/// How a run ended: the code to exit with, and what to tell the person.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub code: i32,
+    pub message: Option<String>,
+}
+
+/// Run the command. The command's output goes to this process's stdout and
+/// stderr as it arrives; the caller prints `message`, if any.
+pub fn run(options: RunOptions) -> Outcome {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -67,36 +75,36 @@ pub fn run(options: RunOptions) -> i32 {
     {
         Ok(rt) => rt,
         Err(err) => {
-            eprintln!("exec-server: {err}");
-            return RUNNER_FAILED;
+            return Outcome {
+                code: RUNNER_FAILED,
+                message: Some(err.to_string()),
+            };
         }
     };
-    let code = runtime.block_on(async move {
-        let terminal = if options.tty {
+    let outcome = runtime.block_on(async move {
+        // Restored on drop, before the caller prints anything.
+        let _terminal = if options.tty {
             RawTerminal::enter()
         } else {
             None
         };
-        let code = match run_inner(&options).await {
-            Ok(code) => code,
-            Err(err) => {
-                drop(terminal);
-                eprintln!("exec-server: {err}");
-                return match err.kind() {
+        match run_inner(&options).await {
+            Ok(outcome) => outcome,
+            Err(err) => Outcome {
+                code: match err.kind() {
                     Some("spawnFailed") => 127,
                     _ => RUNNER_FAILED,
-                };
-            }
-        };
-        drop(terminal);
-        code
+                },
+                message: Some(err.to_string()),
+            },
+        }
     });
     // The stdin forwarder may sit in a blocking read; don't wait for it.
     runtime.shutdown_background();
-    code
+    outcome
 }
 
-async fn run_inner(options: &RunOptions) -> Result<i32, ClientError> {
+async fn run_inner(options: &RunOptions) -> Result<Outcome, ClientError> {
     let command = match &options.via {
         Some(via) => ServerCommand::parse(via)?,
         None => {
@@ -209,14 +217,17 @@ async fn run_inner(options: &RunOptions) -> Result<i32, ClientError> {
             }
         }
     };
-    if status.sandbox_denied {
-        eprintln!(
-            "exec-server: the sandbox probably denied something this command needed (exit {})",
+    let message = status.sandbox_denied.then(|| {
+        format!(
+            "the sandbox probably denied something this command needed (exit {})",
             status.code
-        );
-    }
+        )
+    });
     client.shutdown().await;
-    Ok(status.code)
+    Ok(Outcome {
+        code: status.code,
+        message,
+    })
 }
 
 async fn recv_signal(signal: &mut Option<tokio::signal::unix::Signal>) {
