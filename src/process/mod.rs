@@ -65,11 +65,17 @@ pub struct ProcessTable {
     live: watch::Sender<usize>,
 }
 
-/// What `process/start` needs beyond the spawn spec.
+/// What `process/start` needs: the client's id and the spawn spec.
 pub struct StartRequest<'a> {
     pub id: String,
     pub spec: spawn::Spec<'a>,
-    pub pipe_stdin: bool,
+}
+
+/// The first answer to a `process/read`.
+pub enum ReadNow {
+    Ready(ReadResponse),
+    /// Nothing to say yet; wait on this process.
+    Wait(Arc<Process>),
 }
 
 /// A started process whose output is not being pumped yet. Dropping it
@@ -218,7 +224,7 @@ impl ProcessTable {
         spec.watchdog_fd = self.watchdog.as_ref().map(|w| w.raw_fd());
         let spawned = spawn::spawn(&spec)?;
         let tty = spec.tty.is_some();
-        let (stdin_tx, stdin_rx) = if tty || req.pipe_stdin {
+        let (stdin_tx, stdin_rx) = if tty || spec.pipe_stdin {
             let (tx, rx) = mpsc::unbounded_channel();
             (Some(tx), Some(rx))
         } else {
@@ -271,22 +277,16 @@ impl ProcessTable {
         lock(&self.processes).get(id).cloned()
     }
 
-    /// `process/read`: answer at once when there is something to say, else
-    /// wait up to `waitMs` for it.
-    pub async fn read(&self, params: ReadParams) -> Result<ReadResponse> {
+    /// `process/read`: the answer now when there is something to say (or
+    /// no wait was asked for), else the process to wait on with
+    /// [`Process::read`].
+    pub fn read(&self, params: &ReadParams) -> Result<ReadNow> {
         let process = self.get(&params.process_id)?;
-        process.read(&params).await
-    }
-
-    /// The immediate answer of a read, if it needs no waiting.
-    pub fn read_now(&self, params: &ReadParams) -> Result<Option<ReadResponse>> {
-        let process = self.get(&params.process_id)?;
-        let response = process.snapshot(params);
-        let wait = params.wait_ms.unwrap_or(0) > 0;
-        Ok(if !wait || process.is_ready(&response, params) {
-            Some(response)
+        let (response, ready) = process.snapshot(params);
+        Ok(if ready || params.wait_ms.unwrap_or(0) == 0 {
+            ReadNow::Ready(response)
         } else {
-            None
+            ReadNow::Wait(process)
         })
     }
 
@@ -477,7 +477,10 @@ impl Process {
         self.changed.notify_waiters();
     }
 
-    fn snapshot(&self, params: &ReadParams) -> ReadResponse {
+    /// The read's answer from the current state, and whether it may be
+    /// returned without waiting: there are chunks, the process is closed,
+    /// or its exit is after `afterSeq`. One lock, so both agree.
+    fn snapshot(&self, params: &ReadParams) -> (ReadResponse, bool) {
         let state = self.lock();
         let after = params.after_seq.unwrap_or(0);
         let slice = state.log.read(after, params.max_bytes);
@@ -485,7 +488,10 @@ impl Process {
             (Some(_), Some(last)) => last + 1,
             _ => state.next_seq,
         };
-        ReadResponse {
+        let ready = !slice.chunks.is_empty()
+            || state.closed_seq.is_some()
+            || state.exit.is_some_and(|e| after < e.seq);
+        let response = ReadResponse {
             chunks: slice.chunks,
             next_seq,
             exited: state.exit.is_some(),
@@ -494,29 +500,24 @@ impl Process {
             failure: None,
             sandbox_denied: false,
             truncated: slice.truncated,
-        }
+        };
+        (response, ready)
     }
 
-    /// Whether a read may return without waiting.
-    fn is_ready(&self, response: &ReadResponse, params: &ReadParams) -> bool {
-        let after = params.after_seq.unwrap_or(0);
-        let unseen_exit = self.lock().exit.is_some_and(|e| after < e.seq);
-        !response.chunks.is_empty() || response.closed || unseen_exit
-    }
-
-    async fn read(&self, params: &ReadParams) -> Result<ReadResponse> {
+    /// Wait up to `waitMs` for something to say, then answer.
+    pub async fn read(&self, params: &ReadParams) -> Result<ReadResponse> {
         let wait = Duration::from_millis(params.wait_ms.unwrap_or(0).min(MAX_WAIT_MS));
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            let response = self.snapshot(params);
-            if self.is_ready(&response, params) || tokio::time::Instant::now() >= deadline {
+            let (response, ready) = self.snapshot(params);
+            if ready || tokio::time::Instant::now() >= deadline {
                 return Ok(response);
             }
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                return Ok(self.snapshot(params));
+                return Ok(self.snapshot(params).0);
             }
         }
     }

@@ -15,7 +15,7 @@ use super::lane::Lane;
 use super::session::Session;
 use crate::env_policy::child_env;
 use crate::error::{Error, Result};
-use crate::process::{StartRequest, spawn};
+use crate::process::{ReadNow, StartRequest, spawn};
 use crate::protocol::{
     ListResponse, ProcessIdParams, ReadParams, ResizeParams, SignalParams, StartParams,
     StartResponse, TerminateResponse, TtySize, WriteParams, WriteResponse, method,
@@ -142,7 +142,6 @@ fn start(ctx: &Ctx, name: &str, params: Value) -> Reply {
                 pipe_stdin: p.pipe_stdin,
                 watchdog_fd: None,
             },
-            pipe_stdin: p.pipe_stdin,
         })?;
         let response = StartResponse {
             process_id: p.process_id,
@@ -161,13 +160,12 @@ fn read(ctx: &Ctx, name: &str, params: Value) -> Reply {
         Ok(p) => p,
         Err(err) => return Reply::Ready(Err(err)),
     };
-    match ctx.session.processes.read_now(&p) {
-        Ok(Some(response)) => ready(Ok(response)),
-        Err(err) => Reply::Ready(Err(err)),
-        Ok(None) => {
-            let table = ctx.session.processes.clone();
-            Reply::Later(Box::pin(async move { to_value(table.read(p).await?) }))
+    match ctx.session.processes.read(&p) {
+        Ok(ReadNow::Ready(response)) => ready(Ok(response)),
+        Ok(ReadNow::Wait(process)) => {
+            Reply::Later(Box::pin(async move { to_value(process.read(&p).await?) }))
         }
+        Err(err) => Reply::Ready(Err(err)),
     }
 }
 
