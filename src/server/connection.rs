@@ -102,23 +102,24 @@ impl Connection {
                 }
                 // Hooks run at once: a batch may hold a read that waits on
                 // the output of a process the same batch starts.
-                let pending: Vec<Pending> = pending
-                    .into_iter()
-                    .map(|p| match p {
-                        Pending::ReadyThen(response, hook) => {
+                let mut answers = Vec::with_capacity(pending.len());
+                for p in pending {
+                    answers.push(match p {
+                        Pending::Ready(r) => Ok(r),
+                        Pending::ReadyThen(r, hook) => {
                             hook();
-                            Pending::Ready(response)
+                            Ok(r)
                         }
-                        other => other,
-                    })
-                    .collect();
+                        Pending::Later(f) => Err(f),
+                    });
+                }
                 let out = self.outgoing.clone();
                 let batch = async move {
-                    let mut responses = Vec::with_capacity(pending.len());
-                    for p in pending {
-                        responses.push(match p {
-                            Pending::Ready(r) | Pending::ReadyThen(r, _) => r.to_value(),
-                            Pending::Later(f) => f.await.to_value(),
+                    let mut responses = Vec::with_capacity(answers.len());
+                    for answer in answers {
+                        responses.push(match answer {
+                            Ok(r) => r.to_value(),
+                            Err(f) => f.await.to_value(),
                         });
                     }
                     value_line(&Value::Array(responses))
