@@ -1,6 +1,7 @@
 //! Filesystem methods (PROTOCOL.md section 8). Each function is blocking and
 //! runs on a blocking thread; errors name the operation and the path.
 
+use crate::lock;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
@@ -565,7 +566,7 @@ impl Handles {
             )));
         }
         {
-            let files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+            let files = lock(&self.files);
             if files.contains_key(&p.handle_id) {
                 return Err(Error::InvalidRequest(format!(
                     "handle {} is already open",
@@ -579,7 +580,7 @@ impl Handles {
             }
         }
         let (file, _) = open_regular(&p.path.0, true)?;
-        let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        let mut files = lock(&self.files);
         if files.len() >= MAX_HANDLES {
             return Err(Error::InvalidRequest(format!(
                 "too many open handles: at most {MAX_HANDLES} per connection"
@@ -590,9 +591,7 @@ impl Handles {
     }
 
     fn get(&self, id: &str) -> Result<Arc<File>> {
-        self.files
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        lock(&self.files)
             .get(id)
             .cloned()
             .ok_or_else(|| Error::InvalidRequest(format!("unknown handle id {id}")))
@@ -629,12 +628,7 @@ impl Handles {
 
     /// `fs/close`.
     pub fn close(&self, p: HandleParams) -> Result<Value> {
-        match self
-            .files
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&p.handle_id)
-        {
+        match lock(&self.files).remove(&p.handle_id) {
             Some(_) => Ok(json!({})),
             None => Err(Error::InvalidRequest(format!(
                 "unknown handle id {}",

@@ -21,6 +21,7 @@
 //! # }
 //! ```
 
+use crate::lock;
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -296,11 +297,7 @@ impl Client {
     /// The session id the server gave this client.
     pub async fn session_id(&self) -> Result<String, ClientError> {
         let conn = self.conn().await?;
-        Ok(conn
-            .session_id
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone())
+        Ok(lock(&conn.session_id).clone())
     }
 
     /// Call any method and return its raw result.
@@ -545,7 +542,7 @@ impl Conn {
 
     pub(crate) fn subscribe(&self, process_id: &str) -> mpsc::UnboundedReceiver<Value> {
         let (tx, rx) = mpsc::unbounded_channel();
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = lock(&self.state);
         if state.lost.is_none() {
             state.subscribers.insert(process_id.to_string(), tx);
         }
@@ -553,7 +550,7 @@ impl Conn {
     }
 
     pub(crate) fn unsubscribe(&self, process_id: &str) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = lock(&self.state);
         state.subscribers.remove(process_id);
     }
 
@@ -564,7 +561,7 @@ impl Conn {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
-            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let mut state = lock(&self.state);
             if let Some(lost) = &state.lost {
                 return Err(lost.clone());
             }
@@ -576,11 +573,7 @@ impl Conn {
         .unwrap_or_default();
         line.push(b'\n');
         if self.writer.send(Some(line)).is_err() {
-            self.state
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .pending
-                .remove(&id);
+            lock(&self.state).pending.remove(&id);
             return Err(ClientError::ConnectionLost {
                 stderr: self.stderr_tail(),
             });
@@ -617,7 +610,7 @@ impl Conn {
             stderr: self.stderr_tail(),
         };
         let (pending, subscribers) = {
-            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let mut state = lock(&self.state);
             if state.lost.is_none() {
                 state.lost = Some(error.clone());
             }
@@ -639,7 +632,7 @@ impl Conn {
         };
         if let Some(method) = msg.get("method").and_then(Value::as_str) {
             if let Some(pid) = msg["params"]["processId"].as_str() {
-                let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                let state = lock(&self.state);
                 if let Some(tx) = state.subscribers.get(pid) {
                     let _ = tx.send(msg.clone());
                 }
@@ -651,12 +644,7 @@ impl Conn {
         let Some(id) = msg.get("id").and_then(Value::as_i64) else {
             return;
         };
-        let tx = self
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pending
-            .remove(&id);
+        let tx = lock(&self.state).pending.remove(&id);
         let Some(tx) = tx else { return };
         let outcome = match msg.get("error") {
             Some(err) => Err(ClientError::Rpc {
@@ -673,7 +661,7 @@ impl Conn {
 }
 
 fn stderr_text(buf: &Mutex<VecDeque<u8>>) -> String {
-    let buf = buf.lock().unwrap_or_else(|e| e.into_inner());
+    let buf = lock(buf);
     let bytes: Vec<u8> = buf.iter().copied().collect();
     String::from_utf8_lossy(&bytes).into_owned()
 }
@@ -736,7 +724,7 @@ async fn connect(command: &ServerCommand, client_name: &str) -> Result<Arc<Conn>
                         for line in text.lines() {
                             tracing::debug!(target: "exec_server::client::server_stderr", "{line}");
                         }
-                        let mut tail = stderr_buf.lock().unwrap_or_else(|e| e.into_inner());
+                        let mut tail = lock(&stderr_buf);
                         tail.extend(&buf[..n]);
                         while tail.len() > STDERR_TAIL {
                             tail.pop_front();
@@ -793,7 +781,7 @@ async fn connect(command: &ServerCommand, client_name: &str) -> Result<Arc<Conn>
     let failure = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
         Ok(Ok(result)) => {
             let session = result["sessionId"].as_str().unwrap_or("").to_string();
-            *conn.session_id.lock().unwrap_or_else(|e| e.into_inner()) = session;
+            *lock(&conn.session_id) = session;
             return Ok(conn);
         }
         Ok(Err(ClientError::ConnectionLost { .. })) => {

@@ -16,6 +16,7 @@ use tokio::sync::{Notify, mpsc, watch};
 
 use crate::error::{Error, Result};
 use crate::jsonrpc::notification_line;
+use crate::lock;
 use crate::protocol::{
     ClosedNotification, ExitedNotification, OutputNotification, ProcessSummary, ReadParams,
     ReadResponse, Signal, Stream, TtySize, WriteStatus, method,
@@ -193,10 +194,6 @@ impl WriteIds {
         self.set.insert(id.to_string());
         true
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl ProcessTable {

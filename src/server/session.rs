@@ -1,6 +1,7 @@
 //! Sessions: the server-wide registry, attaching and detaching connections,
 //! and expiry of detached sessions.
 
+use crate::lock;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,16 +22,14 @@ pub struct Session {
 impl Session {
     /// Whether connection `conn` is the one attached.
     pub fn is_attached_to(&self, conn: u64) -> bool {
-        self.attachment
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        lock(&self.attachment)
             .as_ref()
             .is_some_and(|(id, _)| *id == conn)
     }
 
     fn attach(&self, conn: u64, outbound: Outbound) {
-        *self.attachment.lock().unwrap_or_else(|p| p.into_inner()) = Some((conn, outbound));
-        *self.generation.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        *lock(&self.attachment) = Some((conn, outbound));
+        *lock(&self.generation) += 1;
     }
 }
 
@@ -53,7 +52,7 @@ impl Registry {
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Session>>> {
-        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.sessions)
     }
 
     /// A new session attached to connection `conn`.
@@ -77,13 +76,13 @@ impl Registry {
             .get(id)
             .cloned()
             .ok_or_else(|| Error::UnknownSession(id.to_string()))?;
-        let mut slot = session.attachment.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = lock(&session.attachment);
         if slot.is_some() {
             return Err(Error::SessionAttached(id.to_string()));
         }
         *slot = Some((conn, outbound));
         drop(slot);
-        *session.generation.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        *lock(&session.generation) += 1;
         Ok(session)
     }
 
@@ -91,23 +90,19 @@ impl Registry {
     /// the detached TTL unless it is resumed first.
     pub fn detach(self: &Arc<Self>, session: &Arc<Session>, conn: u64) {
         {
-            let mut slot = session.attachment.lock().unwrap_or_else(|p| p.into_inner());
+            let mut slot = lock(&session.attachment);
             if slot.as_ref().is_none_or(|(id, _)| *id != conn) {
                 return;
             }
             *slot = None;
         }
-        let generation = *session.generation.lock().unwrap_or_else(|p| p.into_inner());
+        let generation = *lock(&session.generation);
         let registry = self.clone();
         let session = session.clone();
         tokio::spawn(async move {
             tokio::time::sleep(registry.detached_ttl).await;
-            let still_detached = session
-                .attachment
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .is_none();
-            let same = *session.generation.lock().unwrap_or_else(|p| p.into_inner()) == generation;
+            let still_detached = lock(&session.attachment).is_none();
+            let same = *lock(&session.generation) == generation;
             if still_detached && same {
                 tracing::info!(session = %session.id, "detached session expired");
                 registry.map().remove(&session.id);
@@ -125,7 +120,7 @@ impl Registry {
         for session in &all {
             session.processes.wait_reaped().await;
             // Let go of the connection so its writer can finish.
-            *session.attachment.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            *lock(&session.attachment) = None;
         }
     }
 }
