@@ -146,6 +146,8 @@ pub struct Process {
     attachment: Attachment,
     stdin: Option<mpsc::UnboundedSender<StdinCommand>>,
     pty: Option<Arc<PtyMaster>>,
+    /// For a sandboxed process: what `sandboxDenied` is judged from.
+    sandbox: Option<crate::sandbox::Watch>,
 }
 
 #[derive(Debug)]
@@ -166,6 +168,7 @@ struct State {
 struct Exit {
     seq: u64,
     code: i32,
+    sandbox_denied: bool,
 }
 
 enum StdinCommand {
@@ -220,6 +223,20 @@ impl ProcessTable {
         let mut spec = req.spec;
         spec.watchdog_fd = self.watchdog.as_ref().map(|w| w.raw_fd());
         let spawned = spawn::spawn(&spec)?;
+        let sandbox = spec.sandbox.as_ref().map(|prepared| {
+            let refused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            if let Some(listener) = prepared.take_listener() {
+                tokio::spawn(crate::sandbox::seccomp::listen(listener, refused.clone()));
+            }
+            crate::sandbox::Watch {
+                refused,
+                network_restricted: prepared.network_restricted,
+                program: std::path::Path::new(&spec.argv[0])
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            }
+        });
         let tty = spec.tty.is_some();
         let (stdin_tx, stdin_rx) = if tty || spec.pipe_stdin {
             let (tx, rx) = mpsc::unbounded_channel();
@@ -250,6 +267,7 @@ impl ProcessTable {
             attachment: self.attachment.clone(),
             stdin: stdin_tx,
             pty,
+            sandbox,
         });
         processes.insert(req.id, process.clone());
         drop(processes);
@@ -426,7 +444,15 @@ impl Process {
             let mut state = self.lock();
             let seq = state.next_seq;
             state.next_seq += 1;
-            state.exit = Some(Exit { seq, code });
+            let sandbox_denied =
+                crate::sandbox::probably_denied(self.sandbox.as_ref(), code, || {
+                    state.log.retained_text_lowercase()
+                });
+            state.exit = Some(Exit {
+                seq,
+                code,
+                sandbox_denied,
+            });
             state.reaped = true;
             if let Some(permit) = permit {
                 permit.send(notification_line(
@@ -435,7 +461,7 @@ impl Process {
                         process_id: &self.id,
                         seq,
                         exit_code: code,
-                        sandbox_denied: false,
+                        sandbox_denied,
                         signal,
                     },
                 ));
@@ -495,7 +521,7 @@ impl Process {
             exit_code: state.exit.map(|e| e.code),
             closed: state.closed_seq.is_some(),
             failure: None,
-            sandbox_denied: false,
+            sandbox_denied: state.exit.is_some_and(|e| e.sandbox_denied),
             truncated: slice.truncated,
         };
         (response, ready)

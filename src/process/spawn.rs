@@ -24,6 +24,8 @@ pub struct Spec<'a> {
     pub pipe_stdin: bool,
     /// The watchdog's pipe, for the child to register its group.
     pub watchdog_fd: Option<RawFd>,
+    /// The sandbox the child enters before exec.
+    pub sandbox: Option<std::sync::Arc<crate::sandbox::Prepared>>,
 }
 
 /// A started child and its ends of the I/O.
@@ -81,7 +83,9 @@ pub fn spawn(spec: &Spec<'_>) -> Result<Spawned, Error> {
     }
     let tty = spec.tty.is_some();
     let watchdog_fd = spec.watchdog_fd;
-    // SAFETY: the closure makes only async-signal-safe calls.
+    let sandbox = spec.sandbox.clone();
+    // SAFETY: the closure makes only async-signal-safe calls (the sandbox
+    // is entered with system calls on data prepared before the fork).
     unsafe {
         cmd.pre_exec(move || {
             if libc::setsid() == -1 {
@@ -93,11 +97,19 @@ pub fn spawn(spec: &Spec<'_>) -> Result<Spawned, Error> {
             if let Some(fd) = watchdog_fd {
                 super::watchdog::register_self(fd);
             }
+            if let Some(sandbox) = &sandbox {
+                sandbox.enter()?;
+            }
             Ok(())
         });
     }
+    let within = if spec.sandbox.is_some() {
+        " in the sandbox"
+    } else {
+        ""
+    };
     let mut child = cmd.spawn().map_err(|err| Error::SpawnFailed {
-        message: format!("failed to start {program}: {}", lower_io(&err)),
+        message: format!("failed to start {program}{within}: {}", lower_io(&err)),
         errno: err.raw_os_error(),
     })?;
     // The command holds the parent's copies of the pty slave; drop them so

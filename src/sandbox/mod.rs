@@ -1,47 +1,733 @@
-//! Sandbox intent on `process/start` (PROTOCOL.md section 6).
+//! The executor's own sandbox (PROTOCOL.md section 6).
 //!
-//! Kernel enforcement is not built yet, so this layer accepts only intents
-//! that need no enforcement and refuses every other one with
-//! `sandboxUnavailable`: the server never runs a command with less
-//! protection than was asked.
+//! [`policy`] parses the intent and binds it to this machine's paths.
+//! [`prepare`] turns the bound rules into a [`Prepared`] sandbox: a Landlock
+//! ruleset (built in the server), a private mount plan for what Landlock
+//! cannot say (deny under a readable root, read-only inside a writable
+//! one), and a seccomp filter. A child enters it with [`Prepared::enter`]
+//! between fork and exec, so it and every descendant are confined before
+//! the command's first instruction. [`probably_denied`] is the
+//! `sandboxDenied` rule.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use serde_json::Value;
 
 use crate::error::{Error, Result};
 
-/// Decide how a process would be sandboxed; the `sandboxType` of the result.
-pub fn check(sandbox: Option<&Value>) -> Result<&'static str> {
-    let Some(sandbox) = sandbox.filter(|v| !v.is_null()) else {
-        return Ok("none");
-    };
-    let permissions = sandbox
-        .get("permissions")
-        .ok_or_else(|| Error::InvalidParams("sandbox.permissions is required".into()))?;
-    let kind = permissions
-        .get("type")
-        .and_then(Value::as_str)
-        .ok_or_else(|| Error::InvalidParams("sandbox.permissions.type is required".into()))?;
-    match kind {
-        "disabled" | "external" => Ok("none"),
-        "managed" => {
-            let fs_kind = permissions
-                .pointer("/file_system/type")
-                .and_then(Value::as_str)
-                .unwrap_or("restricted");
-            let network = permissions
-                .get("network")
-                .and_then(Value::as_str)
-                .unwrap_or("restricted");
-            if fs_kind == "unrestricted" && network == "enabled" {
-                Ok("none")
-            } else {
-                Err(Error::SandboxUnavailable(
-                    "kernel sandbox enforcement is not available in this build".into(),
+pub mod landlock;
+pub mod policy;
+pub mod seccomp;
+
+use policy::{Grant, Rules};
+
+/// The `sandboxType` of a sandboxed process.
+pub const SANDBOX_TYPE: &str = "linuxSeccomp";
+
+/// Parse and bind a `sandbox` value without preparing anything: `Ok(None)`
+/// when nothing is to be enforced.
+pub fn rules(
+    sandbox: Option<&Value>,
+    start_cwd: Option<&Path>,
+    server_roots: &[PathBuf],
+) -> Result<Option<Rules>> {
+    match policy::parse(sandbox)? {
+        Some(context) => policy::resolve(&context, start_cwd, server_roots),
+        None => Ok(None),
+    }
+}
+
+/// A sandbox ready for children to enter.
+pub struct Prepared {
+    ruleset: Option<landlock::Ruleset>,
+    mounts: Option<MountPlan>,
+    filter: seccomp::Filter,
+    /// Child's and server's ends of the socket the filter's listener
+    /// comes back through.
+    listener_channel: Option<(OwnedFd, OwnedFd)>,
+    pub network_restricted: bool,
+}
+
+/// Build the sandbox for `rules`, or say why this host can't enforce it.
+/// `notify`: hear of refused calls through a seccomp listener.
+pub fn prepare(rules: &Rules, notify: bool) -> Result<Prepared> {
+    let unavailable = |why: String| Error::SandboxUnavailable(why);
+    let mut ruleset = None;
+    let mut mounts = None;
+    if let Some(fs) = &rules.fs {
+        let set = landlock::Ruleset::new().map_err(|e| unavailable(e.to_string()))?;
+        let read = landlock::EXECUTE | landlock::READ_FILE | landlock::READ_DIR;
+        let device =
+            landlock::READ_FILE | landlock::WRITE_FILE | landlock::TRUNCATE | landlock::IOCTL_DEV;
+        for (path, grant) in fs {
+            let access = match grant {
+                Grant::Write => set.all(),
+                Grant::Read => read,
+                Grant::Device => device | landlock::READ_DIR,
+                Grant::Deny => continue,
+            };
+            set.allow(path, access).map_err(|e| {
+                unavailable(format!(
+                    "cannot add a Landlock rule for {}: {e}",
+                    path.display()
                 ))
+            })?;
+        }
+        ruleset = Some(set);
+        let plan = MountPlan::new(fs)?;
+        if !plan.ops.is_empty() {
+            let host = host();
+            if !host.mount_namespace {
+                return Err(unavailable(format!(
+                    "a private mount namespace is needed for {} and this host refuses one ({})",
+                    plan.ops[0].target.to_string_lossy(),
+                    host.mount_namespace_why
+                )));
+            }
+            mounts = Some(plan);
+        }
+    }
+    let notify = notify && host().seccomp_listener;
+    let listener_channel = if notify {
+        let mut fds = [0; 2];
+        // SAFETY: socketpair writes two fds.
+        if unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+                0,
+                fds.as_mut_ptr(),
+            )
+        } != 0
+        {
+            return Err(Error::io(
+                "failed to create a socket pair",
+                &io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: two fresh fds, owned here.
+        unsafe { Some((OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))) }
+    } else {
+        None
+    };
+    Ok(Prepared {
+        ruleset,
+        mounts,
+        filter: seccomp::build(rules.network_restricted, notify),
+        listener_channel,
+        network_restricted: rules.network_restricted,
+    })
+}
+
+impl Prepared {
+    /// Confine the calling process. Runs in the child between fork and
+    /// exec: only system calls on data prepared by the server.
+    pub fn enter(&self) -> io::Result<()> {
+        if let Some(mounts) = &self.mounts {
+            mounts.apply()?;
+        }
+        drop_capabilities();
+        // SAFETY: plain prctl.
+        if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if let Some(ruleset) = &self.ruleset {
+            landlock::restrict_self(ruleset.raw_fd())?;
+        }
+        let listener = self.filter.install()?;
+        if let (Some(fd), Some((child_end, _))) = (listener, &self.listener_channel) {
+            send_fd(child_end.as_raw_fd(), fd)?;
+            // SAFETY: our own copy; the server holds the one it received.
+            unsafe { libc::close(fd) };
+        }
+        Ok(())
+    }
+
+    /// After a successful spawn: the filter's listener the child sent.
+    pub fn take_listener(&self) -> Option<OwnedFd> {
+        let (_, server_end) = self.listener_channel.as_ref()?;
+        recv_fd(server_end.as_raw_fd())
+    }
+}
+
+/// Remove every capability from the bounding, ambient, effective,
+/// permitted and inheritable sets, so that a command run as root is an
+/// ordinary user in the sandbox. Errors are ignored: an unprivileged
+/// caller has nothing to drop.
+fn drop_capabilities() {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    // SAFETY: prctl and capset calls on valid arguments.
+    unsafe {
+        for cap in 0..64 {
+            if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0
+                && *libc::__errno_location() == libc::EINVAL
+            {
+                break;
             }
         }
-        other => Err(Error::InvalidParams(format!(
-            "unknown sandbox permissions type {other}"
-        ))),
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        );
+        let header = Header {
+            version: 0x2008_0522,
+            pid: 0,
+        };
+        let data = [Data {
+            effective: 0,
+            permitted: 0,
+            inheritable: 0,
+        }; 2];
+        libc::syscall(libc::SYS_capset, &header as *const Header, data.as_ptr());
     }
+}
+
+/// Send one fd over a Unix socket (SCM_RIGHTS).
+fn send_fd(socket: RawFd, fd: RawFd) -> io::Result<()> {
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    let mut space = [0u64; 8];
+    // SAFETY: the control buffer is large and aligned enough for one fd.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = space.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(4) as usize;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(4) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>(), fd);
+        if libc::sendmsg(socket, &msg, 0) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Receive one fd sent by [`send_fd`], without waiting.
+fn recv_fd(socket: RawFd) -> Option<OwnedFd> {
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    let mut space = [0u64; 8];
+    // SAFETY: as in send_fd; a received fd is fresh and owned here.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = space.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&space);
+        if libc::recvmsg(
+            socket,
+            &mut msg,
+            libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
+        ) < 0
+        {
+            return None;
+        }
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        if cmsg.is_null()
+            || (*cmsg).cmsg_level != libc::SOL_SOCKET
+            || (*cmsg).cmsg_type != libc::SCM_RIGHTS
+        {
+            return None;
+        }
+        let fd = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>());
+        Some(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+/// What a mount operation does to its target.
+enum MountKind {
+    /// Cover with an empty, unreadable directory or file.
+    Mask {
+        source: CString,
+        keep: libc::c_ulong,
+    },
+    /// Bind onto itself (with what is mounted below), then read-only.
+    ReadOnly { keep: libc::c_ulong },
+    /// Bind onto itself, so that a read-only parent leaves it writable.
+    Writable,
+}
+
+struct MountOp {
+    target: CString,
+    kind: MountKind,
+}
+
+/// The private mount namespace a child builds before exec.
+struct MountPlan {
+    /// `Some((uid_map, gid_map))` when an unprivileged server needs a user
+    /// namespace to own the mount namespace.
+    user_maps: Option<(Vec<u8>, Vec<u8>)>,
+    ops: Vec<MountOp>,
+}
+
+impl MountPlan {
+    fn new(fs: &std::collections::BTreeMap<PathBuf, Grant>) -> Result<MountPlan> {
+        let nearest = |path: &Path| {
+            path.ancestors()
+                .skip(1)
+                .find_map(|a| fs.get(a).map(|g| (a.to_path_buf(), *g)))
+        };
+        let mut ops: Vec<(usize, PathBuf, MountOp)> = Vec::new();
+        let mut read_only: Vec<PathBuf> = Vec::new();
+        for (path, grant) in fs {
+            let Some((above, above_grant)) = nearest(path) else {
+                continue;
+            };
+            if above_grant == Grant::Deny && *grant != Grant::Deny {
+                return Err(Error::SandboxUnavailable(format!(
+                    "cannot allow {} inside the denied {}",
+                    path.display(),
+                    above.display()
+                )));
+            }
+            let kind = match (grant, above_grant) {
+                (Grant::Deny, Grant::Deny) => continue,
+                (Grant::Deny, _) => {
+                    let masks = masks().map_err(|e| Error::SandboxUnavailable(e.clone()))?;
+                    let source = if path.is_dir() { &masks.0 } else { &masks.1 };
+                    MountKind::Mask {
+                        source: cstring(source)?,
+                        keep: locked_flags(source),
+                    }
+                }
+                (Grant::Read, Grant::Write) => {
+                    read_only.push(path.clone());
+                    MountKind::ReadOnly {
+                        keep: locked_flags(path),
+                    }
+                }
+                _ => continue,
+            };
+            let depth = path.components().count();
+            ops.push((
+                depth,
+                path.clone(),
+                MountOp {
+                    target: cstring(path)?,
+                    kind,
+                },
+            ));
+        }
+        // Writable places inside read-only ones get their own mount.
+        for (path, grant) in fs {
+            if matches!(grant, Grant::Write | Grant::Device)
+                && read_only
+                    .iter()
+                    .any(|ro| path != ro && path.starts_with(ro))
+            {
+                ops.push((
+                    path.components().count(),
+                    path.clone(),
+                    MountOp {
+                        target: cstring(path)?,
+                        kind: MountKind::Writable,
+                    },
+                ));
+            }
+        }
+        // Deepest first: a read-only bind carries the mounts below it.
+        ops.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        // SAFETY: getters without failure modes.
+        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        let user_maps = (uid != 0).then(|| {
+            (
+                format!("{uid} {uid} 1\n").into_bytes(),
+                format!("{gid} {gid} 1\n").into_bytes(),
+            )
+        });
+        Ok(MountPlan {
+            user_maps,
+            ops: ops.into_iter().map(|(_, _, op)| op).collect(),
+        })
+    }
+
+    /// In the child: a private mount namespace (owned by a new user
+    /// namespace when unprivileged) with the plan's mounts.
+    fn apply(&self) -> io::Result<()> {
+        let check = |rc: libc::c_int| {
+            if rc != 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        };
+        let null = std::ptr::null::<libc::c_char>();
+        // SAFETY: system calls on C strings prepared by the server.
+        unsafe {
+            match &self.user_maps {
+                Some((uid_map, gid_map)) => {
+                    check(libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNS))?;
+                    write_file(c"/proc/self/setgroups", b"deny")?;
+                    write_file(c"/proc/self/uid_map", uid_map)?;
+                    write_file(c"/proc/self/gid_map", gid_map)?;
+                }
+                None => check(libc::unshare(libc::CLONE_NEWNS))?,
+            }
+            check(libc::mount(
+                null,
+                c"/".as_ptr(),
+                null,
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ))?;
+            for op in &self.ops {
+                let target = op.target.as_ptr();
+                match &op.kind {
+                    MountKind::Mask { source, keep } => {
+                        check(libc::mount(
+                            source.as_ptr(),
+                            target,
+                            null,
+                            libc::MS_BIND,
+                            std::ptr::null(),
+                        ))?;
+                        check(libc::mount(
+                            null,
+                            target,
+                            null,
+                            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | keep,
+                            std::ptr::null(),
+                        ))?;
+                    }
+                    MountKind::ReadOnly { keep } => {
+                        check(libc::mount(
+                            target,
+                            target,
+                            null,
+                            libc::MS_BIND | libc::MS_REC,
+                            std::ptr::null(),
+                        ))?;
+                        check(libc::mount(
+                            null,
+                            target,
+                            null,
+                            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | keep,
+                            std::ptr::null(),
+                        ))?;
+                    }
+                    MountKind::Writable => check(libc::mount(
+                        target,
+                        target,
+                        null,
+                        libc::MS_BIND | libc::MS_REC,
+                        std::ptr::null(),
+                    ))?,
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Write all of `data` to a file that exists (async-signal-safe).
+fn write_file(path: &std::ffi::CStr, data: &[u8]) -> io::Result<()> {
+    // SAFETY: open/write/close on a valid path and buffer.
+    unsafe {
+        let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = libc::write(fd, data.as_ptr().cast(), data.len());
+        libc::close(fd);
+        if n != data.len() as isize {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+fn cstring(path: &Path) -> Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| Error::InvalidParams(format!("path contains a NUL byte: {}", path.display())))
+}
+
+/// Flags of the mount holding `path` that a remount inside a user
+/// namespace must keep (they are locked).
+fn locked_flags(path: &Path) -> libc::c_ulong {
+    let Ok(c) = cstring(path) else {
+        return 0;
+    };
+    // SAFETY: statvfs fills a zeroed struct.
+    let flags = unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut st) != 0 {
+            return 0;
+        }
+        st.f_flag
+    };
+    let mut keep = 0;
+    for (st, ms) in [
+        (libc::ST_NOSUID, libc::MS_NOSUID),
+        (libc::ST_NODEV, libc::MS_NODEV),
+        (libc::ST_NOEXEC, libc::MS_NOEXEC),
+        (libc::ST_NOATIME, libc::MS_NOATIME),
+        (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
+        (libc::ST_RELATIME, libc::MS_RELATIME),
+    ] {
+        if flags & st != 0 {
+            keep |= ms;
+        }
+    }
+    keep
+}
+
+/// An empty unreadable directory and file to cover denied paths with;
+/// made once per user, under the temp directory.
+fn masks() -> std::result::Result<&'static (PathBuf, PathBuf), &'static String> {
+    static MASKS: OnceLock<std::result::Result<(PathBuf, PathBuf), String>> = OnceLock::new();
+    MASKS
+        .get_or_init(|| {
+            // SAFETY: getter without failure modes.
+            let uid = unsafe { libc::geteuid() };
+            let base = std::env::temp_dir();
+            let mut last = String::new();
+            for attempt in 0..8 {
+                let dir = if attempt == 0 {
+                    base.join(format!("exec-server-masks-{uid}"))
+                } else {
+                    base.join(format!(
+                        "exec-server-masks-{uid}-{}",
+                        std::process::id() + attempt
+                    ))
+                };
+                match make_masks(&dir, uid) {
+                    Ok(masks) => return Ok(masks),
+                    Err(err) => {
+                        last = format!("cannot make mask files in {}: {err}", dir.display())
+                    }
+                }
+            }
+            Err(last)
+        })
+        .as_ref()
+}
+
+fn make_masks(dir: &Path, uid: u32) -> io::Result<(PathBuf, PathBuf)> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let meta = std::fs::symlink_metadata(dir)?;
+    if !meta.is_dir() || meta.uid() != uid {
+        return Err(io::Error::other("exists and is not ours"));
+    }
+    let empty_dir = dir.join("dir");
+    let empty_file = dir.join("file");
+    if std::fs::symlink_metadata(&empty_dir).is_err() {
+        std::fs::DirBuilder::new().mode(0o0).create(&empty_dir)?;
+    }
+    // Recreate the file if anything was written to it.
+    match std::fs::symlink_metadata(&empty_file) {
+        Ok(m) if m.is_file() && m.len() == 0 => {}
+        Ok(_) => {
+            std::fs::remove_file(&empty_file)?;
+            std::fs::File::create(&empty_file)?;
+        }
+        Err(_) => {
+            std::fs::File::create(&empty_file)?;
+        }
+    }
+    let d = std::fs::symlink_metadata(&empty_dir)?;
+    if !d.is_dir() || std::fs::read_dir(&empty_dir).map(|mut r| r.next().is_some())? {
+        return Err(io::Error::other("the empty directory is not empty"));
+    }
+    std::fs::set_permissions(&empty_dir, std::fs::Permissions::from_mode(0o0))?;
+    std::fs::set_permissions(&empty_file, std::fs::Permissions::from_mode(0o0))?;
+    Ok((empty_dir, empty_file))
+}
+
+/// What this host can enforce, probed once.
+pub struct Host {
+    pub landlock_abi: i32,
+    pub mount_namespace: bool,
+    pub mount_namespace_why: String,
+    pub seccomp_listener: bool,
+}
+
+pub fn host() -> &'static Host {
+    static HOST: OnceLock<Host> = OnceLock::new();
+    HOST.get_or_init(|| {
+        // SAFETY: getter without failure modes.
+        let uid = unsafe { libc::geteuid() };
+        let flags = if uid == 0 {
+            libc::CLONE_NEWNS
+        } else {
+            libc::CLONE_NEWUSER | libc::CLONE_NEWNS
+        };
+        let (mount_namespace, mount_namespace_why) = match probe_in_child(|| {
+            // SAFETY: unshare in a throwaway child.
+            unsafe { libc::unshare(flags) == 0 }
+        }) {
+            Ok(true) => (true, String::new()),
+            Ok(false) => (
+                false,
+                if uid == 0 {
+                    "unshare(CLONE_NEWNS) failed".into()
+                } else {
+                    "unprivileged user namespaces are disabled".into()
+                },
+            ),
+            Err(e) => (false, format!("probe failed: {e}")),
+        };
+        let filter = seccomp::build(false, true);
+        let seccomp_listener = probe_in_child(|| {
+            // SAFETY: prctl in a throwaway child.
+            let nnp = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0 };
+            nnp && filter.install().is_ok_and(|fd| fd.is_some())
+        })
+        .unwrap_or(false);
+        Host {
+            landlock_abi: landlock::abi(),
+            mount_namespace,
+            mount_namespace_why,
+            seccomp_listener,
+        }
+    })
+}
+
+/// Run `test` in a forked child and report whether it returned true. The
+/// test makes only system calls on data prepared before the fork.
+fn probe_in_child(test: impl Fn() -> bool) -> io::Result<bool> {
+    // SAFETY: the child only runs `test` (system calls) and _exit.
+    unsafe {
+        let pid = libc::fork();
+        if pid < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if pid == 0 {
+            libc::_exit(if test() { 0 } else { 1 });
+        }
+        let mut status = 0;
+        while libc::waitpid(pid, &mut status, 0) < 0 {
+            if *libc::__errno_location() != libc::EINTR {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0)
+    }
+}
+
+/// What the server knows about a sandboxed process, for `sandboxDenied`.
+#[derive(Debug)]
+pub struct Watch {
+    /// Set when the seccomp filter refused a call (known for sure).
+    pub refused: Arc<AtomicBool>,
+    pub network_restricted: bool,
+    /// The program's file name, for tool-specific exit codes.
+    pub program: String,
+}
+
+/// Output that suggests the sandbox stopped the command (the Codex
+/// heuristic), lower-case.
+const DENIAL_WORDS: &[&str] = &[
+    "operation not permitted",
+    "permission denied",
+    "read-only file system",
+    "seccomp",
+    "sandbox",
+    "landlock",
+    "failed to write file",
+];
+
+/// The `sandboxDenied` rule: was a sandboxed process's failure probably the
+/// sandbox's doing? Never true for an unsandboxed process or exit 0.
+pub fn probably_denied(
+    watch: Option<&Watch>,
+    exit_code: i32,
+    output: impl FnOnce() -> String,
+) -> bool {
+    let Some(watch) = watch else {
+        return false;
+    };
+    if exit_code == 0 {
+        return false;
+    }
+    if watch.refused.load(Ordering::SeqCst) {
+        return true;
+    }
+    let text = output();
+    if DENIAL_WORDS.iter().any(|w| text.contains(w)) {
+        return true;
+    }
+    if watch.network_restricted {
+        // Could not resolve / could not connect: curl 6 and 7, wget 4.
+        let network_failure = match watch.program.as_str() {
+            "curl" => matches!(exit_code, 6 | 7),
+            "wget" => exit_code == 4,
+            _ => false,
+        };
+        if network_failure {
+            return true;
+        }
+    }
+    match exit_code {
+        2 | 126 | 127 => false,
+        159 => true,
+        _ => false,
+    }
+}
+
+/// A description of what this host can enforce, for `exec-server
+/// sandbox-check`.
+pub fn describe_host() -> (bool, String) {
+    let host = host();
+    let mut text = String::new();
+    let landlock = host.landlock_abi >= 1;
+    text.push_str(&format!(
+        "landlock: {}\n",
+        if landlock {
+            format!("ABI {} (filesystem rules enforced)", host.landlock_abi)
+        } else {
+            "unavailable (restricted filesystem policies are refused)".into()
+        }
+    ));
+    text.push_str(&format!(
+        "mount namespace: {}\n",
+        if host.mount_namespace {
+            "available (deny inside readable roots, read-only .git)".to_string()
+        } else {
+            format!("unavailable: {}", host.mount_namespace_why)
+        }
+    ));
+    text.push_str(&format!(
+        "seccomp listener: {}\n",
+        if host.seccomp_listener {
+            "available (refused calls are known for sure)"
+        } else {
+            "unavailable (denials are judged from output only)"
+        }
+    ));
+    (landlock, text)
 }

@@ -128,7 +128,20 @@ fn start(ctx: &Ctx, name: &str, params: Value) -> Reply {
         if p.argv.is_empty() {
             return Err(Error::InvalidParams("argv must not be empty".into()));
         }
-        let sandbox_type = sandbox::check(p.sandbox.as_ref())?;
+        let rules = sandbox::rules(
+            p.sandbox.as_ref(),
+            Some(&p.cwd.0),
+            &ctx.server.workspace_roots,
+        )?;
+        let prepared = match &rules {
+            Some(rules) => Some(Arc::new(sandbox::prepare(rules, true)?)),
+            None => None,
+        };
+        let sandbox_type = if prepared.is_some() {
+            sandbox::SANDBOX_TYPE
+        } else {
+            "none"
+        };
         let env = child_env(p.env_policy.as_ref(), &p.env, std::env::vars());
         let tty = p.tty.then(|| p.tty_size.unwrap_or_default());
         let launch = ctx.session.processes.start(StartRequest {
@@ -141,6 +154,7 @@ fn start(ctx: &Ctx, name: &str, params: Value) -> Reply {
                 tty,
                 pipe_stdin: p.pipe_stdin,
                 watchdog_fd: None,
+                sandbox: prepared,
             },
         })?;
         let response = StartResponse {
@@ -259,8 +273,14 @@ fn on_lane<P>(
 where
     P: DeserializeOwned + Send + 'static,
 {
-    if let Err(err) = sandbox::check(params.get("sandbox")) {
-        return Reply::Ready(Err(err));
+    match sandbox::rules(params.get("sandbox"), None, &ctx.server.workspace_roots) {
+        Ok(None) => {}
+        Ok(Some(_)) => {
+            return Reply::Ready(Err(Error::SandboxUnavailable(
+                "sandboxed filesystem methods are not built yet".into(),
+            )));
+        }
+        Err(err) => return Reply::Ready(Err(err)),
     }
     let p: P = match decode(name, params) {
         Ok(p) => p,

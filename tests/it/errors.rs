@@ -174,7 +174,11 @@ fn line_over_the_size_limit() {
 fn sandbox_that_cannot_be_enforced_is_refused() {
     let line = start_line(json!({
         "processId": "p", "argv": ["true"], "cwd": "/tmp",
-        "sandbox": {"permissions": {"type": "managed", "file_system": {"type": "restricted", "entries": []}, "network": "restricted"}}
+        "sandbox": {"permissions": {"type": "managed", "network": "restricted",
+            "file_system": {"type": "restricted", "entries": [
+                {"path": {"type": "special", "value": {"kind": "root"}}, "access": "deny"},
+                {"path": {"type": "path", "path": "/usr"}, "access": "read"},
+            ]}}}
     }));
     let msg = rejected(
         &mut Server::started(&[]),
