@@ -83,6 +83,10 @@ pub enum Error {
     /// Anything else, usually an I/O failure.
     #[error("{message}")]
     Internal { message: String, errno: Option<i32> },
+    /// An error a sandboxed helper answered, passed on unchanged.
+    /// The value is the helper's whole `error` object.
+    #[error("{}", .0["message"].as_str().unwrap_or("error"))]
+    Forwarded(Box<Value>),
 }
 
 impl Error {
@@ -107,6 +111,7 @@ impl Error {
             SpawnFailed { .. } | Internal { .. } => code::INTERNAL_ERROR,
             NotFound { .. } => code::NOT_FOUND,
             SessionAttached(_) => code::SESSION_ATTACHED,
+            Forwarded(error) => error["code"].as_i64().unwrap_or(code::INTERNAL_ERROR),
         }
     }
 
@@ -132,7 +137,7 @@ impl Error {
             SessionTakenOver => "sessionTakenOver",
             MessageTooLarge { .. } => "messageTooLarge",
             InvalidInput { kind, .. } => kind,
-            Internal { .. } => "internal",
+            Internal { .. } | Forwarded(_) => "internal",
         }
     }
 
@@ -150,6 +155,9 @@ impl Error {
 
     /// The JSON-RPC `error` object.
     pub fn to_json(&self) -> Value {
+        if let Error::Forwarded(error) = self {
+            return (**error).clone();
+        }
         let mut data = json!({ "kind": self.kind() });
         if let Some(errno) = self.errno() {
             data["errno"] = json!(errno);

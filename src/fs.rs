@@ -550,6 +550,30 @@ pub fn walk(p: WalkParams) -> Result<Value> {
     Ok(json!({ "entries": entries, "errors": errors, "truncated": truncated }))
 }
 
+/// Run a path-based filesystem method (every `fs/*` method but the
+/// handle ones) on decoded params.
+pub fn run_method(name: &str, params: Value, max_message_bytes: usize) -> Result<Value> {
+    use crate::protocol::{decode, method};
+    match name {
+        method::FS_READ_FILE => read_file(decode(name, params)?, max_message_bytes),
+        method::FS_WRITE_FILE => write_file(decode(name, params)?),
+        method::FS_CREATE_DIRECTORY => create_directory(decode(name, params)?),
+        method::FS_GET_METADATA => get_metadata(decode(name, params)?),
+        method::FS_READ_DIRECTORY => read_directory(decode(name, params)?),
+        method::FS_REMOVE => remove(decode(name, params)?),
+        method::FS_COPY => copy(decode(name, params)?),
+        method::FS_RENAME => rename(decode(name, params)?),
+        method::FS_CANONICALIZE => canonicalize(decode(name, params)?),
+        method::FS_WALK => walk(decode(name, params)?),
+        _ => Err(Error::MethodNotFound(name.to_string())),
+    }
+}
+
+/// `fs/open`'s file: a regular file only, opened without blocking.
+pub fn open_for_reading(path: &Path) -> Result<File> {
+    open_regular(path, true).map(|(file, _)| file)
+}
+
 /// Open streaming handles of one connection.
 #[derive(Default)]
 pub struct Handles {
@@ -557,8 +581,8 @@ pub struct Handles {
 }
 
 impl Handles {
-    /// `fs/open`: a regular file only, opened without blocking.
-    pub fn open(&self, p: OpenParams) -> Result<Value> {
+    /// `fs/open`: `opener` opens the file (here, or in a sandboxed helper).
+    pub fn open(&self, p: OpenParams, opener: impl FnOnce(&Path) -> Result<File>) -> Result<Value> {
         if p.handle_id.is_empty() || p.handle_id.len() > MAX_HANDLE_ID {
             return Err(Error::InvalidParams(format!(
                 "handleId must be 1 to {MAX_HANDLE_ID} bytes, got {}",
@@ -579,7 +603,7 @@ impl Handles {
                 )));
             }
         }
-        let (file, _) = open_regular(&p.path.0, true)?;
+        let file = opener(&p.path.0)?;
         let mut files = lock(&self.files);
         if files.len() >= MAX_HANDLES {
             return Err(Error::InvalidRequest(format!(

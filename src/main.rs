@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use exec_server::client::run::{self, RunOptions, SandboxMode};
+use exec_server::sandbox;
 use exec_server::server::{self, Config};
 
 /// Runs processes and touches files on this machine for an orchestrator,
@@ -25,6 +26,9 @@ struct Cli {
 enum Command {
     /// Run one command through a server (started lazily) and exit with its code.
     Run(RunArgs),
+    /// Print what this host's kernel lets the sandbox enforce; exits 1
+    /// when restricted filesystem policies would be refused.
+    SandboxCheck,
 }
 
 #[derive(Debug, Args)]
@@ -115,7 +119,22 @@ struct ServeArgs {
 
 fn main() -> ExitCode {
     init_logging();
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == sandbox::helper::ARG)
+    {
+        return ExitCode::from(sandbox::helper::main() as u8);
+    }
     let cli = Cli::parse();
+    if let Some(Command::SandboxCheck) = cli.command {
+        let (ok, text) = sandbox::describe_host();
+        print!("{text}");
+        return if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
     if let Some(Command::Run(args)) = cli.command {
         let outcome = run::run(RunOptions {
             via: args.via,

@@ -407,6 +407,15 @@ pub struct EnvPolicy {
     pub include_only: Vec<String>,
 }
 
+/// Decode params, naming the method in the error.
+pub fn decode<T: serde::de::DeserializeOwned>(
+    name: &str,
+    params: serde_json::Value,
+) -> Result<T, Error> {
+    serde_json::from_value(params)
+        .map_err(|err| Error::InvalidParams(format!("invalid params for {name}: {err}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

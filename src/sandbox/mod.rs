@@ -21,6 +21,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 
+pub mod helper;
 pub mod landlock;
 pub mod policy;
 pub mod seccomp;

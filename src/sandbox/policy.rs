@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
@@ -124,7 +124,7 @@ pub enum SpecialKind {
 
 /// What a resolved path may be used for. `Device` is the read-write access
 /// `minimal` gives to `/dev/null` and friends (including ioctls).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Grant {
     Write,
     Device,
@@ -134,7 +134,7 @@ pub enum Grant {
 
 /// A policy bound to this executor: `None` filesystem rules mean the
 /// filesystem is unrestricted.
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Rules {
     pub fs: Option<BTreeMap<PathBuf, Grant>>,
     pub network_restricted: bool,

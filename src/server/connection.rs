@@ -216,7 +216,7 @@ impl Connection {
         if self.session.is_some() {
             return Err(Error::AlreadyInitialized);
         }
-        let params: InitializeParams = dispatch::decode(method::INITIALIZE, params)?;
+        let params: InitializeParams = crate::protocol::decode(method::INITIALIZE, params)?;
         let sessions = &self.server.sessions;
         let session = match &params.resume_session_id {
             Some(id) => sessions.resume(id, self.id, self.outgoing.clone())?,

@@ -7,7 +7,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use serde::Serialize;
-use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::Server;
@@ -20,6 +19,7 @@ use crate::protocol::{
     ListResponse, ProcessIdParams, ReadParams, ResizeParams, SignalParams, StartParams,
     StartResponse, TerminateResponse, TtySize, WriteParams, WriteResponse, method,
 };
+use crate::sandbox::policy::Rules;
 use crate::{environment, fs, sandbox};
 
 /// What a handler needs: the server, the caller's session, and state that
@@ -81,16 +81,16 @@ pub fn route(name: &str) -> Option<Route> {
         method::PROCESS_LIST => ("exec", list),
         method::ENVIRONMENT_INFO => ("environment info", info),
         method::ENVIRONMENT_STATUS => ("environment status", status),
-        method::FS_READ_FILE => ("filesystem", fs_read_file),
-        method::FS_WRITE_FILE => ("filesystem", fs_write_file),
-        method::FS_CREATE_DIRECTORY => ("filesystem", fs_create_directory),
-        method::FS_GET_METADATA => ("filesystem", fs_get_metadata),
-        method::FS_READ_DIRECTORY => ("filesystem", fs_read_directory),
-        method::FS_REMOVE => ("filesystem", fs_remove),
-        method::FS_COPY => ("filesystem", fs_copy),
-        method::FS_RENAME => ("filesystem", fs_rename),
-        method::FS_CANONICALIZE => ("filesystem", fs_canonicalize),
-        method::FS_WALK => ("filesystem", fs_walk),
+        method::FS_READ_FILE => ("filesystem", fs_method),
+        method::FS_WRITE_FILE => ("filesystem", fs_method),
+        method::FS_CREATE_DIRECTORY => ("filesystem", fs_method),
+        method::FS_GET_METADATA => ("filesystem", fs_method),
+        method::FS_READ_DIRECTORY => ("filesystem", fs_method),
+        method::FS_REMOVE => ("filesystem", fs_method),
+        method::FS_COPY => ("filesystem", fs_method),
+        method::FS_RENAME => ("filesystem", fs_method),
+        method::FS_CANONICALIZE => ("filesystem", fs_method),
+        method::FS_WALK => ("filesystem", fs_method),
         method::FS_OPEN => ("filesystem", fs_open),
         method::FS_READ_BLOCK => ("filesystem", fs_read_block),
         method::FS_CLOSE => ("filesystem", fs_close),
@@ -99,11 +99,7 @@ pub fn route(name: &str) -> Option<Route> {
     Some(Route { family, handler })
 }
 
-/// Decode params, naming the method in the error.
-pub fn decode<T: DeserializeOwned>(name: &str, params: Value) -> Result<T> {
-    serde_json::from_value(params)
-        .map_err(|err| Error::InvalidParams(format!("invalid params for {name}: {err}")))
-}
+use crate::protocol::decode;
 
 fn ready<T: Serialize>(result: Result<T>) -> Reply {
     Reply::Ready(result.and_then(to_value))
@@ -262,32 +258,24 @@ fn status(_ctx: &Ctx, _name: &str, _params: Value) -> Reply {
     ready(Ok(serde_json::json!({ "status": "ready" })))
 }
 
-/// Run a filesystem operation on the connection's lane, after checking its
-/// sandbox intent and decoding its params.
-fn on_lane<P>(
+/// Run a filesystem operation on the connection's lane, with the sandbox
+/// rules its `sandbox` param binds to (`None`: unsandboxed).
+fn on_lane(
     ctx: &Ctx,
     name: &str,
     params: Value,
-    op: impl FnOnce(P, &Ctx) -> Result<Value> + Send + 'static,
-) -> Reply
-where
-    P: DeserializeOwned + Send + 'static,
-{
-    match sandbox::rules(params.get("sandbox"), None, &ctx.server.workspace_roots) {
-        Ok(None) => {}
-        Ok(Some(_)) => {
-            return Reply::Ready(Err(Error::SandboxUnavailable(
-                "sandboxed filesystem methods are not built yet".into(),
-            )));
-        }
-        Err(err) => return Reply::Ready(Err(err)),
-    }
-    let p: P = match decode(name, params) {
-        Ok(p) => p,
+    op: impl FnOnce(&Ctx, &str, Option<Rules>, Value) -> Result<Value> + Send + 'static,
+) -> Reply {
+    let rules = match sandbox::rules(params.get("sandbox"), None, &ctx.server.workspace_roots) {
+        Ok(rules) => rules,
         Err(err) => return Reply::Ready(Err(err)),
     };
     let job_ctx = ctx.clone();
-    let done = ctx.conn.lane.run(move || op(p, &job_ctx));
+    let name = name.to_string();
+    let done = ctx
+        .conn
+        .lane
+        .run(move || op(&job_ctx, &name, rules, params));
     Reply::Later(Box::pin(async move {
         done.await.unwrap_or_else(|| {
             Err(Error::Internal {
@@ -298,56 +286,42 @@ where
     }))
 }
 
-fn fs_read_file(ctx: &Ctx, name: &str, params: Value) -> Reply {
-    on_lane(ctx, name, params, |p, ctx| {
-        fs::read_file(p, ctx.server.config.max_message_bytes)
+/// Every path-based `fs/*` method: here, or in a sandboxed helper.
+fn fs_method(ctx: &Ctx, name: &str, params: Value) -> Reply {
+    on_lane(ctx, name, params, |ctx, name, rules, params| {
+        let max = ctx.server.config.max_message_bytes;
+        match rules {
+            None => fs::run_method(name, params, max),
+            Some(rules) => sandbox::helper::run(&rules, name, &params, max).map(|(v, _)| v),
+        }
     })
 }
 
-fn fs_write_file(ctx: &Ctx, name: &str, params: Value) -> Reply {
-    on_lane(ctx, name, params, |p, _| fs::write_file(p))
-}
-
-fn fs_create_directory(ctx: &Ctx, name: &str, params: Value) -> Reply {
-    on_lane(ctx, name, params, |p, _| fs::create_directory(p))
-}
-
-fn fs_get_metadata(ctx: &Ctx, name: &str, params: Value) -> Reply {
-    on_lane(ctx, name, params, |p, _| fs::get_metadata(p))
-}
-
-fn fs_read_directory(ctx: &Ctx, name: &str, params: Value) -> Reply {
-    on_lane(ctx, name, params, |p, _| fs::read_directory(p))
-}
-
-fn fs_remove(ctx: &Ctx, name: &str, params: Value) -> Reply {
-    on_lane(ctx, name, params, |p, _| fs::remove(p))
-}
-
-fn fs_copy(ctx: &Ctx, name: &str, params: Value) -> Reply {
-    on_lane(ctx, name, params, |p, _| fs::copy(p))
-}
-
-fn fs_rename(ctx: &Ctx, name: &str, params: Value) -> Reply {
-    on_lane(ctx, name, params, |p, _| fs::rename(p))
-}
-
-fn fs_canonicalize(ctx: &Ctx, name: &str, params: Value) -> Reply {
-    on_lane(ctx, name, params, |p, _| fs::canonicalize(p))
-}
-
-fn fs_walk(ctx: &Ctx, name: &str, params: Value) -> Reply {
-    on_lane(ctx, name, params, |p, _| fs::walk(p))
-}
-
 fn fs_open(ctx: &Ctx, name: &str, params: Value) -> Reply {
-    on_lane(ctx, name, params, |p, ctx| ctx.conn.handles.open(p))
+    on_lane(ctx, name, params, |ctx, name, rules, params| {
+        let max = ctx.server.config.max_message_bytes;
+        let p: fs::OpenParams = decode(name, params.clone())?;
+        ctx.conn.handles.open(p, |path| match rules {
+            None => fs::open_for_reading(path),
+            Some(rules) => match sandbox::helper::run(&rules, name, &params, max)? {
+                (_, Some(file)) => Ok(file),
+                (_, None) => Err(Error::Internal {
+                    message: format!("the sandboxed helper sent no file for {}", path.display()),
+                    errno: None,
+                }),
+            },
+        })
+    })
 }
 
 fn fs_read_block(ctx: &Ctx, name: &str, params: Value) -> Reply {
-    on_lane(ctx, name, params, |p, ctx| ctx.conn.handles.read_block(p))
+    on_lane(ctx, name, params, |ctx, name, _, params| {
+        ctx.conn.handles.read_block(decode(name, params)?)
+    })
 }
 
 fn fs_close(ctx: &Ctx, name: &str, params: Value) -> Reply {
-    on_lane(ctx, name, params, |p, ctx| ctx.conn.handles.close(p))
+    on_lane(ctx, name, params, |ctx, name, _, params| {
+        ctx.conn.handles.close(decode(name, params)?)
+    })
 }
