@@ -57,7 +57,9 @@ pub struct Prepared {
 
 /// Build the sandbox for `rules`, or say why this host can't enforce it.
 /// `notify`: hear of refused calls through a seccomp listener.
-pub fn prepare(rules: &Rules, notify: bool) -> Result<Prepared> {
+/// `cwd`: the directory the child runs in, entered again once the mounts
+/// are made (the old one would still see the tree below them).
+pub fn prepare(rules: &Rules, notify: bool, cwd: Option<&Path>) -> Result<Prepared> {
     let unavailable = |why: String| Error::SandboxUnavailable(why);
     let mut ruleset = None;
     let mut mounts = None;
@@ -81,17 +83,16 @@ pub fn prepare(rules: &Rules, notify: bool) -> Result<Prepared> {
             })?;
         }
         ruleset = Some(set);
-        let plan = MountPlan::new(fs)?;
-        if !plan.ops.is_empty() {
-            let host = host();
-            if !host.mount_namespace {
-                return Err(unavailable(format!(
-                    "a private mount namespace is needed for {} and this host refuses one ({})",
-                    plan.ops[0].target.to_string_lossy(),
-                    host.mount_namespace_why
-                )));
-            }
+        let plan = MountPlan::new(fs, cwd)?;
+        let host = host();
+        if host.mount_namespace {
             mounts = Some(plan);
+        } else if let Some(op) = plan.exceptions().next() {
+            return Err(unavailable(format!(
+                "a private mount namespace is needed for {} and this host refuses one ({})",
+                op.target.to_string_lossy(),
+                host.mount_namespace_why
+            )));
         }
     }
     let notify = notify && host().seccomp_listener;
@@ -274,8 +275,9 @@ enum MountKind {
     },
     /// Bind onto itself (with what is mounted below), then read-only.
     ReadOnly { keep: libc::c_ulong },
-    /// Bind onto itself, so that a read-only parent leaves it writable.
-    Writable,
+    /// Bind onto itself and make that mount writable again (unless the
+    /// host had it read-only), inside the read-only tree.
+    Writable { host_read_only: bool },
 }
 
 struct MountOp {
@@ -283,23 +285,30 @@ struct MountOp {
     kind: MountKind,
 }
 
-/// The private mount namespace a child builds before exec.
+/// The private mount namespace a child builds before exec: the whole tree
+/// read-only (so metadata writes such as chmod, which Landlock does not
+/// see, fail outside writable places), writable places bound writable
+/// again, then the exceptions: masks over denied paths and read-only
+/// binds inside writable places.
 struct MountPlan {
     /// `Some((uid_map, gid_map))` when an unprivileged server needs a user
     /// namespace to own the mount namespace.
     user_maps: Option<(Vec<u8>, Vec<u8>)>,
     ops: Vec<MountOp>,
+    cwd: Option<CString>,
 }
 
 impl MountPlan {
-    fn new(fs: &std::collections::BTreeMap<PathBuf, Grant>) -> Result<MountPlan> {
+    fn new(
+        fs: &std::collections::BTreeMap<PathBuf, Grant>,
+        cwd: Option<&Path>,
+    ) -> Result<MountPlan> {
         let nearest = |path: &Path| {
             path.ancestors()
                 .skip(1)
                 .find_map(|a| fs.get(a).map(|g| (a.to_path_buf(), *g)))
         };
         let mut ops: Vec<(usize, PathBuf, MountOp)> = Vec::new();
-        let mut read_only: Vec<PathBuf> = Vec::new();
         for (path, grant) in fs {
             let Some((above, above_grant)) = nearest(path) else {
                 continue;
@@ -321,12 +330,9 @@ impl MountPlan {
                         keep: locked_flags(source),
                     }
                 }
-                (Grant::Read, Grant::Write) => {
-                    read_only.push(path.clone());
-                    MountKind::ReadOnly {
-                        keep: locked_flags(path),
-                    }
-                }
+                (Grant::Read, Grant::Write) => MountKind::ReadOnly {
+                    keep: locked_flags(path),
+                },
                 _ => continue,
             };
             let depth = path.components().count();
@@ -339,25 +345,21 @@ impl MountPlan {
                 },
             ));
         }
-        // Writable places inside read-only ones get their own mount.
-        for (path, grant) in fs {
-            if matches!(grant, Grant::Write | Grant::Device)
-                && read_only
-                    .iter()
-                    .any(|ro| path != ro && path.starts_with(ro))
-            {
-                ops.push((
-                    path.components().count(),
-                    path.clone(),
-                    MountOp {
-                        target: cstring(path)?,
-                        kind: MountKind::Writable,
-                    },
-                ));
-            }
-        }
         // Deepest first: a read-only bind carries the mounts below it.
         ops.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        // Writable places come before the exceptions, shallowest first.
+        let mut writable = Vec::new();
+        for (path, grant) in fs {
+            if *grant == Grant::Write {
+                writable.push(MountOp {
+                    target: cstring(path)?,
+                    kind: MountKind::Writable {
+                        host_read_only: locked_flags(path) & libc::MS_RDONLY != 0,
+                    },
+                });
+            }
+        }
+        writable.sort_by_key(|op| op.target.as_bytes().iter().filter(|&&b| b == b'/').count());
         // SAFETY: getters without failure modes.
         let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
         let user_maps = (uid != 0).then(|| {
@@ -366,10 +368,19 @@ impl MountPlan {
                 format!("{gid} {gid} 1\n").into_bytes(),
             )
         });
+        writable.extend(ops.into_iter().map(|(_, _, op)| op));
         Ok(MountPlan {
             user_maps,
-            ops: ops.into_iter().map(|(_, _, op)| op).collect(),
+            ops: writable,
+            cwd: cwd.map(cstring).transpose()?,
         })
+    }
+
+    /// The operations Landlock alone can't stand in for.
+    fn exceptions(&self) -> impl Iterator<Item = &MountOp> {
+        self.ops
+            .iter()
+            .filter(|op| !matches!(op.kind, MountKind::Writable { .. }))
     }
 
     /// In the child: a private mount namespace (owned by a new user
@@ -401,6 +412,7 @@ impl MountPlan {
                 libc::MS_REC | libc::MS_PRIVATE,
                 std::ptr::null(),
             ))?;
+            check(set_read_only(c"/", true, true))?;
             for op in &self.ops {
                 let target = op.target.as_ptr();
                 match &op.kind {
@@ -436,17 +448,59 @@ impl MountPlan {
                             std::ptr::null(),
                         ))?;
                     }
-                    MountKind::Writable => check(libc::mount(
-                        target,
-                        target,
-                        null,
-                        libc::MS_BIND | libc::MS_REC,
-                        std::ptr::null(),
-                    ))?,
+                    MountKind::Writable { host_read_only } => {
+                        check(libc::mount(
+                            target,
+                            target,
+                            null,
+                            libc::MS_BIND | libc::MS_REC,
+                            std::ptr::null(),
+                        ))?;
+                        if !host_read_only {
+                            check(set_read_only(&op.target, false, false))?;
+                        }
+                    }
                 }
+            }
+            if let Some(cwd) = &self.cwd {
+                check(libc::chdir(cwd.as_ptr()))?;
             }
         }
         Ok(())
+    }
+}
+
+/// `mount_setattr`: set or clear the read-only flag of the mount at
+/// `path` (and every mount below it when `recursive`). Returns 0 or -1.
+///
+/// # Safety
+/// A plain system call; callable between fork and exec.
+unsafe fn set_read_only(path: &std::ffi::CStr, read_only: bool, recursive: bool) -> libc::c_int {
+    #[repr(C)]
+    struct MountAttr {
+        attr_set: u64,
+        attr_clr: u64,
+        propagation: u64,
+        userns_fd: u64,
+    }
+    const MOUNT_ATTR_RDONLY: u64 = 1;
+    const AT_RECURSIVE: libc::c_uint = 0x8000;
+    let attr = MountAttr {
+        attr_set: if read_only { MOUNT_ATTR_RDONLY } else { 0 },
+        attr_clr: if read_only { 0 } else { MOUNT_ATTR_RDONLY },
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: attr is valid for its size.
+    unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            if recursive { AT_RECURSIVE } else { 0 },
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        ) as libc::c_int
     }
 }
 
@@ -488,6 +542,7 @@ fn locked_flags(path: &Path) -> libc::c_ulong {
     };
     let mut keep = 0;
     for (st, ms) in [
+        (libc::ST_RDONLY, libc::MS_RDONLY),
         (libc::ST_NOSUID, libc::MS_NOSUID),
         (libc::ST_NODEV, libc::MS_NODEV),
         (libc::ST_NOEXEC, libc::MS_NOEXEC),
@@ -588,16 +643,26 @@ pub fn host() -> &'static Host {
             libc::CLONE_NEWUSER | libc::CLONE_NEWNS
         };
         let (mount_namespace, mount_namespace_why) = match probe_in_child(|| {
-            // SAFETY: unshare in a throwaway child.
-            unsafe { libc::unshare(flags) == 0 }
+            // SAFETY: system calls in a throwaway child.
+            unsafe {
+                libc::unshare(flags) == 0
+                    && libc::mount(
+                        std::ptr::null(),
+                        c"/".as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_REC | libc::MS_PRIVATE,
+                        std::ptr::null(),
+                    ) == 0
+                    && set_read_only(c"/", true, true) == 0
+            }
         }) {
             Ok(true) => (true, String::new()),
             Ok(false) => (
                 false,
                 if uid == 0 {
-                    "unshare(CLONE_NEWNS) failed".into()
+                    "a private, read-only mount tree could not be made".into()
                 } else {
-                    "unprivileged user namespaces are disabled".into()
+                    "unprivileged user namespaces are disabled or restricted".into()
                 },
             ),
             Err(e) => (false, format!("probe failed: {e}")),
@@ -651,8 +716,10 @@ pub struct Watch {
 }
 
 /// Output that suggests the sandbox stopped the command (the Codex
-/// heuristic), lower-case.
+/// heuristic, plus EXDEV's text: Landlock refuses a link or rename that
+/// would widen access with it), lower-case.
 const DENIAL_WORDS: &[&str] = &[
+    "invalid cross-device link",
     "operation not permitted",
     "permission denied",
     "read-only file system",

@@ -130,7 +130,7 @@ fn start(ctx: &Ctx, name: &str, params: Value) -> Reply {
             &ctx.server.workspace_roots,
         )?;
         let prepared = match &rules {
-            Some(rules) => Some(Arc::new(sandbox::prepare(rules, true)?)),
+            Some(rules) => Some(Arc::new(sandbox::prepare(rules, true, Some(&p.cwd.0))?)),
             None => None,
         };
         let sandbox_type = if prepared.is_some() {

@@ -7,6 +7,7 @@ mod errors;
 mod fs;
 mod hygiene;
 mod process;
+mod sandbox;
 mod ssh;
 mod support;
 mod transcripts;
