@@ -601,8 +601,16 @@ fn make_masks(dir: &Path, uid: u32) -> io::Result<(PathBuf, PathBuf)> {
     }
     let empty_dir = dir.join("dir");
     let empty_file = dir.join("file");
-    if std::fs::symlink_metadata(&empty_dir).is_err() {
-        std::fs::DirBuilder::new().mode(0o0).create(&empty_dir)?;
+    let set_mode = |path: &Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+    };
+    match std::fs::symlink_metadata(&empty_dir) {
+        Ok(m) if m.is_dir() => set_mode(&empty_dir, 0o700)?,
+        Ok(_) => return Err(io::Error::other("the mask directory is not a directory")),
+        Err(_) => std::fs::DirBuilder::new().mode(0o700).create(&empty_dir)?,
+    }
+    if std::fs::read_dir(&empty_dir)?.next().is_some() {
+        return Err(io::Error::other("the mask directory is not empty"));
     }
     // Recreate the file if anything was written to it.
     match std::fs::symlink_metadata(&empty_file) {
@@ -615,12 +623,8 @@ fn make_masks(dir: &Path, uid: u32) -> io::Result<(PathBuf, PathBuf)> {
             std::fs::File::create(&empty_file)?;
         }
     }
-    let d = std::fs::symlink_metadata(&empty_dir)?;
-    if !d.is_dir() || std::fs::read_dir(&empty_dir).map(|mut r| r.next().is_some())? {
-        return Err(io::Error::other("the empty directory is not empty"));
-    }
-    std::fs::set_permissions(&empty_dir, std::fs::Permissions::from_mode(0o0))?;
-    std::fs::set_permissions(&empty_file, std::fs::Permissions::from_mode(0o0))?;
+    set_mode(&empty_dir, 0o0)?;
+    set_mode(&empty_file, 0o0)?;
     Ok((empty_dir, empty_file))
 }
 
