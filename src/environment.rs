@@ -41,7 +41,7 @@ pub fn info(workspace_roots: &[PathBuf]) -> Value {
             "resize": true,
             "signals": SIGNALS,
             "processList": true,
-            "sandbox": false,
+            "sandbox": crate::sandbox::host().landlock_abi >= 1,
             "filesystem": true,
         },
         "os": std::env::consts::OS,

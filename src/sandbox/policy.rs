@@ -295,7 +295,15 @@ pub fn resolve(
     // Device nodes every process expects (`/dev/null` and friends) stay
     // usable under any restricted policy, unless an entry denies them.
     for dev in MINIMAL_DEVICES {
-        if let Ok(real) = std::fs::canonicalize(dev) {
+        let Ok(real) = std::fs::canonicalize(dev) else {
+            continue;
+        };
+        let denied_above = real
+            .ancestors()
+            .skip(1)
+            .find_map(|a| fs.get(a))
+            .is_some_and(|g| *g == Grant::Deny);
+        if !denied_above {
             fs.entry(real).or_insert(Grant::Device);
         }
     }
