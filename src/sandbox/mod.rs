@@ -788,9 +788,15 @@ pub fn describe_host() -> (bool, String) {
     text.push_str(&format!(
         "mount namespace: {}\n",
         if host.mount_namespace {
-            "available (deny inside readable roots, read-only .git)".to_string()
+            "available (read-only tree outside writable places, deny masks, read-only .git)"
+                .to_string()
         } else {
-            format!("unavailable: {}", host.mount_namespace_why)
+            format!(
+                "unavailable: {} (policies with deny or read-only exceptions are refused; \
+                 others run under Landlock alone, without protection against chmod/chown \
+                 outside writable places)",
+                host.mount_namespace_why
+            )
         }
     ));
     text.push_str(&format!(
