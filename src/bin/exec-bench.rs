@@ -1,0 +1,554 @@
+//! `exec-bench`: measure a server of this protocol through the client
+//! library, and in the same run the direct way of doing the same work, so
+//! every figure comes with a baseline from the same (noisy) machine.
+//!
+//! ```sh
+//! cargo run --release --bin exec-bench -- [--via "CMD ..."] [--json FILE] [--quick]
+//! ```
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use exec_server::client::{Client, Event, ServerCommand, StartOptions};
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::io::AsyncReadExt;
+
+/// Benchmarks a server of the exec-server protocol against direct baselines.
+#[derive(Debug, Parser)]
+#[command(name = "exec-bench")]
+struct Args {
+    /// The server command (default: this build's exec-server --stdio).
+    #[arg(long, value_name = "CMD")]
+    via: Option<String>,
+    /// Also write the results as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Fewer repetitions and smaller sizes (a smoke run, under 30 s).
+    #[arg(long)]
+    quick: bool,
+}
+
+/// Sizes and repetitions of one run.
+struct Plan {
+    cold_starts: usize,
+    round_trips: usize,
+    stream_bytes: u64,
+    stream_runs: usize,
+    fan_out: usize,
+    fan_out_bytes: u64,
+    interference_reads: usize,
+    interference_starts: usize,
+    churn: usize,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Plan {
+        if quick {
+            Plan {
+                cold_starts: 5,
+                round_trips: 20,
+                stream_bytes: 32 << 20,
+                stream_runs: 1,
+                fan_out: 32,
+                fan_out_bytes: 1 << 20,
+                interference_reads: 50,
+                interference_starts: 10,
+                churn: 100,
+            }
+        } else {
+            Plan {
+                cold_starts: 30,
+                round_trips: 200,
+                stream_bytes: 512 << 20,
+                stream_runs: 3,
+                fan_out: 256,
+                fan_out_bytes: 4 << 20,
+                interference_reads: 200,
+                interference_starts: 50,
+                churn: 1000,
+            }
+        }
+    }
+}
+
+/// Median and 95th percentile of some samples.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct Summary {
+    median: f64,
+    p95: f64,
+    samples: usize,
+}
+
+impl Summary {
+    fn of(mut samples: Vec<f64>) -> Summary {
+        samples.sort_by(|a, b| a.total_cmp(b));
+        let at = |q: f64| {
+            let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
+            samples.get(i).copied().unwrap_or(f64::NAN)
+        };
+        Summary {
+            median: at(0.5),
+            p95: at(0.95),
+            samples: samples.len(),
+        }
+    }
+}
+
+/// One line of the table.
+#[derive(Debug, Serialize)]
+struct Row {
+    case: String,
+    unit: &'static str,
+    server: Summary,
+    baseline: Option<Summary>,
+    /// server / baseline (medians), when there is a baseline.
+    ratio: Option<f64>,
+    note: String,
+}
+
+fn row(case: &str, unit: &'static str, server: Vec<f64>, baseline: Option<Vec<f64>>, note: String) -> Row {
+    let server = Summary::of(server);
+    let baseline = baseline.map(Summary::of);
+    Row {
+        case: case.to_string(),
+        unit,
+        server,
+        baseline,
+        ratio: baseline.map(|b| server.median / b.median),
+        note,
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn mb_per_s(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / 1e6 / d.as_secs_f64()
+}
+
+/// The server command: `--via`, or the exec-server beside this binary.
+fn server_command(args: &Args, extra: &[&str]) -> Result<ServerCommand, BoxError> {
+    if let Some(via) = &args.via {
+        return Ok(ServerCommand::parse(via)?);
+    }
+    let exe = std::env::current_exe()?;
+    let server = exe.with_file_name("exec-server");
+    if !server.exists() {
+        return Err(format!(
+            "{} not found: build it first (cargo build --release), or pass --via",
+            server.display()
+        )
+        .into());
+    }
+    let mut cmd = ServerCommand::new(server).arg("--stdio");
+    for a in extra {
+        cmd = cmd.arg(*a);
+    }
+    Ok(cmd)
+}
+
+/// Kibibytes of a /proc/PID/status field (VmRSS, VmHWM).
+fn proc_kib(pid: i32, field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Run a process through `client` until it is closed; payload bytes seen.
+async fn drain(client: &Client, id: String, argv: Vec<String>) -> Result<u64, BoxError> {
+    let mut process = client.start(StartOptions::new(id, argv).cwd("/")).await?;
+    let mut bytes = 0u64;
+    while let Some(event) = process.next_event().await? {
+        match event {
+            Event::Output { data, .. } => bytes += data.len() as u64,
+            Event::Exited(_) => {}
+            Event::Closed => break,
+        }
+    }
+    Ok(bytes)
+}
+
+/// The same command run directly, stdout read through a pipe.
+async fn direct(argv: &[String]) -> Result<u64, BoxError> {
+    let mut child = tokio::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut out = child.stdout.take().expect("piped");
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut bytes = 0u64;
+    loop {
+        let n = out.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        bytes += n as u64;
+    }
+    child.wait().await?;
+    Ok(bytes)
+}
+
+fn head(bytes: u64) -> Vec<String> {
+    vec!["head".into(), "-c".into(), bytes.to_string(), "/dev/zero".into()]
+}
+
+async fn spawn_true() -> Result<Duration, BoxError> {
+    let t = Instant::now();
+    tokio::process::Command::new("true")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await?;
+    Ok(t.elapsed())
+}
+
+async fn cold_start(args: &Args, plan: &Plan) -> Result<Row, BoxError> {
+    let mut server = Vec::new();
+    let mut baseline = Vec::new();
+    for _ in 0..plan.cold_starts {
+        let client = Client::new(server_command(args, &[])?);
+        let t = Instant::now();
+        client.session_id().await?;
+        server.push(ms(t.elapsed()));
+        client.shutdown().await;
+        baseline.push(ms(spawn_true().await?));
+    }
+    Ok(row(
+        "cold start (spawn to initialize response)",
+        "ms",
+        server,
+        Some(baseline),
+        "baseline: spawn and reap `true`".into(),
+    ))
+}
+
+async fn round_trip(args: &Args, plan: &Plan) -> Result<Row, BoxError> {
+    let client = Client::new(server_command(args, &[])?);
+    client.session_id().await?;
+    let mut server = Vec::new();
+    let mut baseline = Vec::new();
+    for i in 0..plan.round_trips {
+        let t = Instant::now();
+        drain(&client, format!("rt{i}"), vec!["true".into()]).await?;
+        server.push(ms(t.elapsed()));
+        baseline.push(ms(spawn_true().await?));
+    }
+    client.shutdown().await;
+    Ok(row(
+        "round trip (process/start `true` to process/closed)",
+        "ms",
+        server,
+        Some(baseline),
+        "baseline: tokio::process spawn and reap `true`".into(),
+    ))
+}
+
+async fn throughput(args: &Args, plan: &Plan) -> Result<Vec<Row>, BoxError> {
+    let argv = head(plan.stream_bytes);
+    let mut notified = Vec::new();
+    let mut polled = Vec::new();
+    let mut piped = Vec::new();
+    let mut lost = 0u64;
+    // Polling needs the whole output retained: a local server gets a
+    // retention that holds it; another server keeps its own setting.
+    let retain = (plan.stream_bytes + (1 << 20)).to_string();
+    for run in 0..plan.stream_runs {
+        let client = Client::new(server_command(args, &[])?);
+        client.session_id().await?;
+        let t = Instant::now();
+        let got = drain(&client, format!("n{run}"), argv.clone()).await?;
+        notified.push(mb_per_s(got, t.elapsed()));
+        client.shutdown().await;
+
+        let client = Client::new(server_command(args, &["--retain-bytes", &retain])?);
+        client.session_id().await?;
+        let t = Instant::now();
+        let (got, missed) = poll(&client, &format!("r{run}"), &argv).await?;
+        polled.push(mb_per_s(got, t.elapsed()));
+        lost += missed;
+        client.shutdown().await;
+
+        let t = Instant::now();
+        let got = direct(&argv).await?;
+        piped.push(mb_per_s(got, t.elapsed()));
+    }
+    let size = format!("{} MiB", plan.stream_bytes >> 20);
+    Ok(vec![
+        row(
+            &format!("output throughput, notifications ({size})"),
+            "MB/s",
+            notified,
+            Some(piped.clone()),
+            "baseline: the same command through a plain pipe".into(),
+        ),
+        row(
+            &format!("output throughput, process/read 1 MiB polls ({size})"),
+            "MB/s",
+            polled,
+            Some(piped),
+            if lost > 0 {
+                format!("{lost} bytes fell out of retention before they were read")
+            } else {
+                "every byte read back".into()
+            },
+        ),
+    ])
+}
+
+/// Read a process's output by `process/read` polls of 1 MiB; (bytes
+/// read, bytes that fell out of retention first).
+async fn poll(client: &Client, id: &str, argv: &[String]) -> Result<(u64, u64), BoxError> {
+    use base64::Engine;
+    client
+        .call("process/start", json!({"processId": id, "argv": argv, "cwd": "/"}))
+        .await?;
+    let mut after = 0u64;
+    let mut bytes = 0u64;
+    let mut lost = 0u64;
+    loop {
+        let r = client
+            .call(
+                "process/read",
+                json!({"processId": id, "afterSeq": after, "maxBytes": 1 << 20, "waitMs": 1000}),
+            )
+            .await?;
+        for chunk in r["chunks"].as_array().into_iter().flatten() {
+            let text = chunk["chunk"].as_str().unwrap_or("");
+            let data = base64::engine::general_purpose::STANDARD.decode(text)?;
+            bytes += data.len() as u64;
+        }
+        if r["truncated"] == true {
+            lost += 1;
+        }
+        after = r["nextSeq"].as_u64().unwrap_or(after + 1).saturating_sub(1);
+        if r["closed"] == true && r["chunks"].as_array().is_none_or(|c| c.is_empty()) {
+            break;
+        }
+    }
+    let expected = argv[2].parse::<u64>().unwrap_or(bytes);
+    let _ = lost;
+    Ok((bytes, expected.saturating_sub(bytes)))
+}
+
+async fn fan_out(args: &Args, plan: &Plan) -> Result<Row, BoxError> {
+    let client = Client::new(server_command(args, &[])?);
+    client.session_id().await?;
+    let pid = client.server_pid().unwrap_or(0);
+    let argv = head(plan.fan_out_bytes);
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..plan.fan_out {
+        let (client, argv) = (client.clone(), argv.clone());
+        tasks.push(tokio::spawn(async move { drain(&client, format!("f{i}"), argv).await }));
+    }
+    let mut total = 0;
+    for task in tasks {
+        total += task.await.map_err(|e| e.to_string())??;
+    }
+    let served = t.elapsed();
+    let peak = proc_kib(pid, "VmHWM:").unwrap_or(f64::NAN) / 1024.0;
+    client.shutdown().await;
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..plan.fan_out {
+        let argv = argv.clone();
+        tasks.push(tokio::spawn(async move { direct(&argv).await }));
+    }
+    for task in tasks {
+        task.await.map_err(|e| e.to_string())??;
+    }
+    let direct_time = t.elapsed();
+    let expected = plan.fan_out as u64 * plan.fan_out_bytes;
+    Ok(row(
+        &format!(
+            "fan-out ({} processes x {} MiB at once)",
+            plan.fan_out,
+            plan.fan_out_bytes >> 20
+        ),
+        "ms",
+        vec![ms(served)],
+        Some(vec![ms(direct_time)]),
+        format!(
+            "server peak RSS {peak:.1} MiB; {} of {} MiB received",
+            total >> 20,
+            expected >> 20
+        ),
+    ))
+}
+
+async fn interference(args: &Args, plan: &Plan) -> Result<Row, BoxError> {
+    let client = Client::new(server_command(args, &[])?);
+    client.session_id().await?;
+    client
+        .call(
+            "process/start",
+            json!({"processId": "idle", "argv": ["sleep", "600"], "cwd": "/"}),
+        )
+        .await?;
+    let start_latency = |i: usize, tag: &'static str| {
+        let client = client.clone();
+        async move {
+            let t = Instant::now();
+            client
+                .call(
+                    "process/start",
+                    json!({"processId": format!("{tag}{i}"), "argv": ["true"], "cwd": "/"}),
+                )
+                .await?;
+            Ok::<f64, BoxError>(ms(t.elapsed()))
+        }
+    };
+    let mut unloaded = Vec::new();
+    for i in 0..plan.interference_starts {
+        unloaded.push(start_latency(i, "u").await?);
+    }
+    let mut reads = Vec::new();
+    for _ in 0..plan.interference_reads {
+        let client = client.clone();
+        reads.push(tokio::spawn(async move {
+            client
+                .call(
+                    "process/read",
+                    json!({"processId": "idle", "afterSeq": 0, "waitMs": 30000}),
+                )
+                .await
+        }));
+    }
+    // Let the reads reach the server and start waiting.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut loaded = Vec::new();
+    for i in 0..plan.interference_starts {
+        loaded.push(start_latency(i, "l").await?);
+    }
+    let pending = reads.iter().filter(|r| !r.is_finished()).count();
+    client
+        .call("process/terminate", json!({"processId": "idle"}))
+        .await?;
+    for r in reads {
+        let _ = r.await;
+    }
+    client.shutdown().await;
+    Ok(row(
+        &format!(
+            "process/start latency with {} long-polls pending",
+            plan.interference_reads
+        ),
+        "ms",
+        loaded,
+        Some(unloaded),
+        format!("baseline: the same server unloaded; {pending} reads were still pending"),
+    ))
+}
+
+async fn idle(args: &Args, plan: &Plan) -> Result<Vec<Row>, BoxError> {
+    let client = Client::new(server_command(args, &[])?);
+    client.session_id().await?;
+    let pid = client.server_pid().unwrap_or(0);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let fresh = proc_kib(pid, "VmRSS:").unwrap_or(f64::NAN) / 1024.0;
+    let churn = |from: usize| {
+        let client = client.clone();
+        async move {
+            for batch in (from..from + plan.churn).collect::<Vec<_>>().chunks(50) {
+                let mut tasks = Vec::new();
+                for &i in batch {
+                    let client = client.clone();
+                    tasks.push(tokio::spawn(async move {
+                        drain(&client, format!("c{i}"), vec!["true".into()]).await
+                    }));
+                }
+                for t in tasks {
+                    t.await.map_err(|e| e.to_string())??;
+                }
+            }
+            Ok::<(), BoxError>(())
+        }
+    };
+    churn(0).await?;
+    let after_one = proc_kib(pid, "VmRSS:").unwrap_or(f64::NAN) / 1024.0;
+    churn(plan.churn).await?;
+    let after_two = proc_kib(pid, "VmRSS:").unwrap_or(f64::NAN) / 1024.0;
+    client.shutdown().await;
+    Ok(vec![
+        row(
+            "idle RSS after the handshake",
+            "MiB",
+            vec![fresh],
+            None,
+            String::new(),
+        ),
+        row(
+            &format!("idle RSS after {} processes came and went", plan.churn),
+            "MiB",
+            vec![after_one],
+            None,
+            format!(
+                "after {} more: {after_two:.1} MiB (closed processes are retained for 30 s)",
+                plan.churn
+            ),
+        ),
+    ])
+}
+
+fn print_table(rows: &[Row]) {
+    println!(
+        "{:<58} {:>6} {:>10} {:>10} {:>10} {:>10} {:>7}  note",
+        "case", "unit", "median", "p95", "base med", "base p95", "ratio"
+    );
+    for r in rows {
+        let (bm, bp) = match r.baseline {
+            Some(b) => (format!("{:.2}", b.median), format!("{:.2}", b.p95)),
+            None => ("-".into(), "-".into()),
+        };
+        let ratio = r.ratio.map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into());
+        println!(
+            "{:<58} {:>6} {:>10.2} {:>10.2} {:>10} {:>10} {:>7}  {}",
+            r.case, r.unit, r.server.median, r.server.p95, bm, bp, ratio, r.note
+        );
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    match run(&args).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("exec-bench: {err}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: &Args) -> Result<(), BoxError> {
+    let plan = Plan::new(args.quick);
+    let started = Instant::now();
+    let mut rows = vec![
+        cold_start(args, &plan).await?,
+        round_trip(args, &plan).await?,
+    ];
+    rows.extend(throughput(args, &plan).await?);
+    rows.push(fan_out(args, &plan).await?);
+    rows.push(interference(args, &plan).await?);
+    rows.extend(idle(args, &plan).await?);
+    print_table(&rows);
+    println!("({:.1} s in all)", started.elapsed().as_secs_f64());
+    if let Some(path) = &args.json {
+        let doc: Value = json!({
+            "server": args.via.clone().unwrap_or_else(|| "exec-server --stdio (this build)".into()),
+            "quick": args.quick,
+            "cases": rows,
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&doc)?)?;
+    }
+    Ok(())
+}
