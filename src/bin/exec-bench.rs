@@ -109,7 +109,13 @@ struct Row {
     note: String,
 }
 
-fn row(case: &str, unit: &'static str, server: Vec<f64>, baseline: Option<Vec<f64>>, note: String) -> Row {
+fn row(
+    case: &str,
+    unit: &'static str,
+    server: Vec<f64>,
+    baseline: Option<Vec<f64>>,
+    note: String,
+) -> Row {
     let server = Summary::of(server);
     let baseline = baseline.map(Summary::of);
     Row {
@@ -197,7 +203,12 @@ async fn direct(argv: &[String]) -> Result<u64, BoxError> {
 }
 
 fn head(bytes: u64) -> Vec<String> {
-    vec!["head".into(), "-c".into(), bytes.to_string(), "/dev/zero".into()]
+    vec![
+        "head".into(),
+        "-c".into(),
+        bytes.to_string(),
+        "/dev/zero".into(),
+    ]
 }
 
 async fn spawn_true() -> Result<Duration, BoxError> {
@@ -309,7 +320,10 @@ async fn throughput(args: &Args, plan: &Plan) -> Result<Vec<Row>, BoxError> {
 async fn poll(client: &Client, id: &str, argv: &[String]) -> Result<(u64, u64), BoxError> {
     use base64::Engine;
     client
-        .call("process/start", json!({"processId": id, "argv": argv, "cwd": "/"}))
+        .call(
+            "process/start",
+            json!({"processId": id, "argv": argv, "cwd": "/"}),
+        )
         .await?;
     let mut after = 0u64;
     let mut bytes = 0u64;
@@ -348,7 +362,9 @@ async fn fan_out(args: &Args, plan: &Plan) -> Result<Row, BoxError> {
     let mut tasks = Vec::new();
     for i in 0..plan.fan_out {
         let (client, argv) = (client.clone(), argv.clone());
-        tasks.push(tokio::spawn(async move { drain(&client, format!("f{i}"), argv).await }));
+        tasks.push(tokio::spawn(async move {
+            drain(&client, format!("f{i}"), argv).await
+        }));
     }
     let mut total = 0;
     for task in tasks {
@@ -509,7 +525,10 @@ fn print_table(rows: &[Row]) {
             Some(b) => (format!("{:.2}", b.median), format!("{:.2}", b.p95)),
             None => ("-".into(), "-".into()),
         };
-        let ratio = r.ratio.map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into());
+        let ratio = r
+            .ratio
+            .map(|x| format!("{x:.2}"))
+            .unwrap_or_else(|| "-".into());
         println!(
             "{:<58} {:>6} {:>10.2} {:>10.2} {:>10} {:>10} {:>7}  {}",
             r.case, r.unit, r.server.median, r.server.p95, bm, bp, ratio, r.note

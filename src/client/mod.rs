@@ -518,10 +518,9 @@ pub(crate) fn uri(path: &std::path::Path) -> String {
 }
 
 pub(crate) fn decode_b64(method: &str, value: &Value) -> Result<Vec<u8>, ClientError> {
-    use base64::Engine;
     let text = value.as_str().unwrap_or("");
-    base64::engine::general_purpose::STANDARD
-        .decode(text)
+    base64_simd::STANDARD
+        .decode_type::<Vec<u8>>(text)
         .map_err(|e| ClientError::Decode {
             method: method.to_string(),
             message: format!("invalid base64: {e}"),

@@ -120,14 +120,30 @@ pub fn spawn(spec: &Spec<'_>) -> Result<Spawned, Error> {
         Some(master) => Io::Pty(std::sync::Arc::new(
             PtyMaster::new(master).map_err(|e| Error::io("failed to watch the pty", &e))?,
         )),
-        None => Io::Pipes {
-            stdin: child.stdin.take(),
-            stdout: child.stdout.take().expect("stdout is piped"),
-            stderr: child.stderr.take().expect("stderr is piped"),
-        },
+        None => {
+            let stdout = child.stdout.take().expect("stdout is piped");
+            let stderr = child.stderr.take().expect("stderr is piped");
+            grow_pipe(stdout.as_raw_fd());
+            grow_pipe(stderr.as_raw_fd());
+            Io::Pipes {
+                stdin: child.stdin.take(),
+                stdout,
+                stderr,
+            }
+        }
     };
     Ok(Spawned { child, pid, io })
 }
+
+/// Ask for a 1 MiB pipe buffer (the default is 64 KiB), so a fast writer
+/// blocks less often and the server reads larger chunks. Best effort: an
+/// unprivileged user over its pipe quota keeps the default.
+fn grow_pipe(fd: RawFd) {
+    // SAFETY: fcntl on an fd we own.
+    unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, PIPE_BYTES) };
+}
+
+const PIPE_BYTES: libc::c_int = 1024 * 1024;
 
 fn check_cwd(cwd: &Path) -> Result<(), Error> {
     match std::fs::metadata(cwd) {
