@@ -32,7 +32,7 @@ use spawn::{Io, PtyMaster};
 /// How many write ids each process remembers for de-duplication.
 const WRITE_IDS_REMEMBERED: usize = 4096;
 /// Bytes read from a child's pipe at a time.
-const READ_CHUNK: usize = 256 * 1024;
+const READ_CHUNK: usize = 64 * 1024;
 /// After the exit status is known, how long to let the output pumps drain
 /// what the child wrote before exiting, so that it gets the lower seqs.
 const EXIT_DRAIN_GRACE: Duration = Duration::from_millis(50);
