@@ -629,14 +629,17 @@ impl Conn {
             tracing::warn!("the server wrote a line that is not JSON");
             return;
         };
-        if let Some(method) = msg.get("method").and_then(Value::as_str) {
-            if let Some(pid) = msg["params"]["processId"].as_str() {
-                let state = lock(&self.state);
-                if let Some(tx) = state.subscribers.get(pid) {
-                    let _ = tx.send(msg.clone());
+        if msg.get("method").is_some() {
+            // Hand the message over without copying it (an output chunk
+            // can be hundreds of KiB).
+            match msg["params"]["processId"].as_str().map(str::to_owned) {
+                Some(pid) => {
+                    let state = lock(&self.state);
+                    if let Some(tx) = state.subscribers.get(&pid) {
+                        let _ = tx.send(msg);
+                    }
                 }
-            } else {
-                tracing::debug!(method, "unrouted notification");
+                None => tracing::debug!(method = %msg["method"], "unrouted notification"),
             }
             return;
         }
