@@ -22,7 +22,8 @@
 //! - [`fs`]: the filesystem methods and per-connection streaming handles.
 //! - [`env_policy`]: deriving a child's environment from a policy.
 //! - [`environment`]: the `environment/info` result.
-//! - [`sandbox`]: sandbox intent on `process/start`.
+//! - [`sandbox`]: the executor's own sandbox (Landlock, a private mount
+//!   namespace, seccomp) for `process/start` and the `fs/*` methods.
 //! - [`client`]: the orchestrator side: a client that spawns a server lazily
 //!   over any command, process handles, and the `exec-server run` CLI.
 
