@@ -10,7 +10,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
@@ -55,7 +55,7 @@ pub fn run(
         errno: None,
     })?;
     let (ours, theirs) =
-        socket_pair().map_err(|e| internal("failed to create a socket pair", e))?;
+        super::socket_pair().map_err(|e| internal("failed to create a socket pair", e))?;
     let theirs_fd = theirs.as_raw_fd();
     let mut cmd = Command::new("/proc/self/exe");
     cmd.arg(ARG)
@@ -101,24 +101,6 @@ pub fn run(
     }
     let file = super::recv_fd(ours.as_raw_fd()).map(File::from);
     Ok((answer.get("result").cloned().unwrap_or(Value::Null), file))
-}
-
-fn socket_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: socketpair writes two fds.
-    if unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    } != 0
-    {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: two fresh fds, owned here.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 /// The helper's `main`: confine, run, answer. Returns the exit code.

@@ -97,24 +97,7 @@ pub fn prepare(rules: &Rules, notify: bool, cwd: Option<&Path>) -> Result<Prepar
     }
     let notify = notify && host().seccomp_listener;
     let listener_channel = if notify {
-        let mut fds = [0; 2];
-        // SAFETY: socketpair writes two fds.
-        if unsafe {
-            libc::socketpair(
-                libc::AF_UNIX,
-                libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-                0,
-                fds.as_mut_ptr(),
-            )
-        } != 0
-        {
-            return Err(Error::io(
-                "failed to create a socket pair",
-                &io::Error::last_os_error(),
-            ));
-        }
-        // SAFETY: two fresh fds, owned here.
-        unsafe { Some((OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))) }
+        Some(socket_pair().map_err(|e| Error::io("failed to create a socket pair", &e))?)
     } else {
         None
     };
@@ -202,6 +185,26 @@ fn drop_capabilities() {
         }; 2];
         libc::syscall(libc::SYS_capset, &header as *const Header, data.as_ptr());
     }
+}
+
+/// A connected pair of close-on-exec Unix seqpacket sockets, for passing
+/// fds (a seccomp listener, an opened file) from a child to the server.
+fn socket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: socketpair writes two fds.
+    if unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: two fresh fds, owned here.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 /// Send one fd over a Unix socket (SCM_RIGHTS).
@@ -308,8 +311,21 @@ impl MountPlan {
                 .skip(1)
                 .find_map(|a| fs.get(a).map(|g| (a.to_path_buf(), *g)))
         };
-        let mut ops: Vec<(usize, PathBuf, MountOp)> = Vec::new();
+        // `fs` is ordered by path components, so an ancestor always comes
+        // before what lies below it. Writable places are bound first, in
+        // that order; the exceptions after them, in reverse, so that a
+        // read-only bind carries the masks and binds below it.
+        let mut writable = Vec::new();
+        let mut exceptions = Vec::new();
         for (path, grant) in fs {
+            if *grant == Grant::Write {
+                writable.push(MountOp {
+                    target: cstring(path)?,
+                    kind: MountKind::Writable {
+                        host_read_only: locked_flags(path) & libc::MS_RDONLY != 0,
+                    },
+                });
+            }
             let Some((above, above_grant)) = nearest(path) else {
                 continue;
             };
@@ -335,31 +351,11 @@ impl MountPlan {
                 },
                 _ => continue,
             };
-            let depth = path.components().count();
-            ops.push((
-                depth,
-                path.clone(),
-                MountOp {
-                    target: cstring(path)?,
-                    kind,
-                },
-            ));
+            exceptions.push(MountOp {
+                target: cstring(path)?,
+                kind,
+            });
         }
-        // Deepest first: a read-only bind carries the mounts below it.
-        ops.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
-        // Writable places come before the exceptions, shallowest first.
-        let mut writable = Vec::new();
-        for (path, grant) in fs {
-            if *grant == Grant::Write {
-                writable.push(MountOp {
-                    target: cstring(path)?,
-                    kind: MountKind::Writable {
-                        host_read_only: locked_flags(path) & libc::MS_RDONLY != 0,
-                    },
-                });
-            }
-        }
-        writable.sort_by_key(|op| op.target.as_bytes().iter().filter(|&&b| b == b'/').count());
         // SAFETY: getters without failure modes.
         let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
         let user_maps = (uid != 0).then(|| {
@@ -368,7 +364,7 @@ impl MountPlan {
                 format!("{gid} {gid} 1\n").into_bytes(),
             )
         });
-        writable.extend(ops.into_iter().map(|(_, _, op)| op));
+        writable.extend(exceptions.into_iter().rev());
         Ok(MountPlan {
             user_maps,
             ops: writable,
@@ -414,50 +410,20 @@ impl MountPlan {
             ))?;
             check(set_read_only(c"/", true, true))?;
             for op in &self.ops {
-                let target = op.target.as_ptr();
+                let target = op.target.as_c_str();
                 match &op.kind {
                     MountKind::Mask { source, keep } => {
-                        check(libc::mount(
-                            source.as_ptr(),
-                            target,
-                            null,
-                            libc::MS_BIND,
-                            std::ptr::null(),
-                        ))?;
-                        check(libc::mount(
-                            null,
-                            target,
-                            null,
-                            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | keep,
-                            std::ptr::null(),
-                        ))?;
+                        check(bind(source, target, false))?;
+                        check(remount_read_only(target, *keep))?;
                     }
                     MountKind::ReadOnly { keep } => {
-                        check(libc::mount(
-                            target,
-                            target,
-                            null,
-                            libc::MS_BIND | libc::MS_REC,
-                            std::ptr::null(),
-                        ))?;
-                        check(libc::mount(
-                            null,
-                            target,
-                            null,
-                            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | keep,
-                            std::ptr::null(),
-                        ))?;
+                        check(bind(target, target, true))?;
+                        check(remount_read_only(target, *keep))?;
                     }
                     MountKind::Writable { host_read_only } => {
-                        check(libc::mount(
-                            target,
-                            target,
-                            null,
-                            libc::MS_BIND | libc::MS_REC,
-                            std::ptr::null(),
-                        ))?;
+                        check(bind(target, target, true))?;
                         if !host_read_only {
-                            check(set_read_only(&op.target, false, false))?;
+                            check(set_read_only(target, false, false))?;
                         }
                     }
                 }
@@ -467,6 +433,47 @@ impl MountPlan {
             }
         }
         Ok(())
+    }
+}
+
+/// Bind-mount `source` onto `target` (with the mounts below it when
+/// `recursive`). Returns 0 or -1.
+///
+/// # Safety
+/// A plain system call; callable between fork and exec.
+unsafe fn bind(source: &std::ffi::CStr, target: &std::ffi::CStr, recursive: bool) -> libc::c_int {
+    let flags = if recursive {
+        libc::MS_BIND | libc::MS_REC
+    } else {
+        libc::MS_BIND
+    };
+    // SAFETY: valid C strings; null type and data are allowed for a bind.
+    unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            std::ptr::null(),
+            flags,
+            std::ptr::null(),
+        )
+    }
+}
+
+/// Make the bind mount at `target` read-only, keeping the `keep` flags a
+/// user namespace may not clear. Returns 0 or -1.
+///
+/// # Safety
+/// A plain system call; callable between fork and exec.
+unsafe fn remount_read_only(target: &std::ffi::CStr, keep: libc::c_ulong) -> libc::c_int {
+    // SAFETY: a valid C string; null source, type and data for a remount.
+    unsafe {
+        libc::mount(
+            std::ptr::null(),
+            target.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | keep,
+            std::ptr::null(),
+        )
     }
 }
 
