@@ -207,57 +207,55 @@ fn socket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// Send one fd over a Unix socket (SCM_RIGHTS).
-fn send_fd(socket: RawFd, fd: RawFd) -> io::Result<()> {
+/// Run `f` on a one-byte message whose control buffer (`control_len`
+/// bytes used) has room for one fd. No allocation: usable between fork
+/// and exec.
+fn with_fd_message<R>(control_len: usize, f: impl FnOnce(&mut libc::msghdr) -> R) -> R {
     let mut byte = [0u8; 1];
     let mut iov = libc::iovec {
         iov_base: byte.as_mut_ptr().cast(),
         iov_len: 1,
     };
     let mut space = [0u64; 8];
-    // SAFETY: the control buffer is large and aligned enough for one fd.
-    unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = space.as_mut_ptr().cast();
-        msg.msg_controllen = libc::CMSG_SPACE(4) as usize;
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+    debug_assert!(control_len <= std::mem::size_of_val(&space));
+    // SAFETY: a zeroed msghdr is valid; its pointers go to locals that
+    // outlive `f`.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = space.as_mut_ptr().cast();
+    msg.msg_controllen = control_len;
+    f(&mut msg)
+}
+
+/// Send one fd over a Unix socket (SCM_RIGHTS).
+fn send_fd(socket: RawFd, fd: RawFd) -> io::Result<()> {
+    // SAFETY: CMSG_SPACE(4) is the control length, so the first header
+    // and its data fit the buffer.
+    let control_len = unsafe { libc::CMSG_SPACE(4) } as usize;
+    with_fd_message(control_len, |msg| unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(msg);
         (*cmsg).cmsg_level = libc::SOL_SOCKET;
         (*cmsg).cmsg_type = libc::SCM_RIGHTS;
         (*cmsg).cmsg_len = libc::CMSG_LEN(4) as usize;
         std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>(), fd);
-        if libc::sendmsg(socket, &msg, 0) < 0 {
+        if libc::sendmsg(socket, msg, 0) < 0 {
             return Err(io::Error::last_os_error());
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// Receive one fd sent by [`send_fd`], without waiting.
 fn recv_fd(socket: RawFd) -> Option<OwnedFd> {
-    let mut byte = [0u8; 1];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    let mut space = [0u64; 8];
-    // SAFETY: as in send_fd; a received fd is fresh and owned here.
-    unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = space.as_mut_ptr().cast();
-        msg.msg_controllen = std::mem::size_of_val(&space);
-        if libc::recvmsg(
-            socket,
-            &mut msg,
-            libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
-        ) < 0
-        {
+    // SAFETY: the kernel fills at most the control buffer; a received fd
+    // is fresh and owned here.
+    with_fd_message(64, |msg| unsafe {
+        let flags = libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC;
+        if libc::recvmsg(socket, msg, flags) < 0 {
             return None;
         }
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        let cmsg = libc::CMSG_FIRSTHDR(msg);
         if cmsg.is_null()
             || (*cmsg).cmsg_level != libc::SOL_SOCKET
             || (*cmsg).cmsg_type != libc::SCM_RIGHTS
@@ -266,7 +264,7 @@ fn recv_fd(socket: RawFd) -> Option<OwnedFd> {
         }
         let fd = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>());
         Some(OwnedFd::from_raw_fd(fd))
-    }
+    })
 }
 
 /// What a mount operation does to its target.
