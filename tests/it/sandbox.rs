@@ -6,7 +6,6 @@
 use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
@@ -116,23 +115,7 @@ fn run(s: &mut Server, script: &str, cwd: &Path, sandbox: Value, env: Value, tty
         json!({"processId": id, "argv": ["sh", "-c", script], "cwd": cwd.to_str().unwrap(),
                "env": env, "tty": tty, "sandbox": sandbox}),
     );
-    let mut after = 0;
-    let mut output = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let last = loop {
-        assert!(Instant::now() < deadline, "{script}: did not close in time");
-        let r = s.call(
-            "process/read",
-            json!({"processId": id, "afterSeq": after, "waitMs": 2000}),
-        );
-        for chunk in r["chunks"].as_array().unwrap() {
-            output.extend(unb64(&chunk["chunk"]));
-        }
-        after = r["nextSeq"].as_u64().unwrap() - 1;
-        if r["closed"] == true {
-            break r;
-        }
-    };
+    let (output, last) = s.read_until_closed(&id);
     let exited = s.notification(|m| {
         m["method"] == "process/exited" && m["params"]["processId"] == id.as_str()
     });

@@ -170,6 +170,13 @@ impl Server {
     /// Read all output of a process until it is closed; returns
     /// (bytes of each stream concatenated in seq order, exit code).
     pub fn collect(&mut self, id: &str) -> (Vec<u8>, Option<i64>) {
+        let (out, last) = self.read_until_closed(id);
+        (out, last["exitCode"].as_i64())
+    }
+
+    /// Read all output of a process until it is closed; returns the bytes
+    /// in seq order and the final `process/read` result.
+    pub fn read_until_closed(&mut self, id: &str) -> (Vec<u8>, Value) {
         let mut after = 0;
         let mut out = Vec::new();
         let deadline = Instant::now() + TIMEOUT;
@@ -187,7 +194,7 @@ impl Server {
             }
             after = r["nextSeq"].as_u64().unwrap() - 1;
             if r["closed"] == true {
-                return (out, r["exitCode"].as_i64());
+                return (out, r);
             }
         }
     }
