@@ -613,17 +613,17 @@ enum Sink {
 /// the chunk is encoded (with SIMD) straight into the line instead of
 /// going through the serializer's escaper byte by byte.
 fn output_line(id_json: &str, seq: u64, stream: Stream, data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
     let mut line = Vec::with_capacity(data.len().div_ceil(3) * 4 + id_json.len() + 100);
     line.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"method\":\"");
     line.extend_from_slice(method::PROCESS_OUTPUT.as_bytes());
     line.extend_from_slice(b"\",\"params\":{\"processId\":");
     line.extend_from_slice(id_json.as_bytes());
-    line.extend_from_slice(
-        format!(
-            ",\"seq\":{seq},\"stream\":\"{}\",\"chunk\":\"",
-            stream.as_str()
-        )
-        .as_bytes(),
+    // Writing into a Vec can't fail.
+    let _ = write!(
+        line,
+        ",\"seq\":{seq},\"stream\":\"{}\",\"chunk\":\"",
+        stream.as_str()
     );
     base64_simd::STANDARD.encode_append(data, &mut line);
     line.extend_from_slice(b"\"}}\n");
