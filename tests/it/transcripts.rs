@@ -12,6 +12,12 @@
 //! - `{"expect": PATTERN}`: the next server line matches PATTERN.
 //! - `{"expectUnordered": [PATTERN, ..]}`: the next lines match these
 //!   patterns in any order (notifications racing a response).
+//! - `{"expectOutput": {"processId": P, "stream": S, "text": TEXT}}`: the
+//!   next lines are `process/output` notifications of P on S, with
+//!   consecutive seqs, whose chunks together are exactly TEXT. A program may
+//!   write one message in several `write`s, and the server may read them as
+//!   one chunk or several; this step does not care how it was split. With
+//!   `"saveSeq": NAME` the last seq is remembered as NAME.
 //! - `{"sleepMs": N}`: pause.
 //!
 //! Patterns are JSON where objects must have the same keys and these strings
@@ -189,6 +195,8 @@ fn run(path: &Path) -> Result<(), String> {
                     }
                 }
             }
+        } else if let Some(want) = step.get("expectOutput") {
+            expect_output(&mut server, &mut run, line, want)?;
         } else {
             return Err(run.fail(line, format!("unknown step {step}")));
         }
@@ -216,6 +224,69 @@ fn run(path: &Path) -> Result<(), String> {
             _ => std::thread::sleep(Duration::from_millis(10)),
         }
     }
+}
+
+/// The `expectOutput` step: read output notifications until they add up to
+/// the expected text.
+fn expect_output(
+    server: &mut Server,
+    run: &mut Run,
+    line: usize,
+    want: &Value,
+) -> Result<(), String> {
+    let text = want["text"].as_str().unwrap_or_default().as_bytes();
+    let pattern = serde_json::json!({
+        "jsonrpc": "2.0",
+        "method": "process/output",
+        "params": {
+            "processId": want["processId"],
+            "seq": "$save:seq",
+            "stream": want["stream"],
+            "chunk": "$save:chunk",
+        },
+    });
+    let mut got = Vec::new();
+    let mut last_seq: Option<u64> = None;
+    while got.len() < text.len() || got.is_empty() {
+        let Some(actual) = server.recv_line(TIMEOUT) else {
+            return Err(run.fail(
+                line,
+                format!(
+                    "timed out after {:?} of output {:?}",
+                    String::from_utf8_lossy(&got),
+                    String::from_utf8_lossy(text)
+                ),
+            ));
+        };
+        run.history.push(format!("< {actual}"));
+        let mut seen = HashMap::new();
+        if let Err(at) = matches(&pattern, &actual, "$", &mut seen) {
+            return Err(run.fail(
+                line,
+                format!("mismatch at {at}\n    expected: {pattern}\n    actual:   {actual}"),
+            ));
+        }
+        let seq = seen["seq"].as_u64().unwrap_or(0);
+        if last_seq.is_some_and(|last| seq != last + 1) {
+            return Err(run.fail(line, format!("seq {seq} does not follow {last_seq:?}")));
+        }
+        last_seq = Some(seq);
+        got.extend(unb64(&seen["chunk"]));
+    }
+    if got != text {
+        return Err(run.fail(
+            line,
+            format!(
+                "output differs\n    expected: {:?}\n    actual:   {:?}",
+                String::from_utf8_lossy(text),
+                String::from_utf8_lossy(&got)
+            ),
+        ));
+    }
+    if let (Some(name), Some(seq)) = (want.get("saveSeq").and_then(Value::as_str), last_seq) {
+        run.vars.insert(name.to_string(), seq.into());
+    }
+    Ok(())
 }
 
 fn shorten(text: &str) -> String {
