@@ -3,7 +3,7 @@
 //! every figure comes with a baseline from the same (noisy) machine.
 //!
 //! ```sh
-//! cargo run --release --bin exec-bench -- [--via "CMD ..."] [--json FILE] [--quick]
+//! cargo run --release --bin exec-bench -- [--via "CMD ..."] [--json FILE] [--quick] [--case NAME]...
 //! ```
 
 use std::path::PathBuf;
@@ -29,6 +29,26 @@ struct Args {
     /// Fewer repetitions and smaller sizes (a smoke run, under 30 s).
     #[arg(long)]
     quick: bool,
+    /// Run only this case (repeatable; default: all).
+    #[arg(long = "case", value_name = "NAME", value_enum)]
+    cases: Vec<Case>,
+}
+
+/// The cases, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Case {
+    ColdStart,
+    RoundTrip,
+    Throughput,
+    FanOut,
+    Interference,
+    Idle,
+}
+
+impl Args {
+    fn runs(&self, case: Case) -> bool {
+        self.cases.is_empty() || self.cases.contains(&case)
+    }
 }
 
 /// Sizes and repetitions of one run.
@@ -546,14 +566,25 @@ async fn main() -> std::process::ExitCode {
 async fn run(args: &Args) -> Result<(), BoxError> {
     let plan = Plan::new(args.quick);
     let started = Instant::now();
-    let mut rows = vec![
-        cold_start(args, &plan).await?,
-        round_trip(args, &plan).await?,
-    ];
-    rows.extend(throughput(args, &plan).await?);
-    rows.push(fan_out(args, &plan).await?);
-    rows.push(interference(args, &plan).await?);
-    rows.extend(idle(args, &plan).await?);
+    let mut rows = Vec::new();
+    if args.runs(Case::ColdStart) {
+        rows.push(cold_start(args, &plan).await?);
+    }
+    if args.runs(Case::RoundTrip) {
+        rows.push(round_trip(args, &plan).await?);
+    }
+    if args.runs(Case::Throughput) {
+        rows.extend(throughput(args, &plan).await?);
+    }
+    if args.runs(Case::FanOut) {
+        rows.push(fan_out(args, &plan).await?);
+    }
+    if args.runs(Case::Interference) {
+        rows.push(interference(args, &plan).await?);
+    }
+    if args.runs(Case::Idle) {
+        rows.extend(idle(args, &plan).await?);
+    }
     print_table(&rows);
     println!("({:.1} s in all)", started.elapsed().as_secs_f64());
     if let Some(path) = &args.json {

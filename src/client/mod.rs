@@ -22,6 +22,7 @@
 //! ```
 
 use crate::lock;
+use crate::protocol::Stream;
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -256,7 +257,7 @@ pub(crate) struct Conn {
 #[derive(Default)]
 struct ConnState {
     pending: HashMap<i64, oneshot::Sender<Result<Value, ClientError>>>,
-    subscribers: HashMap<String, mpsc::UnboundedSender<Value>>,
+    subscribers: HashMap<String, mpsc::UnboundedSender<Note>>,
     lost: Option<ClientError>,
 }
 
@@ -539,7 +540,7 @@ impl Conn {
         }
     }
 
-    pub(crate) fn subscribe(&self, process_id: &str) -> mpsc::UnboundedReceiver<Value> {
+    pub(crate) fn subscribe(&self, process_id: &str) -> mpsc::UnboundedReceiver<Note> {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut state = lock(&self.state);
         if state.lost.is_none() {
@@ -625,6 +626,18 @@ impl Conn {
     }
 
     fn dispatch(&self, line: &[u8]) {
+        if let Some(output) = OutputLine::parse(line) {
+            // The common case, a chunk of output, skips building a Value.
+            let state = lock(&self.state);
+            if let Some(tx) = state.subscribers.get(output.process_id) {
+                let _ = tx.send(Note::Output {
+                    seq: output.seq,
+                    stream: output.stream,
+                    data: output.data,
+                });
+            }
+            return;
+        }
         let Ok(msg) = serde_json::from_slice::<Value>(line) else {
             tracing::warn!("the server wrote a line that is not JSON");
             return;
@@ -636,7 +649,7 @@ impl Conn {
                 Some(pid) => {
                     let state = lock(&self.state);
                     if let Some(tx) = state.subscribers.get(&pid) {
-                        let _ = tx.send(msg);
+                        let _ = tx.send(Note::Other(msg));
                     }
                 }
                 None => tracing::debug!(method = %msg["method"], "unrouted notification"),
@@ -660,6 +673,75 @@ impl Conn {
         };
         let _ = tx.send(outcome);
     }
+}
+
+/// A notification for one process, as its [`Process`] receives it.
+pub(crate) enum Note {
+    /// A `process/output` taken apart by [`OutputLine::parse`], decoded.
+    Output {
+        seq: u64,
+        stream: Stream,
+        data: Vec<u8>,
+    },
+    /// Any other notification.
+    Other(Value),
+}
+
+/// A `process/output` line written in the exact shape this server writes
+/// (members in its order, no whitespace, no escapes in the id), taken apart
+/// and decoded. Any other shape, from another server or a future version,
+/// and a chunk that is not valid base64, are left to the general JSON path
+/// (which reports the bad chunk).
+#[derive(Debug, PartialEq, Eq)]
+struct OutputLine<'a> {
+    process_id: &'a str,
+    seq: u64,
+    stream: Stream,
+    data: Vec<u8>,
+}
+
+impl<'a> OutputLine<'a> {
+    fn parse(line: &'a [u8]) -> Option<Self> {
+        let rest = line.strip_prefix(
+            b"{\"jsonrpc\":\"2.0\",\"method\":\"process/output\",\"params\":{\"processId\":\"",
+        )?;
+        let (process_id, rest) = until_quote(rest)?;
+        let rest = rest.strip_prefix(b"\",\"seq\":")?;
+        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+        let seq = std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()?;
+        let rest = rest[digits..].strip_prefix(b",\"stream\":\"")?;
+        let (stream, rest) = until_quote(rest)?;
+        let stream = match stream {
+            b"stdout" => Stream::Stdout,
+            b"stderr" => Stream::Stderr,
+            b"pty" => Stream::Pty,
+            _ => return None,
+        };
+        let rest = rest.strip_prefix(b"\",\"chunk\":\"")?;
+        // The chunk runs to the closing quote at the end of the line; it is
+        // not scanned for a quote here: decoding rejects anything that is
+        // not base64.
+        let rest = rest
+            .strip_suffix(b"\n")
+            .map_or(rest, |r| r.strip_suffix(b"\r").unwrap_or(r));
+        let chunk = rest.strip_suffix(b"\"}}")?;
+        Some(OutputLine {
+            process_id: std::str::from_utf8(process_id).ok()?,
+            seq,
+            stream,
+            data: base64_simd::STANDARD.decode_type(chunk).ok()?,
+        })
+    }
+}
+
+/// The bytes before the next `"`, and the rest from that quote on; `None`
+/// when an escape or control character comes first (then the text is not a
+/// plain JSON string body).
+fn until_quote(text: &[u8]) -> Option<(&[u8], &[u8])> {
+    let end = text
+        .iter()
+        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
+    (text[end] == b'"').then(|| text.split_at(end))
 }
 
 fn stderr_text(buf: &Mutex<VecDeque<u8>>) -> String {
@@ -814,5 +896,47 @@ mod tests {
             vec!["ssh", "-p", "22", "host name", "a \"b\"", "c d"]
         );
         assert!(split_words("'open").is_err());
+    }
+
+    #[test]
+    fn the_output_fast_path_reads_what_the_server_writes() {
+        let data: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
+        let line = crate::process::output_line("\"p-1\"", 42, Stream::Stderr, &data);
+        let parsed = OutputLine::parse(&line).expect("the server's own shape");
+        assert_eq!(parsed.process_id, "p-1");
+        assert_eq!(parsed.seq, 42);
+        assert_eq!(parsed.stream, Stream::Stderr);
+        assert_eq!(parsed.data, data);
+        // The empty chunk and a line without its newline.
+        let line = crate::process::output_line("\"q\"", 1, Stream::Pty, b"");
+        let parsed = OutputLine::parse(line.strip_suffix(b"\n").unwrap()).unwrap();
+        assert_eq!((parsed.process_id, parsed.data), ("q", Vec::new()));
+    }
+
+    #[test]
+    fn other_shapes_are_left_to_the_json_path() {
+        let good = br#"{"jsonrpc":"2.0","method":"process/output","params":{"processId":"p","seq":1,"stream":"stdout","chunk":"aGk="}}"#;
+        assert!(OutputLine::parse(good).is_some());
+        for line in [
+            // An escaped id: the general path unescapes it.
+            &br#"{"jsonrpc":"2.0","method":"process/output","params":{"processId":"a"b","seq":1,"stream":"stdout","chunk":"aGk="}}"#[..],
+            // Members in another order.
+            br#"{"jsonrpc":"2.0","method":"process/output","params":{"seq":1,"processId":"p","stream":"stdout","chunk":"aGk="}}"#,
+            // Whitespace.
+            br#"{"jsonrpc": "2.0","method":"process/output","params":{"processId":"p","seq":1,"stream":"stdout","chunk":"aGk="}}"#,
+            // An unknown stream, an extra member, trailing text, a cut line.
+            br#"{"jsonrpc":"2.0","method":"process/output","params":{"processId":"p","seq":1,"stream":"tty","chunk":"aGk="}}"#,
+            br#"{"jsonrpc":"2.0","method":"process/output","params":{"processId":"p","seq":1,"stream":"stdout","chunk":"aGk=","x":1}}"#,
+            br#"{"jsonrpc":"2.0","method":"process/output","params":{"processId":"p","seq":1,"stream":"stdout","chunk":"aGk="}}x"#,
+            br#"{"jsonrpc":"2.0","method":"process/output","params":{"processId":"p","seq":1,"stream":"stdout","chunk":"aGk="#,
+            // A chunk that is not base64.
+            br#"{"jsonrpc":"2.0","method":"process/output","params":{"processId":"p","seq":1,"stream":"stdout","chunk":"a\"k="}}"#,
+            br#"{"jsonrpc":"2.0","method":"process/output","params":{"processId":"p","seq":1,"stream":"stdout","chunk":"aGk"}}"#,
+            // A seq too big for u64, and none at all.
+            br#"{"jsonrpc":"2.0","method":"process/output","params":{"processId":"p","seq":99999999999999999999999,"stream":"stdout","chunk":"aGk="}}"#,
+            br#"{"jsonrpc":"2.0","method":"process/output","params":{"processId":"p","seq":,"stream":"stdout","chunk":"aGk="}}"#,
+        ] {
+            assert_eq!(OutputLine::parse(line), None, "{}", String::from_utf8_lossy(line));
+        }
     }
 }

@@ -9,7 +9,7 @@ use base64::Engine;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use super::{Client, ClientError, Conn, decode_b64, uri};
+use super::{Client, ClientError, Conn, Note, decode_b64, uri};
 use crate::protocol::{Stream, TtySize};
 
 /// What to start.
@@ -109,7 +109,7 @@ pub struct Process {
     client: Client,
     conn: Arc<Conn>,
     id: String,
-    events: mpsc::UnboundedReceiver<Value>,
+    events: mpsc::UnboundedReceiver<Note>,
     /// The last seq turned into an event.
     seen: u64,
     ready: VecDeque<Event>,
@@ -181,14 +181,16 @@ impl Process {
             if self.closed {
                 return Ok(None);
             }
-            let Some(msg) = self.events.recv().await else {
+            let Some(note) = self.events.recv().await else {
                 // The subscription ended with the connection.
                 return Err(ClientError::ConnectionLost {
                     stderr: self.conn.stderr_tail(),
                 });
             };
-            let params = &msg["params"];
-            let seq = params["seq"].as_u64().unwrap_or(0);
+            let seq = match &note {
+                Note::Output { seq, .. } => *seq,
+                Note::Other(msg) => msg["params"]["seq"].as_u64().unwrap_or(0),
+            };
             if seq <= self.seen {
                 continue;
             }
@@ -196,6 +198,14 @@ impl Process {
                 self.fill_gap(seq).await?;
             }
             self.seen = seq;
+            let msg = match note {
+                Note::Output { stream, data, .. } => {
+                    self.ready.push_back(Event::Output { stream, data });
+                    continue;
+                }
+                Note::Other(msg) => msg,
+            };
+            let params = &msg["params"];
             match msg["method"].as_str().unwrap_or("") {
                 "process/output" => {
                     let stream =

@@ -612,7 +612,7 @@ enum Sink {
 /// writes for [`OutputNotification`]. Base64 needs no JSON escaping, so
 /// the chunk is encoded (with SIMD) straight into the line instead of
 /// going through the serializer's escaper byte by byte.
-fn output_line(id_json: &str, seq: u64, stream: Stream, data: &[u8]) -> Vec<u8> {
+pub(crate) fn output_line(id_json: &str, seq: u64, stream: Stream, data: &[u8]) -> Vec<u8> {
     use std::io::Write;
     let mut line = Vec::with_capacity(data.len().div_ceil(3) * 4 + id_json.len() + 100);
     line.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"method\":\"");
