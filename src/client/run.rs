@@ -1,7 +1,10 @@
 //! `exec-server run`: run one command through a lazily spawned server, as
 //! if it ran here.
 
+use std::fs::File;
 use std::io::{Read, Write};
+use std::mem::ManuallyDrop;
+use std::os::fd::FromRawFd;
 use std::path::PathBuf;
 
 use serde_json::{Value, json};
@@ -180,15 +183,19 @@ async fn run_inner(options: &RunOptions) -> Result<Outcome, ClientError> {
     };
     let mut stdin_open = true;
     let mut interrupted = 0;
-    let mut stdout = std::io::stdout();
-    let mut stderr = std::io::stderr();
+    // Output is written as it comes, unbuffered: std's stdout is
+    // line-buffered, which scans every chunk for a newline only to flush
+    // at once anyway.
+    // SAFETY: fds 1 and 2 stay open for the life of the process; the
+    // ManuallyDrop keeps these Files from closing them.
+    let mut stdout = ManuallyDrop::new(unsafe { File::from_raw_fd(1) });
+    let mut stderr = ManuallyDrop::new(unsafe { File::from_raw_fd(2) });
     let status = loop {
         tokio::select! {
             event = process.next_event() => match event? {
                 Some(Event::Output { stream, data }) => {
-                    let out: &mut dyn Write = if stream == Stream::Stderr { &mut stderr } else { &mut stdout };
+                    let out: &mut File = if stream == Stream::Stderr { &mut stderr } else { &mut stdout };
                     let _ = out.write_all(&data);
-                    let _ = out.flush();
                 }
                 Some(Event::Exited(_)) => {}
                 Some(Event::Closed) | None => break process.wait().await?,
