@@ -5,7 +5,7 @@
 //! writer lets large output lines be coalesced into few `write` calls.
 
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufRead, BufReader, IoSlice, Read, Write};
 use std::mem::ManuallyDrop;
 use std::os::fd::FromRawFd;
 use std::thread::JoinHandle;
@@ -128,17 +128,44 @@ fn finish_line(line: &mut Vec<u8>) -> Option<Frame> {
     }
 }
 
-/// Write every line from `rx` to `out`, flushing whenever the queue runs dry.
-pub fn write_lines(out: impl Write, mut rx: mpsc::Receiver<Vec<u8>>) -> io::Result<()> {
-    let mut out = BufWriter::with_capacity(256 * 1024, out);
+/// Lines gathered into one `writev`, at most.
+const BATCH_LINES: usize = 64;
+/// Bytes gathered into one `writev`, about (a line is never split).
+const BATCH_BYTES: usize = 1 << 20;
+
+/// Write every line from `rx` to `out`: whatever is queued goes out in one
+/// vectored write, so large output lines are never copied into a buffer
+/// and small ones still share a system call.
+pub fn write_lines(mut out: impl Write, mut rx: mpsc::Receiver<Vec<u8>>) -> io::Result<()> {
+    let mut batch: Vec<Vec<u8>> = Vec::with_capacity(BATCH_LINES);
     while let Some(line) = rx.blocking_recv() {
-        out.write_all(&line)?;
-        while let Ok(line) = rx.try_recv() {
-            out.write_all(&line)?;
+        let mut bytes = line.len();
+        batch.push(line);
+        while batch.len() < BATCH_LINES && bytes < BATCH_BYTES {
+            let Ok(line) = rx.try_recv() else { break };
+            bytes += line.len();
+            batch.push(line);
         }
-        out.flush()?;
+        write_all_vectored(&mut out, &batch)?;
+        batch.clear();
     }
     out.flush()
+}
+
+/// `write_all` for a list of buffers.
+fn write_all_vectored(out: &mut impl Write, lines: &[Vec<u8>]) -> io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = lines.iter().map(|l| IoSlice::new(l)).collect();
+    let mut rest = &mut slices[..];
+    IoSlice::advance_slices(&mut rest, 0);
+    while !rest.is_empty() {
+        match out.write_vectored(rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut rest, n),
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -156,6 +183,65 @@ mod tests {
         })
         .unwrap();
         out
+    }
+
+    /// A writer that takes at most `step` bytes per call, as a full pipe
+    /// does.
+    struct Trickle {
+        out: Vec<u8>,
+        step: usize,
+        calls: usize,
+    }
+
+    impl Write for Trickle {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.write_vectored(&[IoSlice::new(buf)])
+        }
+
+        fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+            self.calls += 1;
+            let mut left = self.step;
+            for buf in bufs {
+                let n = buf.len().min(left);
+                self.out.extend_from_slice(&buf[..n]);
+                left -= n;
+                if left == 0 {
+                    break;
+                }
+            }
+            Ok(self.step - left)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn queued_lines_go_out_whole_and_in_order_through_short_writes() {
+        // 200 lines of growing size (the first one empty but for its newline).
+        let lines: Vec<Vec<u8>> = (0..200)
+            .map(|i| format!("{}\n", "x".repeat(i * 7)).into_bytes())
+            .collect();
+        let want = lines.concat();
+        for step in [1, 3, 4096, 1 << 30] {
+            let (tx, rx) = mpsc::channel(lines.len());
+            for line in &lines {
+                tx.try_send(line.clone()).unwrap();
+            }
+            drop(tx);
+            let mut out = Trickle {
+                out: Vec::new(),
+                step,
+                calls: 0,
+            };
+            write_lines(&mut out, rx).unwrap();
+            assert_eq!(out.out, want, "step {step}");
+            if step == 1 << 30 {
+                // Queued lines go out in whole batches, not a call per line.
+                assert_eq!(out.calls, lines.len().div_ceil(BATCH_LINES));
+            }
+        }
     }
 
     #[test]
