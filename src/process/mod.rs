@@ -31,8 +31,10 @@ use spawn::{Io, PtyMaster};
 
 /// How many write ids each process remembers for de-duplication.
 const WRITE_IDS_REMEMBERED: usize = 4096;
-/// Bytes read from a child's pipe at a time.
-const READ_CHUNK: usize = 64 * 1024;
+/// Bytes read from a child's pipe at a time, at most. Measured end to end
+/// (1 GiB through `exec-server run`): 64 KiB 1.72 s, 256 KiB 1.34 s,
+/// 1 MiB 1.42 s.
+const READ_CHUNK: usize = 256 * 1024;
 /// After the exit status is known, how long to let the output pumps drain
 /// what the child wrote before exiting, so that it gets the lower seqs.
 const EXIT_DRAIN_GRACE: Duration = Duration::from_millis(50);
@@ -411,16 +413,16 @@ impl Process {
         tx.reserve_owned().await.ok()
     }
 
-    async fn push_output(&self, stream: Stream, data: &[u8]) {
+    async fn push_output(&self, stream: Stream, data: Vec<u8>) {
         let permit = self.reserve().await;
         {
             let mut state = self.lock();
             let seq = state.next_seq;
             state.next_seq += 1;
-            state.log.push(seq, stream, data.to_vec());
             if let Some(permit) = permit {
-                permit.send(output_line(&self.id_json, seq, stream, data));
+                permit.send(output_line(&self.id_json, seq, stream, &data));
             }
+            state.log.push(seq, stream, data);
         }
         self.changed.notify_waiters();
     }
@@ -594,10 +596,11 @@ enum Source {
 }
 
 impl Source {
-    async fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+    /// Read into `buf`'s spare capacity (no zeroing first).
+    async fn read_buf(&mut self, buf: &mut Vec<u8>) -> std::io::Result<usize> {
         match self {
-            Source::Pipe(r) => r.read(buf).await,
-            Source::Pty(m) => m.read(buf).await,
+            Source::Pipe(r) => r.read_buf(buf).await,
+            Source::Pty(m) => m.read_buf(buf).await,
         }
     }
 }
@@ -631,11 +634,25 @@ pub(crate) fn output_line(id_json: &str, seq: u64, stream: Stream, data: &[u8]) 
 }
 
 async fn pump(process: Arc<Process>, stream: Stream, mut source: Source) {
-    let mut buf = vec![0u8; READ_CHUNK];
+    let mut buf = Vec::with_capacity(READ_CHUNK);
     loop {
-        match source.read(&mut buf).await {
+        match source.read_buf(&mut buf).await {
             Ok(0) => break,
-            Ok(n) => process.push_output(stream, &buf[..n]).await,
+            Ok(n) => {
+                // A big read keeps its buffer (the log holds it as it is,
+                // no copy); a small one is copied out so that the log does
+                // not pin 64 KiB per byte of chatter.
+                let data = if n >= READ_CHUNK / 4 {
+                    let mut data = std::mem::replace(&mut buf, Vec::with_capacity(READ_CHUNK));
+                    data.shrink_to_fit();
+                    data
+                } else {
+                    let data = buf.clone();
+                    buf.clear();
+                    data
+                };
+                process.push_output(stream, data).await;
+            }
             Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
             Err(err) => {
                 tracing::warn!(id = %process.id, "reading {} failed: {err}", stream.as_str());

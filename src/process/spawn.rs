@@ -223,19 +223,23 @@ impl PtyMaster {
         Ok(PtyMaster { fd })
     }
 
-    /// Read what the terminal printed; `Ok(0)` once every slave end is
-    /// closed (Linux reports that as EIO).
-    pub async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+    /// Read what the terminal printed into `buf`'s spare capacity; `Ok(0)`
+    /// once every slave end is closed (Linux reports that as EIO).
+    pub async fn read_buf(&self, buf: &mut Vec<u8>) -> io::Result<usize> {
         loop {
             let mut guard = self.fd.readable().await?;
             let result = guard.try_io(|fd| {
-                // SAFETY: reads into a valid buffer.
-                let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+                let spare = buf.spare_capacity_mut();
+                // SAFETY: reads into the vector's unused capacity, at most
+                // its length.
+                let n =
+                    unsafe { libc::read(fd.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len()) };
                 if n < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(n as usize)
+                    return Err(io::Error::last_os_error());
                 }
+                // SAFETY: the kernel initialised the first n bytes.
+                unsafe { buf.set_len(buf.len() + n as usize) };
+                Ok(n as usize)
             });
             match result {
                 Ok(Err(err)) if err.raw_os_error() == Some(libc::EIO) => return Ok(0),
