@@ -33,9 +33,10 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{OnceCell, mpsc, oneshot};
 
+mod lines;
 mod process;
 pub mod run;
 
@@ -822,16 +823,11 @@ async fn connect(command: &ServerCommand, client_name: &str) -> Result<Arc<Conn>
     {
         let conn = Arc::downgrade(&conn);
         tokio::spawn(async move {
-            let mut reader = BufReader::with_capacity(256 * 1024, stdout);
-            let mut line = Vec::new();
-            loop {
-                line.clear();
-                match reader.read_until(b'\n', &mut line).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => match conn.upgrade() {
-                        Some(conn) => conn.dispatch(&line),
-                        None => return,
-                    },
+            let mut reader = lines::LineReader::new(stdout);
+            while let Ok(Some(line)) = reader.next_line().await {
+                match conn.upgrade() {
+                    Some(conn) => conn.dispatch(line),
+                    None => return,
                 }
             }
             if let Some(conn) = conn.upgrade() {
