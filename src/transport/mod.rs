@@ -17,7 +17,7 @@ pub enum Frame {
 /// How many outgoing lines may wait for the writer before senders wait.
 /// Bounding the queue gives backpressure from a slow client down to the
 /// output pumps, and from them to the children's pipes.
-pub const OUTBOUND_CAPACITY: usize = 256;
+pub const OUTBOUND_CAPACITY: usize = 32;
 
 /// The sending half of a connection: complete lines, newline included.
 pub type Outbound = mpsc::Sender<Vec<u8>>;
