@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{Notify, mpsc, watch};
 
 use crate::error::{Error, Result};
@@ -22,6 +22,7 @@ use crate::protocol::{
 };
 use crate::transport::Outbound;
 
+mod exec;
 pub mod output;
 pub mod spawn;
 pub mod watchdog;
@@ -89,7 +90,7 @@ pub struct Launch {
     process: Arc<Process>,
     parts: Option<(
         Io,
-        tokio::process::Child,
+        exec::Child,
         Option<mpsc::UnboundedReceiver<StdinCommand>>,
     )>,
 }
@@ -106,16 +107,8 @@ impl Drop for Launch {
                 stdout,
                 stderr,
             } => {
-                tokio::spawn(pump(
-                    process.clone(),
-                    Stream::Stdout,
-                    Source::Pipe(Box::new(stdout)),
-                ));
-                tokio::spawn(pump(
-                    process.clone(),
-                    Stream::Stderr,
-                    Source::Pipe(Box::new(stderr)),
-                ));
+                tokio::spawn(pump(process.clone(), Stream::Stdout, Source::Pipe(stdout)));
+                tokio::spawn(pump(process.clone(), Stream::Stderr, Source::Pipe(stderr)));
                 if let (Some(stdin), Some(rx)) = (stdin, stdin_rx) {
                     tokio::spawn(feed_stdin(process.clone(), Sink::Pipe(stdin), rx));
                 }
@@ -591,23 +584,35 @@ impl Process {
 
 /// Where output comes from.
 enum Source {
-    Pipe(Box<dyn AsyncRead + Unpin + Send>),
+    Pipe(tokio::net::unix::pipe::Receiver),
     Pty(Arc<PtyMaster>),
 }
 
 impl Source {
-    /// Read into `buf`'s spare capacity (no zeroing first).
-    async fn read_buf(&mut self, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    /// The next chunk of output, read into a buffer of its own sized to
+    /// what is waiting; empty at the end.
+    async fn read_chunk(&mut self) -> std::io::Result<Vec<u8>> {
         match self {
-            Source::Pipe(r) => r.read_buf(buf).await,
-            Source::Pty(m) => m.read_buf(buf).await,
+            Source::Pipe(pipe) => loop {
+                pipe.readable().await?;
+                let mut buf = Vec::with_capacity(spawn::available(
+                    std::os::fd::AsRawFd::as_raw_fd(pipe),
+                    READ_CHUNK,
+                ));
+                match pipe.try_read_buf(&mut buf) {
+                    Ok(_) => return Ok(buf),
+                    Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(err) => return Err(err),
+                }
+            },
+            Source::Pty(master) => master.read_chunk(READ_CHUNK).await,
         }
     }
 }
 
 /// Where stdin goes.
 enum Sink {
-    Pipe(tokio::process::ChildStdin),
+    Pipe(tokio::net::unix::pipe::Sender),
     Pty(Arc<PtyMaster>),
 }
 
@@ -634,25 +639,10 @@ pub(crate) fn output_line(id_json: &str, seq: u64, stream: Stream, data: &[u8]) 
 }
 
 async fn pump(process: Arc<Process>, stream: Stream, mut source: Source) {
-    let mut buf = Vec::with_capacity(READ_CHUNK);
     loop {
-        match source.read_buf(&mut buf).await {
-            Ok(0) => break,
-            Ok(n) => {
-                // A big read keeps its buffer (the log holds it as it is,
-                // no copy); a small one is copied out so that the log does
-                // not pin 64 KiB per byte of chatter.
-                let data = if n >= READ_CHUNK / 4 {
-                    let mut data = std::mem::replace(&mut buf, Vec::with_capacity(READ_CHUNK));
-                    data.shrink_to_fit();
-                    data
-                } else {
-                    let data = buf.clone();
-                    buf.clear();
-                    data
-                };
-                process.push_output(stream, data).await;
-            }
+        match source.read_chunk().await {
+            Ok(data) if data.is_empty() => break,
+            Ok(data) => process.push_output(stream, data).await,
             Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
             Err(err) => {
                 tracing::warn!(id = %process.id, "reading {} failed: {err}", stream.as_str());
@@ -687,7 +677,7 @@ async fn feed_stdin(
 
 /// Wait for the child, record its exit, and forget the process once it has
 /// been closed for the retention period.
-async fn reap(table: Arc<ProcessTable>, process: Arc<Process>, mut child: tokio::process::Child) {
+async fn reap(table: Arc<ProcessTable>, process: Arc<Process>, mut child: exec::Child) {
     let status = child.wait().await;
     process.lock().reaped = true;
     // Let the pumps take what the child wrote before it exited.

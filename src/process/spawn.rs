@@ -5,10 +5,11 @@ use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
-use std::process::Stdio;
 
 use tokio::io::unix::AsyncFd;
-use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
+use tokio::net::unix::pipe;
+
+use super::exec::{self, Child, Exec};
 
 use crate::error::{Error, lower_io};
 use crate::protocol::TtySize;
@@ -37,102 +38,104 @@ pub struct Spawned {
 
 pub enum Io {
     Pipes {
-        stdin: Option<ChildStdin>,
-        stdout: ChildStdout,
-        stderr: ChildStderr,
+        stdin: Option<pipe::Sender>,
+        stdout: pipe::Receiver,
+        stderr: pipe::Receiver,
     },
     Pty(std::sync::Arc<PtyMaster>),
 }
 
-/// Start the child described by `spec`.
+/// Start the child described by `spec`: in a session of its own (so its
+/// process group can be signalled and killed as a whole), registered with
+/// the watchdog and inside its sandbox before it execs.
 pub fn spawn(spec: &Spec<'_>) -> Result<Spawned, Error> {
     check_cwd(spec.cwd)?;
     let program = &spec.argv[0];
-    let mut cmd = Command::new(program);
-    cmd.args(&spec.argv[1..])
-        .current_dir(spec.cwd)
-        .env_clear()
-        .envs(spec.env)
-        .kill_on_drop(false);
-    if let Some(arg0) = spec.arg0 {
-        cmd.arg0(arg0);
-    }
-    let mut pty = None;
-    match spec.tty {
-        Some(size) => {
-            let (master, slave) =
-                open_pty(size).map_err(|e| Error::io("failed to open a pty", &e))?;
-            let dup = |fd: &OwnedFd| {
-                fd.try_clone()
-                    .map_err(|e| Error::io("failed to dup the pty", &e))
-            };
-            cmd.stdin(Stdio::from(dup(&slave)?))
-                .stdout(Stdio::from(dup(&slave)?))
-                .stderr(Stdio::from(slave));
-            pty = Some(master);
-        }
-        None => {
-            cmd.stdin(if spec.pipe_stdin {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        }
-    }
-    let tty = spec.tty.is_some();
-    let watchdog_fd = spec.watchdog_fd;
-    let sandbox = spec.sandbox.clone();
-    // SAFETY: the closure makes only async-signal-safe calls (the sandbox
-    // is entered with system calls on data prepared before the fork).
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setsid() == -1 {
-                return Err(io::Error::last_os_error());
-            }
-            if tty && libc::ioctl(0, libc::TIOCSCTTY, 0) == -1 {
-                return Err(io::Error::last_os_error());
-            }
-            if let Some(fd) = watchdog_fd {
-                super::watchdog::register_self(fd);
-            }
-            if let Some(sandbox) = &sandbox {
-                sandbox.enter()?;
-            }
-            Ok(())
-        });
-    }
     let within = if spec.sandbox.is_some() {
         " in the sandbox"
     } else {
         ""
     };
-    let mut child = cmd.spawn().map_err(|err| Error::SpawnFailed {
+    let failed = |err: io::Error| Error::SpawnFailed {
         message: format!("failed to start {program}{within}: {}", lower_io(&err)),
         errno: err.raw_os_error(),
-    })?;
-    // The command holds the parent's copies of the pty slave; drop them so
-    // that the master sees EOF once the child's side is gone.
-    drop(cmd);
-    let pid = child.id().map(|id| id as i32).unwrap_or(0);
-    let io = match pty {
-        Some(master) => Io::Pty(std::sync::Arc::new(
+    };
+    // The child's ends are held here until it has exec'd, then dropped, so
+    // that only the child keeps them open.
+    let (child_ends, ours) = match spec.tty {
+        Some(size) => {
+            let (master, slave) =
+                open_pty(size).map_err(|e| Error::io("failed to open a pty", &e))?;
+            (vec![slave], Ours::Pty(master))
+        }
+        None => {
+            let (stdin_child, stdin_ours) = if spec.pipe_stdin {
+                let (read, write) = exec::pipe().map_err(failed)?;
+                (read, Some(write))
+            } else {
+                (exec::dev_null().map_err(failed)?, None)
+            };
+            let (stdout_ours, stdout_child) = exec::pipe().map_err(failed)?;
+            let (stderr_ours, stderr_child) = exec::pipe().map_err(failed)?;
+            grow_pipe(stdout_ours.as_raw_fd());
+            grow_pipe(stderr_ours.as_raw_fd());
+            (
+                vec![stdin_child, stdout_child, stderr_child],
+                Ours::Pipes(stdin_ours, stdout_ours, stderr_ours),
+            )
+        }
+    };
+    let fd = |i: usize| child_ends[i.min(child_ends.len() - 1)].as_raw_fd();
+    let child = exec::spawn(&Exec {
+        argv: spec.argv,
+        arg0: spec.arg0,
+        cwd: spec.cwd,
+        env: spec.env,
+        stdio: [fd(0), fd(1), fd(2)],
+        controlling_tty: spec.tty.is_some(),
+        watchdog_fd: spec.watchdog_fd,
+        sandbox: spec.sandbox.as_deref(),
+    })
+    .map_err(failed)?;
+    drop(child_ends);
+    let pid = child.pid();
+    let io = match ours {
+        Ours::Pty(master) => Io::Pty(std::sync::Arc::new(
             PtyMaster::new(master).map_err(|e| Error::io("failed to watch the pty", &e))?,
         )),
-        None => {
-            let stdout = child.stdout.take().expect("stdout is piped");
-            let stderr = child.stderr.take().expect("stderr is piped");
-            grow_pipe(stdout.as_raw_fd());
-            grow_pipe(stderr.as_raw_fd());
+        Ours::Pipes(stdin, stdout, stderr) => {
+            let watch = |e: io::Error| Error::io("failed to watch the child's pipes", &e);
             Io::Pipes {
-                stdin: child.stdin.take(),
-                stdout,
-                stderr,
+                stdin: stdin
+                    .map(pipe::Sender::from_owned_fd)
+                    .transpose()
+                    .map_err(watch)?,
+                stdout: pipe::Receiver::from_owned_fd(stdout).map_err(watch)?,
+                stderr: pipe::Receiver::from_owned_fd(stderr).map_err(watch)?,
             }
         }
     };
     Ok(Spawned { child, pid, io })
+}
+
+/// The server's ends of the child's I/O, before they are watched.
+enum Ours {
+    Pipes(Option<OwnedFd>, OwnedFd, OwnedFd),
+    Pty(OwnedFd),
+}
+
+/// How many bytes to read from `fd` at once: what is waiting there
+/// (`FIONREAD`), at least 1 (a read of 0 bytes can't see the end of the
+/// input) and at most `max`. Each chunk is allocated at the size it will
+/// have, so the retention log holds no slack and a quiet stream holds no
+/// buffer at all between reads.
+pub fn available(fd: RawFd, max: usize) -> usize {
+    let mut waiting: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut waiting) } == -1 {
+        return max;
+    }
+    (waiting.max(1) as usize).min(max)
 }
 
 /// Ask for a 1 MiB pipe buffer (the default is 64 KiB), so a fast writer
@@ -223,11 +226,12 @@ impl PtyMaster {
         Ok(PtyMaster { fd })
     }
 
-    /// Read what the terminal printed into `buf`'s spare capacity; `Ok(0)`
-    /// once every slave end is closed (Linux reports that as EIO).
-    pub async fn read_buf(&self, buf: &mut Vec<u8>) -> io::Result<usize> {
+    /// What the terminal printed, up to `max` bytes (see [`available`]);
+    /// empty once every slave end is closed (Linux reports that as EIO).
+    pub async fn read_chunk(&self, max: usize) -> io::Result<Vec<u8>> {
         loop {
             let mut guard = self.fd.readable().await?;
+            let mut buf = Vec::with_capacity(available(self.fd.as_raw_fd(), max));
             let result = guard.try_io(|fd| {
                 let spare = buf.spare_capacity_mut();
                 // SAFETY: reads into the vector's unused capacity, at most
@@ -238,12 +242,12 @@ impl PtyMaster {
                     return Err(io::Error::last_os_error());
                 }
                 // SAFETY: the kernel initialised the first n bytes.
-                unsafe { buf.set_len(buf.len() + n as usize) };
-                Ok(n as usize)
+                unsafe { buf.set_len(n as usize) };
+                Ok(())
             });
             match result {
-                Ok(Err(err)) if err.raw_os_error() == Some(libc::EIO) => return Ok(0),
-                Ok(result) => return result,
+                Ok(Err(err)) if err.raw_os_error() == Some(libc::EIO) => return Ok(Vec::new()),
+                Ok(result) => return result.map(|()| buf),
                 Err(_would_block) => continue,
             }
         }

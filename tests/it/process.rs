@@ -201,3 +201,86 @@ fn env_policy_core_keeps_only_core_variables() {
     }
     assert!(text.contains("PATH="), "PATH is a core variable: {text}");
 }
+
+/// The program is looked up on the PATH the child gets (as `execvp`
+/// does), not the server's; a script without `#!` runs under `/bin/sh`; a
+/// file that can't be executed is `EACCES`, one that doesn't exist `ENOENT`.
+#[test]
+fn programs_are_found_and_started_as_execvp_would() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("no-shebang");
+    std::fs::write(&script, "echo \"ran as $0 with $1\"\n").unwrap();
+    let plain = dir.path().join("not-executable");
+    std::fs::write(&plain, "#!/bin/sh\necho never\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let path = format!("/nonexistent-dir:{}:/usr/bin:/bin", dir.path().display());
+
+    let mut s = Server::started(&[]);
+    // Found on the child's PATH only; ENOEXEC falls back to /bin/sh.
+    s.start_process(
+        "script",
+        &["no-shebang", "arg"],
+        json!({"env": {"PATH": path}}),
+    );
+    let (out, code) = s.collect("script");
+    assert_eq!(code, Some(0));
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.starts_with("ran as "), "{text}");
+    assert!(text.ends_with("no-shebang with arg\n"), "{text}");
+
+    let start = |s: &mut Server, argv: &[&str], env: serde_json::Value| {
+        s.request(
+            "process/start",
+            json!({"processId": "x", "argv": argv, "cwd": "/tmp", "env": env}),
+        )
+    };
+    let denied = start(&mut s, &["not-executable"], json!({"PATH": path}));
+    assert_eq!(denied["error"]["data"]["errno"], libc::EACCES, "{denied}");
+    let missing = start(&mut s, &["no-such-program-anywhere"], json!({"PATH": path}));
+    assert_eq!(missing["error"]["data"]["errno"], libc::ENOENT, "{missing}");
+    // The server's own PATH is not searched: `env` is not in this one.
+    let elsewhere = start(&mut s, &["env"], json!({"PATH": dir.path()}));
+    assert_eq!(
+        elsewhere["error"]["data"]["errno"],
+        libc::ENOENT,
+        "{elsewhere}"
+    );
+}
+
+/// The child starts with default signal handling and nothing blocked,
+/// whatever the server itself ignores or handles (Rust ignores SIGPIPE).
+#[test]
+fn children_start_with_default_signal_dispositions() {
+    let mut s = Server::started(&[]);
+    s.start_process(
+        "p",
+        &["sh", "-c", "grep -E '^Sig(Blk|Ign|Cgt):' /proc/self/status"],
+        json!({}),
+    );
+    let (out, code) = s.collect("p");
+    assert_eq!(code, Some(0));
+    let text = String::from_utf8(out).unwrap();
+    for line in text.lines() {
+        let (name, mask) = line.split_once(':').unwrap();
+        let mask = u64::from_str_radix(mask.trim(), 16).unwrap();
+        // sh may catch a few signals itself, but blocks and ignores none.
+        if name != "SigCgt" {
+            assert_eq!(mask, 0, "{line}");
+        }
+    }
+    // A writer to a closed pipe dies of SIGPIPE (128 + 13), as it would
+    // from a shell, instead of failing with EPIPE.
+    s.start_process(
+        "pipe",
+        &[
+            "sh",
+            "-c",
+            "(yes; echo \"yes: $?\" >&2) | head -c 1 >/dev/null",
+        ],
+        json!({}),
+    );
+    let (out, _) = s.collect("pipe");
+    assert_eq!(String::from_utf8(out).unwrap(), "yes: 141\n");
+}
