@@ -481,7 +481,13 @@ async fn interference(args: &Args, plan: &Plan) -> Result<Row, BoxError> {
 }
 
 async fn idle(args: &Args, plan: &Plan) -> Result<Vec<Row>, BoxError> {
-    let client = Client::new(server_command(args, &[])?);
+    // Closed processes are kept readable for a while (30 s by default);
+    // a short retention lets the run see what is left once they are gone.
+    let retention = Duration::from_millis(200);
+    let client = Client::new(server_command(
+        args,
+        &["--closed-retention-ms", &retention.as_millis().to_string()],
+    )?);
     client.session_id().await?;
     let pid = client.server_pid().unwrap_or(0);
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -504,9 +510,13 @@ async fn idle(args: &Args, plan: &Plan) -> Result<Vec<Row>, BoxError> {
             Ok::<(), BoxError>(())
         }
     };
+    // Each closed process is forgotten once its retention has passed.
+    let settle = retention + Duration::from_millis(300);
     churn(0).await?;
+    tokio::time::sleep(settle).await;
     let after_one = proc_kib(pid, "VmRSS:").unwrap_or(f64::NAN) / 1024.0;
     churn(plan.churn).await?;
+    tokio::time::sleep(settle).await;
     let after_two = proc_kib(pid, "VmRSS:").unwrap_or(f64::NAN) / 1024.0;
     client.shutdown().await;
     Ok(vec![
@@ -523,8 +533,14 @@ async fn idle(args: &Args, plan: &Plan) -> Result<Vec<Row>, BoxError> {
             vec![after_one],
             None,
             format!(
-                "after {} more: {after_two:.1} MiB (closed processes are retained for 30 s)",
-                plan.churn
+                "after {} more: {after_two:.1} MiB (closed processes expired after {} ms{})",
+                plan.churn,
+                retention.as_millis(),
+                if args.via.is_some() {
+                    "; not passed to --via"
+                } else {
+                    ""
+                }
             ),
         ),
     ])
