@@ -92,9 +92,32 @@ impl Response {
         Value::Object(map)
     }
 
-    /// The response as one line, newline included.
+    /// The response as one line, newline included; the same members as
+    /// [`Response::to_value`], written without copying the result first
+    /// (a `process/read` result can be megabytes).
     pub fn to_line(&self) -> Vec<u8> {
-        value_line(&self.to_value())
+        #[derive(Serialize)]
+        struct Out<'a> {
+            jsonrpc: &'static str,
+            id: Option<&'a RequestId>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            result: Option<&'a Value>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            error: Option<Value>,
+        }
+        let (result, error) = match &self.outcome {
+            Ok(result) => (Some(result), None),
+            Err(error) => (None, Some(error.to_json())),
+        };
+        let mut line = serde_json::to_vec(&Out {
+            jsonrpc: "2.0",
+            id: self.id.as_ref(),
+            result,
+            error,
+        })
+        .unwrap_or_default();
+        line.push(b'\n');
+        line
     }
 }
 
@@ -252,5 +275,17 @@ mod tests {
             String::from_utf8(line).unwrap(),
             "{\"jsonrpc\":\"2.0\",\"method\":\"process/closed\",\"params\":{\"processId\":\"p\",\"seq\":3}}\n"
         );
+    }
+
+    #[test]
+    fn a_response_line_is_its_value_on_one_line() {
+        let id = RequestId::Number(7.into());
+        for response in [
+            Response::ok(id.clone(), serde_json::json!({"a": [1, "x"]})),
+            Response::err(Some(id), Error::MethodNotFound("nope".into())),
+            Response::err(None, Error::Parse("bad".into())),
+        ] {
+            assert_eq!(response.to_line(), value_line(&response.to_value()));
+        }
     }
 }
