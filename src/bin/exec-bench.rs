@@ -582,23 +582,18 @@ async fn run(args: &Args) -> Result<(), BoxError> {
     let plan = Plan::new(args.quick);
     let started = Instant::now();
     let mut rows = Vec::new();
-    if args.runs(Case::ColdStart) {
-        rows.push(cold_start(args, &plan).await?);
-    }
-    if args.runs(Case::RoundTrip) {
-        rows.push(round_trip(args, &plan).await?);
-    }
-    if args.runs(Case::Throughput) {
-        rows.extend(throughput(args, &plan).await?);
-    }
-    if args.runs(Case::FanOut) {
-        rows.push(fan_out(args, &plan).await?);
-    }
-    if args.runs(Case::Interference) {
-        rows.push(interference(args, &plan).await?);
-    }
-    if args.runs(Case::Idle) {
-        rows.extend(idle(args, &plan).await?);
+    for &case in <Case as clap::ValueEnum>::value_variants() {
+        if !args.runs(case) {
+            continue;
+        }
+        match case {
+            Case::ColdStart => rows.push(cold_start(args, &plan).await?),
+            Case::RoundTrip => rows.push(round_trip(args, &plan).await?),
+            Case::Throughput => rows.extend(throughput(args, &plan).await?),
+            Case::FanOut => rows.push(fan_out(args, &plan).await?),
+            Case::Interference => rows.push(interference(args, &plan).await?),
+            Case::Idle => rows.extend(idle(args, &plan).await?),
+        }
     }
     print_table(&rows);
     println!("({:.1} s in all)", started.elapsed().as_secs_f64());
