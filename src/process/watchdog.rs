@@ -11,7 +11,7 @@
 
 use std::collections::HashSet;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 const REGISTER: u8 = b'+';
 const UNREGISTER: u8 = b'-';
@@ -26,14 +26,7 @@ impl Watchdog {
     /// Fork the watchdog. Call this while the process has one thread (before
     /// the async runtime starts): only then is `fork` safe.
     pub fn start() -> io::Result<Watchdog> {
-        let mut fds = [0; 2];
-        // SAFETY: plain syscall on a valid two-int array.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: both fds were just created and are owned here alone.
-        let (read_end, write_end) =
-            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (read_end, write_end) = super::exec::pipe()?;
         // SAFETY: the caller guarantees a single-threaded process.
         match unsafe { libc::fork() } {
             -1 => Err(io::Error::last_os_error()),
