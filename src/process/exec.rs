@@ -93,8 +93,10 @@ struct Plan<'a> {
     _strings: Vec<CString>,
 }
 
-fn c_string(text: &str) -> io::Result<CString> {
-    CString::new(text).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+/// A C string for the child; a NUL inside is `EINVAL`, as `execve` would
+/// have it.
+fn c_string(text: impl AsRef<[u8]>) -> io::Result<CString> {
+    CString::new(text.as_ref()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
 
 /// Start the program; returns once it has called `execve` (or failed to).
@@ -164,7 +166,7 @@ fn plan<'a>(exec: &Exec<'a>) -> io::Result<Plan<'a>> {
         .collect();
     let mut envp = Vec::with_capacity(exec.env.len() + 1);
     for (key, value) in exec.env {
-        envp.push(pointer(c_string(&format!("{key}={value}"))?));
+        envp.push(pointer(c_string(format!("{key}={value}"))?));
     }
     envp.push(std::ptr::null());
     // The search `execvp` would make with the child's PATH.
@@ -175,13 +177,12 @@ fn plan<'a>(exec: &Exec<'a>) -> io::Result<Plan<'a>> {
         path.split(':')
             .map(|dir| {
                 let dir = if dir.is_empty() { "." } else { dir };
-                c_string(&format!("{}/{program}", dir.trim_end_matches('/')))
+                c_string(format!("{}/{program}", dir.trim_end_matches('/')))
             })
             .collect::<io::Result<_>>()?
     };
     use std::os::unix::ffi::OsStrExt;
-    let cwd = CString::new(exec.cwd.as_os_str().as_bytes())
-        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let cwd = c_string(exec.cwd.as_os_str().as_bytes())?;
     Ok(Plan {
         programs,
         argv,
