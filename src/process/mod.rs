@@ -247,7 +247,7 @@ impl ProcessTable {
         let process = Arc::new(Process {
             id: req.id.clone(),
             id_json: serde_json::to_string(&req.id).unwrap_or_default(),
-            pid: spawned.pid,
+            pid: spawned.child.pid(),
             argv: spec.argv.to_vec(),
             tty,
             state: Mutex::new(State {

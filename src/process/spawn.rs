@@ -32,7 +32,6 @@ pub struct Spec<'a> {
 /// A started child and its ends of the I/O.
 pub struct Spawned {
     pub child: Child,
-    pub pid: i32,
     pub io: Io,
 }
 
@@ -61,12 +60,14 @@ pub fn spawn(spec: &Spec<'_>) -> Result<Spawned, Error> {
         errno: err.raw_os_error(),
     };
     // The child's ends are held here until it has exec'd, then dropped, so
-    // that only the child keeps them open.
-    let (child_ends, ours) = match spec.tty {
+    // that only the child keeps them open; `stdio` is what becomes its fds
+    // 0, 1 and 2.
+    let (child_ends, stdio, ours) = match spec.tty {
         Some(size) => {
             let (master, slave) =
                 open_pty(size).map_err(|e| Error::io("failed to open a pty", &e))?;
-            (vec![slave], Ours::Pty(master))
+            let fd = slave.as_raw_fd();
+            (vec![slave], [fd; 3], Ours::Pty(master))
         }
         None => {
             let (stdin_child, stdin_ours) = if spec.pipe_stdin {
@@ -79,26 +80,26 @@ pub fn spawn(spec: &Spec<'_>) -> Result<Spawned, Error> {
             let (stderr_ours, stderr_child) = exec::pipe().map_err(failed)?;
             grow_pipe(stdout_ours.as_raw_fd());
             grow_pipe(stderr_ours.as_raw_fd());
+            let stdio = [&stdin_child, &stdout_child, &stderr_child].map(AsRawFd::as_raw_fd);
             (
                 vec![stdin_child, stdout_child, stderr_child],
+                stdio,
                 Ours::Pipes(stdin_ours, stdout_ours, stderr_ours),
             )
         }
     };
-    let fd = |i: usize| child_ends[i.min(child_ends.len() - 1)].as_raw_fd();
     let child = exec::spawn(&Exec {
         argv: spec.argv,
         arg0: spec.arg0,
         cwd: spec.cwd,
         env: spec.env,
-        stdio: [fd(0), fd(1), fd(2)],
+        stdio,
         controlling_tty: spec.tty.is_some(),
         watchdog_fd: spec.watchdog_fd,
         sandbox: spec.sandbox.as_deref(),
     })
     .map_err(failed)?;
     drop(child_ends);
-    let pid = child.pid();
     let io = match ours {
         Ours::Pty(master) => Io::Pty(std::sync::Arc::new(
             PtyMaster::new(master).map_err(|e| Error::io("failed to watch the pty", &e))?,
@@ -115,7 +116,7 @@ pub fn spawn(spec: &Spec<'_>) -> Result<Spawned, Error> {
             }
         }
     };
-    Ok(Spawned { child, pid, io })
+    Ok(Spawned { child, io })
 }
 
 /// The server's ends of the child's I/O, before they are watched.
