@@ -86,6 +86,22 @@ struct Run {
 }
 
 impl Run {
+    /// The next server line, which must match `pattern` (saving into
+    /// `vars`).
+    fn expect(&mut self, server: &mut Server, line: usize, pattern: &Value) -> Result<(), String> {
+        let Some(actual) = server.recv_line(TIMEOUT) else {
+            return Err(self.fail(line, format!("timed out waiting for\n      {pattern}")));
+        };
+        self.history.push(format!("< {actual}"));
+        if let Err(at) = matches(pattern, &actual, "$", &mut self.vars) {
+            return Err(self.fail(
+                line,
+                format!("mismatch at {at}\n    expected: {pattern}\n    actual:   {actual}"),
+            ));
+        }
+        Ok(())
+    }
+
     fn fail(&self, line: usize, what: String) -> String {
         let mut out = format!(
             "--- {} (line {line}): {what}\n    exchange so far:\n",
@@ -150,16 +166,7 @@ fn run(path: &Path) -> Result<(), String> {
         } else if let Some(ms) = step.get("sleepMs").and_then(Value::as_u64) {
             std::thread::sleep(Duration::from_millis(ms));
         } else if let Some(pattern) = step.get("expect") {
-            let Some(actual) = server.recv_line(TIMEOUT) else {
-                return Err(run.fail(line, format!("timed out waiting for\n      {pattern}")));
-            };
-            run.history.push(format!("< {actual}"));
-            if let Err(at) = matches(pattern, &actual, "$", &mut run.vars) {
-                return Err(run.fail(
-                    line,
-                    format!("mismatch at {at}\n    expected: {pattern}\n    actual:   {actual}"),
-                ));
-            }
+            run.expect(&mut server, line, pattern)?;
         } else if let Some(patterns) = step.get("expectUnordered").and_then(Value::as_array) {
             let mut left: Vec<&Value> = patterns.iter().collect();
             while !left.is_empty() {
@@ -240,38 +247,21 @@ fn expect_output(
         "method": "process/output",
         "params": {
             "processId": want["processId"],
-            "seq": "$save:seq",
+            "seq": "$save:expectOutput.seq",
             "stream": want["stream"],
-            "chunk": "$save:chunk",
+            "chunk": "$save:expectOutput.chunk",
         },
     });
     let mut got = Vec::new();
     let mut last_seq: Option<u64> = None;
     while got.len() < text.len() || got.is_empty() {
-        let Some(actual) = server.recv_line(TIMEOUT) else {
-            return Err(run.fail(
-                line,
-                format!(
-                    "timed out after {:?} of output {:?}",
-                    String::from_utf8_lossy(&got),
-                    String::from_utf8_lossy(text)
-                ),
-            ));
-        };
-        run.history.push(format!("< {actual}"));
-        let mut seen = HashMap::new();
-        if let Err(at) = matches(&pattern, &actual, "$", &mut seen) {
-            return Err(run.fail(
-                line,
-                format!("mismatch at {at}\n    expected: {pattern}\n    actual:   {actual}"),
-            ));
-        }
-        let seq = seen["seq"].as_u64().unwrap_or(0);
+        run.expect(server, line, &pattern)?;
+        let seq = run.vars["expectOutput.seq"].as_u64().unwrap_or(0);
         if last_seq.is_some_and(|last| seq != last + 1) {
             return Err(run.fail(line, format!("seq {seq} does not follow {last_seq:?}")));
         }
         last_seq = Some(seq);
-        got.extend(unb64(&seen["chunk"]));
+        got.extend(unb64(&run.vars["expectOutput.chunk"]));
     }
     if got != text {
         return Err(run.fail(
