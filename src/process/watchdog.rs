@@ -2,7 +2,7 @@
 //! group when the server dies, however it dies (even SIGKILL).
 //!
 //! Each child registers its own process group with the watchdog before it
-//! execs (from `pre_exec`, so there is no window in which a child exists
+//! execs (between `clone` and `exec`, so there is no window in which a child exists
 //! that the watchdog does not know). The server holds the only write end of
 //! the pipe; when the server exits, the kernel closes it, the watchdog reads
 //! EOF, kills every group still registered and exits. The server unregisters
@@ -38,7 +38,7 @@ impl Watchdog {
         }
     }
 
-    /// The write end, for children to register themselves in `pre_exec`.
+    /// The write end, for children to register themselves before exec.
     pub fn raw_fd(&self) -> RawFd {
         self.pipe.as_raw_fd()
     }
@@ -49,8 +49,8 @@ impl Watchdog {
     }
 }
 
-/// Register the calling process's group. Async-signal-safe: it is called
-/// between `fork` and `exec`.
+/// Register the calling process's group. Only a system call: it is called
+/// in a child between `clone` and `exec`.
 pub fn register_self(fd: RawFd) {
     // SAFETY: getpid is async-signal-safe.
     let pid = unsafe { libc::getpid() };

@@ -5,7 +5,7 @@
 //! ruleset (built in the server), a private mount plan for what Landlock
 //! cannot say (deny under a readable root, read-only inside a writable
 //! one), and a seccomp filter. A child enters it with [`Prepared::enter`]
-//! between fork and exec, so it and every descendant are confined before
+//! before it execs, so it and every descendant are confined before
 //! the command's first instruction. [`probably_denied`] is the
 //! `sandboxDenied` rule.
 
@@ -111,8 +111,10 @@ pub fn prepare(rules: &Rules, notify: bool, cwd: Option<&Path>) -> Result<Prepar
 }
 
 impl Prepared {
-    /// Confine the calling process. Runs in the child between fork and
-    /// exec: only system calls on data prepared by the server.
+    /// Confine the calling process: a command's child before exec (a
+    /// `clone(CLONE_VM)` child sharing the server's memory, so only system
+    /// calls on data prepared by the server), or the single-threaded fs
+    /// helper confining itself.
     pub fn enter(&self) -> io::Result<()> {
         if let Some(mounts) = &self.mounts {
             mounts.apply()?;
