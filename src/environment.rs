@@ -41,7 +41,7 @@ pub fn info(workspace_roots: &[PathBuf]) -> Value {
             "resize": true,
             "signals": SIGNALS,
             "processList": true,
-            "sandbox": crate::sandbox::host().landlock_abi >= 1,
+            "sandbox": crate::sandbox::host().landlock_abi >= crate::sandbox::landlock::SCOPES_ABI,
             "filesystem": true,
         },
         "os": std::env::consts::OS,

@@ -206,7 +206,10 @@ pub fn fs_error(what: impl std::fmt::Display, err: &io::Error) -> Error {
     };
     match errno {
         Some(libc::ENOENT) => Error::NotFound { message, errno },
-        Some(libc::EACCES | libc::EPERM | libc::EROFS) => {
+        // EXDEV: Landlock refuses a link or rename that would carry a file
+        // out of what its rules allow (the unsandboxed rename handles a
+        // real cross-filesystem move before it gets here).
+        Some(libc::EACCES | libc::EPERM | libc::EROFS | libc::EXDEV) => {
             Error::PermissionDenied { message, errno }
         }
         Some(libc::EISDIR) => invalid("isADirectory"),

@@ -181,22 +181,30 @@ fn open_regular(path: &Path, follow: bool) -> Result<(File, fs::Metadata)> {
 /// refused with a pointer to the streaming methods.
 pub fn read_file(p: PathParams, max_message_bytes: usize) -> Result<Value> {
     let path = &p.path.0;
-    let (mut file, meta) = open_regular(path, p.follow_symlinks)?;
-    let encoded = meta.len().saturating_mul(4) / 3 + 64;
-    if encoded > max_message_bytes as u64 {
-        return Err(Error::InvalidInput {
-            kind: "fileTooLarge",
-            message: format!(
-                "{} is {} bytes, too large for fs/readFile; read it in blocks with fs/open and fs/readBlock",
-                shown(path),
-                meta.len()
-            ),
-            errno: None,
-        });
+    let (file, meta) = open_regular(path, p.follow_symlinks)?;
+    // The most raw bytes whose base64 fits one message. `stat` is only a
+    // hint: files in /proc and /sys say 0 and can be endless, so the read
+    // itself stops just past the limit (at a page boundary: some of them,
+    // such as `pagemap`, refuse reads of odd sizes).
+    let limit = (max_message_bytes.saturating_sub(64) / 4 * 3) as u64;
+    let too_large = |size: String| Error::InvalidInput {
+        kind: "fileTooLarge",
+        message: format!(
+            "{} is {size} bytes, too large for fs/readFile; read it in blocks with fs/open and fs/readBlock",
+            shown(path),
+        ),
+        errno: None,
+    };
+    if meta.len() > limit {
+        return Err(too_large(meta.len().to_string()));
     }
     let mut data = Vec::with_capacity(meta.len() as usize);
-    file.read_to_end(&mut data)
+    file.take((limit / 4096 + 1) * 4096)
+        .read_to_end(&mut data)
         .map_err(|e| fs_error(format!("failed to read {}", shown(path)), &e))?;
+    if data.len() as u64 > limit {
+        return Err(too_large(format!("more than {limit}")));
+    }
     Ok(json!({ "dataBase64": b64(&data) }))
 }
 

@@ -148,8 +148,8 @@ pub fn notification_line(method: &str, params: &impl Serialize) -> Vec<u8> {
 
 /// Interpret one incoming line (without its newline).
 pub fn parse(line: &[u8]) -> Incoming {
-    let value: Value = match serde_json::from_slice(line) {
-        Ok(value) => value,
+    let (value, mut duplicates) = match strict::parse(line) {
+        Ok(parsed) => parsed,
         Err(err) => {
             return Incoming::Single(Err(Response::err(None, Error::Parse(err.to_string()))));
         }
@@ -159,17 +159,43 @@ pub fn parse(line: &[u8]) -> Incoming {
             None,
             Error::InvalidRequest("empty batch".into()),
         ))),
-        Value::Array(items) => Incoming::Batch(items.into_iter().map(classify).collect()),
-        other => Incoming::Single(classify(other)),
+        Value::Array(items) => Incoming::Batch(
+            items
+                .into_iter()
+                .zip(duplicates)
+                .map(|(item, duplicate)| classify(item, duplicate))
+                .collect(),
+        ),
+        other => Incoming::Single(classify(other, duplicates.pop().flatten())),
     }
 }
 
-/// Decide what kind of message one JSON value is.
-fn classify(value: Value) -> Result<Message, Response> {
+/// Decide what kind of message one JSON value is. `duplicate`: a member
+/// named twice in one object of this message, which is refused, so that
+/// what a proxy or reviewer reads is what the server applies.
+fn classify(value: Value, duplicate: Option<strict::Duplicate>) -> Result<Message, Response> {
     let invalid = |id, msg: &str| Response::err(id, Error::InvalidRequest(msg.to_string()));
     let Value::Object(mut map) = value else {
         return Err(invalid(None, "a message must be a json object"));
     };
+    if let Some(duplicate) = duplicate {
+        let id = match map.get("id") {
+            Some(Value::Number(n)) if n.is_i64() || n.is_u64() => {
+                Some(RequestId::Number(n.clone()))
+            }
+            Some(Value::String(s)) => Some(RequestId::String(s.clone())),
+            _ => None,
+        };
+        let message = format!("duplicate member {}", duplicate.name);
+        return Err(Response::err(
+            id,
+            if duplicate.in_params {
+                Error::InvalidParams(message)
+            } else {
+                Error::InvalidRequest(message)
+            },
+        ));
+    }
     let id = match map.remove("id") {
         None => None,
         Some(Value::Number(n)) if n.is_i64() || n.is_u64() => Some(RequestId::Number(n)),
@@ -203,6 +229,167 @@ fn classify(value: Value) -> Result<Message, Response> {
         )),
         None if map.contains_key("result") || map.contains_key("error") => Ok(Message::Response),
         None => Err(invalid(id, "a request must have a method")),
+    }
+}
+
+/// A JSON parser that builds the same `Value` as `serde_json`, and also
+/// notes, per message, the first member named twice in one object (which
+/// `serde_json` would silently resolve to the last one).
+mod strict {
+    use std::cell::RefCell;
+    use std::fmt;
+
+    use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+    use serde_json::{Map, Number, Value};
+
+    /// A member named twice, and whether it was inside `params`.
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct Duplicate {
+        pub name: String,
+        pub in_params: bool,
+    }
+
+    /// The value, and for each message (one, or each element of a batch)
+    /// its first duplicate member.
+    pub fn parse(line: &[u8]) -> serde_json::Result<(Value, Vec<Option<Duplicate>>)> {
+        let found = RefCell::new(Vec::new());
+        let mut de = serde_json::Deserializer::from_slice(line);
+        let value = Seed {
+            found: &found,
+            level: Level::Root,
+        }
+        .deserialize(&mut de)?;
+        de.end()?;
+        let mut found = found.into_inner();
+        if !value.is_array() {
+            // One message: whatever was found belongs to it.
+            found = vec![found.into_iter().flatten().next()];
+        }
+        Ok((value, found))
+    }
+
+    #[derive(Clone, Copy, PartialEq)]
+    enum Level {
+        /// The whole line: a message or a batch.
+        Root,
+        /// A batch's element, or the single message.
+        Message,
+        InParams,
+        Other,
+    }
+
+    struct Seed<'a> {
+        /// For a batch, one slot per element; otherwise slots as found.
+        found: &'a RefCell<Vec<Option<Duplicate>>>,
+        level: Level,
+    }
+
+    impl Seed<'_> {
+        fn note(&self, name: &str, in_params: bool) {
+            let mut found = self.found.borrow_mut();
+            match found.last_mut() {
+                Some(slot @ None) => {
+                    *slot = Some(Duplicate {
+                        name: name.to_string(),
+                        in_params,
+                    })
+                }
+                Some(Some(_)) => {}
+                None => found.push(Some(Duplicate {
+                    name: name.to_string(),
+                    in_params,
+                })),
+            }
+        }
+
+        fn child(&self, level: Level) -> Seed<'_> {
+            Seed {
+                found: self.found,
+                level,
+            }
+        }
+    }
+
+    impl<'de> DeserializeSeed<'de> for Seed<'_> {
+        type Value = Value;
+        fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<Value, D::Error> {
+            de.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Seed<'_> {
+        type Value = Value;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+            Ok(Value::Bool(v))
+        }
+        fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+            Ok(Value::Number(v.into()))
+        }
+        fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+            Ok(Value::Number(v.into()))
+        }
+        fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+            Ok(Number::from_f64(v).map_or(Value::Null, Value::Number))
+        }
+        fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+            Ok(Value::String(v.to_string()))
+        }
+        fn visit_string<E>(self, v: String) -> Result<Value, E> {
+            Ok(Value::String(v))
+        }
+        fn visit_unit<E>(self) -> Result<Value, E> {
+            Ok(Value::Null)
+        }
+        fn visit_none<E>(self) -> Result<Value, E> {
+            Ok(Value::Null)
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+            let mut items = Vec::new();
+            loop {
+                let level = match self.level {
+                    Level::Root => {
+                        self.found.borrow_mut().push(None);
+                        Level::Message
+                    }
+                    Level::InParams => Level::InParams,
+                    _ => Level::Other,
+                };
+                match seq.next_element_seed(self.child(level))? {
+                    Some(item) => items.push(item),
+                    None => {
+                        if self.level == Level::Root {
+                            self.found.borrow_mut().pop();
+                        }
+                        return Ok(Value::Array(items));
+                    }
+                }
+            }
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Value, A::Error> {
+            let mut map = Map::new();
+            while let Some(key) = access.next_key::<String>()? {
+                let level = match self.level {
+                    Level::Root | Level::Message if key == "params" => Level::InParams,
+                    Level::InParams => Level::InParams,
+                    _ => Level::Other,
+                };
+                let value = access.next_value_seed(self.child(level))?;
+                if map.contains_key(&key) {
+                    self.note(
+                        &key,
+                        level == Level::InParams && self.level == Level::InParams,
+                    );
+                }
+                map.insert(key, value);
+            }
+            Ok(Value::Object(map))
+        }
     }
 }
 
@@ -266,6 +453,55 @@ mod tests {
             panic!("expected one error");
         };
         assert_eq!(resp.to_value()["error"]["code"], -32600);
+    }
+
+    #[test]
+    fn a_member_named_twice_in_params_is_invalid_params_naming_it() {
+        let Err(resp) = single(
+            r#"{"id":3,"method":"process/start","params":{"sandbox":{"permissions":{"type":"managed"},"permissions":{"type":"disabled"}}}}"#,
+        ) else {
+            panic!("expected an error");
+        };
+        let value = resp.to_value();
+        assert_eq!(value["id"], 3);
+        assert_eq!(value["error"]["code"], -32602);
+        assert_eq!(value["error"]["message"], "duplicate member permissions");
+    }
+
+    #[test]
+    fn a_member_named_twice_in_the_envelope_is_invalid_request() {
+        let Err(resp) = single(r#"{"id":"a","method":"x","method":"y"}"#) else {
+            panic!("expected an error");
+        };
+        let value = resp.to_value();
+        assert_eq!(value["id"], "a");
+        assert_eq!(value["error"]["code"], -32600);
+        assert_eq!(value["error"]["message"], "duplicate member method");
+    }
+
+    #[test]
+    fn duplicates_in_a_batch_belong_to_their_own_element() {
+        let Incoming::Batch(items) = parse(
+            br#"[{"id":1,"method":"a","params":{"x":1}},{"id":2,"method":"b","params":[{"y":1,"y":2}]},{"id":3,"method":"c"}]"#,
+        ) else {
+            panic!("expected a batch");
+        };
+        assert!(matches!(items[0], Ok(Message::Request(_))));
+        let Err(resp) = &items[1] else {
+            panic!("expected an error for the second element");
+        };
+        assert_eq!(resp.to_value()["id"], 2);
+        assert_eq!(resp.to_value()["error"]["message"], "duplicate member y");
+        assert!(matches!(items[2], Ok(Message::Request(_))));
+    }
+
+    #[test]
+    fn the_strict_parser_builds_what_serde_json_builds() {
+        let text =
+            r#"{"a":[1,-2,3.5,1e300,"s\u00e9",true,null,{"b":{}}],"c":18446744073709551615}"#;
+        let (value, duplicates) = strict::parse(text.as_bytes()).unwrap();
+        assert_eq!(value, serde_json::from_str::<Value>(text).unwrap());
+        assert_eq!(duplicates, vec![None]);
     }
 
     #[test]

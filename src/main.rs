@@ -125,6 +125,12 @@ fn main() -> ExitCode {
     {
         return ExitCode::from(sandbox::helper::main() as u8);
     }
+    // What this process inherited beyond stdin, stdout and stderr must not
+    // reach the commands it runs (nor the server it starts, for `run`).
+    if let Err(err) = exec_server::process::exec::close_on_exec_from_3() {
+        eprintln!("exec-server: cannot mark inherited descriptors close-on-exec: {err}");
+        return ExitCode::from(125);
+    }
     let cli = Cli::parse();
     if let Some(Command::SandboxCheck) = cli.command {
         let (ok, text) = sandbox::describe_host();

@@ -278,6 +278,9 @@ impl Plan<'_> {
                     return err.raw_os_error().unwrap_or(libc::EPERM);
                 }
             }
+            if close_on_exec_from_3().is_err() {
+                return errno();
+            }
             let mut none: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut none);
             libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
@@ -355,6 +358,26 @@ impl Drop for Stack {
         // SAFETY: our own mapping, no longer in use.
         unsafe { libc::munmap(self.base, self.len) };
     }
+}
+
+/// Mark every fd from 3 up close-on-exec, so that nothing but fds 0, 1
+/// and 2 crosses an `execve`: neither what the server inherited from
+/// whoever started it nor anything opened without `O_CLOEXEC`. Only a
+/// system call, so the child of [`spawn`] can call it too.
+pub fn close_on_exec_from_3() -> io::Result<()> {
+    // SAFETY: close_range only changes flags of this process's fds.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if rc == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Open `/dev/null` for the child's stdin.

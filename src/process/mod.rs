@@ -22,7 +22,7 @@ use crate::protocol::{
 };
 use crate::transport::Outbound;
 
-mod exec;
+pub mod exec;
 pub mod output;
 pub mod spawn;
 pub mod watchdog;

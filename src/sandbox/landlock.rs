@@ -17,8 +17,14 @@ pub const TRUNCATE: u64 = 1 << 14;
 pub const IOCTL_DEV: u64 = 1 << 15;
 /// Rights that make sense on a file (not a directory).
 const FILE_RIGHTS: u64 = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | IOCTL_DEV;
+/// `LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET` (ABI 6): no connecting to an
+/// abstract Unix socket made outside the domain (a path-less socket is out
+/// of reach of every filesystem rule).
+const SCOPE_ABSTRACT_UNIX_SOCKET: u64 = 1 << 0;
 /// `LANDLOCK_SCOPE_SIGNAL` (ABI 6): no signals to processes outside.
 const SCOPE_SIGNAL: u64 = 1 << 1;
+/// The first ABI with scopes.
+pub const SCOPES_ABI: i32 = 6;
 
 const CREATE_RULESET_VERSION: u32 = 1;
 const RULE_PATH_BENEATH: libc::c_int = 1;
@@ -76,25 +82,26 @@ pub struct Ruleset {
 }
 
 impl Ruleset {
-    pub fn new() -> io::Result<Ruleset> {
+    /// A ruleset that scopes abstract Unix sockets and signals to the
+    /// domain; with `filesystem`, it also handles every filesystem right,
+    /// so that what no rule grants is denied.
+    pub fn new(filesystem: bool) -> io::Result<Ruleset> {
         let abi = abi();
         if abi < 1 {
             return Err(io::Error::other("Landlock is not available on this kernel"));
         }
-        let handled = handled(abi);
+        if abi < SCOPES_ABI {
+            return Err(io::Error::other(format!(
+                "Landlock ABI {abi} can't scope abstract Unix sockets (ABI {SCOPES_ABI}, Linux 6.12, is needed)"
+            )));
+        }
+        let handled = if filesystem { handled(abi) } else { 0 };
         let attr = RulesetAttr {
             handled_access_fs: handled,
             handled_access_net: 0,
-            scoped: if abi >= 6 { SCOPE_SIGNAL } else { 0 },
+            scoped: SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL,
         };
-        // The struct grew with the ABI; older kernels want the old size.
-        let size = if abi >= 6 {
-            24
-        } else if abi >= 4 {
-            16
-        } else {
-            8
-        };
+        let size = std::mem::size_of::<RulesetAttr>();
         // SAFETY: attr is valid for `size` bytes.
         let fd = unsafe {
             libc::syscall(

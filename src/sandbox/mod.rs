@@ -46,7 +46,9 @@ pub fn rules(
 
 /// A sandbox ready for children to enter.
 pub struct Prepared {
-    ruleset: Option<landlock::Ruleset>,
+    /// Filesystem rules when the policy restricts the filesystem, and
+    /// always the scopes: no abstract Unix socket or signal outside.
+    ruleset: landlock::Ruleset,
     mounts: Option<MountPlan>,
     filter: seccomp::Filter,
     /// Child's and server's ends of the socket the filter's listener
@@ -61,10 +63,9 @@ pub struct Prepared {
 /// are made (the old one would still see the tree below them).
 pub fn prepare(rules: &Rules, notify: bool, cwd: Option<&Path>) -> Result<Prepared> {
     let unavailable = |why: String| Error::SandboxUnavailable(why);
-    let mut ruleset = None;
+    let set = landlock::Ruleset::new(rules.fs.is_some()).map_err(|e| unavailable(e.to_string()))?;
     let mut mounts = None;
     if let Some(fs) = &rules.fs {
-        let set = landlock::Ruleset::new().map_err(|e| unavailable(e.to_string()))?;
         let read = landlock::EXECUTE | landlock::READ_FILE | landlock::READ_DIR;
         let device =
             landlock::READ_FILE | landlock::WRITE_FILE | landlock::TRUNCATE | landlock::IOCTL_DEV;
@@ -82,7 +83,6 @@ pub fn prepare(rules: &Rules, notify: bool, cwd: Option<&Path>) -> Result<Prepar
                 ))
             })?;
         }
-        ruleset = Some(set);
         let plan = MountPlan::new(fs, cwd)?;
         let host = host();
         if host.mount_namespace {
@@ -102,7 +102,7 @@ pub fn prepare(rules: &Rules, notify: bool, cwd: Option<&Path>) -> Result<Prepar
         None
     };
     Ok(Prepared {
-        ruleset,
+        ruleset: set,
         mounts,
         filter: seccomp::build(rules.network_restricted, notify),
         listener_channel,
@@ -124,9 +124,7 @@ impl Prepared {
         if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
             return Err(io::Error::last_os_error());
         }
-        if let Some(ruleset) = &self.ruleset {
-            landlock::restrict_self(ruleset.raw_fd())?;
-        }
+        landlock::restrict_self(self.ruleset.raw_fd())?;
         let listener = self.filter.install()?;
         if let (Some(fd), Some((child_end, _))) = (listener, &self.listener_channel) {
             send_fd(child_end.as_raw_fd(), fd)?;
@@ -783,13 +781,22 @@ pub fn probably_denied(
 pub fn describe_host() -> (bool, String) {
     let host = host();
     let mut text = String::new();
-    let landlock = host.landlock_abi >= 1;
+    let landlock = host.landlock_abi >= landlock::SCOPES_ABI;
     text.push_str(&format!(
         "landlock: {}\n",
         if landlock {
-            format!("ABI {} (filesystem rules enforced)", host.landlock_abi)
+            format!(
+                "ABI {} (filesystem rules; abstract Unix sockets and signals scoped to the sandbox)",
+                host.landlock_abi
+            )
+        } else if host.landlock_abi >= 1 {
+            format!(
+                "ABI {}, too old to scope abstract Unix sockets (ABI {} is needed): every sandbox is refused",
+                host.landlock_abi,
+                landlock::SCOPES_ABI
+            )
         } else {
-            "unavailable (restricted filesystem policies are refused)".into()
+            "unavailable (every sandbox is refused)".into()
         }
     ));
     text.push_str(&format!(

@@ -5,7 +5,11 @@
 //! Refused: sockets of any family but Unix (when the network is
 //! restricted); new namespaces, mounts, ptrace and reading or writing
 //! other processes' memory, io_uring (which could bypass this filter),
-//! BPF, perf, keyrings, kernel modules and kexec. A refused call fails with
+//! userfaultfd, BPF, perf, keyrings, kernel modules and kexec; setting the
+//! set-user-id or set-group-id bit, by the chmod family or by creating a
+//! file or node with it (a root server's sandbox could otherwise leave a
+//! set-uid root shell for any local user). `openat2`, whose mode this
+//! filter can't see, gets ENOSYS, as `clone3` does. A refused call fails with
 //! EPERM; when the server listens, it hears of it first (user
 //! notification). `clone3` gets ENOSYS so that libc falls back to `clone`,
 //! whose flags the filter can see. Other architectures' calls (i386, x32)
@@ -55,6 +59,7 @@ const REFUSED: &[libc::c_long] = &[
     libc::SYS_io_uring_setup,
     libc::SYS_io_uring_enter,
     libc::SYS_io_uring_register,
+    libc::SYS_userfaultfd,
     libc::SYS_bpf,
     libc::SYS_perf_event_open,
     libc::SYS_keyctl,
@@ -70,6 +75,39 @@ const REFUSED: &[libc::c_long] = &[
 
 const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
 
+/// The set-user-id and set-group-id mode bits.
+const SET_ID_BITS: u32 = libc::S_ISUID | libc::S_ISGID;
+/// Open flags under which the mode argument is used: `O_CREAT` and the
+/// bit of `O_TMPFILE` that is not `O_DIRECTORY`.
+const CREATING: u32 = (libc::O_CREAT | 0o20_000_000) as u32;
+
+/// Calls whose mode argument (by index) must not carry [`SET_ID_BITS`].
+const MODE_CALLS: &[(libc::c_long, u8)] = &[
+    #[cfg(target_arch = "x86_64")]
+    (libc::SYS_chmod, 1),
+    #[cfg(target_arch = "x86_64")]
+    (libc::SYS_creat, 1),
+    #[cfg(target_arch = "x86_64")]
+    (libc::SYS_mknod, 1),
+    (libc::SYS_fchmod, 1),
+    (libc::SYS_fchmodat, 2),
+    (libc::SYS_fchmodat2, 2),
+    (libc::SYS_mknodat, 2),
+];
+
+/// Calls that create a file with a mode when their flags (by index) ask
+/// for it: (call, flags argument, mode argument).
+const CREATE_CALLS: &[(libc::c_long, u8, u8)] = &[
+    #[cfg(target_arch = "x86_64")]
+    (libc::SYS_open, 1, 2),
+    (libc::SYS_openat, 2, 3),
+];
+
+/// The offset of argument `i`'s low half in `seccomp_data`.
+const fn arg(i: u8) -> u32 {
+    16 + 8 * i as u32
+}
+
 /// Where a jump goes, resolved when the program is finished.
 #[derive(Clone, Copy, PartialEq)]
 enum Label {
@@ -80,6 +118,13 @@ enum Label {
     Kill,
     Socket,
     Namespaces,
+    /// Refuse when argument N has a set-id bit.
+    SetIdMode(u8),
+    /// Go to `SetIdMode(mode)` when argument `flags` creates a file.
+    Creating {
+        flags: u8,
+        mode: u8,
+    },
 }
 
 enum Insn {
@@ -111,6 +156,7 @@ pub fn build(network_restricted: bool, notify: bool) -> Filter {
     #[cfg(target_arch = "x86_64")]
     code.push(Jge(0x4000_0000, Kill, Next));
     code.push(Jeq(libc::SYS_clone3 as u32, NoSys, Next));
+    code.push(Jeq(libc::SYS_openat2 as u32, NoSys, Next));
     if network_restricted {
         code.push(Jeq(libc::SYS_socket as u32, Socket, Next));
     }
@@ -119,7 +165,35 @@ pub fn build(network_restricted: bool, notify: bool) -> Filter {
     for &nr in REFUSED {
         code.push(Jeq(nr as u32, Refuse, Next));
     }
+    for &(nr, mode) in MODE_CALLS {
+        code.push(Jeq(nr as u32, SetIdMode(mode), Next));
+    }
+    for &(nr, flags, mode) in CREATE_CALLS {
+        code.push(Jeq(nr as u32, Creating { flags, mode }, Next));
+    }
     code.push(Ret(SECCOMP_RET_ALLOW));
+    // Jumps only go forward: the flag checks come before the mode checks
+    // they lead to.
+    let checks = CREATE_CALLS
+        .iter()
+        .map(|&(_, flags, mode)| Creating { flags, mode })
+        .chain(CREATE_CALLS.iter().map(|&(_, _, mode)| SetIdMode(mode)))
+        .chain(MODE_CALLS.iter().map(|&(_, mode)| SetIdMode(mode)));
+    let mut marked = Vec::new();
+    for label in checks {
+        if marked.contains(&label) {
+            continue;
+        }
+        marked.push(label);
+        code.push(Mark(label));
+        match label {
+            SetIdMode(i) => code.extend([Load(arg(i)), Jset(SET_ID_BITS, Refuse, Allow)]),
+            Creating { flags, mode } => {
+                code.extend([Load(arg(flags)), Jset(CREATING, SetIdMode(mode), Allow)])
+            }
+            _ => {}
+        }
+    }
     code.extend([
         Mark(Socket),
         Load(16), // args[0], low half: the address family
@@ -269,5 +343,22 @@ fn answer_one(fd: RawFd, refused: &AtomicBool) {
         resp.id = notif.id;
         resp.error = -libc::EPERM;
         libc::ioctl(fd, libc::SECCOMP_IOCTL_NOTIF_SEND as _, &mut resp);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_filter_assembles_with_forward_jumps_in_range() {
+        for network_restricted in [false, true] {
+            for notify in [false, true] {
+                let filter = build(network_restricted, notify);
+                assert!(filter.program.len() < 256);
+                let last = filter.program.last().unwrap();
+                assert_eq!(last.code as u32, libc::BPF_RET | libc::BPF_K);
+            }
+        }
     }
 }

@@ -414,3 +414,26 @@ fn file_uri_with_percent_escapes_is_decoded() {
     let r = s.call("fs/readFile", json!({"path": uri}));
     assert_eq!(unb64(&r["dataBase64"]), b"spaced");
 }
+
+/// `stat` says 0 bytes for `/proc/self/pagemap`, which is far larger than
+/// any message: the read stops at the limit, and the server goes on.
+#[test]
+fn read_file_of_an_endless_proc_file_stops_at_the_message_limit() {
+    let mut s = Server::started(&["--max-message-bytes", "1048576"]);
+    for sandbox in [
+        json!(null),
+        json!({"permissions": {"type": "managed", "network": "restricted", "file_system": {
+            "type": "restricted", "entries": [
+                {"path": {"type": "special", "value": {"kind": "root"}}, "access": "read"}]}}}),
+    ] {
+        let started = Instant::now();
+        let r = s.request(
+            "fs/readFile",
+            json!({"path": "/proc/self/pagemap", "sandbox": sandbox}),
+        );
+        assert_eq!(err_of(&r), (-32600, "fileTooLarge".into()), "{r}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+    let r = s.call("fs/readFile", json!({"path": "/proc/self/stat"}));
+    assert!(!unb64(&r["dataBase64"]).is_empty());
+}

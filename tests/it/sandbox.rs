@@ -282,6 +282,130 @@ escape!(
     true
 );
 
+/// No file in the workspace carries a set-user-id or set-group-id bit.
+fn no_set_id_files(f: &Fixture) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::read_dir(&f.ws).unwrap().all(|e| {
+        let mode = e.unwrap().metadata().unwrap().permissions().mode();
+        mode & 0o6000 == 0
+    })
+}
+
+escape!(
+    chmod_set_uid_on_a_copied_shell,
+    "cp /bin/sh rootsh && chmod 4755 rootsh",
+    false,
+    no_set_id_files
+);
+escape!(
+    chmod_symbolic_set_gid,
+    "cp /bin/sh rootsh && chmod g+s rootsh",
+    false,
+    no_set_id_files
+);
+escape!(
+    install_with_a_set_uid_mode,
+    "install -m 4755 /bin/sh rootsh",
+    false,
+    no_set_id_files
+);
+escape!(
+    create_a_file_with_set_id_bits,
+    "python3 -c \"import os; os.close(os.open('rootsh', os.O_CREAT | os.O_WRONLY, 0o6755))\"",
+    false,
+    no_set_id_files
+);
+escape!(
+    fchmod_through_python,
+    "python3 -c \"import os; fd = os.open('f2', os.O_CREAT | os.O_WRONLY, 0o755); os.fchmod(fd, 0o4755)\"",
+    false,
+    no_set_id_files
+);
+escape!(
+    userfaultfd,
+    "python3 -c \"
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+fd = libc.syscall(323, 0)
+print('userfaultfd:', fd, os.strerror(ctypes.get_errno()))
+sys.exit(0 if fd >= 0 else 1)
+\""
+);
+
+#[test]
+fn abstract_unix_socket_outside_the_sandbox() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixListener};
+    let name = format!("exec-server-test-{}-{}", std::process::id(), rand_id());
+    let addr = SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    let listener = UnixListener::bind_addr(&addr).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let f = Fixture::new();
+    let mut s = Server::started(&[]);
+    let script = format!(
+        "python3 -c \"
+import socket
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect('\\0{name}')
+s.sendall(b'reached')
+\""
+    );
+    let ended = run(&mut s, &script, &f.ws, f.policy(), f.env(), false);
+    assert_ne!(ended.exit_code, 0, "{ended:?}");
+    assert!(ended.denied_read && ended.denied_exited, "{ended:?}");
+    assert!(listener.accept().is_err(), "the listener was reached");
+    // Without a sandbox the same script connects: the test can fail.
+    let ended = run(&mut s, &script, &f.ws, Value::Null, f.env(), false);
+    assert_eq!(ended.exit_code, 0, "{ended:?}");
+    assert!(listener.accept().is_ok());
+}
+
+/// The server inherits fd 3 open for appending to a file outside; no
+/// child, sandboxed or not, may write through it.
+#[test]
+fn descriptors_the_server_inherited_do_not_reach_children() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let f = Fixture::new();
+    let victim = std::fs::OpenOptions::new()
+        .append(true)
+        .open(f.outside.join("victim"))
+        .unwrap();
+    let fd = victim.as_raw_fd();
+    let mut cmd = Command::new(bin());
+    cmd.arg("--stdio");
+    // SAFETY: dup2 only, between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut s = Server::from_command(cmd);
+    let init = s.request("initialize", json!({"clientName": "it"}));
+    assert!(init["result"]["sessionId"].is_string(), "{init}");
+    s.send(&json!({"method": "initialized"}));
+    let script = "echo PWNED >&3; ls /proc/self/fd";
+    for (sandbox, tty) in [
+        (Value::Null, false),
+        (Value::Null, true),
+        (f.policy(), false),
+        (f.policy(), true),
+    ] {
+        let ended = run(&mut s, script, &f.ws, sandbox, f.env(), tty);
+        let fds: Vec<&str> = ended
+            .output
+            .split_whitespace()
+            .filter(|w| w.parse::<u32>().is_ok())
+            .collect();
+        // `ls` itself holds fd 3 for the directory it lists.
+        assert_eq!(fds, ["0", "1", "2", "3"], "{ended:?}");
+    }
+    assert!(f.outside_untouched(), "a child wrote through fd 3");
+}
+
 #[test]
 fn ptrace_of_a_sibling() {
     let f = Fixture::new();

@@ -231,3 +231,22 @@ pub fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Whether a test that needs `what` (a system package) can run. When it is
+/// missing the test is skipped with a notice on stderr, unless
+/// `EXEC_SERVER_TEST_REQUIRE` names it (comma-separated, or `all`): then
+/// the test fails, so that CI, which installs everything, never skips.
+pub fn available(what: &str, present: bool, why: &str) -> bool {
+    if present {
+        return true;
+    }
+    let required = std::env::var("EXEC_SERVER_TEST_REQUIRE").unwrap_or_default();
+    if required
+        .split(',')
+        .any(|r| r.trim() == what || r.trim() == "all")
+    {
+        panic!("{why} (EXEC_SERVER_TEST_REQUIRE={required} makes this test mandatory)");
+    }
+    eprintln!("SKIPPED: {why}");
+    false
+}
