@@ -18,7 +18,8 @@ const SIGNALS: &[&str] = &[
 ];
 
 /// The `environment/info` result.
-pub fn info(workspace_roots: &[PathBuf]) -> Value {
+/// `containment`: the mechanism that holds each process's tree.
+pub fn info(workspace_roots: &[PathBuf], containment: &str) -> Value {
     let shell = std::env::var_os("SHELL")
         .map(PathBuf::from)
         .filter(|p| p.is_absolute())
@@ -43,6 +44,7 @@ pub fn info(workspace_roots: &[PathBuf]) -> Value {
             "processList": true,
             "sandbox": crate::sandbox::host().landlock_abi >= crate::sandbox::landlock::SCOPES_ABI,
             "filesystem": true,
+            "containment": containment,
         },
         "os": std::env::consts::OS,
         "arch": std::env::consts::ARCH,

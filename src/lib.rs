@@ -24,6 +24,7 @@
 //! - [`environment`]: the `environment/info` result.
 //! - [`sandbox`]: the executor's own sandbox (Landlock, a private mount
 //!   namespace, seccomp) for `process/start` and the `fs/*` methods.
+//! - `sys`: fd and socket helpers shared by `process` and `sandbox`.
 //! - [`client`]: the orchestrator side: a client that spawns a server lazily
 //!   over any command, process handles, and the `exec-server run` CLI.
 
@@ -37,6 +38,7 @@ pub mod process;
 pub mod protocol;
 pub mod sandbox;
 pub mod server;
+pub(crate) mod sys;
 pub mod transport;
 
 /// Lock a mutex, ignoring poisoning: every critical section here leaves its

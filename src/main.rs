@@ -135,6 +135,7 @@ fn main() -> ExitCode {
     if let Some(Command::SandboxCheck) = cli.command {
         let (ok, text) = sandbox::describe_host();
         print!("{text}");
+        print!("{}", exec_server::process::container::describe_host());
         return if ok {
             ExitCode::SUCCESS
         } else {

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 
 use tokio::io::unix::AsyncFd;
 
+use super::container::ChildSetup;
 use crate::sandbox::Prepared;
 
 /// What to run, and what the child does before `execve`.
@@ -31,8 +32,8 @@ pub struct Exec<'a> {
     pub stdio: [RawFd; 3],
     /// Make fd 0 the controlling terminal (after `setsid`).
     pub controlling_tty: bool,
-    /// The watchdog's pipe, for the child to register its group.
-    pub watchdog_fd: Option<RawFd>,
+    /// What the child does for its container.
+    pub container: ChildSetup,
     pub sandbox: Option<&'a Prepared>,
 }
 
@@ -85,7 +86,7 @@ struct Plan<'a> {
     cwd: CString,
     stdio: [RawFd; 3],
     controlling_tty: bool,
-    watchdog_fd: Option<RawFd>,
+    container: ChildSetup,
     sandbox: Option<&'a Prepared>,
     /// The errno of the step that failed; set by the child.
     errno: AtomicI32,
@@ -191,7 +192,7 @@ fn plan<'a>(exec: &Exec<'a>) -> io::Result<Plan<'a>> {
         cwd,
         stdio: exec.stdio,
         controlling_tty: exec.controlling_tty,
-        watchdog_fd: exec.watchdog_fd,
+        container: exec.container,
         sandbox: exec.sandbox,
         errno: AtomicI32::new(0),
         _strings: strings,
@@ -270,8 +271,22 @@ impl Plan<'_> {
             if libc::chdir(self.cwd.as_ptr()) == -1 {
                 return errno();
             }
-            if let Some(fd) = self.watchdog_fd {
-                super::watchdog::register_self(fd);
+            // Into the container before anything else can run: whatever
+            // the program starts is born inside it.
+            if let Some(fd) = self.container.cgroup_procs {
+                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return errno();
+                }
+            }
+            if self.container.subreaper
+                && libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == -1
+            {
+                return errno();
+            }
+            if let Some(fd) = self.container.watchdog {
+                if let Err(err) = super::watchdog::register_self(fd) {
+                    return err.raw_os_error().unwrap_or(libc::EPIPE);
+                }
             }
             if let Some(sandbox) = self.sandbox {
                 if let Err(err) = sandbox.enter() {

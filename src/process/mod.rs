@@ -22,11 +22,13 @@ use crate::protocol::{
 };
 use crate::transport::Outbound;
 
+pub mod container;
 pub mod exec;
 pub mod output;
 pub mod spawn;
 pub mod watchdog;
 
+use container::{Container, Containment};
 use output::{OutputLog, Retention};
 use spawn::{Io, PtyMaster};
 
@@ -63,7 +65,10 @@ pub struct ProcessTable {
     processes: Mutex<HashMap<String, Arc<Process>>>,
     limits: Limits,
     attachment: Attachment,
-    watchdog: Option<Arc<watchdog::Watchdog>>,
+    containment: Arc<Containment>,
+    /// Containers of forgotten processes that still hold something (a
+    /// daemon the process left running); killed with the session.
+    lingering: Mutex<Vec<Arc<Container>>>,
     /// How many children have not been reaped yet.
     live: watch::Sender<usize>,
 }
@@ -142,6 +147,8 @@ pub struct Process {
     attachment: Attachment,
     stdin: Option<mpsc::UnboundedSender<StdinCommand>>,
     pty: Option<Arc<PtyMaster>>,
+    /// The process and everything it started.
+    container: Arc<Container>,
     /// For a sandboxed process: what `sandboxDenied` is judged from.
     sandbox: Option<crate::sandbox::Watch>,
 }
@@ -196,16 +203,13 @@ impl WriteIds {
 }
 
 impl ProcessTable {
-    pub fn new(
-        limits: Limits,
-        attachment: Attachment,
-        watchdog: Option<Arc<watchdog::Watchdog>>,
-    ) -> Arc<Self> {
+    pub fn new(limits: Limits, attachment: Attachment, containment: Arc<Containment>) -> Arc<Self> {
         Arc::new(ProcessTable {
             processes: Mutex::new(HashMap::new()),
             limits,
             attachment,
-            watchdog,
+            containment,
+            lingering: Mutex::new(Vec::new()),
             live: watch::channel(0).0,
         })
     }
@@ -216,9 +220,33 @@ impl ProcessTable {
         if processes.contains_key(&req.id) {
             return Err(Error::ProcessExists(req.id));
         }
+        self.containment
+            .check()
+            .map_err(|message| Error::SpawnFailed {
+                message,
+                errno: None,
+            })?;
+        let container = self
+            .containment
+            .create()
+            .map_err(|e| Error::io("failed to create the process's container", &e))?;
         let mut spec = req.spec;
-        spec.watchdog_fd = self.watchdog.as_ref().map(|w| w.raw_fd());
-        let spawned = spawn::spawn(&spec)?;
+        spec.container = self.containment.child_setup(&container);
+        let starting = self.containment.starting();
+        let spawned = match spawn::spawn(&spec) {
+            Ok(spawned) => spawned,
+            Err(err) => {
+                drop(starting);
+                self.containment.remove(&container);
+                return Err(err);
+            }
+        };
+        self.containment.started(
+            &container,
+            spawned.child.pid(),
+            &spawned.io.output_fds(),
+            starting,
+        );
         let sandbox = spec.sandbox.as_ref().map(|prepared| {
             let refused = Arc::new(std::sync::atomic::AtomicBool::new(false));
             if let Some(listener) = prepared.take_listener() {
@@ -264,6 +292,7 @@ impl ProcessTable {
             attachment: self.attachment.clone(),
             stdin: stdin_tx,
             pty,
+            container,
             sandbox,
         });
         processes.insert(req.id, process.clone());
@@ -330,15 +359,17 @@ impl ProcessTable {
         Some(Box::new(move || process.signal_group(signal.number())))
     }
 
-    /// `process/terminate`: whether it was running, and the SIGKILL to its
-    /// group as an effect.
+    /// `process/terminate`: whether it was running, and as an effect the
+    /// kill of its whole container: the process and whatever it left
+    /// running, even after it exited.
     pub fn terminate(&self, id: &str) -> (bool, Option<Effect>) {
         match self.find(id) {
             Some(process) => {
                 let running = lock(&process.state).exit.is_none();
+                let containment = self.containment.clone();
                 (
                     running,
-                    Some(Box::new(move || process.signal_group(libc::SIGKILL))),
+                    Some(Box::new(move || containment.kill(&process.container))),
                 )
             }
             None => (false, None),
@@ -378,11 +409,40 @@ impl ProcessTable {
         all
     }
 
-    /// Kill every process group of this session.
+    /// Kill every process of this session, with everything each started.
     pub fn kill_all(&self) {
         let all: Vec<Arc<Process>> = lock(&self.processes).values().cloned().collect();
         for process in all {
-            process.signal_group(libc::SIGKILL);
+            self.containment.kill(&process.container);
+        }
+        for container in lock(&self.lingering).iter() {
+            self.containment.kill(container);
+        }
+    }
+
+    /// Forget a closed process: its container goes too once empty, else
+    /// it lingers until the session ends.
+    fn forget(&self, process: &Arc<Process>) {
+        let mut processes = lock(&self.processes);
+        if processes
+            .get(&process.id)
+            .is_some_and(|p| Arc::ptr_eq(p, process))
+        {
+            processes.remove(&process.id);
+        }
+        drop(processes);
+        let mut lingering = lock(&self.lingering);
+        lingering.retain(|c| {
+            let empty = self.containment.is_empty(c);
+            if empty {
+                self.containment.remove(c);
+            }
+            !empty
+        });
+        if self.containment.is_empty(&process.container) {
+            self.containment.remove(&process.container);
+        } else {
+            lingering.push(process.container.clone());
         }
     }
 
@@ -680,6 +740,9 @@ async fn feed_stdin(
 async fn reap(table: Arc<ProcessTable>, process: Arc<Process>, mut child: exec::Child) {
     let status = child.wait().await;
     process.lock().reaped = true;
+    table
+        .containment
+        .leader_reaped(&process.container, process.pid);
     // Let the pumps take what the child wrote before it exited.
     let drained = async {
         loop {
@@ -713,30 +776,8 @@ async fn reap(table: Arc<ProcessTable>, process: Arc<Process>, mut child: exec::
         }
         changed.await;
     }
-    unregister_if_empty(&table, process.pid);
     tokio::time::sleep(table.limits.closed_retention).await;
-    let mut processes = lock(&table.processes);
-    if processes
-        .get(&process.id)
-        .is_some_and(|p| Arc::ptr_eq(p, &process))
-    {
-        processes.remove(&process.id);
-    }
-    drop(processes);
-    unregister_if_empty(&table, process.pid);
-}
-
-/// Tell the watchdog to forget a group once no process is left in it.
-fn unregister_if_empty(table: &ProcessTable, pgid: i32) {
-    let Some(watchdog) = &table.watchdog else {
-        return;
-    };
-    // SAFETY: signal 0 only checks for existence.
-    let gone = unsafe { libc::kill(-pgid, 0) } == -1
-        && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
-    if gone {
-        watchdog.unregister(pgid);
-    }
+    table.forget(&process);
 }
 
 /// The protocol's exit code (128+N for a signal) and the signal's name.

@@ -23,8 +23,8 @@ pub struct Spec<'a> {
     /// `Some` to run under a new pseudo-terminal of that size.
     pub tty: Option<TtySize>,
     pub pipe_stdin: bool,
-    /// The watchdog's pipe, for the child to register its group.
-    pub watchdog_fd: Option<RawFd>,
+    /// What the child does for its container.
+    pub container: super::container::ChildSetup,
     /// The sandbox the child enters before exec.
     pub sandbox: Option<std::sync::Arc<crate::sandbox::Prepared>>,
 }
@@ -42,6 +42,17 @@ pub enum Io {
         stderr: pipe::Receiver,
     },
     Pty(std::sync::Arc<PtyMaster>),
+}
+
+impl Io {
+    /// The server's ends of the child's output: the pipes it reads, or the
+    /// pty master.
+    pub fn output_fds(&self) -> Vec<RawFd> {
+        match self {
+            Io::Pipes { stdout, stderr, .. } => vec![stdout.as_raw_fd(), stderr.as_raw_fd()],
+            Io::Pty(master) => vec![master.fd.get_ref().as_raw_fd()],
+        }
+    }
 }
 
 /// Start the child described by `spec`: in a session of its own (so its
@@ -95,7 +106,7 @@ pub fn spawn(spec: &Spec<'_>) -> Result<Spawned, Error> {
         env: spec.env,
         stdio,
         controlling_tty: spec.tty.is_some(),
-        watchdog_fd: spec.watchdog_fd,
+        container: spec.container,
         sandbox: spec.sandbox.as_deref(),
     })
     .map_err(failed)?;

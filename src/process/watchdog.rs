@@ -1,74 +1,142 @@
-//! The watchdog: a tiny forked process that kills every child's process
-//! group when the server dies, however it dies (even SIGKILL).
+//! The watchdog: a tiny forked process that kills everything the server
+//! started when the server dies, however it dies (even SIGKILL).
 //!
-//! Each child registers its own process group with the watchdog before it
-//! execs (between `clone` and `exec`, so there is no window in which a child exists
-//! that the watchdog does not know). The server holds the only write end of
-//! the pipe; when the server exits, the kernel closes it, the watchdog reads
-//! EOF, kills every group still registered and exits. The server unregisters
-//! a group once it has seen the group empty, so that a recycled id is never
-//! signalled.
+//! The server holds the only write end of a pipe to it; when the server
+//! exits, the kernel closes it and the watchdog reads EOF. In cgroup mode
+//! it then kills and removes the server's whole cgroup subtree. In
+//! subreaper mode it kills every process tree it was told of: each child
+//! registers itself before it execs (between `clone` and `exec`, so there
+//! is no window in which a child exists that the watchdog does not know),
+//! and the server registers the orphans it adopts. The server unregisters
+//! a pid once it has reaped it, so that a recycled pid is never signalled.
+//!
+//! In subreaper mode the watchdog also holds a copy of the server's ends of
+//! each running process's output (pipes or pty master) until the process
+//! is reaped: the server's death then hangs up no terminal and breaks no
+//! pipe, so no process dies of it (and sends its orphans to init) before
+//! the watchdog has stopped its whole tree.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use super::container::{self, Mode};
 
 const REGISTER: u8 = b'+';
 const UNREGISTER: u8 = b'-';
+/// Hold the fds that come with the record until the pid is unregistered.
+const HOLD: u8 = b'H';
 
-/// The server's end of the watchdog pipe.
+/// How long the watchdog waits for a killed cgroup subtree to empty before
+/// it removes the directories.
+const CGROUP_DRAIN: Duration = Duration::from_secs(2);
+
+/// The server's end of the watchdog's socket.
 #[derive(Debug)]
 pub struct Watchdog {
-    pipe: OwnedFd,
+    socket: OwnedFd,
+    pid: i32,
+    dead: AtomicBool,
 }
 
 impl Watchdog {
     /// Fork the watchdog. Call this while the process has one thread (before
     /// the async runtime starts): only then is `fork` safe.
-    pub fn start() -> io::Result<Watchdog> {
-        let (read_end, write_end) = super::exec::pipe()?;
+    pub fn start(mode: &Mode) -> io::Result<Watchdog> {
+        let cgroup_root = match mode {
+            Mode::Cgroup(root) => Some(root.clone()),
+            Mode::Subreaper => None,
+        };
+        let (ours, theirs) = crate::sys::socket_pair()?;
         // SAFETY: the caller guarantees a single-threaded process.
         match unsafe { libc::fork() } {
             -1 => Err(io::Error::last_os_error()),
             0 => {
-                drop(write_end);
-                watch(read_end)
+                drop(ours);
+                watch(theirs, cgroup_root)
             }
-            _ => Ok(Watchdog { pipe: write_end }),
+            pid => Ok(Watchdog {
+                socket: ours,
+                pid,
+                dead: AtomicBool::new(false),
+            }),
         }
     }
 
-    /// The write end, for children to register themselves before exec.
-    pub fn raw_fd(&self) -> RawFd {
-        self.pipe.as_raw_fd()
+    pub fn pid(&self) -> i32 {
+        self.pid
     }
 
-    /// Forget a process group that is known to be empty.
-    pub fn unregister(&self, pgid: i32) {
-        send(self.pipe.as_raw_fd(), UNREGISTER, pgid);
+    /// The server's end, for children to register themselves before exec.
+    pub fn raw_fd(&self) -> RawFd {
+        self.socket.as_raw_fd()
+    }
+
+    /// Whether the watchdog still runs (it is reaped here once dead).
+    pub fn alive(&self) -> bool {
+        if self.dead.load(Ordering::Relaxed) {
+            return false;
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child without blocking.
+        if unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG) } == self.pid {
+            tracing::error!("the watchdog died; no new process will be started");
+            self.dead.store(true, Ordering::Relaxed);
+            container::forget(self.pid);
+            return false;
+        }
+        true
+    }
+
+    /// Ask the watchdog to kill the tree rooted at `pid` if the server dies.
+    pub fn register(&self, pid: i32) {
+        send(self.socket.as_raw_fd(), REGISTER, pid);
+    }
+
+    /// Hold copies of `fds` (the server's ends of `pid`'s output) until
+    /// `pid` is unregistered.
+    pub fn hold(&self, pid: i32, fds: &[RawFd]) {
+        let _ = crate::sys::send_with_fds(self.socket.as_raw_fd(), &record(HOLD, pid), fds);
+    }
+
+    /// Forget a pid that the server has reaped, and what was held for it.
+    pub fn unregister(&self, pid: i32) {
+        send(self.socket.as_raw_fd(), UNREGISTER, pid);
     }
 }
 
-/// Register the calling process's group. Only a system call: it is called
-/// in a child between `clone` and `exec`.
-pub fn register_self(fd: RawFd) {
+/// Register the calling process. Only system calls: it is called in a
+/// child between `clone` and `exec`. Fails when the watchdog is gone.
+pub fn register_self(fd: RawFd) -> io::Result<()> {
     // SAFETY: getpid is async-signal-safe.
     let pid = unsafe { libc::getpid() };
-    send(fd, REGISTER, pid);
+    if send(fd, REGISTER, pid) {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
-fn send(fd: RawFd, op: u8, pgid: i32) {
+fn record(op: u8, pid: i32) -> [u8; 5] {
     let mut record = [0u8; 5];
     record[0] = op;
-    record[1..].copy_from_slice(&pgid.to_le_bytes());
-    // A record is far below PIPE_BUF, so the write is atomic even with many
-    // writers. A failure means the watchdog is gone; nothing can be done.
-    // SAFETY: writes 5 bytes from a valid buffer.
-    unsafe { libc::write(fd, record.as_ptr().cast(), record.len()) };
+    record[1..].copy_from_slice(&pid.to_le_bytes());
+    record
+}
+
+/// Send one record (one message: records never mix, however many
+/// children write at once); false if the watchdog is gone.
+fn send(fd: RawFd, op: u8, pid: i32) -> bool {
+    let record = record(op, pid);
+    // SAFETY: sends 5 bytes from a valid buffer.
+    unsafe { libc::send(fd, record.as_ptr().cast(), record.len(), libc::MSG_NOSIGNAL) == 5 }
 }
 
 /// The watchdog's whole life.
-fn watch(pipe: OwnedFd) -> ! {
+fn watch(socket: OwnedFd, cgroup_root: Option<PathBuf>) -> ! {
     // SAFETY: plain syscalls in the freshly forked single-threaded child.
     unsafe {
         // Signals aimed at the server's terminal or group must not take the
@@ -84,10 +152,18 @@ fn watch(pipe: OwnedFd) -> ! {
         ] {
             libc::signal(sig, libc::SIG_IGN);
         }
+        // Not a subreaper: the orphans of the trees it kills go to init.
+        libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0);
         libc::prctl(libc::PR_SET_NAME, c"exec-watchdog".as_ptr());
         // Its own process group: a client that kills the server's group
         // (as a careful client does) must not take the watchdog with it.
         libc::setpgid(0, 0);
+        // It may hold a few fds for every process.
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
         // Do not hold the protocol channel open.
         let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
         if null >= 0 {
@@ -96,41 +172,46 @@ fn watch(pipe: OwnedFd) -> ! {
             libc::close(null);
         }
     }
-    let mut groups: HashSet<i32> = HashSet::new();
-    let mut buf = [0u8; 4096];
-    let mut pending: Vec<u8> = Vec::new();
+    let mut roots: HashSet<i32> = HashSet::new();
+    let mut held: HashMap<i32, Vec<OwnedFd>> = HashMap::new();
+    let mut buf = [0u8; 64];
     loop {
-        // SAFETY: reads into a valid buffer.
-        let n = unsafe { libc::read(pipe.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n < 0 {
-            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                continue;
+        let (n, fds) = match crate::sys::recv_with_fds(socket.as_raw_fd(), &mut buf, 0) {
+            Ok((0, _)) => break,
+            Ok(message) => message,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        if n != 5 {
+            continue;
+        }
+        let pid = i32::from_le_bytes([buf[1], buf[2], buf[3], buf[4]]);
+        match buf[0] {
+            REGISTER => {
+                roots.insert(pid);
             }
-            break;
-        }
-        if n == 0 {
-            break;
-        }
-        pending.extend_from_slice(&buf[..n as usize]);
-        let whole = pending.len() / 5 * 5;
-        for record in pending[..whole].chunks_exact(5) {
-            let pgid = i32::from_le_bytes([record[1], record[2], record[3], record[4]]);
-            match record[0] {
-                REGISTER => {
-                    groups.insert(pgid);
-                }
-                UNREGISTER => {
-                    groups.remove(&pgid);
-                }
-                _ => {}
+            HOLD => {
+                held.entry(pid).or_default().extend(fds);
             }
+            UNREGISTER => {
+                roots.remove(&pid);
+                held.remove(&pid);
+            }
+            _ => {}
         }
-        pending.drain(..whole);
     }
-    for pgid in groups {
-        if pgid > 1 {
-            // SAFETY: plain syscall.
-            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+    match cgroup_root {
+        Some(root) => container::kill_cgroup_tree(&root, CGROUP_DRAIN),
+        None => {
+            let roots: Vec<i32> = roots.into_iter().collect();
+            container::stop_and_kill(&roots);
+            for pid in roots {
+                if pid > 1 {
+                    // The process group too, for a leader already gone.
+                    // SAFETY: plain syscall.
+                    unsafe { libc::kill(-pid, libc::SIGKILL) };
+                }
+            }
         }
     }
     // SAFETY: leave without running the parent's atexit handlers.

@@ -71,9 +71,11 @@ pub fn run(
             Ok(())
         });
     }
-    let mut child = cmd
-        .spawn()
+    // Known to the server as its own child, so that it is never taken for
+    // an orphan to reap or kill.
+    let mut child = crate::process::container::spawn_known(|| cmd.spawn(), |c| c.id() as i32)
         .map_err(|e| internal("failed to start the sandboxed helper", e))?;
+    let pid = child.id() as i32;
     drop(theirs);
     // The helper reads the whole request before it writes anything.
     let written = child
@@ -87,9 +89,9 @@ pub fn run(
         .take()
         .expect("stdout is piped")
         .read_to_end(&mut answer);
-    let status = child
-        .wait()
-        .map_err(|e| internal("failed to wait for the sandboxed helper", e))?;
+    let status = child.wait();
+    crate::process::container::forget(pid);
+    let status = status.map_err(|e| internal("failed to wait for the sandboxed helper", e))?;
     written.map_err(|e| internal("failed to send the sandboxed request", e))?;
     read.map_err(|e| internal("failed to read the sandboxed answer", e))?;
     let answer: Value = serde_json::from_slice(&answer).map_err(|_| Error::Internal {

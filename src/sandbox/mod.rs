@@ -11,7 +11,7 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -187,85 +187,7 @@ fn drop_capabilities() {
     }
 }
 
-/// A connected pair of close-on-exec Unix seqpacket sockets, for passing
-/// fds (a seccomp listener, an opened file) from a child to the server.
-fn socket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: socketpair writes two fds.
-    if unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    } != 0
-    {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: two fresh fds, owned here.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
-/// Run `f` on a one-byte message whose control buffer (`control_len`
-/// bytes used) has room for one fd. No allocation: usable between fork
-/// and exec.
-fn with_fd_message<R>(control_len: usize, f: impl FnOnce(&mut libc::msghdr) -> R) -> R {
-    let mut byte = [0u8; 1];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    let mut space = [0u64; 8];
-    debug_assert!(control_len <= std::mem::size_of_val(&space));
-    // SAFETY: a zeroed msghdr is valid; its pointers go to locals that
-    // outlive `f`.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = space.as_mut_ptr().cast();
-    msg.msg_controllen = control_len;
-    f(&mut msg)
-}
-
-/// Send one fd over a Unix socket (SCM_RIGHTS).
-fn send_fd(socket: RawFd, fd: RawFd) -> io::Result<()> {
-    // SAFETY: CMSG_SPACE(4) is the control length, so the first header
-    // and its data fit the buffer.
-    let control_len = unsafe { libc::CMSG_SPACE(4) } as usize;
-    with_fd_message(control_len, |msg| unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(4) as usize;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>(), fd);
-        if libc::sendmsg(socket, msg, 0) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    })
-}
-
-/// Receive one fd sent by [`send_fd`], without waiting.
-fn recv_fd(socket: RawFd) -> Option<OwnedFd> {
-    // SAFETY: the kernel fills at most the control buffer; a received fd
-    // is fresh and owned here.
-    with_fd_message(64, |msg| unsafe {
-        let flags = libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC;
-        if libc::recvmsg(socket, msg, flags) < 0 {
-            return None;
-        }
-        let cmsg = libc::CMSG_FIRSTHDR(msg);
-        if cmsg.is_null()
-            || (*cmsg).cmsg_level != libc::SOL_SOCKET
-            || (*cmsg).cmsg_type != libc::SCM_RIGHTS
-        {
-            return None;
-        }
-        let fd = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>());
-        Some(OwnedFd::from_raw_fd(fd))
-    })
-}
+use crate::sys::{recv_fd, send_fd, socket_pair};
 
 /// What a mount operation does to its target.
 enum MountKind {

@@ -149,7 +149,7 @@ fn start(ctx: &Ctx, name: &str, params: Value) -> Reply {
                 env: &env,
                 tty,
                 pipe_stdin: p.pipe_stdin,
-                watchdog_fd: None,
+                container: Default::default(),
                 sandbox: prepared,
             },
         })?;
@@ -251,7 +251,10 @@ fn list(ctx: &Ctx, _name: &str, _params: Value) -> Reply {
 }
 
 fn info(ctx: &Ctx, _name: &str, _params: Value) -> Reply {
-    ready(Ok(environment::info(&ctx.server.workspace_roots)))
+    ready(Ok(environment::info(
+        &ctx.server.workspace_roots,
+        ctx.server.containment.mode().name(),
+    )))
 }
 
 fn status(_ctx: &Ctx, _name: &str, _params: Value) -> Reply {

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use crate::environment;
 use crate::process::Limits;
+use crate::process::container::Containment;
 use crate::process::output::Retention;
-use crate::process::watchdog::Watchdog;
 use crate::transport::stdio;
 
 pub mod connection;
@@ -46,11 +46,13 @@ pub struct Server {
     pub sessions: Arc<session::Registry>,
     /// The roots `:workspace_roots` binds to.
     pub workspace_roots: Vec<PathBuf>,
+    /// How processes are contained, and the watchdog.
+    pub containment: Arc<Containment>,
     next_connection: AtomicU64,
 }
 
 impl Server {
-    pub fn new(config: Config, watchdog: Option<Arc<Watchdog>>) -> Arc<Self> {
+    pub fn new(config: Config, containment: Arc<Containment>) -> Arc<Self> {
         let limits = Limits {
             retention: Retention {
                 max_bytes: config.retain_bytes,
@@ -61,10 +63,11 @@ impl Server {
         Arc::new(Server {
             sessions: Arc::new(session::Registry::new(
                 limits,
-                watchdog,
+                containment.clone(),
                 config.detached_ttl,
             )),
             workspace_roots: environment::workspace_roots(&config.workspace_roots),
+            containment,
             config,
             next_connection: AtomicU64::new(1),
         })
@@ -87,18 +90,13 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 /// Call this from a single-threaded process: it forks the watchdog before
 /// starting the async runtime.
 pub fn run_stdio(config: Config) -> std::io::Result<()> {
-    let watchdog = match Watchdog::start() {
-        Ok(w) => Some(Arc::new(w)),
-        Err(err) => {
-            tracing::warn!("no watchdog, children may outlive a killed server: {err}");
-            None
-        }
-    };
+    let containment = Arc::new(Containment::start());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let server = Server::new(config, watchdog);
+        tokio::spawn(reap_orphans(containment.clone()));
+        let server = Server::new(config, containment);
         let io = stdio::start(server.config.max_message_bytes);
         let serve = connection::serve(server.clone(), io.transport);
         tokio::select! {
@@ -123,6 +121,23 @@ pub fn run_stdio(config: Config) -> std::io::Result<()> {
     });
     runtime.shutdown_timeout(Duration::from_millis(100));
     Ok(())
+}
+
+/// Reap the orphans that come back to the server (subreaper mode) each
+/// time a child exits.
+async fn reap_orphans(containment: Arc<Containment>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    if *containment.mode() != crate::process::container::Mode::Subreaper {
+        return;
+    }
+    let Ok(mut child) = signal(SignalKind::child()) else {
+        tracing::warn!("cannot watch SIGCHLD; orphans will not be reaped");
+        return;
+    };
+    while child.recv().await.is_some() {
+        let containment = containment.clone();
+        let _ = tokio::task::spawn_blocking(move || containment.reap_orphans()).await;
+    }
 }
 
 async fn terminating_signal() -> &'static str {

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::process::{Attachment, Limits, ProcessTable, watchdog::Watchdog};
+use crate::process::{Attachment, Limits, ProcessTable, container::Containment};
 use crate::transport::Outbound;
 
 /// A session owns its processes; at most one connection is attached.
@@ -37,16 +37,16 @@ impl Session {
 pub struct Registry {
     sessions: Mutex<HashMap<String, Arc<Session>>>,
     limits: Limits,
-    watchdog: Option<Arc<Watchdog>>,
+    containment: Arc<Containment>,
     detached_ttl: Duration,
 }
 
 impl Registry {
-    pub fn new(limits: Limits, watchdog: Option<Arc<Watchdog>>, detached_ttl: Duration) -> Self {
+    pub fn new(limits: Limits, containment: Arc<Containment>, detached_ttl: Duration) -> Self {
         Registry {
             sessions: Mutex::new(HashMap::new()),
             limits,
-            watchdog,
+            containment,
             detached_ttl,
         }
     }
@@ -60,7 +60,7 @@ impl Registry {
         let attachment: Attachment = Arc::new(Mutex::new(None));
         let session = Arc::new(Session {
             id: uuid_v4(),
-            processes: ProcessTable::new(self.limits, attachment.clone(), self.watchdog.clone()),
+            processes: ProcessTable::new(self.limits, attachment.clone(), self.containment.clone()),
             attachment,
             generation: Mutex::new(0),
         });

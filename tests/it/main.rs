@@ -3,6 +3,7 @@
 
 mod cli;
 mod client;
+mod containment;
 mod errors;
 mod fs;
 mod hygiene;

@@ -1,0 +1,147 @@
+//! Small fd and socket helpers shared by `process/` and `sandbox/`: a
+//! seqpacket socket pair and passing fds over it (SCM_RIGHTS).
+
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+
+/// The most fds one message carries.
+pub const MAX_FDS: usize = 8;
+
+/// A connected pair of close-on-exec Unix seqpacket sockets, for passing
+/// fds between processes (a seccomp listener, an opened file, the ends of
+/// a child's I/O for the watchdog to hold).
+pub fn socket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: socketpair writes two fds.
+    if unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: two fresh fds, owned here.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// The control buffer of a message: room for [`MAX_FDS`] fds.
+#[repr(C, align(8))]
+struct Control([u8; 64]);
+
+/// Send `data` (not empty) with `fds` (at most [`MAX_FDS`]) as one
+/// message. No allocation: usable between `clone` and `exec`.
+pub fn send_with_fds(socket: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    if fds.len() > MAX_FDS || data.is_empty() {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr().cast_mut().cast(),
+        iov_len: data.len(),
+    };
+    let mut control = Control([0; 64]);
+    let bytes = std::mem::size_of_val(fds) as u32;
+    // SAFETY: a zeroed msghdr is valid; its pointers go to locals that
+    // outlive the call, and CMSG_SPACE of at most 8 fds fits `control`.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        if !fds.is_empty() {
+            msg.msg_control = control.0.as_mut_ptr().cast();
+            msg.msg_controllen = libc::CMSG_SPACE(bytes) as usize;
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(bytes) as usize;
+            let data = libc::CMSG_DATA(cmsg).cast::<i32>();
+            for (i, &fd) in fds.iter().enumerate() {
+                std::ptr::write_unaligned(data.add(i), fd);
+            }
+        }
+        if libc::sendmsg(socket, &msg, libc::MSG_NOSIGNAL) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Receive one message into `buf`, with the fds it carries (close-on-exec).
+/// `Ok((0, _))` when the peer is gone.
+pub fn recv_with_fds(
+    socket: RawFd,
+    buf: &mut [u8],
+    flags: libc::c_int,
+) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let mut control = Control([0; 64]);
+    let mut fds = Vec::new();
+    // SAFETY: the kernel fills at most the buffers given; received fds are
+    // fresh and owned here.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.0.as_mut_ptr().cast();
+        msg.msg_controllen = control.0.len();
+        let n = libc::recvmsg(socket, &mut msg, flags | libc::MSG_CMSG_CLOEXEC);
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let count =
+                    ((*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / size_of::<i32>();
+                let data = libc::CMSG_DATA(cmsg).cast::<i32>();
+                for i in 0..count {
+                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+        Ok((n as usize, fds))
+    }
+}
+
+/// Send one fd (SCM_RIGHTS) with a one-byte message.
+pub fn send_fd(socket: RawFd, fd: RawFd) -> io::Result<()> {
+    send_with_fds(socket, &[0], &[fd])
+}
+
+/// Receive one fd sent by [`send_fd`], without waiting.
+pub fn recv_fd(socket: RawFd) -> Option<OwnedFd> {
+    let mut byte = [0u8; 1];
+    recv_with_fds(socket, &mut byte, libc::MSG_DONTWAIT)
+        .ok()?
+        .1
+        .pop()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn fds_and_data_cross_a_socket_pair() {
+        let (a, b) = socket_pair().unwrap();
+        let (r, w) = crate::process::exec::pipe().unwrap();
+        send_with_fds(a.as_raw_fd(), b"hold", &[r.as_raw_fd(), w.as_raw_fd()]).unwrap();
+        let mut buf = [0u8; 16];
+        let (n, fds) = recv_with_fds(b.as_raw_fd(), &mut buf, 0).unwrap();
+        assert_eq!(&buf[..n], b"hold");
+        assert_eq!(fds.len(), 2);
+        send_fd(a.as_raw_fd(), r.as_raw_fd()).unwrap();
+        assert!(recv_fd(b.as_raw_fd()).is_some());
+        assert!(recv_fd(b.as_raw_fd()).is_none());
+        drop(a);
+        assert_eq!(recv_with_fds(b.as_raw_fd(), &mut buf, 0).unwrap().0, 0);
+    }
+}
