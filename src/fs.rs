@@ -414,8 +414,84 @@ pub fn copy(p: CopyParams) -> Result<Value> {
             }
         }
     }
-    copy_tree(src, dst, &meta).map_err(|e| fs_error(what(), &e))?;
+    if meta.is_dir() && fs::symlink_metadata(dst).is_ok() {
+        return Err(fs_error(
+            what(),
+            &io::Error::from_raw_os_error(libc::EEXIST),
+        ));
+    }
+    copy_into_place(src, dst, &meta, false).map_err(|e| fs_error(what(), &e))?;
     Ok(json!({}))
+}
+
+/// Copy `src` to `dst` under a temporary name beside it, then rename it
+/// into place: a failed copy leaves no partial destination, and a reader
+/// of the destination sees the old one or the whole new one. A directory
+/// replaces an existing (empty) one only when `replace_directory`, as
+/// `rename` would.
+fn copy_into_place(
+    src: &Path,
+    dst: &Path,
+    meta: &fs::Metadata,
+    replace_directory: bool,
+) -> io::Result<()> {
+    let dir = dst.parent().unwrap_or(Path::new("/"));
+    let name = dst
+        .file_name()
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let tmp = temp_name(dir, name);
+    let result = copy_tree(src, &tmp, meta).and_then(|()| {
+        if meta.is_dir() && !replace_directory {
+            rename_no_replace(&tmp, dst)
+        } else {
+            fs::rename(&tmp, dst)
+        }
+    });
+    if result.is_err() {
+        let _ = if meta.is_dir() {
+            fs::remove_dir_all(&tmp)
+        } else {
+            fs::remove_file(&tmp)
+        };
+    }
+    result
+}
+
+/// A name for a temporary file beside `name` in `dir`, unlikely to exist.
+fn temp_name(dir: &Path, name: &std::ffi::OsStr) -> PathBuf {
+    let mut random = [0u8; 8];
+    // SAFETY: getrandom fills a valid buffer.
+    unsafe { libc::getrandom(random.as_mut_ptr().cast(), random.len(), 0) };
+    dir.join(format!(
+        ".{}.{:016x}.tmp",
+        name.to_string_lossy(),
+        u64::from_le_bytes(random)
+    ))
+}
+
+/// Rename, failing with EEXIST when the destination exists (a plain
+/// rename would replace an empty directory).
+fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+    };
+    let (from, to) = (c(from)?, c(to)?);
+    // SAFETY: valid C strings.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {
@@ -428,11 +504,7 @@ fn same_file(a: &Path, b: &Path) -> bool {
 fn copy_tree(src: &Path, dst: &Path, meta: &fs::Metadata) -> io::Result<()> {
     let kind = meta.file_type();
     if kind.is_symlink() {
-        let target = fs::read_link(src)?;
-        if fs::symlink_metadata(dst).is_ok_and(|m| !m.is_dir()) {
-            fs::remove_file(dst)?;
-        }
-        std::os::unix::fs::symlink(target, dst)
+        std::os::unix::fs::symlink(fs::read_link(src)?, dst)
     } else if kind.is_dir() {
         fs::create_dir(dst)?;
         for entry in fs::read_dir(src)? {
@@ -459,7 +531,7 @@ pub fn rename(p: RenameParams) -> Result<Value> {
         Ok(()) => {}
         Err(err) if err.raw_os_error() == Some(libc::EXDEV) => {
             let meta = fs::symlink_metadata(src).map_err(|e| fs_error(what(), &e))?;
-            copy_tree(src, dst, &meta).map_err(|e| fs_error(what(), &e))?;
+            copy_into_place(src, dst, &meta, true).map_err(|e| fs_error(what(), &e))?;
             let removed = if meta.is_dir() {
                 fs::remove_dir_all(src)
             } else {

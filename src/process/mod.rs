@@ -42,6 +42,12 @@ const READ_CHUNK: usize = 256 * 1024;
 /// what the child wrote before exiting, so that it gets the lower seqs.
 const EXIT_DRAIN_GRACE: Duration = Duration::from_millis(50);
 
+/// Bytes of stdin a process may have queued and not yet written to it.
+/// A write that would go beyond is queued (in order) but answered only
+/// once the child has taken enough, so a client that waits for answers
+/// can't grow the server's memory with stdin the child does not read.
+pub const STDIN_QUEUE_BYTES: u64 = 8 * 1024 * 1024;
+
 /// The longest a single `process/read` waits (one day); larger `waitMs`
 /// values are clamped, so no value can overflow a deadline.
 const MAX_WAIT_MS: u64 = 24 * 60 * 60 * 1000;
@@ -52,6 +58,15 @@ pub type Attachment = Arc<Mutex<Option<(u64, Outbound)>>>;
 /// Work a request does once its response is queued, so that no effect of
 /// a request (output, exit) can be seen before its response.
 pub type Effect = Box<dyn FnOnce() + Send>;
+
+/// The answer to `process/write`.
+pub enum WriteOutcome {
+    /// Answer now; run the effect (queue the bytes) after the answer.
+    Now(WriteStatus, Option<Effect>),
+    /// The bytes are queued; answer once the child has taken enough of
+    /// what was queued before them.
+    WhenRoom(std::pin::Pin<Box<dyn std::future::Future<Output = WriteStatus> + Send>>),
+}
 
 /// Settings that apply to every process.
 #[derive(Debug, Clone, Copy)]
@@ -146,6 +161,8 @@ pub struct Process {
     changed: Notify,
     attachment: Attachment,
     stdin: Option<mpsc::UnboundedSender<StdinCommand>>,
+    /// Woken when the stdin feeder has written a chunk or stopped.
+    stdin_taken: Notify,
     pty: Option<Arc<PtyMaster>>,
     /// The process and everything it started.
     container: Arc<Container>,
@@ -165,6 +182,11 @@ struct State {
     reaped: bool,
     stdin_closed: bool,
     write_ids: WriteIds,
+    /// Bytes of stdin accepted so far, and written to the child so far.
+    stdin_accepted: u64,
+    stdin_written: u64,
+    /// The stdin feeder has stopped: nothing queued will be written.
+    stdin_gone: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -287,10 +309,14 @@ impl ProcessTable {
                 reaped: false,
                 stdin_closed: stdin_tx.is_none(),
                 write_ids: WriteIds::default(),
+                stdin_accepted: 0,
+                stdin_written: 0,
+                stdin_gone: false,
             }),
             changed: Notify::new(),
             attachment: self.attachment.clone(),
             stdin: stdin_tx,
+            stdin_taken: Notify::new(),
             pty,
             container,
             sandbox,
@@ -331,17 +357,13 @@ impl ProcessTable {
         })
     }
 
-    /// `process/write`: the status now, and the write itself as an effect
-    /// to run once the response is queued.
-    pub fn write(
-        &self,
-        id: &str,
-        data: Vec<u8>,
-        write_id: Option<&str>,
-    ) -> (WriteStatus, Option<Effect>) {
+    /// `process/write`: the status now with the write itself as an effect
+    /// to run once the response is queued, or (past the stdin queue limit)
+    /// the bytes queued at once and the status once there is room.
+    pub fn write(&self, id: &str, data: Vec<u8>, write_id: Option<&str>) -> WriteOutcome {
         match self.find(id) {
             Some(process) => process.write(data, write_id),
-            None => (WriteStatus::UnknownProcess, None),
+            None => WriteOutcome::Now(WriteStatus::UnknownProcess, None),
         }
     }
 
@@ -593,25 +615,52 @@ impl Process {
         }
     }
 
-    fn write(&self, data: Vec<u8>, write_id: Option<&str>) -> (WriteStatus, Option<Effect>) {
+    fn write(self: &Arc<Self>, data: Vec<u8>, write_id: Option<&str>) -> WriteOutcome {
         let mut state = self.lock();
         if let Some(id) = write_id {
             if !state.write_ids.insert(id) {
-                return (WriteStatus::Accepted, None);
+                return WriteOutcome::Now(WriteStatus::Accepted, None);
             }
         }
-        match &self.stdin {
-            Some(tx) if !state.stdin_closed => {
-                let tx = tx.clone();
-                let effect: Effect = Box::new(move || {
-                    // If the feeder is gone, stdin closed meanwhile and the
-                    // bytes have nowhere to go.
-                    let _ = tx.send(StdinCommand::Data(data));
-                });
-                (WriteStatus::Accepted, Some(effect))
-            }
-            _ => (WriteStatus::StdinClosed, None),
+        let tx = match &self.stdin {
+            Some(tx) if !state.stdin_closed => tx.clone(),
+            _ => return WriteOutcome::Now(WriteStatus::StdinClosed, None),
+        };
+        state.stdin_accepted += data.len() as u64;
+        let end = state.stdin_accepted;
+        if end - state.stdin_written <= STDIN_QUEUE_BYTES || state.stdin_gone {
+            let effect: Effect = Box::new(move || {
+                // If the feeder is gone, stdin closed meanwhile and the
+                // bytes have nowhere to go.
+                let _ = tx.send(StdinCommand::Data(data));
+            });
+            return WriteOutcome::Now(WriteStatus::Accepted, Some(effect));
         }
+        // Queued now, so that later writes stay behind it; answered once
+        // what is queued ahead of its end fits the limit again.
+        let _ = tx.send(StdinCommand::Data(data));
+        drop(state);
+        let process = self.clone();
+        WriteOutcome::WhenRoom(Box::pin(async move {
+            loop {
+                let taken = process.stdin_taken.notified();
+                tokio::pin!(taken);
+                taken.as_mut().enable();
+                {
+                    let state = process.lock();
+                    if state.stdin_gone || end - state.stdin_written <= STDIN_QUEUE_BYTES {
+                        return WriteStatus::Accepted;
+                    }
+                }
+                taken.await;
+            }
+        }))
+    }
+
+    /// The feeder wrote `n` bytes to the child.
+    fn stdin_took(&self, n: usize) {
+        self.lock().stdin_written += n as u64;
+        self.stdin_taken.notify_waiters();
     }
 
     fn close_stdin(&self) -> (WriteStatus, Option<Effect>) {
@@ -721,18 +770,24 @@ async fn feed_stdin(
     mut rx: mpsc::UnboundedReceiver<StdinCommand>,
 ) {
     while let Some(command) = rx.recv().await {
-        let result = match (&mut sink, command) {
-            (Sink::Pipe(pipe), StdinCommand::Data(data)) => pipe.write_all(&data).await,
-            (Sink::Pty(pty), StdinCommand::Data(data)) => pty.write_all(&data).await,
+        let (result, n) = match (&mut sink, command) {
+            (Sink::Pipe(pipe), StdinCommand::Data(data)) => {
+                (pipe.write_all(&data).await, data.len())
+            }
+            (Sink::Pty(pty), StdinCommand::Data(data)) => (pty.write_all(&data).await, data.len()),
             (Sink::Pipe(_), StdinCommand::Close) => break,
-            (Sink::Pty(pty), StdinCommand::Close) => pty.write_all(&[pty.eof_char()]).await,
+            (Sink::Pty(pty), StdinCommand::Close) => (pty.write_all(&[pty.eof_char()]).await, 0),
         };
         if let Err(err) = result {
             tracing::debug!(id = %process.id, "stdin closed: {err}");
             process.lock().stdin_closed = true;
             break;
         }
+        process.stdin_took(n);
     }
+    // Nothing queued will be written now: no write waits for room.
+    process.lock().stdin_gone = true;
+    process.stdin_taken.notify_waiters();
 }
 
 /// Wait for the child, record its exit, and forget the process once it has

@@ -14,7 +14,7 @@ use super::lane::Lane;
 use super::session::Session;
 use crate::env_policy::child_env;
 use crate::error::{Error, Result};
-use crate::process::{ReadNow, StartRequest, spawn};
+use crate::process::{ReadNow, StartRequest, WriteOutcome, spawn};
 use crate::protocol::{
     ListResponse, ProcessIdParams, ReadParams, ResizeParams, SignalParams, StartParams,
     StartResponse, TerminateResponse, TtySize, WriteParams, WriteResponse, method,
@@ -190,7 +190,12 @@ fn write(ctx: &Ctx, name: &str, params: Value) -> Reply {
             .write(&p.process_id, p.chunk.0, p.write_id.as_deref()))
     });
     match decoded {
-        Ok((status, effect)) => then(to_value(WriteResponse { status }), effect),
+        Ok(WriteOutcome::Now(status, effect)) => then(to_value(WriteResponse { status }), effect),
+        Ok(WriteOutcome::WhenRoom(status)) => Reply::Later(Box::pin(async move {
+            to_value(WriteResponse {
+                status: status.await,
+            })
+        })),
         Err(err) => Reply::Ready(Err(err)),
     }
 }

@@ -437,3 +437,39 @@ fn read_file_of_an_endless_proc_file_stops_at_the_message_limit() {
     let r = s.call("fs/readFile", json!({"path": "/proc/self/stat"}));
     assert!(!unb64(&r["dataBase64"]).is_empty());
 }
+
+/// A copy that fails half-way (a FIFO inside the tree can't be copied)
+/// leaves neither a partial destination nor a temporary file behind.
+#[test]
+fn a_failed_copy_leaves_no_partial_destination() {
+    let dir = tmp();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(src.join("a")).unwrap();
+    std::fs::write(src.join("a/one"), "1").unwrap();
+    let fifo = std::ffi::CString::new(p(&src.join("z-fifo"))).unwrap();
+    // SAFETY: plain syscall with a valid C string.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    let dst = dir.path().join("dst");
+    let mut s = Server::started(&[]);
+    let r = s.request(
+        "fs/copy",
+        json!({"sourcePath": p(&src), "destinationPath": p(&dst), "recursive": true}),
+    );
+    assert!(r.get("error").is_some(), "{r}");
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["src"], "left behind: {names:?}");
+    // A file copy replaces its destination whole.
+    std::fs::write(dir.path().join("old"), "old contents").unwrap();
+    s.call(
+        "fs/copy",
+        json!({"sourcePath": p(&src.join("a/one")), "destinationPath": p(&dir.path().join("old"))}),
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("old")).unwrap(),
+        "1"
+    );
+}

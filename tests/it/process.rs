@@ -284,3 +284,61 @@ fn children_start_with_default_signal_dispositions() {
     let (out, _) = s.collect("pipe");
     assert_eq!(String::from_utf8(out).unwrap(), "yes: 141\n");
 }
+
+/// A child that never reads its stdin: writes are accepted up to the
+/// stdin queue limit (8 MiB), then the next answer waits for room; the
+/// server's memory stays bounded, and the waiting answer comes once the
+/// child is gone. A child that reads is never held up.
+#[test]
+fn stdin_for_a_child_that_does_not_read_is_bounded() {
+    let mut s = Server::started(&[]);
+    s.start_process("deaf", &["sleep", "30"], json!({"pipeStdin": true}));
+    let chunk = b64(&vec![b'x'; 1024 * 1024]);
+    let mut accepted = 0;
+    let mut waiting = None;
+    for i in 0..64 {
+        let id = 5000 + i;
+        s.send(&json!({"id": id, "method": "process/write",
+            "params": {"processId": "deaf", "chunk": chunk, "writeId": format!("w{i}")}}));
+        match s.recv_line(Duration::from_millis(500)) {
+            Some(r) if r["id"] == id => {
+                assert_eq!(r["result"]["status"], "accepted", "{r}");
+                accepted += 1;
+            }
+            Some(other) => panic!("unexpected {other}"),
+            None => {
+                waiting = Some(id);
+                break;
+            }
+        }
+    }
+    let waiting = waiting.expect("a write beyond the limit waits for room");
+    assert!(
+        (8..=10).contains(&accepted),
+        "{accepted} MiB were answered before the limit held"
+    );
+    let rss_kib: u64 = std::fs::read_to_string(format!("/proc/{}/status", s.child.id()))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    assert!(rss_kib < 64 * 1024, "server RSS {rss_kib} KiB");
+    s.call("process/terminate", json!({"processId": "deaf"}));
+    let r = s.response(waiting);
+    assert_eq!(r["result"]["status"], "accepted", "{r}");
+
+    // A reader takes everything without a wait.
+    s.start_process(
+        "reader",
+        &["sh", "-c", "cat >/dev/null"],
+        json!({"pipeStdin": true}),
+    );
+    for i in 0..24 {
+        let r = s.call(
+            "process/write",
+            json!({"processId": "reader", "chunk": chunk, "writeId": format!("r{i}")}),
+        );
+        assert_eq!(r["status"], "accepted");
+    }
+}
