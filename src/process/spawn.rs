@@ -78,6 +78,11 @@ pub fn spawn(spec: &Spec<'_>) -> Result<Spawned, Error> {
             let (master, slave) =
                 open_pty(size).map_err(|e| Error::io("failed to open a pty", &e))?;
             let fd = slave.as_raw_fd();
+            if let Some(sandbox) = &spec.sandbox {
+                let path = std::fs::read_link(format!("/proc/self/fd/{fd}"))
+                    .map_err(|e| Error::io("failed to name the pty", &e))?;
+                sandbox.own_terminal(&path)?;
+            }
             (vec![slave], [fd; 3], Ours::Pty(master))
         }
         None => {

@@ -54,6 +54,9 @@ pub struct Prepared {
     /// Child's and server's ends of the socket the filter's listener
     /// comes back through.
     listener_channel: Option<(OwnedFd, OwnedFd)>,
+    /// The process's own terminal (`/dev/pts/N`), the one terminal its
+    /// `/dev/pts` shows; set once the pty is open.
+    terminal: std::sync::OnceLock<CString>,
     pub network_restricted: bool,
 }
 
@@ -87,10 +90,9 @@ pub fn prepare(rules: &Rules, notify: bool, cwd: Option<&Path>) -> Result<Prepar
         let host = host();
         if host.mount_namespace {
             mounts = Some(plan);
-        } else if let Some(op) = plan.exceptions().next() {
+        } else if let Some(target) = plan.needs_namespace() {
             return Err(unavailable(format!(
-                "a private mount namespace is needed for {} and this host refuses one ({})",
-                op.target.to_string_lossy(),
+                "a private mount namespace is needed for {target} and this host refuses one ({})",
                 host.mount_namespace_why
             )));
         }
@@ -106,6 +108,7 @@ pub fn prepare(rules: &Rules, notify: bool, cwd: Option<&Path>) -> Result<Prepar
         mounts,
         filter: seccomp::build(rules.network_restricted, notify),
         listener_channel,
+        terminal: std::sync::OnceLock::new(),
         network_restricted: rules.network_restricted,
     })
 }
@@ -117,7 +120,7 @@ impl Prepared {
     /// helper confining itself.
     pub fn enter(&self) -> io::Result<()> {
         if let Some(mounts) = &self.mounts {
-            mounts.apply()?;
+            mounts.apply(self.terminal.get().map(CString::as_c_str))?;
         }
         drop_capabilities();
         // SAFETY: plain prctl.
@@ -131,6 +134,13 @@ impl Prepared {
             // SAFETY: our own copy; the server holds the one it received.
             unsafe { libc::close(fd) };
         }
+        Ok(())
+    }
+
+    /// The process runs under the pty whose slave is `path`: that terminal,
+    /// and no other, is in the sandbox's `/dev/pts`.
+    pub fn own_terminal(&self, path: &Path) -> Result<()> {
+        let _ = self.terminal.set(cstring(path)?);
         Ok(())
     }
 
@@ -218,6 +228,9 @@ struct MountPlan {
     /// namespace to own the mount namespace.
     user_maps: Option<(Vec<u8>, Vec<u8>)>,
     ops: Vec<MountOp>,
+    /// Cover `/dev/pts` with an empty tmpfs (where the process's own
+    /// terminal is bound), so no other terminal can be read or written.
+    hide_terminals: bool,
     cwd: Option<CString>,
 }
 
@@ -288,20 +301,25 @@ impl MountPlan {
         Ok(MountPlan {
             user_maps,
             ops: writable,
+            hide_terminals: Path::new(PTS).is_dir(),
             cwd: cwd.map(cstring).transpose()?,
         })
     }
 
-    /// The operations Landlock alone can't stand in for.
-    fn exceptions(&self) -> impl Iterator<Item = &MountOp> {
+    /// What Landlock alone can't stand in for, if anything: a target.
+    fn needs_namespace(&self) -> Option<String> {
+        if self.hide_terminals {
+            return Some(format!("{PTS} (other terminals)"));
+        }
         self.ops
             .iter()
-            .filter(|op| !matches!(op.kind, MountKind::Writable { .. }))
+            .find(|op| !matches!(op.kind, MountKind::Writable { .. }))
+            .map(|op| op.target.to_string_lossy().into_owned())
     }
 
     /// In the child: a private mount namespace (owned by a new user
     /// namespace when unprivileged) with the plan's mounts.
-    fn apply(&self) -> io::Result<()> {
+    fn apply(&self, terminal: Option<&std::ffi::CStr>) -> io::Result<()> {
         let check = |rc: libc::c_int| {
             if rc != 0 {
                 Err(io::Error::last_os_error())
@@ -348,6 +366,58 @@ impl MountPlan {
                     }
                 }
             }
+            if self.hide_terminals {
+                // A detached copy of the own terminal's node, taken before
+                // the tmpfs covers it (a bind from /proc/self/fd would name
+                // the parent namespace's mount, which the kernel refuses).
+                let own = match terminal {
+                    Some(terminal) => {
+                        const OPEN_TREE_CLONE: libc::c_uint = 1;
+                        let fd = libc::syscall(
+                            libc::SYS_open_tree,
+                            libc::AT_FDCWD,
+                            terminal.as_ptr(),
+                            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+                        );
+                        if fd < 0 {
+                            return Err(io::Error::last_os_error());
+                        }
+                        Some((terminal, fd as libc::c_int))
+                    }
+                    None => None,
+                };
+                check(libc::mount(
+                    c"tmpfs".as_ptr(),
+                    c"/dev/pts".as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    c"mode=0755,size=4k".as_ptr().cast(),
+                ))?;
+                if let Some((terminal, tree)) = own {
+                    // Put it back where ttyname() looks for it.
+                    let fd = libc::open(
+                        terminal.as_ptr(),
+                        libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+                        0o600,
+                    );
+                    if fd < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    libc::close(fd);
+                    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+                    let rc = libc::syscall(
+                        libc::SYS_move_mount,
+                        tree,
+                        c"".as_ptr(),
+                        libc::AT_FDCWD,
+                        terminal.as_ptr(),
+                        MOVE_MOUNT_F_EMPTY_PATH,
+                    );
+                    libc::close(tree);
+                    check(rc as libc::c_int)?;
+                }
+                check(set_read_only(c"/dev/pts", true, false))?;
+            }
             if let Some(cwd) = &self.cwd {
                 check(libc::chdir(cwd.as_ptr()))?;
             }
@@ -355,6 +425,9 @@ impl MountPlan {
         Ok(())
     }
 }
+
+/// Where terminals live.
+const PTS: &str = "/dev/pts";
 
 /// Bind-mount `source` onto `target` (with the mounts below it when
 /// `recursive`). Returns 0 or -1.

@@ -162,8 +162,6 @@ const MINIMAL_DEVICES: &[&str] = &[
     "/dev/random",
     "/dev/urandom",
     "/dev/tty",
-    "/dev/ptmx",
-    "/dev/pts",
 ];
 /// How deep a glob pattern is expanded when the policy does not say.
 const DEFAULT_GLOB_DEPTH: usize = 8;

@@ -674,3 +674,54 @@ fn sandboxed_filesystem_methods_stay_inside_the_policy() {
     );
     assert!(r.is_object());
 }
+
+/// A sandboxed process sees its own terminal in `/dev/pts` and no other:
+/// it can neither write into an unsandboxed sibling's terminal nor read
+/// what is typed there.
+#[test]
+fn other_terminals_are_out_of_reach() {
+    let f = Fixture::new();
+    let mut s = Server::started(&[]);
+    s.start_process(
+        "sibling",
+        &["sh", "-c", "tty; exec cat"],
+        json!({"tty": true, "pipeStdin": true}),
+    );
+    let first = s
+        .notification(|m| m["method"] == "process/output" && m["params"]["processId"] == "sibling");
+    let sibling = String::from_utf8(unb64(&first["params"]["chunk"]))
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(sibling.starts_with("/dev/pts/"), "{sibling}");
+    let script = format!("ls /dev/pts; tty; printf SPOOF > {sibling}; cat {sibling}");
+    for tty in [false, true] {
+        let ended = run(&mut s, &script, &f.ws, f.policy(), f.env(), tty);
+        assert_ne!(ended.exit_code, 0, "{ended:?}");
+        let listed: Vec<&str> = ended
+            .output
+            .lines()
+            .take_while(|l| !l.contains("/dev/pts/") && !l.contains("not a tty"))
+            .collect();
+        if tty {
+            // Its own terminal, under its own name, and nothing else.
+            assert_eq!(listed.len(), 1, "{ended:?}");
+            assert!(
+                ended.output.contains(&format!("/dev/pts/{}", listed[0])),
+                "{ended:?}"
+            );
+        } else {
+            assert!(listed.is_empty(), "{ended:?}");
+        }
+    }
+    // The sibling saw no spoofed text, and still gets what is typed.
+    s.call(
+        "process/write",
+        json!({"processId": "sibling", "chunk": b64(b"ping\n"), "writeId": "p"}),
+    );
+    s.call("process/closeStdin", json!({"processId": "sibling"}));
+    let (output, _) = s.collect("sibling");
+    let output = String::from_utf8_lossy(&output);
+    assert!(!output.contains("SPOOF"), "{output}");
+    assert!(output.contains("ping"), "{output}");
+}
