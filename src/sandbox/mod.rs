@@ -201,11 +201,17 @@ use crate::sys::{recv_fd, send_fd, socket_pair};
 
 /// What a mount operation does to its target.
 enum MountKind {
-    /// Cover with an empty, unreadable directory or file.
-    Mask {
-        source: CString,
-        keep: libc::c_ulong,
-    },
+    /// Cover a directory with an empty, unreadable, read-only tmpfs made
+    /// in the child's own mount namespace: nothing outside can reach or
+    /// replace it.
+    MaskDirectory,
+    /// Cover a file with an empty, unreadable file of a tmpfs private to
+    /// the child (clone number N, taken when the child starts).
+    MaskFile(usize),
+    /// Make a directory between a writable root and a deny entry a mount
+    /// point (bound onto itself), so that no command can rename or remove
+    /// it and carry the denied path out from under its mask.
+    Pin,
     /// Bind onto itself (with what is mounted below), then read-only.
     ReadOnly { keep: libc::c_ulong },
     /// Bind onto itself and make that mount writable again (unless the
@@ -228,6 +234,9 @@ struct MountPlan {
     /// namespace to own the mount namespace.
     user_maps: Option<(Vec<u8>, Vec<u8>)>,
     ops: Vec<MountOp>,
+    /// One slot per `MaskFile`: the child's detached clone of its private
+    /// empty file, taken before the mounts and moved onto the target.
+    file_masks: Vec<std::sync::atomic::AtomicI32>,
     /// Cover `/dev/pts` with an empty tmpfs (where the process's own
     /// terminal is bound), so no other terminal can be read or written.
     hide_terminals: bool,
@@ -246,10 +255,13 @@ impl MountPlan {
         };
         // `fs` is ordered by path components, so an ancestor always comes
         // before what lies below it. Writable places are bound first, in
-        // that order; the exceptions after them, in reverse, so that a
-        // read-only bind carries the masks and binds below it.
+        // that order; then the pins, parents first; the exceptions after
+        // them, in reverse, so that a read-only bind carries the masks and
+        // binds below it.
         let mut writable = Vec::new();
+        let mut pins = std::collections::BTreeSet::new();
         let mut exceptions = Vec::new();
+        let mut file_masks = 0;
         for (path, grant) in fs {
             if *grant == Grant::Write {
                 writable.push(MountOp {
@@ -272,11 +284,25 @@ impl MountPlan {
             let kind = match (grant, above_grant) {
                 (Grant::Deny, Grant::Deny) => continue,
                 (Grant::Deny, _) => {
-                    let masks = masks().map_err(|e| Error::SandboxUnavailable(e.clone()))?;
-                    let source = if path.is_dir() { &masks.0 } else { &masks.1 };
-                    MountKind::Mask {
-                        source: cstring(source)?,
-                        keep: locked_flags(source),
+                    // Every directory between the nearest writable root and
+                    // the denied path, so none can be renamed away.
+                    let root = path
+                        .ancestors()
+                        .skip(1)
+                        .find(|a| fs.get(*a) == Some(&Grant::Write));
+                    if let Some(root) = root {
+                        for dir in path.ancestors().skip(1) {
+                            if dir == root {
+                                break;
+                            }
+                            pins.insert(dir.to_path_buf());
+                        }
+                    }
+                    if path.is_dir() {
+                        MountKind::MaskDirectory
+                    } else {
+                        file_masks += 1;
+                        MountKind::MaskFile(file_masks - 1)
                     }
                 }
                 (Grant::Read, Grant::Write) => MountKind::ReadOnly {
@@ -297,10 +323,19 @@ impl MountPlan {
                 format!("{gid} {gid} 1\n").into_bytes(),
             )
         });
+        for pin in pins {
+            writable.push(MountOp {
+                target: cstring(&pin)?,
+                kind: MountKind::Pin,
+            });
+        }
         writable.extend(exceptions.into_iter().rev());
         Ok(MountPlan {
             user_maps,
             ops: writable,
+            file_masks: (0..file_masks)
+                .map(|_| std::sync::atomic::AtomicI32::new(-1))
+                .collect(),
             hide_terminals: Path::new(PTS).is_dir(),
             cwd: cwd.map(cstring).transpose()?,
         })
@@ -313,7 +348,7 @@ impl MountPlan {
         }
         self.ops
             .iter()
-            .find(|op| !matches!(op.kind, MountKind::Writable { .. }))
+            .find(|op| !matches!(op.kind, MountKind::Writable { .. } | MountKind::Pin))
             .map(|op| op.target.to_string_lossy().into_owned())
     }
 
@@ -346,14 +381,26 @@ impl MountPlan {
                 libc::MS_REC | libc::MS_PRIVATE,
                 std::ptr::null(),
             ))?;
+            self.clone_file_masks()?;
             check(set_read_only(c"/", true, true))?;
             for op in &self.ops {
                 let target = op.target.as_c_str();
                 match &op.kind {
-                    MountKind::Mask { source, keep } => {
-                        check(bind(source, target, false))?;
-                        check(remount_read_only(target, *keep))?;
+                    MountKind::MaskDirectory => {
+                        check(libc::mount(
+                            c"tmpfs".as_ptr(),
+                            target.as_ptr(),
+                            c"tmpfs".as_ptr(),
+                            libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                            c"mode=000,size=4k".as_ptr().cast(),
+                        ))?;
                     }
+                    MountKind::MaskFile(slot) => {
+                        let tree = self.file_masks[*slot].swap(-1, Ordering::Relaxed);
+                        check(move_mount(tree, target))?;
+                        check(set_read_only(target, true, false))?;
+                    }
+                    MountKind::Pin => check(bind(target, target, true))?,
                     MountKind::ReadOnly { keep } => {
                         check(bind(target, target, true))?;
                         check(remount_read_only(target, *keep))?;
@@ -363,6 +410,14 @@ impl MountPlan {
                         if !host_read_only {
                             check(set_read_only(target, false, false))?;
                         }
+                        // Nothing written there is set-uid or a device to
+                        // anything run from there.
+                        check(set_attributes(
+                            target,
+                            MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+                            0,
+                            false,
+                        ))?;
                     }
                 }
             }
@@ -371,19 +426,7 @@ impl MountPlan {
                 // the tmpfs covers it (a bind from /proc/self/fd would name
                 // the parent namespace's mount, which the kernel refuses).
                 let own = match terminal {
-                    Some(terminal) => {
-                        const OPEN_TREE_CLONE: libc::c_uint = 1;
-                        let fd = libc::syscall(
-                            libc::SYS_open_tree,
-                            libc::AT_FDCWD,
-                            terminal.as_ptr(),
-                            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
-                        );
-                        if fd < 0 {
-                            return Err(io::Error::last_os_error());
-                        }
-                        Some((terminal, fd as libc::c_int))
-                    }
+                    Some(terminal) => Some((terminal, clone_tree(terminal)?)),
                     None => None,
                 };
                 check(libc::mount(
@@ -404,17 +447,7 @@ impl MountPlan {
                         return Err(io::Error::last_os_error());
                     }
                     libc::close(fd);
-                    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
-                    let rc = libc::syscall(
-                        libc::SYS_move_mount,
-                        tree,
-                        c"".as_ptr(),
-                        libc::AT_FDCWD,
-                        terminal.as_ptr(),
-                        MOVE_MOUNT_F_EMPTY_PATH,
-                    );
-                    libc::close(tree);
-                    check(rc as libc::c_int)?;
+                    check(move_mount(tree, terminal))?;
                 }
                 check(set_read_only(c"/dev/pts", true, false))?;
             }
@@ -428,6 +461,106 @@ impl MountPlan {
 
 /// Where terminals live.
 const PTS: &str = "/dev/pts";
+
+/// Where the child mounts, for an instant, the tmpfs its file masks come
+/// from; what was there shows again once it is detached.
+const SCRATCH: &std::ffi::CStr = c"/tmp";
+
+impl MountPlan {
+    /// Make one detached clone of an empty, unreadable file per file mask:
+    /// a tmpfs mounted for an instant on [`SCRATCH`], the file made there,
+    /// cloned (`open_tree`), and the tmpfs detached again. Nothing outside
+    /// this child's mount namespace can see or change the clones.
+    ///
+    /// # Safety
+    /// System calls on prepared data only; callable between clone and exec.
+    unsafe fn clone_file_masks(&self) -> io::Result<()> {
+        if self.file_masks.is_empty() {
+            return Ok(());
+        }
+        let check = |rc: libc::c_int| {
+            if rc != 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        };
+        // SAFETY: system calls on static C strings and prepared cells.
+        unsafe {
+            check(libc::mount(
+                c"tmpfs".as_ptr(),
+                SCRATCH.as_ptr(),
+                c"tmpfs".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                c"mode=0700,size=4k".as_ptr().cast(),
+            ))?;
+            let file = c"/tmp/mask";
+            let fd = libc::open(
+                file.as_ptr(),
+                libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+                0,
+            );
+            let made = if fd < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                libc::close(fd);
+                Ok(())
+            };
+            let cloned = made.and_then(|()| {
+                for slot in &self.file_masks {
+                    slot.store(clone_tree(file)?, Ordering::Relaxed);
+                }
+                Ok(())
+            });
+            libc::umount2(SCRATCH.as_ptr(), libc::MNT_DETACH);
+            cloned
+        }
+    }
+}
+
+/// `open_tree(OPEN_TREE_CLONE)`: a detached bind mount of `path`, as an
+/// fd to move elsewhere with [`move_mount`].
+///
+/// # Safety
+/// A plain system call; callable between clone and exec.
+unsafe fn clone_tree(path: &std::ffi::CStr) -> io::Result<libc::c_int> {
+    const OPEN_TREE_CLONE: libc::c_uint = 1;
+    // SAFETY: a valid C string.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd as libc::c_int)
+}
+
+/// Attach the detached mount `tree` (from [`clone_tree`]) at `target`,
+/// closing `tree`. Returns 0 or -1.
+///
+/// # Safety
+/// A plain system call; callable between clone and exec.
+unsafe fn move_mount(tree: libc::c_int, target: &std::ffi::CStr) -> libc::c_int {
+    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+    // SAFETY: valid C strings; `tree` is ours to close.
+    unsafe {
+        let rc = libc::syscall(
+            libc::SYS_move_mount,
+            tree,
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            target.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        );
+        libc::close(tree);
+        rc as libc::c_int
+    }
+}
 
 /// Bind-mount `source` onto `target` (with the mounts below it when
 /// `recursive`). Returns 0 or -1.
@@ -476,6 +609,30 @@ unsafe fn remount_read_only(target: &std::ffi::CStr, keep: libc::c_ulong) -> lib
 /// # Safety
 /// A plain system call; callable between fork and exec.
 unsafe fn set_read_only(path: &std::ffi::CStr, read_only: bool, recursive: bool) -> libc::c_int {
+    let (set, clear) = if read_only {
+        (MOUNT_ATTR_RDONLY, 0)
+    } else {
+        (0, MOUNT_ATTR_RDONLY)
+    };
+    // SAFETY: the caller's contract.
+    unsafe { set_attributes(path, set, clear, recursive) }
+}
+
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const MOUNT_ATTR_NOSUID: u64 = 0x2;
+const MOUNT_ATTR_NODEV: u64 = 0x4;
+
+/// `mount_setattr`: set and clear `MOUNT_ATTR_*` flags of the mount at
+/// `path` (and every mount below it when `recursive`). Returns 0 or -1.
+///
+/// # Safety
+/// A plain system call; callable between fork and exec.
+unsafe fn set_attributes(
+    path: &std::ffi::CStr,
+    set: u64,
+    clear: u64,
+    recursive: bool,
+) -> libc::c_int {
     #[repr(C)]
     struct MountAttr {
         attr_set: u64,
@@ -483,11 +640,10 @@ unsafe fn set_read_only(path: &std::ffi::CStr, read_only: bool, recursive: bool)
         propagation: u64,
         userns_fd: u64,
     }
-    const MOUNT_ATTR_RDONLY: u64 = 1;
     const AT_RECURSIVE: libc::c_uint = 0x8000;
     let attr = MountAttr {
-        attr_set: if read_only { MOUNT_ATTR_RDONLY } else { 0 },
-        attr_clr: if read_only { 0 } else { MOUNT_ATTR_RDONLY },
+        attr_set: set,
+        attr_clr: clear,
         propagation: 0,
         userns_fd: 0,
     };
@@ -555,77 +711,6 @@ fn locked_flags(path: &Path) -> libc::c_ulong {
         }
     }
     keep
-}
-
-/// An empty unreadable directory and file to cover denied paths with;
-/// made once per user, under the temp directory.
-fn masks() -> std::result::Result<&'static (PathBuf, PathBuf), &'static String> {
-    static MASKS: OnceLock<std::result::Result<(PathBuf, PathBuf), String>> = OnceLock::new();
-    MASKS
-        .get_or_init(|| {
-            // SAFETY: getter without failure modes.
-            let uid = unsafe { libc::geteuid() };
-            let base = std::env::temp_dir();
-            let mut last = String::new();
-            for attempt in 0..8 {
-                let dir = if attempt == 0 {
-                    base.join(format!("exec-server-masks-{uid}"))
-                } else {
-                    base.join(format!(
-                        "exec-server-masks-{uid}-{}",
-                        std::process::id() + attempt
-                    ))
-                };
-                match make_masks(&dir, uid) {
-                    Ok(masks) => return Ok(masks),
-                    Err(err) => {
-                        last = format!("cannot make mask files in {}: {err}", dir.display())
-                    }
-                }
-            }
-            Err(last)
-        })
-        .as_ref()
-}
-
-fn make_masks(dir: &Path, uid: u32) -> io::Result<(PathBuf, PathBuf)> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
-    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(e),
-    }
-    let meta = std::fs::symlink_metadata(dir)?;
-    if !meta.is_dir() || meta.uid() != uid {
-        return Err(io::Error::other("exists and is not ours"));
-    }
-    let empty_dir = dir.join("dir");
-    let empty_file = dir.join("file");
-    let set_mode = |path: &Path, mode: u32| {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-    };
-    match std::fs::symlink_metadata(&empty_dir) {
-        Ok(m) if m.is_dir() => set_mode(&empty_dir, 0o700)?,
-        Ok(_) => return Err(io::Error::other("the mask directory is not a directory")),
-        Err(_) => std::fs::DirBuilder::new().mode(0o700).create(&empty_dir)?,
-    }
-    if std::fs::read_dir(&empty_dir)?.next().is_some() {
-        return Err(io::Error::other("the mask directory is not empty"));
-    }
-    // Recreate the file if anything was written to it.
-    match std::fs::symlink_metadata(&empty_file) {
-        Ok(m) if m.is_file() && m.len() == 0 => {}
-        Ok(_) => {
-            std::fs::remove_file(&empty_file)?;
-            std::fs::File::create(&empty_file)?;
-        }
-        Err(_) => {
-            std::fs::File::create(&empty_file)?;
-        }
-    }
-    set_mode(&empty_dir, 0o0)?;
-    set_mode(&empty_file, 0o0)?;
-    Ok((empty_dir, empty_file))
 }
 
 /// What this host can enforce, probed once.

@@ -725,3 +725,88 @@ fn other_terminals_are_out_of_reach() {
     assert!(!output.contains("SPOOF"), "{output}");
     assert!(output.contains("ping"), "{output}");
 }
+
+/// A policy with deny entries below the root (`a/secret`, a directory, and
+/// `a/b/token`, a file) in a writable workspace, with `/tmp` writable too.
+fn deep_deny_policy(f: &Fixture) -> Value {
+    std::fs::create_dir_all(f.ws.join("a/secret")).unwrap();
+    std::fs::create_dir_all(f.ws.join("a/b")).unwrap();
+    std::fs::write(f.ws.join("a/secret/key"), "TOPSECRET\n").unwrap();
+    std::fs::write(f.ws.join("a/b/token"), "TOPSECRET token\n").unwrap();
+    json!({
+        "permissions": {"type": "managed", "network": "restricted", "file_system": {
+            "type": "restricted", "entries": [
+                {"path": {"type": "special", "value": {"kind": "root"}}, "access": "read"},
+                {"path": {"type": "special", "value": {"kind": "project_roots"}}, "access": "write"},
+                {"path": {"type": "special", "value": {"kind": "tmpdir"}}, "access": "write"},
+                {"path": {"type": "path", "path": "/tmp"}, "access": "write"},
+                {"path": {"type": "path", "path": ":workspace_roots/a/secret"}, "access": "deny"},
+                {"path": {"type": "path", "path": ":workspace_roots/a/b/token"}, "access": "deny"},
+            ]}},
+        "workspaceRoots": [f.ws.to_str().unwrap()],
+    })
+}
+
+/// Renaming an ancestor of a deny entry, or the entry itself, in one run
+/// must not expose it to the next run under the same policy.
+#[test]
+fn deny_entries_survive_renaming_their_ancestors() {
+    let f = Fixture::new();
+    let policy = deep_deny_policy(&f);
+    let mut s = Server::started(&[]);
+    let first = run(
+        &mut s,
+        "mv a moved; mv a/secret a/open; mv a/b a/c; mv a/b/token a/t; \
+         rm -rf a; mkdir -p a/secret a/b; echo planted > a/b/token; ls -a a",
+        &f.ws,
+        policy.clone(),
+        f.env(),
+        false,
+    );
+    assert!(!first.output.contains("TOPSECRET"), "{first:?}");
+    for path in ["a/secret/key", "a/b/token"] {
+        assert!(
+            std::fs::read_to_string(f.ws.join(path))
+                .unwrap()
+                .contains("TOPSECRET"),
+            "{path} was moved or replaced: {first:?}"
+        );
+    }
+    let second = run(
+        &mut s,
+        "cat moved/secret/key a/open/key a/c/token a/t a/secret/key a/b/token",
+        &f.ws,
+        policy,
+        f.env(),
+        false,
+    );
+    assert!(!second.output.contains("TOPSECRET"), "{second:?}");
+    assert!(second.denied_read, "{second:?}");
+}
+
+/// The masks over deny entries are made inside each sandbox's own mount
+/// namespace: a command that may write the temp directory finds nothing
+/// there to replace, and whatever it plants changes nothing for later runs.
+#[test]
+fn deny_masks_can_not_be_replaced_from_a_writable_temp_directory() {
+    let f = Fixture::new();
+    let policy = deep_deny_policy(&f);
+    let mut s = Server::started(&[]);
+    let tamper = "for d in \"${TMPDIR:-/tmp}\"/exec-server* /tmp/exec-server*; do \
+                  [ -e \"$d\" ] && echo found $d && rm -rf \"$d\" && ln -s \"$WS/a/secret\" \"$d\"; done; \
+                  for d in dir file mask; do ln -s \"$WS/a/secret\" /tmp/$d 2>/dev/null; done; true";
+    run(&mut s, tamper, &f.ws, policy.clone(), f.env(), false);
+    let second = run(
+        &mut s,
+        "ls a/secret; cat a/secret/key a/b/token",
+        &f.ws,
+        policy,
+        f.env(),
+        false,
+    );
+    assert!(!second.output.contains("TOPSECRET"), "{second:?}");
+    assert!(!second.output.lines().any(|l| l == "key"), "{second:?}");
+    for d in ["dir", "file", "mask"] {
+        let _ = std::fs::remove_file(Path::new("/tmp").join(d));
+    }
+}
