@@ -42,7 +42,7 @@ pub fn info(workspace_roots: &[PathBuf], containment: &str) -> Value {
             "resize": true,
             "signals": SIGNALS,
             "processList": true,
-            "sandbox": crate::sandbox::host().landlock_abi >= crate::sandbox::landlock::SCOPES_ABI,
+            "sandbox": crate::sandbox::describe_host().0,
             "filesystem": true,
             "containment": containment,
         },

@@ -26,8 +26,8 @@ struct Cli {
 enum Command {
     /// Run one command through a server (started lazily) and exit with its code.
     Run(RunArgs),
-    /// Print what this host's kernel lets the sandbox enforce; exits 1
-    /// when restricted filesystem policies would be refused.
+    /// Print what this host's kernel lets the sandbox enforce and how
+    /// processes are contained; exits 1 when every sandbox would be refused.
     SandboxCheck,
 }
 
@@ -118,6 +118,14 @@ struct ServeArgs {
 }
 
 fn main() -> ExitCode {
+    // The sandbox's init: before anything else, with nothing of the
+    // server's (not even logging) set up.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == exec_server::process::init::ARG)
+    {
+        return ExitCode::from(exec_server::process::init::main() as u8);
+    }
     init_logging();
     if std::env::args_os()
         .nth(1)

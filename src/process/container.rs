@@ -211,6 +211,9 @@ impl Containment {
         if let Kind::Tree { leader, .. } = &container.kind {
             *lock(leader) = Some(pid);
             if let Some(w) = &self.watchdog {
+                // A sandbox's init (pid 1 of its namespace) can't register
+                // itself; registering twice is harmless.
+                w.register(pid);
                 w.hold(pid, output);
             }
         }

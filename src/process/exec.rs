@@ -13,7 +13,7 @@ use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::ffi::{CString, c_char, c_int, c_void};
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicI32, Ordering};
 
@@ -41,6 +41,11 @@ pub struct Exec<'a> {
 pub struct Child {
     pid: i32,
     pidfd: AsyncFd<OwnedFd>,
+    /// For a sandboxed program: the child is our init (pid 1 of the
+    /// sandbox's PID namespace), which reports the program's exit status
+    /// here and may live on while the program's descendants do.
+    status: Option<AsyncFd<OwnedFd>>,
+    reaped: bool,
 }
 
 impl Child {
@@ -48,8 +53,46 @@ impl Child {
         self.pid
     }
 
-    /// Wait for the child to exit and reap it.
+    /// Whether the child itself has been reaped (its pid may be reused).
+    pub fn is_reaped(&self) -> bool {
+        self.reaped
+    }
+
+    /// Wait for the program to exit: its status. A plain child is reaped
+    /// by this; an init may still run (see [`Child::reap`]).
     pub async fn wait(&mut self) -> io::Result<std::process::ExitStatus> {
+        let Some(status) = &self.status else {
+            return self.reap().await;
+        };
+        loop {
+            tokio::select! {
+                ready = status.readable() => {
+                    let mut guard = ready?;
+                    match read_status(status.get_ref().as_raw_fd()) {
+                        Ok(Some(reported)) => return Ok(reported),
+                        Ok(None) => break,
+                        Err(err) if err.kind() == io::ErrorKind::WouldBlock => guard.clear_ready(),
+                        Err(err) => return Err(err),
+                    }
+                }
+                gone = self.pidfd.readable() => {
+                    let _ = gone?;
+                    break;
+                }
+            }
+        }
+        // The init ended (killed, most likely) or closed its pipe: what it
+        // reported last, else its own status.
+        let own = self.reap().await?;
+        let last = self
+            .status
+            .as_ref()
+            .and_then(|s| read_status(s.get_ref().as_raw_fd()).ok().flatten());
+        Ok(last.unwrap_or(own))
+    }
+
+    /// Wait for the child itself to end, and reap it.
+    pub async fn reap(&mut self) -> io::Result<std::process::ExitStatus> {
         use std::os::unix::process::ExitStatusExt;
         loop {
             let mut status = 0;
@@ -63,11 +106,31 @@ impl Child {
                     }
                     continue;
                 }
-                _ => return Ok(std::process::ExitStatus::from_raw(status)),
+                _ => {
+                    self.reaped = true;
+                    return Ok(std::process::ExitStatus::from_raw(status));
+                }
             }
             // A pidfd becomes readable when its process exits.
             self.pidfd.readable().await?.clear_ready();
         }
+    }
+}
+
+/// One status record of our init: `S` and the program's wait status.
+/// `Ok(None)` at the end of the pipe.
+fn read_status(fd: RawFd) -> io::Result<Option<std::process::ExitStatus>> {
+    use std::os::unix::process::ExitStatusExt;
+    let mut record = [0u8; 5];
+    // SAFETY: reads into a valid buffer.
+    let n = unsafe { libc::read(fd, record.as_mut_ptr().cast(), record.len()) };
+    match n {
+        0 => Ok(None),
+        5 if record[0] == b'S' => Ok(Some(std::process::ExitStatus::from_raw(
+            i32::from_le_bytes([record[1], record[2], record[3], record[4]]),
+        ))),
+        n if n < 0 => Err(io::Error::last_os_error()),
+        _ => Err(io::Error::other("a malformed status record from the init")),
     }
 }
 
@@ -76,6 +139,23 @@ const STACK_BYTES: usize = 256 * 1024;
 
 /// Everything the child uses, laid out before the clone.
 struct Plan<'a> {
+    program: Program,
+    cwd: CString,
+    stdio: [RawFd; 3],
+    controlling_tty: bool,
+    container: ChildSetup,
+    sandbox: Option<&'a Prepared>,
+    /// For a sandboxed program: exec our init instead, as pid 1.
+    init: Option<InitLaunch>,
+    /// The errno of the step that failed; set by the child.
+    errno: AtomicI32,
+    /// The strings the init's pointer arrays point into.
+    _strings: Vec<CString>,
+}
+
+/// A program to exec as `execvp` would, prepared so that the exec itself
+/// makes system calls only.
+pub(super) struct Program {
     /// Paths to try, in order (the `PATH` search done ahead of time).
     programs: Vec<CString>,
     argv: Vec<*const c_char>,
@@ -83,15 +163,170 @@ struct Plan<'a> {
     /// (`ENOEXEC`), as `execvp` does; slot 1 is set to the program tried.
     sh_argv: Vec<Cell<*const c_char>>,
     envp: Vec<*const c_char>,
-    cwd: CString,
-    stdio: [RawFd; 3],
-    controlling_tty: bool,
-    container: ChildSetup,
-    sandbox: Option<&'a Prepared>,
-    /// The errno of the step that failed; set by the child.
-    errno: AtomicI32,
     /// The strings the pointer arrays point into.
     _strings: Vec<CString>,
+}
+
+impl Program {
+    /// `name` looked up in `PATH` of `env` (unless it holds a `/`), run
+    /// with `argv` (`argv[0]` as the program should see it) and `env`.
+    pub(super) fn new<'e>(
+        name: &str,
+        argv: &[impl AsRef<[u8]>],
+        env: impl IntoIterator<Item = (&'e str, &'e str)>,
+    ) -> io::Result<Program> {
+        let mut strings = Vec::new();
+        let mut pointer = |s: CString| {
+            let p = s.as_ptr();
+            strings.push(s);
+            p
+        };
+        let mut args = Vec::with_capacity(argv.len() + 1);
+        for arg in argv {
+            args.push(pointer(c_string(arg)?));
+        }
+        args.push(std::ptr::null());
+        let sh_argv = [pointer(c_string("/bin/sh")?), std::ptr::null()]
+            .into_iter()
+            .chain(args[1..].iter().copied())
+            .map(Cell::new)
+            .collect();
+        let mut envp = Vec::new();
+        let mut path = None;
+        for (key, value) in env {
+            if key == "PATH" {
+                path = Some(value.to_string());
+            }
+            envp.push(pointer(c_string(format!("{key}={value}"))?));
+        }
+        envp.push(std::ptr::null());
+        // The search `execvp` would make with the child's PATH.
+        let programs = if name.contains('/') {
+            vec![c_string(name)?]
+        } else {
+            path.as_deref()
+                .unwrap_or("/bin:/usr/bin")
+                .split(':')
+                .map(|dir| {
+                    let dir = if dir.is_empty() { "." } else { dir };
+                    c_string(format!("{}/{name}", dir.trim_end_matches('/')))
+                })
+                .collect::<io::Result<_>>()?
+        };
+        Ok(Program {
+            programs,
+            argv: args,
+            sh_argv,
+            envp,
+            _strings: strings,
+        })
+    }
+
+    /// Exec it; returns only on failure, with the errno, as `execvp`: go
+    /// on past paths that don't exist, remember that one was not
+    /// permitted, stop at any other failure.
+    ///
+    /// # Safety
+    /// System calls on prepared data only; callable between clone and exec.
+    pub(super) unsafe fn exec(&self) -> c_int {
+        let errno = || {
+            io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO)
+        };
+        let mut result = libc::ENOENT;
+        // SAFETY: execve on prepared, NUL-terminated arrays.
+        unsafe {
+            for program in &self.programs {
+                libc::execve(program.as_ptr(), self.argv.as_ptr(), self.envp.as_ptr());
+                match errno() {
+                    libc::ENOEXEC => {
+                        self.sh_argv[1].set(program.as_ptr());
+                        libc::execve(
+                            self.sh_argv[0].get(),
+                            self.sh_argv.as_ptr().cast(),
+                            self.envp.as_ptr(),
+                        );
+                        return errno();
+                    }
+                    libc::EACCES => result = libc::EACCES,
+                    libc::ENOENT
+                    | libc::ENOTDIR
+                    | libc::ESTALE
+                    | libc::ENODEV
+                    | libc::ETIMEDOUT => {}
+                    other => return other,
+                }
+            }
+        }
+        result
+    }
+}
+
+/// How the child starts our init (this binary's `__init` mode) as pid 1 of
+/// a new PID namespace, with the program to run as its arguments.
+struct InitLaunch {
+    /// This binary, opened once.
+    exe: RawFd,
+    argv: Vec<*const c_char>,
+    envp: [*const c_char; 1],
+    /// What the init finds as fds 3 to 7 (-1: closed); see
+    /// [`super::init`].
+    fds: [RawFd; 5],
+    /// `clone` makes a user namespace too (an unprivileged server).
+    user_namespace: bool,
+    /// Our ends: where the program's exec failure and its exit status
+    /// come back; and their write ends, dropped after the clone.
+    exec_error: OwnedFd,
+    status: OwnedFd,
+    /// The write ends of those pipes, and the environment's file.
+    _write_ends: [OwnedFd; 3],
+}
+
+/// The program's environment as `K=V` records, each ending in NUL, in an
+/// anonymous file for the init to read: in its arguments, every user of
+/// the machine could read it in `ps`.
+fn env_file(env: &BTreeMap<String, String>) -> io::Result<OwnedFd> {
+    // SAFETY: a fresh anonymous file, owned here.
+    let fd = unsafe { libc::memfd_create(c"exec-server-env".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: see above.
+    let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let mut records = Vec::new();
+    for (key, value) in env {
+        records.extend_from_slice(key.as_bytes());
+        records.push(b'=');
+        records.extend_from_slice(value.as_bytes());
+        records.push(0);
+    }
+    use std::io::{Seek, Write};
+    let mut file = file;
+    file.write_all(&records)?;
+    file.rewind()?;
+    Ok(OwnedFd::from(file))
+}
+
+/// This binary, for the child to exec as the sandbox's init.
+fn own_exe() -> io::Result<RawFd> {
+    static EXE: std::sync::OnceLock<Result<OwnedFd, i32>> = std::sync::OnceLock::new();
+    let fd = EXE.get_or_init(|| {
+        // SAFETY: opens a fresh fd, owned by the static.
+        let fd = unsafe { libc::open(c"/proc/self/exe".as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
+        if fd < 0 {
+            Err(io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::ENOENT))
+        } else {
+            // SAFETY: see above.
+            Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+        }
+    });
+    match fd {
+        Ok(fd) => Ok(std::os::fd::AsRawFd::as_raw_fd(fd)),
+        Err(errno) => Err(io::Error::from_raw_os_error(*errno)),
+    }
 }
 
 /// A C string for the child; a NUL inside is `EINVAL`, as `execve` would
@@ -102,8 +337,15 @@ fn c_string(text: impl AsRef<[u8]>) -> io::Result<CString> {
 
 /// Start the program; returns once it has called `execve` (or failed to).
 pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
-    let plan = plan(exec)?;
+    let mut plan = plan(exec)?;
     let stack = Stack::new()?;
+    let mut flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD | libc::SIGCHLD;
+    if let Some(init) = &plan.init {
+        flags |= libc::CLONE_NEWPID;
+        if init.user_namespace {
+            flags |= libc::CLONE_NEWUSER;
+        }
+    }
     let mut pidfd: c_int = -1;
     // SAFETY: signals are blocked around the clone so that no handler of
     // the server runs in the child while it shares the server's memory;
@@ -118,7 +360,7 @@ pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
         let pid = libc::clone(
             child_main,
             stack.top(),
-            libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD | libc::SIGCHLD,
+            flags,
             (&raw const plan).cast_mut().cast::<c_void>(),
             &mut pidfd as *mut c_int,
         );
@@ -140,60 +382,122 @@ pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
         unsafe { libc::waitpid(pid, &mut status, 0) };
         return Err(io::Error::from_raw_os_error(errno));
     }
+    let mut status = None;
+    if let Some(init) = plan.init.take() {
+        let InitLaunch {
+            exec_error,
+            status: status_end,
+            _write_ends,
+            ..
+        } = init;
+        // Only the init and the program hold the write ends now: the
+        // exec-error pipe ends (EOF) when the program has exec'd, or
+        // carries the errno of its failure.
+        drop(_write_ends);
+        let mut errno = [0u8; 4];
+        // SAFETY: a blocking read into a valid buffer.
+        let n = loop {
+            let n = unsafe { libc::read(exec_error.as_raw_fd(), errno.as_mut_ptr().cast(), 4) };
+            if n >= 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+                break n;
+            }
+        };
+        if n == 4 {
+            let mut wait_status = 0;
+            // SAFETY: the init exits once its program has; reap it.
+            unsafe { libc::waitpid(pid, &mut wait_status, 0) };
+            return Err(io::Error::from_raw_os_error(i32::from_le_bytes(errno)));
+        }
+        set_nonblocking(status_end.as_raw_fd())?;
+        // SAFETY: the OwnedFd moves into the AsyncFd.
+        status = Some(unsafe { AsyncFd::register(status_end) }?);
+    }
     // SAFETY: the OwnedFd moves into the AsyncFd, so it stays open for as
     // long as it is registered.
     let pidfd = unsafe { AsyncFd::register(pidfd) }?;
-    Ok(Child { pid, pidfd })
+    Ok(Child {
+        pid,
+        pidfd,
+        status,
+        reaped: false,
+    })
+}
+
+fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: plain fcntl calls on an fd we own.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags == -1 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) == -1 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 fn plan<'a>(exec: &Exec<'a>) -> io::Result<Plan<'a>> {
     let program = &exec.argv[0];
     let mut strings = Vec::new();
-    let mut pointer = |s: CString| {
-        let p = s.as_ptr();
-        strings.push(s);
-        p
-    };
-    let mut argv = Vec::with_capacity(exec.argv.len() + 1);
-    argv.push(pointer(c_string(exec.arg0.unwrap_or(program))?));
-    for arg in &exec.argv[1..] {
-        argv.push(pointer(c_string(arg)?));
-    }
-    argv.push(std::ptr::null());
-    let sh_argv = [pointer(c_string("/bin/sh")?), std::ptr::null()]
-        .into_iter()
-        .chain(argv[1..].iter().copied())
-        .map(Cell::new)
+    let argv: Vec<&str> = std::iter::once(exec.arg0.unwrap_or(program))
+        .chain(exec.argv[1..].iter().map(String::as_str))
         .collect();
-    let mut envp = Vec::with_capacity(exec.env.len() + 1);
-    for (key, value) in exec.env {
-        envp.push(pointer(c_string(format!("{key}={value}"))?));
-    }
-    envp.push(std::ptr::null());
-    // The search `execvp` would make with the child's PATH.
-    let programs = if program.contains('/') {
-        vec![c_string(program)?]
-    } else {
-        let path = exec.env.get("PATH").map_or("/bin:/usr/bin", String::as_str);
-        path.split(':')
-            .map(|dir| {
-                let dir = if dir.is_empty() { "." } else { dir };
-                c_string(format!("{}/{program}", dir.trim_end_matches('/')))
-            })
-            .collect::<io::Result<_>>()?
-    };
+    let env = exec.env.iter().map(|(k, v)| (k.as_str(), v.as_str()));
     use std::os::unix::ffi::OsStrExt;
     let cwd = c_string(exec.cwd.as_os_str().as_bytes())?;
+    let init = match exec.sandbox {
+        Some(sandbox) => {
+            // The init's arguments: its mode, flags, the program to look
+            // for, the program's argv (as it should see it), then its
+            // environment: the init itself runs with none, so that nothing
+            // of the command's (LD_PRELOAD, ...) runs before confinement.
+            let (ruleset, listener, network_restricted) = sandbox.for_init();
+            let mut args = vec![
+                c_string("exec-server-init")?,
+                c_string(super::init::ARG)?,
+                c_string(super::init::flags(
+                    network_restricted,
+                    exec.controlling_tty,
+                    listener.is_some(),
+                ))?,
+                c_string(program)?,
+                c_string(exec.argv.len().to_string())?,
+                c_string(exec.arg0.unwrap_or(program))?,
+            ];
+            for arg in &exec.argv[1..] {
+                args.push(c_string(arg)?);
+            }
+            let mut argv: Vec<*const c_char> = args.iter().map(|a| a.as_ptr()).collect();
+            argv.push(std::ptr::null());
+            strings.extend(args);
+            let (exec_error, exec_error_w) = pipe()?;
+            let (status, status_w) = pipe()?;
+            let env_file = env_file(exec.env)?;
+            Some(InitLaunch {
+                exe: own_exe()?,
+                argv,
+                envp: [std::ptr::null()],
+                fds: [
+                    ruleset,
+                    listener.unwrap_or(-1),
+                    exec_error_w.as_raw_fd(),
+                    status_w.as_raw_fd(),
+                    env_file.as_raw_fd(),
+                ],
+                user_namespace: crate::sandbox::needs_user_namespace(),
+                exec_error,
+                status,
+                _write_ends: [exec_error_w, status_w, env_file],
+            })
+        }
+        None => None,
+    };
     Ok(Plan {
-        programs,
-        argv,
-        sh_argv,
-        envp,
+        program: Program::new(program, &argv, env)?,
         cwd,
         stdio: exec.stdio,
         controlling_tty: exec.controlling_tty,
         container: exec.container,
         sandbox: exec.sandbox,
+        init,
         errno: AtomicI32::new(0),
         _strings: strings,
     })
@@ -265,7 +569,11 @@ impl Plan<'_> {
             if libc::setsid() == -1 {
                 return errno();
             }
-            if self.controlling_tty && libc::ioctl(0, libc::TIOCSCTTY, 0) == -1 {
+            // Under our init, the program takes the terminal, not the init.
+            if self.controlling_tty
+                && self.init.is_none()
+                && libc::ioctl(0, libc::TIOCSCTTY, 0) == -1
+            {
                 return errno();
             }
             if libc::chdir(self.cwd.as_ptr()) == -1 {
@@ -283,10 +591,18 @@ impl Plan<'_> {
             {
                 return errno();
             }
-            if let Some(fd) = self.container.watchdog {
+            // Pid 1 of a new PID namespace has no pid of its own to give
+            // the watchdog; the server registers it.
+            if let (Some(fd), None) = (self.container.watchdog, &self.init) {
                 if let Err(err) = super::watchdog::register_self(fd) {
                     return err.raw_os_error().unwrap_or(libc::EPIPE);
                 }
+            }
+            if let (Some(sandbox), Some(init)) = (self.sandbox, &self.init) {
+                if let Err(err) = sandbox.enter_namespaces(init.user_namespace) {
+                    return err.raw_os_error().unwrap_or(libc::EPERM);
+                }
+                return init.exec();
             }
             if let Some(sandbox) = self.sandbox {
                 if let Err(err) = sandbox.enter() {
@@ -299,31 +615,66 @@ impl Plan<'_> {
             let mut none: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut none);
             libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-            // As execvp: go on past paths that don't exist, remember that
-            // one was not permitted, stop at any other failure.
-            let mut result = libc::ENOENT;
-            for program in &self.programs {
-                libc::execve(program.as_ptr(), self.argv.as_ptr(), self.envp.as_ptr());
-                match errno() {
-                    libc::ENOEXEC => {
-                        self.sh_argv[1].set(program.as_ptr());
-                        libc::execve(
-                            self.sh_argv[0].get(),
-                            self.sh_argv.as_ptr().cast(),
-                            self.envp.as_ptr(),
-                        );
+            self.program.exec()
+        }
+    }
+}
+
+impl InitLaunch {
+    /// In the child: put the init's fds in place (3 to 7), everything else
+    /// close-on-exec, and exec the init with default signal handling.
+    /// Returns only on failure, with the errno.
+    ///
+    /// # Safety
+    /// Only in the child of `spawn`: system calls on prepared data.
+    unsafe fn exec(&self) -> c_int {
+        let errno = || {
+            io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO)
+        };
+        // SAFETY: plain system calls on prepared data.
+        unsafe {
+            // Out of the way first, so that no source is overwritten by
+            // another's target.
+            let mut high = [-1; 5];
+            for (i, &fd) in self.fds.iter().enumerate() {
+                if fd >= 0 {
+                    high[i] = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 16);
+                    if high[i] < 0 {
                         return errno();
                     }
-                    libc::EACCES => result = libc::EACCES,
-                    libc::ENOENT
-                    | libc::ENOTDIR
-                    | libc::ESTALE
-                    | libc::ENODEV
-                    | libc::ETIMEDOUT => {}
-                    other => return other,
                 }
             }
-            result
+            for (i, &fd) in high.iter().enumerate() {
+                let target = 3 + i as c_int;
+                if fd < 0 {
+                    libc::close(target);
+                } else if libc::dup2(fd, target) < 0 {
+                    return errno();
+                }
+            }
+            if libc::syscall(
+                libc::SYS_close_range,
+                8u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            ) == -1
+            {
+                return errno();
+            }
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+            libc::syscall(
+                libc::SYS_execveat,
+                self.exe,
+                c"".as_ptr(),
+                self.argv.as_ptr(),
+                self.envp.as_ptr(),
+                libc::AT_EMPTY_PATH,
+            );
+            errno()
         }
     }
 }

@@ -24,6 +24,7 @@ use crate::transport::Outbound;
 
 pub mod container;
 pub mod exec;
+pub mod init;
 pub mod output;
 pub mod spawn;
 pub mod watchdog;
@@ -794,10 +795,25 @@ async fn feed_stdin(
 /// been closed for the retention period.
 async fn reap(table: Arc<ProcessTable>, process: Arc<Process>, mut child: exec::Child) {
     let status = child.wait().await;
-    process.lock().reaped = true;
-    table
-        .containment
-        .leader_reaped(&process.container, process.pid);
+    if child.is_reaped() {
+        process.lock().reaped = true;
+        table
+            .containment
+            .leader_reaped(&process.container, process.pid);
+    } else {
+        // A sandbox's init lives on while what the program left does.
+        let table = table.clone();
+        let process = process.clone();
+        tokio::spawn(async move {
+            if let Err(err) = child.reap().await {
+                tracing::warn!(id = %process.id, "waiting for the sandbox's init failed: {err}");
+            }
+            process.lock().reaped = true;
+            table
+                .containment
+                .leader_reaped(&process.container, process.pid);
+        });
+    }
     // Let the pumps take what the child wrote before it exited.
     let drained = async {
         loop {

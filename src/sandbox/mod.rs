@@ -11,7 +11,7 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -49,7 +49,7 @@ pub struct Prepared {
     /// Filesystem rules when the policy restricts the filesystem, and
     /// always the scopes: no abstract Unix socket or signal outside.
     ruleset: landlock::Ruleset,
-    mounts: Option<MountPlan>,
+    mounts: MountPlan,
     filter: seccomp::Filter,
     /// Child's and server's ends of the socket the filter's listener
     /// comes back through.
@@ -67,7 +67,7 @@ pub struct Prepared {
 pub fn prepare(rules: &Rules, notify: bool, cwd: Option<&Path>) -> Result<Prepared> {
     let unavailable = |why: String| Error::SandboxUnavailable(why);
     let set = landlock::Ruleset::new(rules.fs.is_some()).map_err(|e| unavailable(e.to_string()))?;
-    let mut mounts = None;
+    let mut plan = MountPlan::open(cwd)?;
     if let Some(fs) = &rules.fs {
         let read = landlock::EXECUTE | landlock::READ_FILE | landlock::READ_DIR;
         let device =
@@ -86,18 +86,17 @@ pub fn prepare(rules: &Rules, notify: bool, cwd: Option<&Path>) -> Result<Prepar
                 ))
             })?;
         }
-        let plan = MountPlan::new(fs, cwd)?;
-        let host = host();
-        if host.mount_namespace {
-            mounts = Some(plan);
-        } else if let Some(target) = plan.needs_namespace() {
-            return Err(unavailable(format!(
-                "a private mount namespace is needed for {target} and this host refuses one ({})",
-                host.mount_namespace_why
-            )));
-        }
+        plan = MountPlan::new(fs, cwd)?;
     }
-    let notify = notify && host().seccomp_listener;
+    let host = host();
+    if !host.mount_namespace {
+        return Err(unavailable(format!(
+            "private mount and PID namespaces are needed ({}) and this host refuses them ({})",
+            plan.needs_namespace(),
+            host.mount_namespace_why
+        )));
+    }
+    let notify = notify && host.seccomp_listener;
     let listener_channel = if notify {
         Some(socket_pair().map_err(|e| Error::io("failed to create a socket pair", &e))?)
     } else {
@@ -105,7 +104,7 @@ pub fn prepare(rules: &Rules, notify: bool, cwd: Option<&Path>) -> Result<Prepar
     };
     Ok(Prepared {
         ruleset: set,
-        mounts,
+        mounts: plan,
         filter: seccomp::build(rules.network_restricted, notify),
         listener_channel,
         terminal: std::sync::OnceLock::new(),
@@ -119,22 +118,35 @@ impl Prepared {
     /// calls on data prepared by the server), or the single-threaded fs
     /// helper confining itself.
     pub fn enter(&self) -> io::Result<()> {
-        if let Some(mounts) = &self.mounts {
-            mounts.apply(self.terminal.get().map(CString::as_c_str))?;
-        }
-        drop_capabilities();
-        // SAFETY: plain prctl.
-        if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        landlock::restrict_self(self.ruleset.raw_fd())?;
-        let listener = self.filter.install()?;
-        if let (Some(fd), Some((child_end, _))) = (listener, &self.listener_channel) {
-            send_fd(child_end.as_raw_fd(), fd)?;
-            // SAFETY: our own copy; the server holds the one it received.
-            unsafe { libc::close(fd) };
-        }
-        Ok(())
+        self.mounts
+            .apply(self.terminal.get().map(CString::as_c_str), None)?;
+        confine(
+            self.ruleset.raw_fd(),
+            &self.filter,
+            self.listener_channel.as_ref().map(|(c, _)| c.as_raw_fd()),
+        )
+    }
+
+    /// The namespace half of [`Prepared::enter`], for a child that is pid 1
+    /// of a new PID namespace (made by `clone`, with a new user namespace
+    /// when `user_namespace_made`): the mounts, and a `/proc` of that PID
+    /// namespace. The init it execs then confines itself ([`confine`]).
+    pub fn enter_namespaces(&self, user_namespace_made: bool) -> io::Result<()> {
+        self.mounts.apply(
+            self.terminal.get().map(CString::as_c_str),
+            Some(user_namespace_made),
+        )
+    }
+
+    /// What the init needs to confine itself: the Landlock ruleset, the
+    /// child's end of the listener channel (when listening), and whether
+    /// the network is restricted.
+    pub fn for_init(&self) -> (RawFd, Option<RawFd>, bool) {
+        (
+            self.ruleset.raw_fd(),
+            self.listener_channel.as_ref().map(|(c, _)| c.as_raw_fd()),
+            self.network_restricted,
+        )
     }
 
     /// The process runs under the pty whose slave is `path`: that terminal,
@@ -149,6 +161,30 @@ impl Prepared {
         let (_, server_end) = self.listener_channel.as_ref()?;
         recv_fd(server_end.as_raw_fd())
     }
+}
+
+/// Confine the calling process for good: no capabilities, no new
+/// privileges, the Landlock ruleset, the seccomp filter (its listener sent
+/// over `listener_socket` when there is one). Only system calls: callable
+/// between clone and exec.
+pub fn confine(
+    ruleset: RawFd,
+    filter: &seccomp::Filter,
+    listener_socket: Option<RawFd>,
+) -> io::Result<()> {
+    drop_capabilities();
+    // SAFETY: plain prctl.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    landlock::restrict_self(ruleset)?;
+    let listener = filter.install()?;
+    if let (Some(fd), Some(socket)) = (listener, listener_socket) {
+        send_fd(socket, fd)?;
+        // SAFETY: our own copy; the server holds the one it received.
+        unsafe { libc::close(fd) };
+    }
+    Ok(())
 }
 
 /// Remove every capability from the bounding, ambient, effective,
@@ -240,10 +276,25 @@ struct MountPlan {
     /// Cover `/dev/pts` with an empty tmpfs (where the process's own
     /// terminal is bound), so no other terminal can be read or written.
     hide_terminals: bool,
+    /// Make the whole tree read-only first (the filesystem is restricted).
+    read_only_root: bool,
     cwd: Option<CString>,
 }
 
 impl MountPlan {
+    /// The plan of a policy that leaves the filesystem open: namespaces
+    /// (and a `/proc` of the new PID namespace) but no mounts.
+    fn open(cwd: Option<&Path>) -> Result<MountPlan> {
+        Ok(MountPlan {
+            user_maps: user_maps(),
+            ops: Vec::new(),
+            file_masks: Vec::new(),
+            hide_terminals: false,
+            read_only_root: false,
+            cwd: cwd.map(cstring).transpose()?,
+        })
+    }
+
     fn new(
         fs: &std::collections::BTreeMap<PathBuf, Grant>,
         cwd: Option<&Path>,
@@ -315,14 +366,6 @@ impl MountPlan {
                 kind,
             });
         }
-        // SAFETY: getters without failure modes.
-        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
-        let user_maps = (uid != 0).then(|| {
-            (
-                format!("{uid} {uid} 1\n").into_bytes(),
-                format!("{gid} {gid} 1\n").into_bytes(),
-            )
-        });
         for pin in pins {
             writable.push(MountOp {
                 target: cstring(&pin)?,
@@ -331,30 +374,42 @@ impl MountPlan {
         }
         writable.extend(exceptions.into_iter().rev());
         Ok(MountPlan {
-            user_maps,
+            user_maps: user_maps(),
             ops: writable,
             file_masks: (0..file_masks)
                 .map(|_| std::sync::atomic::AtomicI32::new(-1))
                 .collect(),
             hide_terminals: Path::new(PTS).is_dir(),
+            read_only_root: true,
             cwd: cwd.map(cstring).transpose()?,
         })
     }
 
-    /// What Landlock alone can't stand in for, if anything: a target.
-    fn needs_namespace(&self) -> Option<String> {
+    /// What the namespaces are needed for, to say when they are refused.
+    fn needs_namespace(&self) -> String {
+        let mut why = vec!["the server's pid hidden".to_string()];
         if self.hide_terminals {
-            return Some(format!("{PTS} (other terminals)"));
+            why.push(format!("{PTS} (other terminals)"));
         }
-        self.ops
-            .iter()
-            .find(|op| !matches!(op.kind, MountKind::Writable { .. } | MountKind::Pin))
-            .map(|op| op.target.to_string_lossy().into_owned())
+        why.extend(
+            self.ops
+                .iter()
+                .filter(|op| !matches!(op.kind, MountKind::Writable { .. } | MountKind::Pin))
+                .map(|op| op.target.to_string_lossy().into_owned()),
+        );
+        why.join(", ")
     }
 
     /// In the child: a private mount namespace (owned by a new user
     /// namespace when unprivileged) with the plan's mounts.
-    fn apply(&self, terminal: Option<&std::ffi::CStr>) -> io::Result<()> {
+    /// `pid_namespace`: `Some(user_namespace_made)` when this process is
+    /// pid 1 of a new PID namespace (whose user namespace `clone` already
+    /// made, unprivileged); then `/proc` is mounted anew for it.
+    fn apply(
+        &self,
+        terminal: Option<&std::ffi::CStr>,
+        pid_namespace: Option<bool>,
+    ) -> io::Result<()> {
         let check = |rc: libc::c_int| {
             if rc != 0 {
                 Err(io::Error::last_os_error())
@@ -367,10 +422,13 @@ impl MountPlan {
         unsafe {
             match &self.user_maps {
                 Some((uid_map, gid_map)) => {
-                    check(libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNS))?;
+                    if pid_namespace != Some(true) {
+                        check(libc::unshare(libc::CLONE_NEWUSER))?;
+                    }
                     write_file(c"/proc/self/setgroups", b"deny")?;
                     write_file(c"/proc/self/uid_map", uid_map)?;
                     write_file(c"/proc/self/gid_map", gid_map)?;
+                    check(libc::unshare(libc::CLONE_NEWNS))?;
                 }
                 None => check(libc::unshare(libc::CLONE_NEWNS))?,
             }
@@ -382,7 +440,23 @@ impl MountPlan {
                 std::ptr::null(),
             ))?;
             self.clone_file_masks()?;
-            check(set_read_only(c"/", true, true))?;
+            if self.read_only_root {
+                check(set_read_only(c"/", true, true))?;
+            }
+            if pid_namespace.is_some() {
+                // The PID namespace's own /proc: only its processes, none
+                // of the server's.
+                check(libc::mount(
+                    c"proc".as_ptr(),
+                    c"/proc".as_ptr(),
+                    c"proc".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    std::ptr::null(),
+                ))?;
+                if self.read_only_root {
+                    check(set_read_only(c"/proc", true, false))?;
+                }
+            }
             for op in &self.ops {
                 let target = op.target.as_c_str();
                 match &op.kind {
@@ -461,6 +535,24 @@ impl MountPlan {
 
 /// Where terminals live.
 const PTS: &str = "/dev/pts";
+
+/// `Some((uid_map, gid_map))` when an unprivileged server needs a user
+/// namespace to own the sandbox's other namespaces.
+fn user_maps() -> Option<(Vec<u8>, Vec<u8>)> {
+    // SAFETY: getters without failure modes.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    (uid != 0).then(|| {
+        (
+            format!("{uid} {uid} 1\n").into_bytes(),
+            format!("{gid} {gid} 1\n").into_bytes(),
+        )
+    })
+}
+
+/// Whether the sandbox runs in a user namespace of its own.
+pub fn needs_user_namespace() -> bool {
+    user_maps().is_some()
+}
 
 /// Where the child mounts, for an instant, the tmpfs its file masks come
 /// from; what was there shows again once it is detached.
@@ -727,9 +819,9 @@ pub fn host() -> &'static Host {
         // SAFETY: getter without failure modes.
         let uid = unsafe { libc::geteuid() };
         let flags = if uid == 0 {
-            libc::CLONE_NEWNS
+            libc::CLONE_NEWNS | libc::CLONE_NEWPID
         } else {
-            libc::CLONE_NEWUSER | libc::CLONE_NEWNS
+            libc::CLONE_NEWUSER | libc::CLONE_NEWNS | libc::CLONE_NEWPID
         };
         let (mount_namespace, mount_namespace_why) = match probe_in_child(|| {
             // SAFETY: system calls in a throwaway child.
@@ -749,7 +841,7 @@ pub fn host() -> &'static Host {
             Ok(false) => (
                 false,
                 if uid == 0 {
-                    "a private, read-only mount tree could not be made".into()
+                    "a private, read-only mount tree and a PID namespace could not be made".into()
                 } else {
                     "unprivileged user namespaces are disabled or restricted".into()
                 },
@@ -880,15 +972,14 @@ pub fn describe_host() -> (bool, String) {
         }
     ));
     text.push_str(&format!(
-        "mount namespace: {}\n",
+        "namespaces: {}\n",
         if host.mount_namespace {
-            "available (read-only tree outside writable places, deny masks, read-only .git)"
+            "available (a PID namespace with its own /proc and init; a private mount tree: \
+             read-only outside writable places, deny masks, read-only .git, only the own terminal)"
                 .to_string()
         } else {
             format!(
-                "unavailable: {} (policies with deny or read-only exceptions are refused; \
-                 others run under Landlock alone, without protection against chmod/chown \
-                 outside writable places)",
+                "unavailable: {} (every sandbox is refused)",
                 host.mount_namespace_why
             )
         }
@@ -901,5 +992,5 @@ pub fn describe_host() -> (bool, String) {
             "unavailable (denials are judged from output only)"
         }
     ));
-    (landlock, text)
+    (landlock && host.mount_namespace, text)
 }

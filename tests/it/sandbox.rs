@@ -69,6 +69,15 @@ impl Fixture {
         })
     }
 
+    /// The environment with `extra` members added.
+    fn env_with(&self, extra: &Value) -> Value {
+        let mut env = self.env();
+        for (k, v) in extra.as_object().unwrap() {
+            env[k] = v.clone();
+        }
+        env
+    }
+
     /// Nothing reached the listeners.
     fn network_untouched(&self) -> bool {
         let mut buf = [0u8; 64];
@@ -809,4 +818,125 @@ fn deny_masks_can_not_be_replaced_from_a_writable_temp_directory() {
     for d in ["dir", "file", "mask"] {
         let _ = std::fs::remove_file(Path::new("/tmp").join(d));
     }
+}
+
+/// The watchdog of a server started by the test: its child named
+/// `exec-watchdog`.
+fn watchdog_of(server: u32) -> i32 {
+    std::fs::read_dir(format!("/proc/{server}/task"))
+        .unwrap()
+        .flatten()
+        .flat_map(|t| {
+            std::fs::read_to_string(t.path().join("children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(|p| p.parse::<i32>().unwrap())
+                .collect::<Vec<_>>()
+        })
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm"))
+                .is_ok_and(|c| c.trim() == "exec-watchdog")
+        })
+        .expect("the server has a watchdog")
+}
+
+/// What a sandboxed process could change of another: its limits, its
+/// nice value and scheduling, its CPU affinity.
+fn reachable_state(pid: i32) -> (String, String, String) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<String> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let affinity = status
+        .lines()
+        .find(|l| l.starts_with("Cpus_allowed_list"))
+        .unwrap()
+        .to_string();
+    (
+        std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap(),
+        // priority, nice, policy
+        format!("{} {} {}", fields[15], fields[16], fields[38]),
+        affinity,
+    )
+}
+
+/// Nothing sandboxed can name the server or its watchdog: no resource
+/// limit, priority, affinity, signal or ptrace reaches them, and `/proc`
+/// shows only the sandbox's own processes.
+#[test]
+fn the_server_and_its_watchdog_are_out_of_reach() {
+    let f = Fixture::new();
+    let mut s = Server::started(&[]);
+    let server = s.child.id() as i32;
+    let watchdog = watchdog_of(s.child.id());
+    let before = [reachable_state(server), reachable_state(watchdog)];
+    let mut env = f.env();
+    env["TARGETS"] = json!(format!("{server} {watchdog}"));
+    let script = "exec python3 -c \"
+import ctypes, os, resource, signal
+libc = ctypes.CDLL(None, use_errno=True)
+targets = [int(t) for t in os.environ['TARGETS'].split()]
+reached = []
+for pid in targets:
+    for name, attempt in [
+        ('prlimit', lambda: resource.prlimit(pid, resource.RLIMIT_NOFILE, (6, 6))),
+        ('cpu', lambda: resource.prlimit(pid, resource.RLIMIT_CPU, (1, 1))),
+        ('nice', lambda: os.setpriority(os.PRIO_PROCESS, pid, 19)),
+        ('affinity', lambda: os.sched_setaffinity(pid, {0})),
+        ('sched', lambda: os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))),
+        ('signal', lambda: os.kill(pid, signal.SIGSTOP)),
+        ('ptrace', lambda: libc.ptrace(16, pid, 0, 0) == 0 or (_ for _ in ()).throw(OSError(ctypes.get_errno(), 'ptrace'))),
+        ('proc', lambda: open('/proc/%d/status' % pid).read()),
+    ]:
+        try:
+            attempt()
+            reached.append('%s %d' % (name, pid))
+        except OSError as e:
+            pass
+print('pids:', sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))
+print('reached:', reached)
+\"";
+    for tty in [false, true] {
+        let ended = run(&mut s, script, &f.ws, f.policy(), f.env_with(&env), tty);
+        assert!(ended.output.contains("reached: []"), "{ended:?}");
+        // Only the sandbox's own processes: its init and python.
+        let pids = ended
+            .output
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("pids: "))
+            .unwrap_or_else(|| panic!("{ended:?}"))
+            .to_string();
+        let count = pids.matches(',').count() + 1;
+        assert_eq!(count, 2, "{pids}");
+        assert!(!pids.contains(&server.to_string()), "{pids}");
+    }
+    assert_eq!(before, [reachable_state(server), reachable_state(watchdog)]);
+    // The server still starts processes.
+    s.call("process/list", json!({}));
+}
+
+/// Signals reach a sandboxed program through its init, and its exit
+/// status (a signal's too) comes back as it would unsandboxed.
+#[test]
+fn signals_and_exit_status_of_a_sandboxed_program() {
+    let f = Fixture::new();
+    let mut s = Server::started(&[]);
+    for (signal, code) in [("terminate", 143), ("interrupt", 130), ("hangup", 129)] {
+        let id = format!("sig-{signal}");
+        s.call(
+            "process/start",
+            json!({"processId": id, "argv": ["sleep", "30"], "cwd": f.ws.to_str().unwrap(),
+                   "env": f.env(), "sandbox": f.policy()}),
+        );
+        s.call("process/signal", json!({"processId": id, "signal": signal}));
+        let (_, exit) = s.collect(&id);
+        assert_eq!(exit, Some(code), "{signal}");
+    }
+    let ended = run(&mut s, "exit 7", &f.ws, f.policy(), f.env(), false);
+    assert_eq!(ended.exit_code, 7);
 }
