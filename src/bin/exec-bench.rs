@@ -39,6 +39,7 @@ struct Args {
 enum Case {
     ColdStart,
     RoundTrip,
+    SandboxedRoundTrip,
     Throughput,
     FanOut,
     Interference,
@@ -188,7 +189,13 @@ fn proc_kib(pid: i32, field: &str) -> Option<f64> {
 
 /// Run a process through `client` until it is closed; payload bytes seen.
 async fn drain(client: &Client, id: String, argv: Vec<String>) -> Result<u64, BoxError> {
-    let mut process = client.start(StartOptions::new(id, argv).cwd("/")).await?;
+    drain_with(client, StartOptions::new(id, argv).cwd("/")).await
+}
+
+/// Run a process started with `options` until it is closed; payload
+/// bytes seen.
+async fn drain_with(client: &Client, options: StartOptions) -> Result<u64, BoxError> {
+    let mut process = client.start(options).await?;
     let mut bytes = 0u64;
     while let Some(event) = process.next_event().await? {
         match event {
@@ -280,6 +287,44 @@ async fn round_trip(args: &Args, plan: &Plan) -> Result<Row, BoxError> {
         server,
         Some(baseline),
         "baseline: tokio::process spawn and reap `true`".into(),
+    ))
+}
+
+/// The cost of the sandbox (namespaces, mounts, the init, Landlock,
+/// seccomp) on a start: `true` under the workspace-write preset against
+/// `true` without a sandbox, both through the same server.
+async fn sandboxed_round_trip(args: &Args, plan: &Plan) -> Result<Row, BoxError> {
+    let client = Client::new(server_command(args, &[])?);
+    client.session_id().await?;
+    let cwd = std::env::temp_dir();
+    let intent = exec_server::client::run::sandbox_intent(
+        exec_server::client::run::SandboxMode::WorkspaceWrite,
+        false,
+        std::slice::from_ref(&cwd),
+    );
+    let mut server = Vec::new();
+    let mut baseline = Vec::new();
+    for i in 0..plan.round_trips {
+        let t = Instant::now();
+        drain_with(
+            &client,
+            StartOptions::new(format!("sb{i}"), ["true"])
+                .cwd(&cwd)
+                .sandbox(intent.clone()),
+        )
+        .await?;
+        server.push(ms(t.elapsed()));
+        let t = Instant::now();
+        drain(&client, format!("plain{i}"), vec!["true".into()]).await?;
+        baseline.push(ms(t.elapsed()));
+    }
+    client.shutdown().await;
+    Ok(row(
+        "sandboxed round trip (workspace-write `true`)",
+        "ms",
+        server,
+        Some(baseline),
+        "baseline: the same start without a sandbox".into(),
     ))
 }
 
@@ -589,6 +634,7 @@ async fn run(args: &Args) -> Result<(), BoxError> {
         match case {
             Case::ColdStart => rows.push(cold_start(args, &plan).await?),
             Case::RoundTrip => rows.push(round_trip(args, &plan).await?),
+            Case::SandboxedRoundTrip => rows.push(sandboxed_round_trip(args, &plan).await?),
             Case::Throughput => rows.extend(throughput(args, &plan).await?),
             Case::FanOut => rows.push(fan_out(args, &plan).await?),
             Case::Interference => rows.push(interference(args, &plan).await?),
