@@ -243,6 +243,17 @@ mod tests {
     }
 
     #[test]
+    fn kernel_refusals_of_a_filesystem_method_are_permission_denied() {
+        for errno in [libc::EACCES, libc::EPERM, libc::EROFS, libc::EXDEV] {
+            let err = fs_error(
+                "failed to rename /a to /b",
+                &io::Error::from_raw_os_error(errno),
+            );
+            assert_eq!(err.kind(), "permissionDenied", "errno {errno}");
+        }
+    }
+
+    #[test]
     fn io_text_is_lower_case_without_os_error_suffix() {
         let err = io::Error::from_raw_os_error(libc::ENOENT);
         assert_eq!(lower_io(&err), "no such file or directory");

@@ -136,6 +136,35 @@ impl Containment {
         &self.mode
     }
 
+    /// Wait until the watchdog dies, then say so at once (starts are
+    /// refused from then on; see [`Containment::check`]). Never returns
+    /// while it lives.
+    pub async fn watch_watchdog(&self) {
+        let Some(watchdog) = &self.watchdog else {
+            return;
+        };
+        // SAFETY: a pidfd of our own child, owned here.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, watchdog.pid(), 0) };
+        if fd < 0 {
+            return;
+        }
+        // SAFETY: see above.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        // SAFETY: the OwnedFd moves into the AsyncFd.
+        let Ok(fd) = (unsafe { tokio::io::unix::AsyncFd::register(fd) }) else {
+            return;
+        };
+        loop {
+            let Ok(mut ready) = fd.readable().await else {
+                return;
+            };
+            if !watchdog.alive() {
+                return;
+            }
+            ready.clear_ready();
+        }
+    }
+
     /// Why no process can be started safely, if so: the watchdog died.
     pub fn check(&self) -> Result<(), String> {
         match &self.watchdog {

@@ -83,7 +83,10 @@ impl Watchdog {
         let mut status = 0;
         // SAFETY: waits for our own child without blocking.
         if unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG) } == self.pid {
-            tracing::error!("the watchdog died; no new process will be started");
+            tracing::error!(
+                "the watchdog died: nothing would kill this server's processes if it died; \
+                 no new process will be started (restart the server)"
+            );
             self.dead.store(true, Ordering::Relaxed);
             container::forget(self.pid);
             return false;

@@ -96,6 +96,8 @@ pub fn run_stdio(config: Config) -> std::io::Result<()> {
         .build()?;
     runtime.block_on(async move {
         tokio::spawn(reap_orphans(containment.clone()));
+        let watched = containment.clone();
+        tokio::spawn(async move { watched.watch_watchdog().await });
         let server = Server::new(config, containment);
         let io = stdio::start(server.config.max_message_bytes);
         let serve = connection::serve(server.clone(), io.transport);
