@@ -25,11 +25,40 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run one command through a server (started lazily) and exit with its code.
+    #[command(after_help = RUN_HELP)]
     Run(RunArgs),
     /// Print what this host's kernel lets the sandbox enforce and how
     /// processes are contained; exits 1 when every sandbox would be refused.
     SandboxCheck,
 }
+
+/// What `exec-server run --help` adds after the flags.
+const RUN_HELP: &str = "\
+Exit status:
+  the command's own; 128+N when it died of signal N
+  125  the runner failed: the server did not start, the connection was lost,
+       the request or the working directory was refused
+  126  the program exists but can't be executed
+  127  the program was not found
+  141  our output was closed (e.g. `| head`): the command is terminated
+  255  the session was ended with the escape sequence (~.)
+
+Environment:
+  The command inherits the server's environment (here: this one) except
+  variables whose names look secret (*TOKEN*, *KEY*, *SECRET*, *PASSWORD*,
+  ...): pass those with --env-pass NAME or --env NAME=VALUE. With a pty,
+  TERM, LANG and LC_* are passed too.
+  EXEC_SERVER_LOG (or RUST_LOG) filters the log on stderr, e.g.
+  EXEC_SERVER_LOG=debug shows every request and process.
+
+Sandbox presets:
+  read-only        read everything, write nothing
+  workspace-write  read everything; write the workspace roots (--workspace-root,
+                   default: --cwd or here), $TMPDIR and /tmp
+  Without --network, no network either.
+
+Escapes (with --tty, after a newline):
+  ~.  end the session (the command is terminated)   ~~  send one ~";
 
 #[derive(Debug, Args)]
 struct RunArgs {
@@ -38,12 +67,17 @@ struct RunArgs {
     #[arg(long, value_name = "CMD")]
     via: Option<String>,
 
-    /// Run under a pseudo-terminal (the local terminal goes raw).
-    #[arg(long)]
-    tty: bool,
+    /// Run under a pseudo-terminal when stdin is a terminal (the local
+    /// terminal goes raw); twice to force one.
+    #[arg(short = 't', long, action = clap::ArgAction::Count)]
+    tty: u8,
 
-    /// Working directory on the server (default: here, or the server's own
-    /// directory with --via).
+    /// The escape character of a --tty session, or `none`.
+    #[arg(long, value_name = "CHAR", default_value = "~", value_parser = parse_escape)]
+    escape_char: Escape,
+
+    /// Working directory (default: here, or the server's own directory
+    /// with --via; relative to here without --via).
     #[arg(long, value_name = "DIR")]
     cwd: Option<PathBuf>,
 
@@ -51,27 +85,51 @@ struct RunArgs {
     #[arg(long = "env", value_name = "K=V", value_parser = parse_env)]
     env: Vec<(String, String)>,
 
+    /// Pass this variable from here even if its name looks secret
+    /// (repeatable).
+    #[arg(long = "env-pass", value_name = "NAME")]
+    env_pass: Vec<String>,
+
     /// Run inside the server's sandbox.
     #[arg(long, value_enum)]
     sandbox: Option<SandboxArg>,
 
     /// Allow network access inside the sandbox.
-    #[arg(long)]
+    #[arg(long, requires = "sandbox")]
     network: bool,
 
     /// A root `:workspace_roots` binds to (repeatable).
     #[arg(long = "workspace-root", value_name = "DIR")]
     workspace_roots: Vec<PathBuf>,
 
-    /// The command and its arguments, after `--`.
-    #[arg(last = true, required = true, value_name = "PROGRAM ARGS")]
+    /// The command and its arguments (after `--` when they start with `-`).
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "PROGRAM ARGS"
+    )]
     argv: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum SandboxArg {
+    /// Read everything, write nothing.
     ReadOnly,
+    /// Read everything; write the workspace roots, $TMPDIR and /tmp.
     WorkspaceWrite,
+}
+
+/// `--escape-char`: one ASCII character, or none.
+#[derive(Debug, Clone, Copy)]
+struct Escape(Option<u8>);
+
+fn parse_escape(text: &str) -> Result<Escape, String> {
+    match text.as_bytes() {
+        b"none" => Ok(Escape(None)),
+        [c] if c.is_ascii() => Ok(Escape(Some(*c))),
+        _ => Err(format!("expected one character or `none`, got {text}")),
+    }
 }
 
 fn parse_env(text: &str) -> Result<(String, String), String> {
@@ -154,8 +212,10 @@ fn main() -> ExitCode {
         let outcome = run::run(RunOptions {
             via: args.via,
             tty: args.tty,
+            escape_char: args.escape_char.0,
             cwd: args.cwd,
             env: args.env,
+            env_pass: args.env_pass,
             sandbox: args.sandbox.map(|s| match s {
                 SandboxArg::ReadOnly => SandboxMode::ReadOnly,
                 SandboxArg::WorkspaceWrite => SandboxMode::WorkspaceWrite,

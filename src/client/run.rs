@@ -12,27 +12,53 @@ use serde_json::{Value, json};
 use super::{Client, ClientError, Event, ServerCommand, StartOptions};
 use crate::protocol::Stream;
 
-/// Exit code when the runner itself fails (not the command).
+/// Exit code when the runner itself fails (not the command): the server
+/// did not start, the connection was lost, the request or the working
+/// directory was refused.
 pub const RUNNER_FAILED: i32 = 125;
+/// Exit code when the program exists but can't be executed.
+pub const CANNOT_EXECUTE: i32 = 126;
+/// Exit code when the program is not found.
+pub const NOT_FOUND: i32 = 127;
+/// Exit code when our output was closed (`| head`): 128 + SIGPIPE.
+pub const BROKEN_PIPE: i32 = 128 + libc::SIGPIPE;
+/// Exit code when the session was ended with the escape sequence (`~.`).
+pub const ESCAPED: i32 = 255;
 
 /// A sandbox preset for `--sandbox`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SandboxMode {
+    /// Read everything, write nothing.
     ReadOnly,
+    /// Read everything; write the workspace roots, `$TMPDIR` and `/tmp`.
     WorkspaceWrite,
 }
 
 /// What `exec-server run` was asked to do.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct RunOptions {
     /// The server command; `None` runs this binary with `--stdio`.
     pub via: Option<String>,
-    pub tty: bool,
+    /// How many times `--tty` was given: once, a pseudo-terminal when stdin
+    /// is a terminal (else a warning and pipes); twice, always.
+    pub tty: u8,
+    /// The escape character of a `--tty` session (`~`); `None` disables
+    /// escapes.
+    pub escape_char: Option<u8>,
+    /// The command's working directory; relative to here without `via`.
     pub cwd: Option<PathBuf>,
+    /// Variables to set for the command.
     pub env: Vec<(String, String)>,
+    /// Variables to pass from this environment even when their names
+    /// look secret (`*TOKEN*`, `*KEY*`, `*SECRET*`, ...).
+    pub env_pass: Vec<String>,
+    /// Run inside the server's sandbox.
     pub sandbox: Option<SandboxMode>,
+    /// Allow the network inside the sandbox.
     pub network: bool,
+    /// Roots `:workspace_roots` binds to.
     pub workspace_roots: Vec<PathBuf>,
+    /// The command and its arguments.
     pub argv: Vec<String>,
 }
 
@@ -64,42 +90,63 @@ pub fn sandbox_intent(mode: SandboxMode, network: bool, roots: &[PathBuf]) -> Va
 /// How a run ended: the code to exit with, and what to tell the person.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {
+    /// The exit code: the command's, or one of this module's constants.
     pub code: i32,
+    /// What to print on stderr, prefixed with `exec-server: `.
     pub message: Option<String>,
+}
+
+impl Outcome {
+    fn failed(code: i32, message: impl Into<String>) -> Outcome {
+        Outcome {
+            code,
+            message: Some(message.into()),
+        }
+    }
+}
+
+/// Say something on stderr now (before the command's output).
+fn warn(text: &str) {
+    let _ = writeln!(std::io::stderr(), "exec-server: {text}");
 }
 
 /// Run the command. The command's output goes to this process's stdout and
 /// stderr as it arrives; the caller prints `message`, if any.
 pub fn run(options: RunOptions) -> Outcome {
+    // SAFETY: isatty on fd 0.
+    let stdin_is_terminal = unsafe { libc::isatty(0) } == 1;
+    let tty = match options.tty {
+        0 => false,
+        1 if !stdin_is_terminal => {
+            warn(
+                "stdin is not a terminal, so the command runs without one (give --tty twice to force it)",
+            );
+            false
+        }
+        _ => true,
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
-        Err(err) => {
-            return Outcome {
-                code: RUNNER_FAILED,
-                message: Some(err.to_string()),
-            };
-        }
+        Err(err) => return Outcome::failed(RUNNER_FAILED, err.to_string()),
     };
     let outcome = runtime.block_on(async move {
-        // Restored on drop, before the caller prints anything.
-        let _terminal = if options.tty {
+        // Restored on drop, on every way out of here, before the caller
+        // prints anything.
+        let _terminal = if tty && stdin_is_terminal {
             RawTerminal::enter()
         } else {
             None
         };
-        match run_inner(&options).await {
+        match run_inner(&options, tty, stdin_is_terminal).await {
             Ok(outcome) => outcome,
-            Err(err) => Outcome {
-                code: match err.kind() {
-                    Some("spawnFailed") => 127,
-                    _ => RUNNER_FAILED,
-                },
-                message: Some(err.to_string()),
-            },
+            Err(err) => {
+                tracing::debug!("run failed: {err}");
+                Outcome::failed(RUNNER_FAILED, err.to_string())
+            }
         }
     });
     // The stdin forwarder may sit in a blocking read; don't wait for it.
@@ -107,7 +154,129 @@ pub fn run(options: RunOptions) -> Outcome {
     outcome
 }
 
-async fn run_inner(options: &RunOptions) -> Result<Outcome, ClientError> {
+/// The command's working directory, or why there is none.
+fn working_directory(options: &RunOptions) -> Result<Option<PathBuf>, Outcome> {
+    let here = || {
+        std::env::current_dir().map_err(|err| {
+            Outcome::failed(
+                RUNNER_FAILED,
+                format!(
+                    "the current directory can't be used ({}); give --cwd",
+                    crate::error::lower_io(&err)
+                ),
+            )
+        })
+    };
+    match (&options.cwd, &options.via) {
+        (Some(dir), None) => {
+            let dir = if dir.is_absolute() {
+                dir.clone()
+            } else {
+                here()?.join(dir)
+            };
+            match std::fs::metadata(&dir) {
+                Ok(meta) if meta.is_dir() => Ok(Some(dir)),
+                Ok(_) => Err(Outcome::failed(
+                    RUNNER_FAILED,
+                    format!("{}: not a directory", dir.display()),
+                )),
+                Err(err) => Err(Outcome::failed(
+                    RUNNER_FAILED,
+                    format!("{}: {}", dir.display(), crate::error::lower_io(&err)),
+                )),
+            }
+        }
+        (Some(dir), Some(_)) if !dir.is_absolute() => Err(Outcome::failed(
+            RUNNER_FAILED,
+            format!(
+                "--cwd {} is relative; with --via it names a directory on the server, so give it absolute",
+                dir.display()
+            ),
+        )),
+        (Some(dir), Some(_)) => Ok(Some(dir.clone())),
+        (None, None) => here().map(Some),
+        // A remote server runs the command in its own directory.
+        (None, Some(_)) => Ok(None),
+    }
+}
+
+/// What a refused start means to a person, as a shell would say it.
+fn start_failure(err: ClientError, program: &str) -> Outcome {
+    tracing::debug!("process/start failed: {err}");
+    let ClientError::Rpc {
+        kind,
+        message,
+        errno,
+        ..
+    } = &err
+    else {
+        return Outcome::failed(RUNNER_FAILED, err.to_string());
+    };
+    if kind != "spawnFailed" {
+        return Outcome::failed(RUNNER_FAILED, message.clone());
+    }
+    // The server checks the working directory before the program.
+    if let Some(rest) = message.strip_prefix("cwd ") {
+        return Outcome::failed(RUNNER_FAILED, format!("working directory {rest}"));
+    }
+    if *errno == Some(i64::from(libc::ENOENT)) {
+        return Outcome::failed(NOT_FOUND, format!("{program}: command not found"));
+    }
+    let reason = message.rsplit(": ").next().unwrap_or(message);
+    Outcome::failed(CANNOT_EXECUTE, format!("{program}: {reason}"))
+}
+
+/// The escape sequences of a `--tty` session, as ssh has them: after a
+/// newline, `~.` ends the session and `~~` sends one `~`.
+struct Escapes {
+    char: u8,
+    at_line_start: bool,
+    pending: bool,
+}
+
+impl Escapes {
+    fn new(char: u8) -> Escapes {
+        Escapes {
+            char,
+            at_line_start: true,
+            pending: false,
+        }
+    }
+
+    /// The bytes to send for `input`, or `None` when the session ends.
+    fn filter(&mut self, input: &[u8]) -> Option<Vec<u8>> {
+        let mut out = Vec::with_capacity(input.len());
+        for &b in input {
+            if self.pending {
+                self.pending = false;
+                if b == b'.' {
+                    return None;
+                }
+                out.push(self.char);
+                if b == self.char {
+                    self.at_line_start = false;
+                    continue;
+                }
+            } else if self.at_line_start && b == self.char {
+                self.pending = true;
+                continue;
+            }
+            out.push(b);
+            self.at_line_start = b == b'\r' || b == b'\n';
+        }
+        Some(out)
+    }
+}
+
+async fn run_inner(
+    options: &RunOptions,
+    tty: bool,
+    stdin_is_terminal: bool,
+) -> Result<Outcome, ClientError> {
+    let cwd = match working_directory(options) {
+        Ok(cwd) => cwd,
+        Err(outcome) => return Ok(outcome),
+    };
     let command = match &options.via {
         Some(via) => ServerCommand::parse(via)?,
         None => {
@@ -123,11 +292,9 @@ async fn run_inner(options: &RunOptions) -> Result<Outcome, ClientError> {
         }
     };
     let client = Client::new(command);
-    let cwd = match (&options.cwd, &options.via) {
-        (Some(dir), _) => dir.clone(),
-        (None, None) => std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
-        // A remote server runs the command in its own directory.
-        (None, Some(_)) => {
+    let cwd = match cwd {
+        Some(dir) => dir,
+        None => {
             let info = client.environment_info().await?;
             let uri = info["cwd"].as_str().unwrap_or("file:///");
             crate::protocol::parse_path(uri).unwrap_or_else(|_| PathBuf::from("/"))
@@ -137,10 +304,26 @@ async fn run_inner(options: &RunOptions) -> Result<Outcome, ClientError> {
         .cwd(cwd)
         .pipe_stdin(true)
         .env_policy(json!({"inherit": "all", "ignoreDefaultExcludes": false, "exclude": [], "set": {}, "includeOnly": []}));
-    for (k, v) in &options.env {
+    let mut env: Vec<(String, String)> = Vec::new();
+    if tty {
+        // As ssh does: the terminal type and the locale travel with a pty.
+        for (key, value) in std::env::vars() {
+            if key == "TERM" || key == "LANG" || key.starts_with("LC_") {
+                env.push((key, value));
+            }
+        }
+    }
+    for name in &options.env_pass {
+        match std::env::var(name) {
+            Ok(value) => env.push((name.clone(), value)),
+            Err(_) => warn(&format!("--env-pass {name}: not set here, not passed")),
+        }
+    }
+    env.extend(options.env.iter().cloned());
+    for (k, v) in &env {
         start = start.env(k, v);
     }
-    if options.tty {
+    if tty {
         let (cols, rows) = terminal_size().unwrap_or((80, 24));
         start = start.tty(cols, rows);
     }
@@ -151,7 +334,14 @@ async fn run_inner(options: &RunOptions) -> Result<Outcome, ClientError> {
             &options.workspace_roots,
         ));
     }
-    let mut process = client.start(start).await?;
+    let mut process = match client.start(start).await {
+        Ok(process) => process,
+        Err(err) => {
+            let outcome = start_failure(err, &options.argv[0]);
+            client.shutdown().await;
+            return Ok(outcome);
+        }
+    };
 
     // stdin: a thread reads it (a blocking read can't be cancelled) and the
     // bytes are written in order; EOF closes the command's stdin.
@@ -173,14 +363,28 @@ async fn run_inner(options: &RunOptions) -> Result<Outcome, ClientError> {
             }
         }
     });
+    let mut escapes = match options.escape_char {
+        Some(c) if tty && stdin_is_terminal => Some(Escapes::new(c)),
+        _ => None,
+    };
 
     use tokio::signal::unix::{SignalKind, signal};
     let mut interrupts = signal(SignalKind::interrupt()).ok();
-    let mut winches = if options.tty {
+    let mut winches = if tty {
         signal(SignalKind::window_change()).ok()
     } else {
         None
     };
+    // These end the run: the command is terminated, the terminal restored,
+    // and the runner exits 128+N, as if it had died of the signal.
+    let mut enders: Vec<(i32, tokio::signal::unix::Signal)> = [
+        (libc::SIGTERM, SignalKind::terminate()),
+        (libc::SIGHUP, SignalKind::hangup()),
+        (libc::SIGQUIT, SignalKind::quit()),
+    ]
+    .into_iter()
+    .filter_map(|(n, kind)| signal(kind).ok().map(|s| (n, s)))
+    .collect();
     let mut stdin_open = true;
     let mut interrupted = 0;
     // Output is written as it comes, unbuffered: std's stdout is
@@ -190,21 +394,37 @@ async fn run_inner(options: &RunOptions) -> Result<Outcome, ClientError> {
     // ManuallyDrop keeps these Files from closing them.
     let mut stdout = ManuallyDrop::new(unsafe { File::from_raw_fd(1) });
     let mut stderr = ManuallyDrop::new(unsafe { File::from_raw_fd(2) });
-    let status = loop {
+    let ended = loop {
         tokio::select! {
             event = process.next_event() => match event? {
                 Some(Event::Output { stream, data }) => {
                     let out: &mut File = if stream == Stream::Stderr { &mut stderr } else { &mut stdout };
-                    let _ = out.write_all(&data);
+                    if let Err(err) = out.write_all(&data) {
+                        if err.kind() == std::io::ErrorKind::BrokenPipe {
+                            // `| head` has all it wants: stop, as ssh does.
+                            break Some(Outcome { code: BROKEN_PIPE, message: None });
+                        }
+                    }
                 }
                 Some(Event::Exited(_)) => {}
-                Some(Event::Closed) | None => break process.wait().await?,
+                Some(Event::Closed) | None => break None,
             },
             input = stdin_rx.recv(), if stdin_open => match input.flatten() {
-                Some(data) => { process.write(&data).await?; }
+                Some(data) => {
+                    let data = match &mut escapes {
+                        Some(escapes) => match escapes.filter(&data) {
+                            Some(data) => data,
+                            None => break Some(Outcome::failed(ESCAPED, "session ended (~.)")),
+                        },
+                        None => data,
+                    };
+                    if !data.is_empty() {
+                        process.write(&data).await?;
+                    }
+                }
                 None => {
                     stdin_open = false;
-                    if !options.tty {
+                    if !tty {
                         process.close_stdin().await?;
                     }
                 }
@@ -217,6 +437,7 @@ async fn run_inner(options: &RunOptions) -> Result<Outcome, ClientError> {
                     process.terminate().await?;
                 }
             }
+            n = recv_any(&mut enders) => break Some(Outcome { code: 128 + n, message: None }),
             _ = recv_signal(&mut winches) => {
                 if let Some((cols, rows)) = terminal_size() {
                     process.resize(cols, rows).await?;
@@ -224,6 +445,12 @@ async fn run_inner(options: &RunOptions) -> Result<Outcome, ClientError> {
             }
         }
     };
+    if let Some(outcome) = ended {
+        let _ = process.terminate().await;
+        client.shutdown().await;
+        return Ok(outcome);
+    }
+    let status = process.wait().await?;
     let message = status.sandbox_denied.then(|| {
         format!(
             "the sandbox probably denied something this command needed (exit {})",
@@ -235,6 +462,22 @@ async fn run_inner(options: &RunOptions) -> Result<Outcome, ClientError> {
         code: status.code,
         message,
     })
+}
+
+/// The number of the first of `signals` to arrive.
+async fn recv_any(signals: &mut [(i32, tokio::signal::unix::Signal)]) -> i32 {
+    if signals.is_empty() {
+        return std::future::pending().await;
+    }
+    std::future::poll_fn(|cx| {
+        for (n, signal) in signals.iter_mut() {
+            if signal.poll_recv(cx).is_ready() {
+                return std::task::Poll::Ready(*n);
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 async fn recv_signal(signal: &mut Option<tokio::signal::unix::Signal>) {

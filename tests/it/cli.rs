@@ -1,9 +1,11 @@
 //! `exec-server run` as a person uses it.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
-use crate::support::bin;
+use crate::support::{bin, eventually};
 
 fn run(args: &[&str], input: Option<&[u8]>) -> std::process::Output {
     let mut child = Command::new(bin())
@@ -64,8 +66,10 @@ fn piped_stdin_is_forwarded_and_closed() {
 
 #[test]
 fn tty_mode_gives_the_command_a_terminal() {
+    // stdin is not a terminal here: twice forces a pty.
     let out = run(
         &[
+            "--tty",
             "--tty",
             "--",
             "sh",
@@ -144,4 +148,294 @@ fn read_only_sandbox_refuses_writes_in_the_workspace() {
     );
     assert_ne!(out.status.code(), Some(0));
     assert!(!target.exists());
+}
+
+#[test]
+fn yes_into_head_exits_141_at_once() {
+    for argv in [&["yes"][..], &["seq", "1", "1000000000"][..]] {
+        let mut child = Command::new(bin())
+            .arg("run")
+            .args(argv)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let mut first = [0u8; 2];
+        stdout.read_exact(&mut first).unwrap();
+        let closed = Instant::now();
+        drop(stdout); // what `head -1` does once it has its line
+        assert!(
+            eventually(Duration::from_secs(1), || matches!(
+                child.try_wait(),
+                Ok(Some(_))
+            )),
+            "{argv:?} still runs a second after its output was closed"
+        );
+        assert_eq!(child.wait().unwrap().code(), Some(141), "{argv:?}");
+        assert!(closed.elapsed() < Duration::from_secs(2));
+    }
+}
+
+#[test]
+fn the_command_needs_no_double_dash() {
+    let out = run(&["echo", "-n", "no", "dashes"], None);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(out.stdout, b"no dashes");
+}
+
+#[test]
+fn exit_codes_and_messages_read_like_a_shell() {
+    let cases: [(&[&str], i32, &str); 5] = [
+        (
+            &["no-such-program-here"],
+            127,
+            "exec-server: no-such-program-here: command not found",
+        ),
+        (
+            &["/etc/passwd"],
+            126,
+            "exec-server: /etc/passwd: permission denied",
+        ),
+        (&["/etc"], 126, "exec-server: /etc: permission denied"),
+        (
+            &["--cwd", "/nonexistent", "--", "true"],
+            125,
+            "/nonexistent: no such file or directory",
+        ),
+        (&["--network", "true"], 2, "--sandbox"),
+    ];
+    for (args, code, text) in cases {
+        let out = run(args, None);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+        assert!(err.contains(text), "{args:?}: {err}");
+        assert!(
+            !err.contains("process/start"),
+            "{args:?} speaks protocol: {err}"
+        );
+    }
+}
+
+#[test]
+fn a_relative_cwd_is_resolved_here() {
+    let out = run(&["--cwd", "..", "--", "pwd"], None);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "/\n");
+}
+
+#[test]
+fn a_deleted_current_directory_is_refused_not_replaced_by_the_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let gone = dir.path().join("gone");
+    std::fs::create_dir(&gone).unwrap();
+    // The runner's own directory goes away after it starts, before it asks
+    // for it: a shell that deleted its cwd is in the same place.
+    let script = format!(
+        "cd {} && rmdir {} && exec {} run -- pwd",
+        gone.display(),
+        gone.display(),
+        bin()
+    );
+    let out = Command::new("sh")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("current directory"));
+}
+
+#[test]
+fn tty_with_a_piped_stdin_warns_and_uses_pipes() {
+    let out = run(&["--tty", "--", "cat"], Some(b"hi\n"));
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(out.stdout, b"hi\n");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stdin is not a terminal"));
+}
+
+/// The runner on a real terminal of the test's: a pty whose slave is the
+/// runner's stdin, stdout, stderr and controlling terminal.
+struct OnTerminal {
+    child: Child,
+    master: OwnedFd,
+    output: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl OnTerminal {
+    fn start(args: &[&str], env: &[(&str, &str)]) -> OnTerminal {
+        use std::os::unix::process::CommandExt;
+        let (mut master, mut slave) = (0, 0);
+        // SAFETY: openpty writes two fds.
+        let rc = unsafe {
+            libc::openpty(
+                &mut master,
+                &mut slave,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(rc, 0);
+        // SAFETY: fresh fds owned here.
+        let (master, slave) =
+            unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+        let mut cmd = Command::new(bin());
+        cmd.arg("run").args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.stdin(Stdio::from(slave.try_clone().unwrap()))
+            .stdout(Stdio::from(slave.try_clone().unwrap()))
+            .stderr(Stdio::from(slave));
+        // SAFETY: setsid and ioctl only.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                libc::ioctl(0, libc::TIOCSCTTY, 0);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().unwrap();
+        let output = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let reader = master.try_clone().unwrap();
+        let sink = output.clone();
+        std::thread::spawn(move || {
+            let mut file = std::fs::File::from(reader);
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = file.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        OnTerminal {
+            child,
+            master,
+            output,
+        }
+    }
+
+    fn termios(&self) -> libc::termios {
+        // SAFETY: tcgetattr fills a zeroed struct.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            assert_eq!(libc::tcgetattr(self.master.as_raw_fd(), &mut t), 0);
+            t
+        }
+    }
+
+    fn raw(&self) -> bool {
+        self.termios().c_lflag & (libc::ICANON | libc::ECHO) == 0
+    }
+
+    fn type_in(&self, bytes: &[u8]) {
+        // SAFETY: writes from a valid buffer.
+        let n = unsafe { libc::write(self.master.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
+        assert_eq!(n, bytes.len() as isize);
+    }
+
+    fn output(&self) -> String {
+        String::from_utf8_lossy(&self.output.lock().unwrap()).into_owned()
+    }
+
+    fn exit_code(&mut self, within: Duration) -> Option<i32> {
+        if !eventually(within, || matches!(self.child.try_wait(), Ok(Some(_)))) {
+            let _ = self.child.kill();
+            return None;
+        }
+        self.child.wait().unwrap().code()
+    }
+}
+
+#[test]
+fn a_terminating_signal_restores_the_terminal_and_ends_the_command() {
+    for (signal, name) in [
+        (libc::SIGTERM, "TERM"),
+        (libc::SIGHUP, "HUP"),
+        (libc::SIGQUIT, "QUIT"),
+    ] {
+        let mut t = OnTerminal::start(&["--tty", "--", "sh", "-c", "echo started; sleep 100"], &[]);
+        assert!(
+            eventually(Duration::from_secs(5), || t.raw()
+                && t.output().contains("started")),
+            "{name}: the terminal never went raw: {}",
+            t.output()
+        );
+        // SAFETY: plain syscall on our child.
+        unsafe { libc::kill(t.child.id() as i32, signal) };
+        assert_eq!(
+            t.exit_code(Duration::from_secs(5)),
+            Some(128 + signal),
+            "{name}"
+        );
+        assert!(!t.raw(), "{name} left the terminal raw");
+    }
+}
+
+#[test]
+fn tilde_dot_ends_a_session_that_ignores_interrupts() {
+    let mut t = OnTerminal::start(
+        &[
+            "--tty",
+            "--",
+            "sh",
+            "-c",
+            "trap '' INT QUIT; echo started; sleep 100",
+        ],
+        &[],
+    );
+    assert!(eventually(Duration::from_secs(5), || t.raw()
+        && t.output().contains("started")));
+    t.type_in(b"\x03\x1c"); // ^C and ^\\: ignored
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(matches!(t.child.try_wait(), Ok(None)), "^C ended it");
+    t.type_in(b"\r~.");
+    assert_eq!(t.exit_code(Duration::from_secs(5)), Some(255));
+    assert!(!t.raw());
+    // With escapes off, the same keys reach the command.
+    let mut t = OnTerminal::start(
+        &[
+            "--tty",
+            "--escape-char",
+            "none",
+            "--",
+            "sh",
+            "-c",
+            "read line; echo got:$line",
+        ],
+        &[],
+    );
+    assert!(eventually(Duration::from_secs(5), || t.raw()));
+    std::thread::sleep(Duration::from_millis(200));
+    t.type_in(b"~.\r");
+    assert_eq!(
+        t.exit_code(Duration::from_secs(5)),
+        Some(0),
+        "{}",
+        t.output()
+    );
+    assert!(t.output().contains("got:~."), "{}", t.output());
+}
+
+#[test]
+fn term_and_lang_travel_with_a_terminal() {
+    let mut t = OnTerminal::start(
+        &["--tty", "--", "sh", "-c", "echo \"[$TERM $LANG]\""],
+        &[("TERM", "xterm-exec-test"), ("LANG", "C.UTF-8")],
+    );
+    assert_eq!(t.exit_code(Duration::from_secs(5)), Some(0));
+    assert!(
+        t.output().contains("[xterm-exec-test C.UTF-8]"),
+        "{}",
+        t.output()
+    );
 }
