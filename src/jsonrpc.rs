@@ -18,6 +18,15 @@ pub enum RequestId {
     String(String),
 }
 
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RequestId::Number(n) => write!(f, "{n}"),
+            RequestId::String(s) => write!(f, "{s:?}"),
+        }
+    }
+}
+
 /// A call that wants a response.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Request {

@@ -277,5 +277,31 @@ fn init_logging() {
         .with_env_filter(EnvFilter::new(filter))
         .with_writer(std::io::stderr)
         .with_ansi(false)
+        .event_format(LogFormat(tracing_subscriber::fmt::format()))
         .init();
+}
+
+/// The usual format, except for the lines of a server that `run` started:
+/// those are the server's own log lines, already stamped, and are written
+/// as they are.
+struct LogFormat(tracing_subscriber::fmt::format::Format);
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for LogFormat
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        if event.metadata().target() == exec_server::client::SERVER_STDERR_TARGET {
+            use tracing_subscriber::fmt::FormatFields;
+            ctx.format_fields(writer.by_ref(), event)?;
+            return writeln!(writer);
+        }
+        self.0.format_event(ctx, writer, event)
+    }
 }

@@ -85,6 +85,23 @@ pub enum ClientError {
     Decode { method: String, message: String },
 }
 
+/// The `tracing` target of the server's stderr lines.
+pub const SERVER_STDERR_TARGET: &str = "exec_server::client::server_stderr";
+
+/// Log one line of the server's stderr at the level the server gave it
+/// (its own log lines read `TIME LEVEL target: message`); anything else
+/// (a panic, ssh's own messages) is a warning.
+fn forward_stderr_line(line: &str) {
+    let level = line.split_whitespace().nth(1).unwrap_or("");
+    match level {
+        "ERROR" => tracing::error!(target: SERVER_STDERR_TARGET, "{line}"),
+        "INFO" => tracing::info!(target: SERVER_STDERR_TARGET, "{line}"),
+        "DEBUG" => tracing::debug!(target: SERVER_STDERR_TARGET, "{line}"),
+        "TRACE" => tracing::trace!(target: SERVER_STDERR_TARGET, "{line}"),
+        _ => tracing::warn!(target: SERVER_STDERR_TARGET, "{line}"),
+    }
+}
+
 fn tail(stderr: &str) -> String {
     let trimmed = stderr.trim();
     if trimmed.is_empty() {
@@ -807,7 +824,7 @@ async fn connect(command: &ServerCommand, client_name: &str) -> Result<Arc<Conn>
                     Ok(n) => {
                         let text = String::from_utf8_lossy(&buf[..n]);
                         for line in text.lines() {
-                            tracing::debug!(target: "exec_server::client::server_stderr", "{line}");
+                            forward_stderr_line(line);
                         }
                         let mut tail = lock(&stderr_buf);
                         tail.extend(&buf[..n]);

@@ -510,6 +510,7 @@ impl Process {
     }
 
     async fn record_exit(&self, code: i32, signal: Option<&'static str>) {
+        tracing::debug!(id = %self.id, pid = self.pid, code, signal, "exited");
         let permit = self.reserve().await;
         {
             let mut state = self.lock();

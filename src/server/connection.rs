@@ -173,22 +173,31 @@ impl Connection {
             session,
             conn: self.state.clone(),
         };
+        let started = std::time::Instant::now();
         match (route.handler)(&ctx, &method, params) {
-            Reply::Ready(outcome) => Pending::Ready(Response {
-                id: Some(id),
-                outcome,
-            }),
-            Reply::ReadyThen(outcome, hook) => Pending::ReadyThen(
+            Reply::Ready(outcome) => {
+                log_request(&method, &id, started, &outcome);
+                Pending::Ready(Response {
+                    id: Some(id),
+                    outcome,
+                })
+            }
+            Reply::ReadyThen(outcome, hook) => {
+                log_request(&method, &id, started, &outcome);
+                Pending::ReadyThen(
+                    Response {
+                        id: Some(id),
+                        outcome,
+                    },
+                    hook,
+                )
+            }
+            Reply::Later(future) => Pending::Later(Box::pin(async move {
+                let outcome = future.await;
+                log_request(&method, &id, started, &outcome);
                 Response {
                     id: Some(id),
                     outcome,
-                },
-                hook,
-            ),
-            Reply::Later(future) => Pending::Later(Box::pin(async move {
-                Response {
-                    id: Some(id),
-                    outcome: future.await,
                 }
             })),
         }
@@ -232,5 +241,23 @@ impl Connection {
         };
         self.session = Some(session);
         Ok(serde_json::to_value(response).unwrap_or(Value::Null))
+    }
+}
+
+/// One debug line per answered request: method, id, how long it took, and
+/// how it ended (never its params or result: they may hold file contents
+/// or secrets).
+fn log_request(
+    method: &str,
+    id: &jsonrpc::RequestId,
+    started: std::time::Instant,
+    outcome: &Result<Value, Error>,
+) {
+    let micros = started.elapsed().as_micros();
+    match outcome {
+        Ok(_) => tracing::debug!(method, %id, micros, "ok"),
+        Err(err) => {
+            tracing::debug!(method, %id, micros, code = err.code(), kind = err.kind(), "{err}")
+        }
     }
 }

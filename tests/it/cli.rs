@@ -439,3 +439,30 @@ fn term_and_lang_travel_with_a_terminal() {
         t.output()
     );
 }
+
+#[test]
+fn debug_logging_shows_each_request_and_process_once_stamped() {
+    let out = Command::new(bin())
+        .args(["run", "--", "sh", "-c", "exit 4"])
+        .env("EXEC_SERVER_LOG", "debug")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4));
+    let log = String::from_utf8_lossy(&out.stderr);
+    let start = log
+        .lines()
+        .find(|l| l.contains("method=\"process/start\""))
+        .unwrap_or_else(|| panic!("no request line in {log}"));
+    assert!(start.contains("micros="), "{start}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("exited") && l.contains("code=4")),
+        "{log}"
+    );
+    for line in log.lines().filter(|l| l.contains("exec_server::server")) {
+        // One timestamp (the server's), not the runner's in front of it.
+        assert_eq!(line.matches("Z ").count(), 1, "{line}");
+        assert!(!line.contains("server_stderr"), "{line}");
+    }
+}
