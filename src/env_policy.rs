@@ -1,4 +1,4 @@
-//! Deriving a child's environment (PROTOCOL.md section 7).
+//! Deriving a child's environment (`docs/PROTOCOL.md` section 7).
 
 use std::collections::BTreeMap;
 

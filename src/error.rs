@@ -5,7 +5,7 @@ use std::io;
 
 use serde_json::{Value, json};
 
-/// JSON-RPC error codes used on the wire (PROTOCOL.md section 2).
+/// JSON-RPC error codes used on the wire (`docs/PROTOCOL.md` section 2).
 pub mod code {
     pub const PARSE_ERROR: i64 = -32700;
     pub const INVALID_REQUEST: i64 = -32600;
@@ -44,9 +44,6 @@ pub enum Error {
     /// `process/start` with an id already in use.
     #[error("process {0} already exists")]
     ProcessExists(String),
-    /// A process that has not finished starting.
-    #[error("process id {0} is starting")]
-    ProcessStarting(String),
     /// The OS refused to start the program.
     #[error("{message}")]
     SpawnFailed { message: String, errno: Option<i32> },
@@ -100,7 +97,6 @@ impl Error {
             | AlreadyInitialized
             | UnknownProcess(_)
             | ProcessExists(_)
-            | ProcessStarting(_)
             | PermissionDenied { .. }
             | UnknownSession(_)
             | SessionTakenOver
@@ -127,7 +123,6 @@ impl Error {
             InvalidParams(_) => "invalidParams",
             UnknownProcess(_) => "unknownProcess",
             ProcessExists(_) => "processExists",
-            ProcessStarting(_) => "processStarting",
             SpawnFailed { .. } => "spawnFailed",
             NotFound { .. } => "notFound",
             PermissionDenied { .. } => "permissionDenied",

@@ -1,4 +1,4 @@
-//! Filesystem methods (PROTOCOL.md section 8). Each function is blocking and
+//! Filesystem methods (`docs/PROTOCOL.md` section 8). Each function is blocking and
 //! runs on a blocking thread; errors name the operation and the path.
 
 use crate::lock;

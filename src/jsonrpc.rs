@@ -69,6 +69,7 @@ pub enum Incoming {
 }
 
 impl Response {
+    #[cfg(test)]
     pub fn ok(id: RequestId, result: Value) -> Self {
         Response {
             id: Some(id),

@@ -1,45 +1,83 @@
 //! exec-server runs processes and touches files on a machine on behalf of an
 //! orchestrator, speaking newline-delimited JSON-RPC 2.0 (the wire contract
-//! is `PROTOCOL.md`, compatible with the Codex exec-server protocol).
+//! is `docs/PROTOCOL.md`, shipped with the crate, compatible with the Codex
+//! exec-server protocol).
+//!
+//! The public API is [`client`]: what an orchestrator uses to start a
+//! server (locally, over ssh, any command) and drive it. Everything else is
+//! the server, which the `exec-server` binary runs; a client-only build
+//! (`default-features = false, features = ["client"]`) compiles none of
+//! it, nor clap or tracing-subscriber. The client needs tokio with the
+//! `rt`, `macros`, `process`, `io-util`, `sync`, `time` and `signal`
+//! features, which this crate enables.
 //!
 //! # Layout
 //!
 //! A request flows one way: transport -> jsonrpc -> dispatch -> handler ->
 //! response.
 //!
-//! - [`transport`]: bytes in, frames out; lines out, bytes written. Knows no
+//! - `transport`: bytes in, frames out; lines out, bytes written. Knows no
 //!   method.
-//! - [`jsonrpc`]: what one line means (request, notification, batch, or the
-//!   error it earned) and how a response or notification is written.
-//! - [`error`]: the one error enum, and where each error gets its JSON-RPC
+//! - `jsonrpc`: what one line means (request, notification, batch, or the
+//!   error it earned, duplicate members included) and how a response or
+//!   notification is written.
+//! - `error`: the one error enum, and where each error gets its JSON-RPC
 //!   code and `data.kind`.
-//! - [`server`]: the connection loop and handshake gating, the method table
+//! - `server`: the connection loop and handshake gating, the method table
 //!   (`dispatch`), the session registry, and the stdio mode.
-//! - [`protocol`]: params and results of every method.
-//! - [`process`]: spawning with pipes or a pty, the sequence-numbered output
-//!   log, stdin, signals, reaping, and the watchdog that kills every child
-//!   when the server dies.
-//! - [`fs`]: the filesystem methods and per-connection streaming handles.
-//! - [`env_policy`]: deriving a child's environment from a policy.
-//! - [`environment`]: the `environment/info` result.
-//! - [`sandbox`]: the executor's own sandbox (Landlock, a private mount
-//!   namespace, seccomp) for `process/start` and the `fs/*` methods.
+//! - `protocol`: params and results of every method.
+//! - `process`: spawning with pipes or a pty, the sequence-numbered output
+//!   log, stdin, signals, reaping, containment (a cgroup or a subreaper
+//!   tree per process), the sandbox's init, and the watchdog that kills
+//!   everything when the server dies.
+//! - `fs`: the filesystem methods and per-connection streaming handles.
+//! - `env_policy`: deriving a child's environment from a policy.
+//! - `environment`: the `environment/info` result.
+//! - `sandbox`: the executor's own sandbox (Landlock, PID and mount
+//!   namespaces, seccomp) for `process/start` and the `fs/*` methods.
 //! - `sys`: fd and socket helpers shared by `process` and `sandbox`.
 //! - [`client`]: the orchestrator side: a client that spawns a server lazily
 //!   over any command, process handles, and the `exec-server run` CLI.
 
+#![warn(missing_docs)]
+// The modules both sides share (errors, protocol types) carry the server's
+// parts too; a client-only build leaves those unused.
+#![cfg_attr(not(feature = "server"), allow(dead_code))]
+
+#[cfg(feature = "client")]
 pub mod client;
-pub mod env_policy;
-pub mod environment;
-pub mod error;
-pub mod fs;
-pub mod jsonrpc;
-pub mod process;
-pub mod protocol;
-pub mod sandbox;
-pub mod server;
-pub(crate) mod sys;
-pub mod transport;
+#[cfg(feature = "server")]
+mod env_policy;
+#[cfg(feature = "server")]
+mod environment;
+mod error;
+#[cfg(feature = "server")]
+mod fs;
+#[cfg(feature = "server")]
+mod jsonrpc;
+#[cfg(feature = "server")]
+mod process;
+mod protocol;
+#[cfg(feature = "server")]
+mod sandbox;
+#[cfg(feature = "server")]
+mod server;
+#[cfg(feature = "server")]
+mod sys;
+#[cfg(feature = "server")]
+mod transport;
+
+/// What the `exec-server` binary calls into; not an API to build on.
+#[doc(hidden)]
+#[cfg(feature = "server")]
+pub mod cli {
+    pub use crate::process::container::describe_host as describe_containment;
+    pub use crate::process::exec::close_on_exec_from_3;
+    pub use crate::process::init::{ARG as INIT_ARG, main as init_main};
+    pub use crate::sandbox::describe_host as describe_sandbox;
+    pub use crate::sandbox::helper::{ARG as SANDBOX_HELPER_ARG, main as sandbox_helper_main};
+    pub use crate::server::{Config, run_stdio};
+}
 
 /// Lock a mutex, ignoring poisoning: every critical section here leaves its
 /// data consistent, so one panicked task must not take the server down.
@@ -47,6 +85,7 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+#[cfg(feature = "server")]
 /// Match `name` against `pattern`, where `star` matches any run of items
 /// and `one` any single item. Iterative, with one backtrack point for the
 /// last star. Env-var patterns match lower-cased chars; sandbox globs match

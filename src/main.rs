@@ -6,9 +6,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use exec_server::cli::{self as server, Config};
 use exec_server::client::run::{self, RunOptions, SandboxMode};
-use exec_server::sandbox;
-use exec_server::server::{self, Config};
 
 /// Runs processes and touches files on this machine for an orchestrator,
 /// over newline-delimited JSON-RPC 2.0.
@@ -180,28 +179,28 @@ fn main() -> ExitCode {
     // server's (not even logging) set up.
     if std::env::args_os()
         .nth(1)
-        .is_some_and(|a| a == exec_server::process::init::ARG)
+        .is_some_and(|a| a == exec_server::cli::INIT_ARG)
     {
-        return ExitCode::from(exec_server::process::init::main() as u8);
+        return ExitCode::from(exec_server::cli::init_main() as u8);
     }
     init_logging();
     if std::env::args_os()
         .nth(1)
-        .is_some_and(|a| a == sandbox::helper::ARG)
+        .is_some_and(|a| a == server::SANDBOX_HELPER_ARG)
     {
-        return ExitCode::from(sandbox::helper::main() as u8);
+        return ExitCode::from(server::sandbox_helper_main() as u8);
     }
     // What this process inherited beyond stdin, stdout and stderr must not
     // reach the commands it runs (nor the server it starts, for `run`).
-    if let Err(err) = exec_server::process::exec::close_on_exec_from_3() {
+    if let Err(err) = exec_server::cli::close_on_exec_from_3() {
         eprintln!("exec-server: cannot mark inherited descriptors close-on-exec: {err}");
         return ExitCode::from(125);
     }
     let cli = Cli::parse();
     if let Some(Command::SandboxCheck) = cli.command {
-        let (ok, text) = sandbox::describe_host();
+        let (ok, text) = server::describe_sandbox();
         print!("{text}");
-        print!("{}", exec_server::process::container::describe_host());
+        print!("{}", exec_server::cli::describe_containment());
         return if ok {
             ExitCode::SUCCESS
         } else {

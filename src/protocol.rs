@@ -1,4 +1,4 @@
-//! Params and results of every method (PROTOCOL.md sections 3 to 5, 7).
+//! Params and results of every method (`docs/PROTOCOL.md` sections 3 to 5, 7).
 //!
 //! Field names are camelCase on the wire; every optional or added field has a
 //! default, and unknown fields are ignored, so a newer client works with this
@@ -228,15 +228,20 @@ pub struct ReadParams {
     pub wait_ms: Option<u64>,
 }
 
+/// Where a chunk of output came from.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub enum Stream {
+    /// The process's stdout pipe.
     Stdout,
+    /// The process's stderr pipe.
     Stderr,
+    /// The pseudo-terminal (stdout and stderr together).
     Pty,
 }
 
 impl Stream {
+    /// The name on the wire.
     pub fn as_str(self) -> &'static str {
         match self {
             Stream::Stdout => "stdout",
@@ -282,7 +287,6 @@ pub enum WriteStatus {
     Accepted,
     UnknownProcess,
     StdinClosed,
-    Starting,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -359,6 +363,9 @@ pub struct ListResponse {
     pub processes: Vec<ProcessSummary>,
 }
 
+/// What `process/output` carries; the server writes these lines by hand
+/// (`process::output_line`), checked against this in a test.
+#[cfg(test)]
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct OutputNotification<'a> {

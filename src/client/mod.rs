@@ -22,7 +22,6 @@
 //! ```
 
 use crate::lock;
-use crate::protocol::Stream;
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -40,6 +39,7 @@ mod lines;
 mod process;
 pub mod run;
 
+pub use crate::protocol::Stream;
 pub use process::{Event, ExitStatus, Process, StartOptions};
 
 /// How long the handshake may take (an SSH connection can be slow).
@@ -57,32 +57,53 @@ pub enum ClientError {
     InvalidCommand(String),
     /// The server command could not be started at all.
     #[error("failed to start the server `{command}`: {message}")]
-    Spawn { command: String, message: String },
+    Spawn {
+        /// The server command, as a person would type it.
+        command: String,
+        /// Why it could not be started.
+        message: String,
+    },
     /// The server started but did not complete the handshake.
     #[error(
         "the server `{command}` did not complete the handshake: {message}{}",
         tail(stderr)
     )]
     Handshake {
+        /// The server command, as a person would type it.
         command: String,
+        /// What went wrong.
         message: String,
+        /// The last 4 KiB the server wrote on stderr.
         stderr: String,
     },
     /// The connection to the server ended; pending and later calls fail.
     #[error("the connection to the server was lost{}", tail(stderr))]
-    ConnectionLost { stderr: String },
+    ConnectionLost {
+        /// The last 4 KiB the server wrote on stderr.
+        stderr: String,
+    },
     /// The server answered with an error.
     #[error("{method} failed: {message}")]
     Rpc {
+        /// The method called.
         method: String,
+        /// The JSON-RPC error code.
         code: i64,
+        /// The server's `data.kind` (`notFound`, `spawnFailed`, ...).
         kind: String,
+        /// The server's message.
         message: String,
+        /// The OS error number, when the OS said why.
         errno: Option<i64>,
     },
     /// A result did not have the expected shape.
     #[error("unexpected result from {method}: {message}")]
-    Decode { method: String, message: String },
+    Decode {
+        /// The method called.
+        method: String,
+        /// What did not fit.
+        message: String,
+    },
 }
 
 /// The `tracing` target of the server's stderr lines.
@@ -125,13 +146,18 @@ impl ClientError {
 /// environment and a working directory.
 #[derive(Debug, Clone)]
 pub struct ServerCommand {
+    /// The program (looked up in `PATH` when it has no `/`).
     pub program: OsString,
+    /// Its arguments.
     pub args: Vec<OsString>,
+    /// Variables added to its environment.
     pub env: Vec<(OsString, OsString)>,
+    /// Its working directory (default: this process's).
     pub cwd: Option<PathBuf>,
 }
 
 impl ServerCommand {
+    /// `program` with no arguments.
     pub fn new(program: impl Into<OsString>) -> Self {
         ServerCommand {
             program: program.into(),
@@ -141,16 +167,19 @@ impl ServerCommand {
         }
     }
 
+    /// Add an argument.
     pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
         self.args.push(arg.into());
         self
     }
 
+    /// Add a variable to the server's environment.
     pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
         self.env.push((key.into(), value.into()));
         self
     }
 
+    /// Start the server in `dir`.
     pub fn cwd(mut self, dir: impl Into<PathBuf>) -> Self {
         self.cwd = Some(dir.into());
         self
@@ -451,7 +480,7 @@ impl Client {
         })
     }
 
-    /// `fs/walk` with `options` as PROTOCOL.md gives them.
+    /// `fs/walk` with `options` as `docs/PROTOCOL.md` gives them.
     pub async fn walk(&self, path: &Path, options: Value) -> Result<Value, ClientError> {
         self.call("fs/walk", json!({ "path": uri(path), "options": options }))
             .await
@@ -898,7 +927,7 @@ async fn connect(command: &ServerCommand, client_name: &str) -> Result<Arc<Conn>
     })
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "server"))]
 mod tests {
     use super::*;
 

@@ -15,20 +15,29 @@ use crate::protocol::{Stream, TtySize};
 /// What to start.
 #[derive(Debug, Clone)]
 pub struct StartOptions {
+    /// The process id, chosen by the client, unique in the session.
     pub process_id: String,
+    /// The program and its arguments.
     pub argv: Vec<String>,
+    /// The working directory on the server; `None` sends `/` (the protocol
+    /// has no default), so give one.
     pub cwd: Option<PathBuf>,
+    /// The exact environment, when no `env_policy` derives it.
     pub env: BTreeMap<String, String>,
-    /// An `envPolicy` object (PROTOCOL.md section 7), passed as is.
+    /// An `envPolicy` object (`docs/PROTOCOL.md` section 7), passed as is.
     pub env_policy: Option<Value>,
+    /// Run under a pseudo-terminal of this size.
     pub tty: Option<TtySize>,
+    /// Keep stdin open for writes (else it is `/dev/null`).
     pub pipe_stdin: bool,
+    /// What the program sees as `argv[0]`.
     pub arg0: Option<String>,
-    /// A `FileSystemSandboxContext` (PROTOCOL.md section 6), passed as is.
+    /// A `FileSystemSandboxContext` (`docs/PROTOCOL.md` section 6), passed as is.
     pub sandbox: Option<Value>,
 }
 
 impl StartOptions {
+    /// Start `argv` as process `process_id`.
     pub fn new<I, S>(process_id: impl Into<String>, argv: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -47,17 +56,21 @@ impl StartOptions {
         }
     }
 
-    /// The working directory on the server (default: `/`).
+    /// The working directory on the server (default: `/`, so set it).
     pub fn cwd(mut self, dir: impl Into<PathBuf>) -> Self {
         self.cwd = Some(dir.into());
         self
     }
 
+    /// Set a variable (the environment is exactly these, unless an
+    /// `env_policy` derives it from the server's).
     pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.env.insert(key.into(), value.into());
         self
     }
 
+    /// Derive the environment on the server from an `envPolicy`
+    /// (`docs/PROTOCOL.md` section 7).
     pub fn env_policy(mut self, policy: Value) -> Self {
         self.env_policy = Some(policy);
         self
@@ -75,6 +88,8 @@ impl StartOptions {
         self
     }
 
+    /// Run inside the server's sandbox (`docs/PROTOCOL.md` section 6);
+    /// [`crate::client::run::sandbox_intent`] builds the presets.
     pub fn sandbox(mut self, sandbox: Value) -> Self {
         self.sandbox = Some(sandbox);
         self
@@ -84,10 +99,15 @@ impl StartOptions {
 /// Something that happened to a process, in seq order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
+    /// Bytes the process wrote.
     Output {
+        /// Where: stdout, stderr, or the pty.
         stream: Stream,
+        /// The bytes, as written.
         data: Vec<u8>,
     },
+    /// The process exited (output may still follow, from what it left
+    /// running).
     Exited(ExitStatus),
     /// Exit is known and every stream ended; no more events follow.
     Closed,
@@ -167,6 +187,7 @@ impl Process {
         })
     }
 
+    /// The process id.
     pub fn id(&self) -> &str {
         &self.id
     }

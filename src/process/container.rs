@@ -122,16 +122,6 @@ impl Containment {
         }
     }
 
-    /// Containment without a watchdog or cgroups, for tests of the
-    /// process table in this process.
-    pub fn unwatched() -> Containment {
-        Containment {
-            mode: Mode::Subreaper,
-            watchdog: None,
-            next_id: AtomicU64::new(1),
-        }
-    }
-
     pub fn mode(&self) -> &Mode {
         &self.mode
     }

@@ -729,7 +729,7 @@ impl Drop for Stack {
 /// Mark every fd from 3 up close-on-exec, so that nothing but fds 0, 1
 /// and 2 crosses an `execve`: neither what the server inherited from
 /// whoever started it nor anything opened without `O_CLOEXEC`. Only a
-/// system call, so the child of [`spawn`] can call it too.
+/// system call, so the child of `spawn` can call it too.
 pub fn close_on_exec_from_3() -> io::Result<()> {
     // SAFETY: close_range only changes flags of this process's fds.
     let rc = unsafe {

@@ -728,7 +728,7 @@ enum Sink {
 }
 
 /// A `process/output` notification line, equal to what the serializer
-/// writes for [`OutputNotification`]. Base64 needs no JSON escaping, so
+/// writes for `protocol::OutputNotification`. Base64 needs no JSON escaping, so
 /// the chunk is encoded (with SIMD) straight into the line instead of
 /// going through the serializer's escaper byte by byte.
 pub(crate) fn output_line(id_json: &str, seq: u64, stream: Stream, data: &[u8]) -> Vec<u8> {

@@ -1,4 +1,4 @@
-//! The executor's own sandbox (PROTOCOL.md section 6).
+//! The executor's own sandbox (`docs/PROTOCOL.md` section 6).
 //!
 //! [`policy`] parses the intent and binds it to this machine's paths.
 //! [`prepare`] turns the bound rules into a [`Prepared`] sandbox: a Landlock

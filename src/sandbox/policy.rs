@@ -1,4 +1,4 @@
-//! The sandbox intent as PROTOCOL.md section 6 writes it, and its binding
+//! The sandbox intent as `docs/PROTOCOL.md` section 6 writes it, and its binding
 //! to this executor's own paths.
 //!
 //! Parsing keeps the wire shapes (tagged enums, snake_case inner fields);

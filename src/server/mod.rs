@@ -19,11 +19,17 @@ pub mod session;
 /// Server settings (the command-line flags).
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// `--max-message-bytes`.
     pub max_message_bytes: usize,
+    /// `--retain-bytes`.
     pub retain_bytes: usize,
+    /// `--retain-chunks`.
     pub retain_chunks: usize,
+    /// `--closed-retention-ms`.
     pub closed_retention: Duration,
+    /// `--detached-session-ttl-ms`.
     pub detached_ttl: Duration,
+    /// `--workspace-root`.
     pub workspace_roots: Vec<PathBuf>,
 }
 

@@ -3,7 +3,7 @@
 //! every figure comes with a baseline from the same (noisy) machine.
 //!
 //! ```sh
-//! cargo run --release --bin exec-bench -- [--via "CMD ..."] [--json FILE] [--quick] [--case NAME]...
+//! cargo build --release && cargo run --release -p exec-bench -- [--via "CMD ..."] [--json FILE] [--quick] [--case NAME]...
 //! ```
 
 use std::path::PathBuf;
