@@ -29,6 +29,15 @@ enum Command {
     /// Print what this host's kernel lets the sandbox enforce and how
     /// processes are contained; exits 1 when every sandbox would be refused.
     SandboxCheck,
+    /// Print a shell completion script: `exec-server completions bash >
+    /// /etc/bash_completion.d/exec-server`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff): `exec-server man | man -l -`.
+    Man,
 }
 
 /// What `exec-server run --help` adds after the flags.
@@ -205,6 +214,27 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         } else {
             ExitCode::FAILURE
+        };
+    }
+    if let Some(Command::Completions { shell }) = cli.command {
+        use clap::CommandFactory;
+        clap_complete::generate(
+            shell,
+            &mut Cli::command(),
+            "exec-server",
+            &mut std::io::stdout(),
+        );
+        return ExitCode::SUCCESS;
+    }
+    if let Some(Command::Man) = cli.command {
+        use clap::CommandFactory;
+        let page = clap_mangen::Man::new(Cli::command());
+        return match page.render(&mut std::io::stdout()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("exec-server: {err}");
+                ExitCode::FAILURE
+            }
         };
     }
     if let Some(Command::Run(args)) = cli.command {

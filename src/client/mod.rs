@@ -38,9 +38,13 @@ use tokio::sync::{OnceCell, mpsc, oneshot};
 mod lines;
 mod process;
 pub mod run;
+mod types;
 
 pub use crate::protocol::Stream;
 pub use process::{Event, ExitStatus, Process, StartOptions};
+pub use types::{
+    DirectoryEntry, EnvironmentInfo, Metadata, ProcessSummary, Shell, Walk, WalkEntry, WalkError,
+};
 
 /// How long the handshake may take (an SSH connection can be slow).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -367,8 +371,8 @@ impl Client {
     }
 
     /// `environment/info`.
-    pub async fn environment_info(&self) -> Result<Value, ClientError> {
-        self.call("environment/info", json!({})).await
+    pub async fn environment_info(&self) -> Result<EnvironmentInfo, ClientError> {
+        self.call_as("environment/info", json!({})).await
     }
 
     /// `environment/status`.
@@ -376,9 +380,10 @@ impl Client {
         self.call("environment/status", json!({})).await
     }
 
-    /// `process/list`.
-    pub async fn list_processes(&self) -> Result<Value, ClientError> {
-        self.call("process/list", json!({})).await
+    /// `process/list`, sorted by process id.
+    pub async fn list_processes(&self) -> Result<Vec<ProcessSummary>, ClientError> {
+        let list: types::ProcessList = self.call_as("process/list", json!({})).await?;
+        Ok(list.processes)
     }
 
     /// `fs/readFile`: the file's bytes.
@@ -411,25 +416,25 @@ impl Client {
         .map(|_| ())
     }
 
-    /// `fs/getMetadata`: `{isDirectory, isFile, isSymlink, size, createdAtMs, modifiedAtMs, mode}`.
+    /// `fs/getMetadata`.
     pub async fn get_metadata(
         &self,
         path: &Path,
         follow_symlinks: bool,
-    ) -> Result<Value, ClientError> {
-        self.call(
+    ) -> Result<Metadata, ClientError> {
+        self.call_as(
             "fs/getMetadata",
             json!({ "path": uri(path), "followSymlinks": follow_symlinks }),
         )
         .await
     }
 
-    /// `fs/readDirectory`: `[{fileName, isDirectory, isFile}]`.
-    pub async fn read_directory(&self, path: &Path) -> Result<Vec<Value>, ClientError> {
-        let r = self
-            .call("fs/readDirectory", json!({ "path": uri(path) }))
+    /// `fs/readDirectory`, sorted by name.
+    pub async fn read_directory(&self, path: &Path) -> Result<Vec<DirectoryEntry>, ClientError> {
+        let listing: types::DirectoryListing = self
+            .call_as("fs/readDirectory", json!({ "path": uri(path) }))
             .await?;
-        Ok(r["entries"].as_array().cloned().unwrap_or_default())
+        Ok(listing.entries)
     }
 
     /// `fs/remove`.
@@ -481,8 +486,8 @@ impl Client {
     }
 
     /// `fs/walk` with `options` as `docs/PROTOCOL.md` gives them.
-    pub async fn walk(&self, path: &Path, options: Value) -> Result<Value, ClientError> {
-        self.call("fs/walk", json!({ "path": uri(path), "options": options }))
+    pub async fn walk(&self, path: &Path, options: Value) -> Result<Walk, ClientError> {
+        self.call_as("fs/walk", json!({ "path": uri(path), "options": options }))
             .await
     }
 

@@ -296,8 +296,7 @@ async fn run_inner(
         Some(dir) => dir,
         None => {
             let info = client.environment_info().await?;
-            let uri = info["cwd"].as_str().unwrap_or("file:///");
-            crate::protocol::parse_path(uri).unwrap_or_else(|_| PathBuf::from("/"))
+            crate::protocol::parse_path(&info.cwd).unwrap_or_else(|_| PathBuf::from("/"))
         }
     };
     let mut start = StartOptions::new("run", options.argv.clone())

@@ -466,3 +466,24 @@ fn debug_logging_shows_each_request_and_process_once_stamped() {
         assert!(!line.contains("server_stderr"), "{line}");
     }
 }
+
+#[test]
+fn completions_and_a_man_page_come_from_the_binary() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = Command::new(bin())
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{shell}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("exec-server") && text.contains("sandbox-check"),
+            "{shell}"
+        );
+    }
+    let out = Command::new(bin()).arg("man").output().unwrap();
+    assert!(out.status.success());
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(page.contains(".TH exec-server 1"), "{page}");
+    assert!(page.contains("completions"), "{page}");
+}

@@ -178,7 +178,7 @@ async fn dropping_the_client_leaves_no_process_behind() {
         .await
         .unwrap();
     let list = client.list_processes().await.unwrap();
-    let child = list["processes"][0]["pid"].as_i64().unwrap() as i32;
+    let child = list[0].pid;
     let server = client.server_pid().unwrap();
     drop(_p);
     drop(client);
@@ -204,5 +204,37 @@ async fn files_round_trip_through_the_client() {
         .await
         .unwrap_err();
     assert_eq!(missing.kind(), Some("notFound"));
+    client.shutdown().await;
+}
+
+#[tokio::test]
+async fn typed_results_for_metadata_listings_walks_and_info() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    std::fs::write(dir.path().join("sub/f.txt"), "12345").unwrap();
+    let client = local();
+    let meta = client
+        .get_metadata(&dir.path().join("sub/f.txt"), true)
+        .await
+        .unwrap();
+    assert!(
+        meta.is_file && !meta.is_directory && meta.size == 5,
+        "{meta:?}"
+    );
+    let entries = client.read_directory(dir.path()).await.unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].file_name, "sub");
+    assert!(entries[0].is_directory);
+    let walk = client
+        .walk(dir.path(), serde_json::json!({}))
+        .await
+        .unwrap();
+    assert!(!walk.truncated);
+    let kinds: Vec<&str> = walk.entries.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["directory", "file"], "{walk:?}");
+    let info = client.environment_info().await.unwrap();
+    assert_eq!(info.os, "linux");
+    assert!(info.cwd.starts_with("file://"), "{info:?}");
+    assert!(!info.shell.path.is_empty());
     client.shutdown().await;
 }
