@@ -247,6 +247,9 @@ pub fn available(what: &str, present: bool, why: &str) -> bool {
     {
         panic!("{why} (EXEC_SERVER_TEST_REQUIRE={required} makes this test mandatory)");
     }
-    eprintln!("SKIPPED: {why}");
+    // Straight to stderr: the test harness captures eprintln! of tests
+    // that pass, and this notice must be seen.
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "SKIPPED: {why}");
     false
 }
