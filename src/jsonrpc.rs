@@ -131,6 +131,106 @@ impl Response {
     }
 }
 
+/// What goes out to a peer, not yet encoded: the processes and the
+/// connection say what happened; the transport's codec decides the bytes
+/// ([`encode_line`] for newline-delimited transports).
+#[derive(Debug)]
+pub enum Outgoing {
+    /// The answer to one request.
+    Response(Response),
+    /// The answers to one batch, as one message.
+    Batch(Vec<Response>),
+    /// A process wrote output (`process/output`).
+    Output {
+        process_id: std::sync::Arc<str>,
+        seq: u64,
+        stream: crate::protocol::Stream,
+        /// Shared with the output log: not copied to be sent.
+        chunk: bytes::Bytes,
+    },
+    /// A process exited (`process/exited`).
+    Exited {
+        process_id: std::sync::Arc<str>,
+        seq: u64,
+        exit_code: i32,
+        sandbox_denied: bool,
+        signal: Option<&'static str>,
+    },
+    /// A process closed (`process/closed`).
+    Closed {
+        process_id: std::sync::Arc<str>,
+        seq: u64,
+    },
+}
+
+/// The line codec: `message` as one line of compact JSON, newline
+/// included.
+pub fn encode_line(message: &Outgoing) -> Vec<u8> {
+    use crate::protocol::{ClosedNotification, ExitedNotification, method};
+    match message {
+        Outgoing::Response(response) => response.to_line(),
+        Outgoing::Batch(responses) => value_line(&Value::Array(
+            responses.iter().map(Response::to_value).collect(),
+        )),
+        Outgoing::Output {
+            process_id,
+            seq,
+            stream,
+            chunk,
+        } => output_line(process_id, *seq, *stream, chunk),
+        Outgoing::Exited {
+            process_id,
+            seq,
+            exit_code,
+            sandbox_denied,
+            signal,
+        } => notification_line(
+            method::PROCESS_EXITED,
+            &ExitedNotification {
+                process_id,
+                seq: *seq,
+                exit_code: *exit_code,
+                sandbox_denied: *sandbox_denied,
+                signal: *signal,
+            },
+        ),
+        Outgoing::Closed { process_id, seq } => notification_line(
+            method::PROCESS_CLOSED,
+            &ClosedNotification {
+                process_id,
+                seq: *seq,
+            },
+        ),
+    }
+}
+
+/// The codec's fast path: a `process/output` line, equal to what the
+/// serializer writes for `protocol::OutputNotification`. Base64 needs no
+/// JSON escaping, so the chunk is encoded (with SIMD) straight into the
+/// line instead of going through the serializer's escaper byte by byte.
+pub(crate) fn output_line(
+    process_id: &str,
+    seq: u64,
+    stream: crate::protocol::Stream,
+    data: &[u8],
+) -> Vec<u8> {
+    use std::io::Write;
+    let mut line = Vec::with_capacity(data.len().div_ceil(3) * 4 + process_id.len() + 100);
+    line.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"method\":\"");
+    line.extend_from_slice(crate::protocol::method::PROCESS_OUTPUT.as_bytes());
+    line.extend_from_slice(b"\",\"params\":{\"processId\":");
+    // Writing into a Vec can't fail.
+    let _ = serde_json::to_writer(&mut line, process_id);
+    let _ = write!(
+        line,
+        ",\"seq\":{seq},\"stream\":\"{}\",\"chunk\":\"",
+        stream.as_str()
+    );
+    base64_simd::STANDARD.encode_append(data, &mut line);
+    line.extend_from_slice(b"\"}}\n");
+    line
+}
+
 /// One compact JSON line, newline included.
 pub fn value_line(value: &Value) -> Vec<u8> {
     let mut line = serde_json::to_vec(value).unwrap_or_default();
@@ -512,6 +612,27 @@ mod tests {
         let (value, duplicates) = strict::parse(text.as_bytes()).unwrap();
         assert_eq!(value, serde_json::from_str::<Value>(text).unwrap());
         assert_eq!(duplicates, vec![None]);
+    }
+
+    #[test]
+    fn the_hand_made_output_line_is_what_the_serializer_writes() {
+        use crate::protocol::{OutputNotification, Stream, method};
+        for id in ["p", "with \"quotes\" and \\ and \u{1}"] {
+            let made = output_line(id, 7, Stream::Pty, b"hi");
+            let serialized = notification_line(
+                method::PROCESS_OUTPUT,
+                &OutputNotification {
+                    process_id: id,
+                    seq: 7,
+                    stream: Stream::Pty,
+                    chunk: "aGk=",
+                },
+            );
+            assert_eq!(
+                String::from_utf8(made).unwrap(),
+                String::from_utf8(serialized).unwrap()
+            );
+        }
     }
 
     #[test]

@@ -256,7 +256,18 @@ impl Stream {
 pub struct OutputChunk {
     pub seq: u64,
     pub stream: Stream,
-    pub chunk: Bytes,
+    pub chunk: SharedBytes,
+}
+
+/// Bytes shared with the output log (no copy per read), base64 on the
+/// wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedBytes(pub bytes::Bytes);
+
+impl Serialize for SharedBytes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64_simd::STANDARD.encode_type::<String>(&self.0))
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -948,14 +948,14 @@ mod tests {
     #[test]
     fn the_output_fast_path_reads_what_the_server_writes() {
         let data: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
-        let line = crate::process::output_line("\"p-1\"", 42, Stream::Stderr, &data);
+        let line = crate::jsonrpc::output_line("p-1", 42, Stream::Stderr, &data);
         let parsed = OutputLine::parse(&line).expect("the server's own shape");
         assert_eq!(parsed.process_id, "p-1");
         assert_eq!(parsed.seq, 42);
         assert_eq!(parsed.stream, Stream::Stderr);
         assert_eq!(parsed.data, data);
         // The empty chunk and a line without its newline.
-        let line = crate::process::output_line("\"q\"", 1, Stream::Pty, b"");
+        let line = crate::jsonrpc::output_line("q", 1, Stream::Pty, b"");
         let parsed = OutputLine::parse(line.strip_suffix(b"\n").unwrap()).unwrap();
         assert_eq!((parsed.process_id, parsed.data), ("q", Vec::new()));
     }

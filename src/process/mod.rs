@@ -14,11 +14,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{Notify, mpsc, watch};
 
 use crate::error::{Error, Result};
-use crate::jsonrpc::notification_line;
+use crate::jsonrpc::Outgoing;
 use crate::lock;
 use crate::protocol::{
-    ClosedNotification, ExitedNotification, ProcessSummary, ReadParams, ReadResponse, Signal,
-    Stream, TtySize, WriteStatus, method,
+    ProcessSummary, ReadParams, ReadResponse, Signal, Stream, TtySize, WriteStatus,
 };
 use crate::transport::Outbound;
 
@@ -152,8 +151,8 @@ impl Drop for Launch {
 /// One started process.
 pub struct Process {
     pub id: String,
-    /// `id` as a JSON string, escaped once.
-    id_json: String,
+    /// `id`, shared by every event of the process.
+    shared_id: Arc<str>,
     pub pid: i32,
     pub argv: Vec<String>,
     pub tty: bool,
@@ -297,7 +296,7 @@ impl ProcessTable {
         };
         let process = Arc::new(Process {
             id: req.id.clone(),
-            id_json: serde_json::to_string(&req.id).unwrap_or_default(),
+            shared_id: Arc::from(req.id.as_str()),
             pid: spawned.child.pid(),
             argv: spec.argv.to_vec(),
             tty,
@@ -484,21 +483,27 @@ impl Process {
     /// Reserve room for one notification on the attached connection, if
     /// any. Room is reserved before the state lock is taken and the line is
     /// queued while it is held, which keeps notifications in seq order.
-    async fn reserve(&self) -> Option<mpsc::OwnedPermit<Vec<u8>>> {
+    async fn reserve(&self) -> Option<crate::transport::Permit> {
         let tx = lock(&self.attachment).as_ref().map(|(_, tx)| tx.clone())?;
-        tx.reserve_owned().await.ok()
+        tx.reserve().await
     }
 
     async fn push_output(&self, stream: Stream, data: Vec<u8>) {
         let permit = self.reserve().await;
+        let chunk = bytes::Bytes::from(data);
         {
             let mut state = self.lock();
             let seq = state.next_seq;
             state.next_seq += 1;
             if let Some(permit) = permit {
-                permit.send(output_line(&self.id_json, seq, stream, &data));
+                permit.send(Outgoing::Output {
+                    process_id: self.shared_id.clone(),
+                    seq,
+                    stream,
+                    chunk: chunk.clone(),
+                });
             }
-            state.log.push(seq, stream, data);
+            state.log.push(seq, stream, chunk);
         }
         self.changed.notify_waiters();
     }
@@ -527,16 +532,13 @@ impl Process {
             });
             state.reaped = true;
             if let Some(permit) = permit {
-                permit.send(notification_line(
-                    method::PROCESS_EXITED,
-                    &ExitedNotification {
-                        process_id: &self.id,
-                        seq,
-                        exit_code: code,
-                        sandbox_denied,
-                        signal,
-                    },
-                ));
+                permit.send(Outgoing::Exited {
+                    process_id: self.shared_id.clone(),
+                    seq,
+                    exit_code: code,
+                    sandbox_denied,
+                    signal,
+                });
             }
         }
         self.changed.notify_waiters();
@@ -560,13 +562,10 @@ impl Process {
             state.closed_seq = Some(seq);
             state.stdin_closed = true;
             if let Some(permit) = permit {
-                permit.send(notification_line(
-                    method::PROCESS_CLOSED,
-                    &ClosedNotification {
-                        process_id: &self.id,
-                        seq,
-                    },
-                ));
+                permit.send(Outgoing::Closed {
+                    process_id: self.shared_id.clone(),
+                    seq,
+                });
             }
         }
         self.changed.notify_waiters();
@@ -727,28 +726,6 @@ enum Sink {
     Pty(Arc<PtyMaster>),
 }
 
-/// A `process/output` notification line, equal to what the serializer
-/// writes for `protocol::OutputNotification`. Base64 needs no JSON escaping, so
-/// the chunk is encoded (with SIMD) straight into the line instead of
-/// going through the serializer's escaper byte by byte.
-pub(crate) fn output_line(id_json: &str, seq: u64, stream: Stream, data: &[u8]) -> Vec<u8> {
-    use std::io::Write;
-    let mut line = Vec::with_capacity(data.len().div_ceil(3) * 4 + id_json.len() + 100);
-    line.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"method\":\"");
-    line.extend_from_slice(method::PROCESS_OUTPUT.as_bytes());
-    line.extend_from_slice(b"\",\"params\":{\"processId\":");
-    line.extend_from_slice(id_json.as_bytes());
-    // Writing into a Vec can't fail.
-    let _ = write!(
-        line,
-        ",\"seq\":{seq},\"stream\":\"{}\",\"chunk\":\"",
-        stream.as_str()
-    );
-    base64_simd::STANDARD.encode_append(data, &mut line);
-    line.extend_from_slice(b"\"}}\n");
-    line
-}
-
 async fn pump(process: Arc<Process>, stream: Stream, mut source: Source) {
     loop {
         match source.read_chunk().await {
@@ -896,30 +873,5 @@ pub fn signal_name(sig: i32) -> &'static str {
         libc::SIGPWR => "SIGPWR",
         libc::SIGSYS => "SIGSYS",
         _ => "SIGUNKNOWN",
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_hand_made_output_line_is_what_the_serializer_writes() {
-        for id in ["p", "with \"quotes\" and \\ and \u{1}"] {
-            let made = output_line(&serde_json::to_string(id).unwrap(), 7, Stream::Pty, b"hi");
-            let serialized = notification_line(
-                method::PROCESS_OUTPUT,
-                &crate::protocol::OutputNotification {
-                    process_id: id,
-                    seq: 7,
-                    stream: Stream::Pty,
-                    chunk: "aGk=",
-                },
-            );
-            assert_eq!(
-                String::from_utf8(made).unwrap(),
-                String::from_utf8(serialized).unwrap()
-            );
-        }
     }
 }

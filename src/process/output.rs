@@ -3,7 +3,9 @@
 
 use std::collections::VecDeque;
 
-use crate::protocol::{Bytes, OutputChunk, Stream};
+use bytes::Bytes;
+
+use crate::protocol::{OutputChunk, SharedBytes, Stream};
 
 /// Retention limits for one process's output.
 #[derive(Debug, Clone, Copy)]
@@ -16,7 +18,7 @@ pub struct Retention {
 struct Retained {
     seq: u64,
     stream: Stream,
-    data: Vec<u8>,
+    data: Bytes,
 }
 
 /// Output chunks in seq order.
@@ -51,7 +53,7 @@ impl OutputLog {
 
     /// Append a chunk, then evict the oldest chunks beyond the limits. The
     /// newest chunk is always kept so that a reader can make progress.
-    pub fn push(&mut self, seq: u64, stream: Stream, data: Vec<u8>) {
+    pub fn push(&mut self, seq: u64, stream: Stream, data: Bytes) {
         self.bytes += data.len();
         self.chunks.push_back(Retained { seq, stream, data });
         while self.chunks.len() > 1
@@ -84,7 +86,7 @@ impl OutputLog {
             slice.chunks.push(OutputChunk {
                 seq: chunk.seq,
                 stream: chunk.stream,
-                chunk: Bytes(chunk.data.clone()),
+                chunk: SharedBytes(chunk.data.clone()),
             });
         }
         slice
@@ -115,7 +117,7 @@ mod tests {
     fn eviction_by_bytes_marks_truncation_for_earlier_readers() {
         let mut log = log(10, 100);
         for seq in 1..=4 {
-            log.push(seq, Stream::Stdout, vec![b'a'; 4]);
+            log.push(seq, Stream::Stdout, vec![b'a'; 4].into());
         }
         let slice = log.read(0, None);
         assert!(slice.truncated);
@@ -127,7 +129,7 @@ mod tests {
     fn eviction_by_count() {
         let mut log = log(1 << 20, 2);
         for seq in 1..=5 {
-            log.push(seq, Stream::Stderr, vec![1]);
+            log.push(seq, Stream::Stderr, vec![1].into());
         }
         let seqs: Vec<u64> = log.read(0, None).chunks.iter().map(|c| c.seq).collect();
         assert_eq!(seqs, vec![4, 5]);
@@ -136,9 +138,9 @@ mod tests {
     #[test]
     fn max_bytes_stops_before_overflow_but_returns_one_chunk() {
         let mut log = log(1 << 20, 100);
-        log.push(1, Stream::Stdout, vec![0; 5]);
-        log.push(2, Stream::Stdout, vec![0; 5]);
-        log.push(3, Stream::Stdout, vec![0; 5]);
+        log.push(1, Stream::Stdout, vec![0; 5].into());
+        log.push(2, Stream::Stdout, vec![0; 5].into());
+        log.push(3, Stream::Stdout, vec![0; 5].into());
         assert_eq!(log.read(0, Some(10)).last_seq, Some(2));
         assert_eq!(log.read(0, Some(1)).last_seq, Some(1));
         assert_eq!(log.read(3, Some(1)).last_seq, None);

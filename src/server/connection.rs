@@ -12,7 +12,7 @@ use super::Server;
 use super::dispatch::{self, ConnState, Ctx, Reply};
 use super::session::Session;
 use crate::error::Error;
-use crate::jsonrpc::{self, Incoming, Message, Request, Response, value_line};
+use crate::jsonrpc::{self, Incoming, Message, Outgoing, Request, Response};
 use crate::protocol::{InitializeParams, InitializeResponse, ServerInfo, method};
 use crate::transport::{Frame, Outbound, Transport};
 
@@ -56,10 +56,10 @@ pub async fn serve(server: Arc<Server>, transport: Transport) {
 }
 
 impl Connection {
-    async fn send(&self, line: Vec<u8>) {
+    async fn send(&self, response: Response) {
         // A send fails only when the writer is gone, and then the
         // connection is ending anyway.
-        let _ = self.outgoing.send(line).await;
+        self.outgoing.send(Outgoing::Response(response)).await;
     }
 
     async fn on_frame(&mut self, frame: Frame) {
@@ -69,23 +69,23 @@ impl Connection {
                 let limit = self.server.config.max_message_bytes;
                 let error = Error::MessageTooLarge { size, limit };
                 tracing::warn!("{error}");
-                self.send(Response::err(None, error).to_line()).await;
+                self.send(Response::err(None, error)).await;
                 return;
             }
         };
         match jsonrpc::parse(&bytes) {
-            Incoming::Single(Err(response)) => self.send(response.to_line()).await,
+            Incoming::Single(Err(response)) => self.send(response).await,
             Incoming::Single(Ok(message)) => match self.handle(message) {
                 None => {}
-                Some(Pending::Ready(response)) => self.send(response.to_line()).await,
+                Some(Pending::Ready(response)) => self.send(response).await,
                 Some(Pending::ReadyThen(response, hook)) => {
-                    self.send(response.to_line()).await;
+                    self.send(response).await;
                     hook();
                 }
                 Some(Pending::Later(future)) => {
                     let out = self.outgoing.clone();
                     tokio::spawn(async move {
-                        let _ = out.send(future.await.to_line()).await;
+                        let _ = out.send(Outgoing::Response(future.await)).await;
                     });
                 }
             },
@@ -118,11 +118,11 @@ impl Connection {
                     let mut responses = Vec::with_capacity(answers.len());
                     for answer in answers {
                         responses.push(match answer {
-                            Ok(r) => r.to_value(),
-                            Err(f) => f.await.to_value(),
+                            Ok(r) => r,
+                            Err(f) => f.await,
                         });
                     }
-                    value_line(&Value::Array(responses))
+                    Outgoing::Batch(responses)
                 };
                 tokio::spawn(async move {
                     let _ = out.send(batch.await).await;

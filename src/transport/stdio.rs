@@ -12,7 +12,8 @@ use std::thread::JoinHandle;
 
 use tokio::sync::mpsc;
 
-use super::{Frame, OUTBOUND_CAPACITY, Transport};
+use super::{Frame, OUTBOUND_CAPACITY, Outbound, Transport};
+use crate::jsonrpc::encode_line;
 
 /// The running stdio transport; `writer` finishes once every sender is gone.
 pub struct Stdio {
@@ -49,7 +50,7 @@ pub fn start(max_message_bytes: usize) -> Stdio {
     Stdio {
         transport: Transport {
             incoming: in_rx,
-            outgoing: out_tx,
+            outgoing: Outbound::new(out_tx, encode_line),
         },
         writer,
     }
@@ -217,17 +218,21 @@ mod tests {
         }
     }
 
+    use crate::jsonrpc::Outgoing;
+
     #[test]
     fn queued_lines_go_out_whole_and_in_order_through_short_writes() {
-        // 200 lines of growing size (the first one empty but for its newline).
-        let lines: Vec<Vec<u8>> = (0..200)
-            .map(|i| format!("{}\n", "x".repeat(i * 7)).into_bytes())
-            .collect();
+        // 200 messages of growing size.
+        let message = |i: usize| Outgoing::Closed {
+            process_id: "x".repeat(i * 7).into(),
+            seq: i as u64,
+        };
+        let lines: Vec<Vec<u8>> = (0..200).map(|i| encode_line(&message(i))).collect();
         let want = lines.concat();
         for step in [1, 3, 4096, 1 << 30] {
             let (tx, rx) = mpsc::channel(lines.len());
-            for line in &lines {
-                tx.try_send(line.clone()).unwrap();
+            for i in 0..lines.len() {
+                tx.try_send(encode_line(&message(i))).unwrap();
             }
             drop(tx);
             let mut out = Trickle {
