@@ -122,6 +122,17 @@ impl Containment {
         }
     }
 
+    /// Containment without a watchdog (nothing is forked), for unit tests
+    /// that start no process.
+    #[cfg(test)]
+    pub fn for_tests() -> Containment {
+        Containment {
+            mode: Mode::Subreaper,
+            watchdog: None,
+            next_id: AtomicU64::new(1),
+        }
+    }
+
     pub fn mode(&self) -> &Mode {
         &self.mode
     }

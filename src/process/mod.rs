@@ -52,8 +52,21 @@ pub const STDIN_QUEUE_BYTES: u64 = 8 * 1024 * 1024;
 /// values are clamped, so no value can overflow a deadline.
 const MAX_WAIT_MS: u64 = 24 * 60 * 60 * 1000;
 
-/// Where a session's notifications go: the attached connection, if any.
-pub type Attachment = Arc<Mutex<Option<(u64, Outbound)>>>;
+/// Where a session's notifications go: the attached connection, if any,
+/// and how many times a connection has attached (one lock for both, so an
+/// expiry timer can tell, in one look, that a resume happened since).
+pub type Attachment = Arc<Mutex<Attached>>;
+
+/// The attachment state of a session.
+#[derive(Default)]
+pub struct Attached {
+    /// The connection's id and its sending half.
+    pub connection: Option<(u64, Outbound)>,
+    /// Bumped on every attach.
+    pub generation: u64,
+    /// The session expired: nobody may attach again.
+    pub expired: bool,
+}
 
 /// Work a request does once its response is queued, so that no effect of
 /// a request (output, exit) can be seen before its response.
@@ -484,7 +497,10 @@ impl Process {
     /// any. Room is reserved before the state lock is taken and the line is
     /// queued while it is held, which keeps notifications in seq order.
     async fn reserve(&self) -> Option<crate::transport::Permit> {
-        let tx = lock(&self.attachment).as_ref().map(|(_, tx)| tx.clone())?;
+        let tx = lock(&self.attachment)
+            .connection
+            .as_ref()
+            .map(|(_, tx)| tx.clone())?;
         tx.reserve().await
     }
 

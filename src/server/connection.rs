@@ -31,6 +31,9 @@ struct Connection {
     session: Option<Arc<Session>>,
     initialized: bool,
     state: Arc<ConnState>,
+    /// Answers still being worked on (long-polls, writes waiting for
+    /// room, batches): they end with the connection.
+    tasks: tokio::task::JoinSet<()>,
 }
 
 /// Serve one connection until its input ends, then detach its session.
@@ -46,10 +49,24 @@ pub async fn serve(server: Arc<Server>, transport: Transport) {
         session: None,
         initialized: false,
         state: Arc::new(ConnState::start()),
+        tasks: tokio::task::JoinSet::new(),
     };
-    while let Some(frame) = incoming.recv().await {
-        conn.on_frame(frame).await;
+    let mut shutdown = conn.server.shutdown.subscribe();
+    // The flag only ever goes from false to true: any change is the end.
+    while !*shutdown.borrow_and_update() {
+        tokio::select! {
+            frame = incoming.recv() => match frame {
+                Some(frame) => conn.on_frame(frame).await,
+                None => break,
+            },
+            _ = shutdown.changed() => break,
+        }
+        // Forget the tasks that are done.
+        while conn.tasks.try_join_next().is_some() {}
     }
+    // A read still waiting has nothing to answer to; what it would have
+    // returned stays retained for a resumed session.
+    conn.tasks.abort_all();
     if let Some(session) = &conn.session {
         conn.server.sessions.detach(session, conn.id);
     }
@@ -84,8 +101,8 @@ impl Connection {
                 }
                 Some(Pending::Later(future)) => {
                     let out = self.outgoing.clone();
-                    tokio::spawn(async move {
-                        let _ = out.send(Outgoing::Response(future.await)).await;
+                    self.tasks.spawn(async move {
+                        out.send(Outgoing::Response(future.await)).await;
                     });
                 }
             },
@@ -124,8 +141,8 @@ impl Connection {
                     }
                     Outgoing::Batch(responses)
                 };
-                tokio::spawn(async move {
-                    let _ = out.send(batch.await).await;
+                self.tasks.spawn(async move {
+                    out.send(batch.await).await;
                 });
             }
         }

@@ -54,6 +54,8 @@ pub struct Server {
     pub workspace_roots: Vec<PathBuf>,
     /// How processes are contained, and the watchdog.
     pub containment: Arc<Containment>,
+    /// Set once to end every connection (the server is shutting down).
+    pub shutdown: tokio::sync::watch::Sender<bool>,
     next_connection: AtomicU64,
 }
 
@@ -74,6 +76,7 @@ impl Server {
             )),
             workspace_roots: environment::workspace_roots(&config.workspace_roots),
             containment,
+            shutdown: tokio::sync::watch::channel(false).0,
             config,
             next_connection: AtomicU64::new(1),
         })
@@ -106,10 +109,15 @@ pub fn run_stdio(config: Config) -> std::io::Result<()> {
         tokio::spawn(async move { watched.watch_watchdog().await });
         let server = Server::new(config, containment);
         let io = stdio::start(server.config.max_message_bytes);
-        let serve = connection::serve(server.clone(), io.transport);
+        let mut serve = tokio::spawn(connection::serve(server.clone(), io.transport));
         tokio::select! {
-            () = serve => tracing::debug!("stdin closed"),
-            name = terminating_signal() => tracing::info!("received {name}, shutting down"),
+            _ = &mut serve => tracing::debug!("stdin closed"),
+            name = terminating_signal() => {
+                tracing::info!("received {name}, shutting down");
+                // Every connection ends, with the tasks it still runs.
+                server.shutdown.send_replace(true);
+                let _ = serve.await;
+            }
         }
         if tokio::time::timeout(REAP_TIMEOUT, server.sessions.shutdown())
             .await

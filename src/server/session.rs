@@ -7,29 +7,30 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::process::{Attachment, Limits, ProcessTable, container::Containment};
+use crate::process::{Attached, Attachment, Limits, ProcessTable, container::Containment};
 use crate::transport::Outbound;
 
 /// A session owns its processes; at most one connection is attached.
 pub struct Session {
     pub id: String,
     pub processes: Arc<ProcessTable>,
+    /// The attached connection and the attach count, under one lock.
     attachment: Attachment,
-    /// Bumped on every attach, so a stale expiry timer knows it is stale.
-    generation: Mutex<u64>,
 }
 
 impl Session {
     /// Whether connection `conn` is the one attached.
     pub fn is_attached_to(&self, conn: u64) -> bool {
         lock(&self.attachment)
+            .connection
             .as_ref()
             .is_some_and(|(id, _)| *id == conn)
     }
 
     fn attach(&self, conn: u64, outbound: Outbound) {
-        *lock(&self.attachment) = Some((conn, outbound));
-        *lock(&self.generation) += 1;
+        let mut attached = lock(&self.attachment);
+        attached.connection = Some((conn, outbound));
+        attached.generation += 1;
     }
 }
 
@@ -57,12 +58,11 @@ impl Registry {
 
     /// A new session attached to connection `conn`.
     pub fn create(&self, conn: u64, outbound: Outbound) -> Arc<Session> {
-        let attachment: Attachment = Arc::new(Mutex::new(None));
+        let attachment: Attachment = Arc::new(Mutex::new(Attached::default()));
         let session = Arc::new(Session {
             id: uuid_v4(),
             processes: ProcessTable::new(self.limits, attachment.clone(), self.containment.clone()),
             attachment,
-            generation: Mutex::new(0),
         });
         session.attach(conn, outbound);
         self.map().insert(session.id.clone(), session.clone());
@@ -76,36 +76,51 @@ impl Registry {
             .get(id)
             .cloned()
             .ok_or_else(|| Error::UnknownSession(id.to_string()))?;
-        let mut slot = lock(&session.attachment);
-        if slot.is_some() {
+        let mut attached = lock(&session.attachment);
+        if attached.expired {
+            return Err(Error::UnknownSession(id.to_string()));
+        }
+        if attached.connection.is_some() {
             return Err(Error::SessionAttached(id.to_string()));
         }
-        *slot = Some((conn, outbound));
-        drop(slot);
-        *lock(&session.generation) += 1;
+        attached.connection = Some((conn, outbound));
+        attached.generation += 1;
+        drop(attached);
         Ok(session)
     }
 
     /// Detach connection `conn` from `session`; the session expires after
     /// the detached TTL unless it is resumed first.
     pub fn detach(self: &Arc<Self>, session: &Arc<Session>, conn: u64) {
-        {
-            let mut slot = lock(&session.attachment);
-            if slot.as_ref().is_none_or(|(id, _)| *id != conn) {
+        let generation = {
+            let mut attached = lock(&session.attachment);
+            if attached
+                .connection
+                .as_ref()
+                .is_none_or(|(id, _)| *id != conn)
+            {
                 return;
             }
-            *slot = None;
-        }
-        let generation = *lock(&session.generation);
+            attached.connection = None;
+            attached.generation
+        };
         let registry = self.clone();
         let session = session.clone();
         tokio::spawn(async move {
             tokio::time::sleep(registry.detached_ttl).await;
-            let still_detached = lock(&session.attachment).is_none();
-            let same = *lock(&session.generation) == generation;
-            if still_detached && same {
+            // Decided and recorded under the attachment's lock, so that a
+            // resume either wins before it or is refused after it.
+            let expired = {
+                let mut attached = lock(&session.attachment);
+                let expired = attached.connection.is_none() && attached.generation == generation;
+                if expired {
+                    attached.expired = true;
+                    registry.map().remove(&session.id);
+                }
+                expired
+            };
+            if expired {
                 tracing::info!(session = %session.id, "detached session expired");
-                registry.map().remove(&session.id);
                 session.processes.kill_all();
             }
         });
@@ -120,7 +135,7 @@ impl Registry {
         for session in &all {
             session.processes.wait_reaped().await;
             // Let go of the connection so its writer can finish.
-            *lock(&session.attachment) = None;
+            lock(&session.attachment).connection = None;
         }
     }
 }
@@ -153,6 +168,70 @@ fn uuid_v4() -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use crate::process::output::Retention;
+
+    fn registry(ttl_ms: u64) -> Arc<Registry> {
+        let limits = Limits {
+            retention: Retention {
+                max_bytes: 1024,
+                max_chunks: 16,
+            },
+            closed_retention: Duration::from_secs(1),
+        };
+        Arc::new(Registry::new(
+            limits,
+            Arc::new(Containment::for_tests()),
+            Duration::from_millis(ttl_ms),
+        ))
+    }
+
+    fn outbound() -> Outbound {
+        Outbound::new(tokio::sync::mpsc::channel(4).0, crate::jsonrpc::encode_line)
+    }
+
+    #[tokio::test]
+    async fn a_detached_session_is_resumed_once_and_expires_without_a_connection() {
+        let registry = registry(100);
+        let session = registry.create(1, outbound());
+        // Attached elsewhere: retryable refusal.
+        assert!(matches!(
+            registry.resume(&session.id, 2, outbound()),
+            Err(Error::SessionAttached(_))
+        ));
+        registry.detach(&session, 1);
+        let resumed = registry.resume(&session.id, 2, outbound()).unwrap();
+        assert!(Arc::ptr_eq(&resumed, &session));
+        assert!(session.is_attached_to(2) && !session.is_attached_to(1));
+        // The first detach's timer must not expire the resumed session.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(registry.resume(&session.id, 3, outbound()).is_err());
+        assert!(session.is_attached_to(2));
+        // Detached for longer than the TTL: gone, even for a caller that
+        // still holds the session.
+        registry.detach(&session, 2);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(matches!(
+            registry.resume(&session.id, 4, outbound()),
+            Err(Error::UnknownSession(_))
+        ));
+        assert!(lock(&session.attachment).expired);
+    }
+
+    #[tokio::test]
+    async fn a_stale_connection_can_not_detach_the_one_that_resumed() {
+        let registry = registry(50);
+        let session = registry.create(1, outbound());
+        registry.detach(&session, 1);
+        registry.resume(&session.id, 2, outbound()).unwrap();
+        // The old connection ends late: nothing changes.
+        registry.detach(&session, 1);
+        assert!(session.is_attached_to(2));
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        assert!(session.is_attached_to(2));
+        assert!(!lock(&session.attachment).expired);
+    }
+
     #[test]
     fn uuid_has_version_and_variant_bits() {
         let id = super::uuid_v4();
