@@ -1,0 +1,153 @@
+//! How to start a server, and a command line split the way a shell does.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use super::ClientError;
+
+/// How to start a server: a program, its arguments, and optionally extra
+/// environment and a working directory.
+#[derive(Debug, Clone)]
+pub struct ServerCommand {
+    /// The program (looked up in `PATH` when it has no `/`).
+    pub program: OsString,
+    /// Its arguments.
+    pub args: Vec<OsString>,
+    /// Variables added to its environment.
+    pub env: Vec<(OsString, OsString)>,
+    /// Its working directory (default: this process's).
+    pub cwd: Option<PathBuf>,
+}
+
+impl ServerCommand {
+    /// `program` with no arguments.
+    pub fn new(program: impl Into<OsString>) -> Self {
+        ServerCommand {
+            program: program.into(),
+            args: Vec::new(),
+            env: Vec::new(),
+            cwd: None,
+        }
+    }
+
+    /// Add an argument.
+    pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    /// Add a variable to the server's environment.
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Start the server in `dir`.
+    pub fn cwd(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.cwd = Some(dir.into());
+        self
+    }
+
+    /// Split a command line the way a POSIX shell splits words: whitespace
+    /// separates, single quotes keep everything, double quotes and
+    /// backslashes escape. No expansion happens.
+    pub fn parse(line: &str) -> Result<Self, ClientError> {
+        let words = split_words(line)?;
+        let mut words = words.into_iter();
+        let program = words
+            .next()
+            .ok_or_else(|| ClientError::InvalidCommand("the command is empty".into()))?;
+        let mut command = ServerCommand::new(program);
+        command.args = words.map(OsString::from).collect();
+        Ok(command)
+    }
+
+    pub(super) fn display(&self) -> String {
+        let mut text = self.program.to_string_lossy().into_owned();
+        for arg in &self.args {
+            text.push(' ');
+            text.push_str(&arg.to_string_lossy());
+        }
+        text
+    }
+}
+
+fn split_words(line: &str) -> Result<Vec<String>, ClientError> {
+    let mut words = Vec::new();
+    let mut word: Option<String> = None;
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            c if c.is_whitespace() => {
+                if let Some(w) = word.take() {
+                    words.push(w);
+                }
+            }
+            '\'' => {
+                let w = word.get_or_insert_with(String::new);
+                loop {
+                    match chars.next() {
+                        Some('\'') => break,
+                        Some(c) => w.push(c),
+                        None => {
+                            return Err(ClientError::InvalidCommand(
+                                "unclosed single quote".into(),
+                            ));
+                        }
+                    }
+                }
+            }
+            '"' => {
+                let w = word.get_or_insert_with(String::new);
+                loop {
+                    match chars.next() {
+                        Some('"') => break,
+                        Some('\\') => match chars.next() {
+                            Some(c @ ('"' | '\\' | '$' | '`')) => w.push(c),
+                            Some(c) => {
+                                w.push('\\');
+                                w.push(c);
+                            }
+                            None => {
+                                return Err(ClientError::InvalidCommand(
+                                    "unclosed double quote".into(),
+                                ));
+                            }
+                        },
+                        Some(c) => w.push(c),
+                        None => {
+                            return Err(ClientError::InvalidCommand(
+                                "unclosed double quote".into(),
+                            ));
+                        }
+                    }
+                }
+            }
+            '\\' => {
+                let w = word.get_or_insert_with(String::new);
+                if let Some(c) = chars.next() {
+                    w.push(c);
+                }
+            }
+            c => word.get_or_insert_with(String::new).push(c),
+        }
+    }
+    if let Some(w) = word {
+        words.push(w);
+    }
+    Ok(words)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn words_split_like_a_shell() {
+        assert_eq!(
+            split_words(r#"ssh -p 22 'host name' "a \"b\"" c\ d"#).unwrap(),
+            vec!["ssh", "-p", "22", "host name", "a \"b\"", "c d"]
+        );
+        assert!(split_words("'open").is_err());
+    }
+}

@@ -1,0 +1,460 @@
+//! A live connection to a started server: its stdin writer, its stdout
+//! reader (with a fast path for `process/output` lines), pending calls and
+//! process subscriptions, and its stderr.
+
+use std::collections::{HashMap, VecDeque};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{ClientError, ServerCommand, Stream};
+use crate::lock;
+
+/// How long the handshake may take (an SSH connection can be slow).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How much of the server's stderr is kept for error messages.
+const STDERR_TAIL: usize = 4096;
+
+/// The `tracing` target of the server's stderr lines.
+pub const SERVER_STDERR_TARGET: &str = "exec_server::client::server_stderr";
+
+/// Log one line of the server's stderr at the level the server gave it
+/// (its own log lines read `TIME LEVEL target: message`); anything else
+/// (a panic, ssh's own messages) is a warning.
+fn forward_stderr_line(line: &str) {
+    let level = line.split_whitespace().nth(1).unwrap_or("");
+    match level {
+        "ERROR" => tracing::error!(target: SERVER_STDERR_TARGET, "{line}"),
+        "INFO" => tracing::info!(target: SERVER_STDERR_TARGET, "{line}"),
+        "DEBUG" => tracing::debug!(target: SERVER_STDERR_TARGET, "{line}"),
+        "TRACE" => tracing::trace!(target: SERVER_STDERR_TARGET, "{line}"),
+        _ => tracing::warn!(target: SERVER_STDERR_TARGET, "{line}"),
+    }
+}
+
+/// A live connection to a started server.
+pub(crate) struct Conn {
+    /// Lines for the server's stdin; `None` closes it.
+    pub(super) writer: mpsc::UnboundedSender<Option<Vec<u8>>>,
+    state: Mutex<ConnState>,
+    pub(super) next_id: AtomicI64,
+    pub(super) stderr: Arc<Mutex<VecDeque<u8>>>,
+    pub(super) pid: i32,
+    pub(super) exited: Arc<AtomicBool>,
+    pub(super) exit_notify: Arc<tokio::sync::Notify>,
+    pub(super) session_id: Mutex<String>,
+}
+
+#[derive(Default)]
+struct ConnState {
+    pending: HashMap<i64, oneshot::Sender<Result<Value, ClientError>>>,
+    subscribers: HashMap<String, mpsc::UnboundedSender<Note>>,
+    lost: Option<ClientError>,
+}
+
+impl Conn {
+    pub(super) fn stderr_tail(&self) -> String {
+        stderr_text(&self.stderr)
+    }
+
+    pub(super) fn kill(&self) {
+        if !self.exited.load(Ordering::SeqCst) && self.pid > 1 {
+            // SAFETY: plain syscall; the group leader is our unreaped child.
+            unsafe { libc::kill(-self.pid, libc::SIGKILL) };
+        }
+    }
+
+    pub(crate) fn subscribe(&self, process_id: &str) -> mpsc::UnboundedReceiver<Note> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut state = lock(&self.state);
+        if state.lost.is_none() {
+            state.subscribers.insert(process_id.to_string(), tx);
+        }
+        rx
+    }
+
+    pub(crate) fn unsubscribe(&self, process_id: &str) {
+        let mut state = lock(&self.state);
+        state.subscribers.remove(process_id);
+    }
+
+    /// Send a request and wait for its response. The call is registered
+    /// before the connection state is checked, under one lock, so a call
+    /// can never slip past a connection loss and wait forever.
+    pub(crate) async fn call(&self, method: &str, params: Value) -> Result<Value, ClientError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut state = lock(&self.state);
+            if let Some(lost) = &state.lost {
+                return Err(lost.clone());
+            }
+            state.pending.insert(id, tx);
+        }
+        let mut line = serde_json::to_vec(&json!({
+            "jsonrpc": "2.0", "id": id, "method": method, "params": params
+        }))
+        .unwrap_or_default();
+        line.push(b'\n');
+        if self.writer.send(Some(line)).is_err() {
+            lock(&self.state).pending.remove(&id);
+            return Err(ClientError::ConnectionLost {
+                stderr: self.stderr_tail(),
+            });
+        }
+        match rx.await {
+            Ok(Ok(result)) => Ok(result),
+            Ok(Err(ClientError::Rpc {
+                code,
+                kind,
+                message,
+                errno,
+                ..
+            })) => Err(ClientError::Rpc {
+                method: method.to_string(),
+                code,
+                kind,
+                message,
+                errno,
+            }),
+            Ok(Err(other)) => Err(other),
+            Err(_) => Err(ClientError::ConnectionLost {
+                stderr: self.stderr_tail(),
+            }),
+        }
+    }
+
+    fn notify(&self, line: &[u8]) {
+        let _ = self.writer.send(Some(line.to_vec()));
+    }
+
+    /// Fail every pending call and end every subscription.
+    fn lose(&self) {
+        let error = ClientError::ConnectionLost {
+            stderr: self.stderr_tail(),
+        };
+        let (pending, subscribers) = {
+            let mut state = lock(&self.state);
+            if state.lost.is_none() {
+                state.lost = Some(error.clone());
+            }
+            (
+                std::mem::take(&mut state.pending),
+                std::mem::take(&mut state.subscribers),
+            )
+        };
+        for (_, tx) in pending {
+            let _ = tx.send(Err(error.clone()));
+        }
+        drop(subscribers);
+    }
+
+    fn dispatch(&self, line: &[u8]) {
+        if let Some(output) = OutputLine::parse(line) {
+            // The common case, a chunk of output, skips building a Value.
+            let state = lock(&self.state);
+            if let Some(tx) = state.subscribers.get(output.process_id) {
+                let _ = tx.send(Note::Output {
+                    seq: output.seq,
+                    stream: output.stream,
+                    data: output.data,
+                });
+            }
+            return;
+        }
+        let Ok(msg) = serde_json::from_slice::<Value>(line) else {
+            tracing::warn!("the server wrote a line that is not JSON");
+            return;
+        };
+        if msg.get("method").is_some() {
+            // Hand the message over without copying it (an output chunk
+            // can be hundreds of KiB).
+            match msg["params"]["processId"].as_str().map(str::to_owned) {
+                Some(pid) => {
+                    let state = lock(&self.state);
+                    if let Some(tx) = state.subscribers.get(&pid) {
+                        let _ = tx.send(Note::Other(msg));
+                    }
+                }
+                None => tracing::debug!(method = %msg["method"], "unrouted notification"),
+            }
+            return;
+        }
+        let Some(id) = msg.get("id").and_then(Value::as_i64) else {
+            return;
+        };
+        let tx = lock(&self.state).pending.remove(&id);
+        let Some(tx) = tx else { return };
+        let outcome = match msg.get("error") {
+            Some(err) => Err(ClientError::Rpc {
+                method: String::new(),
+                code: err["code"].as_i64().unwrap_or(0),
+                kind: err["data"]["kind"].as_str().unwrap_or("").to_string(),
+                message: err["message"].as_str().unwrap_or("").to_string(),
+                errno: err["data"]["errno"].as_i64(),
+            }),
+            None => Ok(msg.get("result").cloned().unwrap_or(Value::Null)),
+        };
+        let _ = tx.send(outcome);
+    }
+}
+
+/// A notification for one process, as its [`Process`] receives it.
+pub(crate) enum Note {
+    /// A `process/output` taken apart by [`OutputLine::parse`], decoded.
+    Output {
+        seq: u64,
+        stream: Stream,
+        data: Vec<u8>,
+    },
+    /// Any other notification.
+    Other(Value),
+}
+
+/// A `process/output` line written in the exact shape this server writes
+/// (members in its order, no whitespace, no escapes in the id), taken apart
+/// and decoded. Any other shape, from another server or a future version,
+/// and a chunk that is not valid base64, are left to the general JSON path
+/// (which reports the bad chunk).
+#[derive(Debug, PartialEq, Eq)]
+struct OutputLine<'a> {
+    process_id: &'a str,
+    seq: u64,
+    stream: Stream,
+    data: Vec<u8>,
+}
+
+impl<'a> OutputLine<'a> {
+    fn parse(line: &'a [u8]) -> Option<Self> {
+        let rest = line.strip_prefix(
+            b"{\"jsonrpc\":\"2.0\",\"method\":\"process/output\",\"params\":{\"processId\":\"",
+        )?;
+        let (process_id, rest) = until_quote(rest)?;
+        let rest = rest.strip_prefix(b"\",\"seq\":")?;
+        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+        let seq = std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()?;
+        let rest = rest[digits..].strip_prefix(b",\"stream\":\"")?;
+        let (stream, rest) = until_quote(rest)?;
+        let stream = match stream {
+            b"stdout" => Stream::Stdout,
+            b"stderr" => Stream::Stderr,
+            b"pty" => Stream::Pty,
+            _ => return None,
+        };
+        let rest = rest.strip_prefix(b"\",\"chunk\":\"")?;
+        // The chunk runs to the closing quote at the end of the line; it is
+        // not scanned for a quote here: decoding rejects anything that is
+        // not base64.
+        let rest = rest
+            .strip_suffix(b"\n")
+            .map_or(rest, |r| r.strip_suffix(b"\r").unwrap_or(r));
+        let chunk = rest.strip_suffix(b"\"}}")?;
+        Some(OutputLine {
+            process_id: std::str::from_utf8(process_id).ok()?,
+            seq,
+            stream,
+            data: base64_simd::STANDARD.decode_type(chunk).ok()?,
+        })
+    }
+}
+
+/// The bytes before the next `"`, and the rest from that quote on; `None`
+/// when an escape or control character comes first (then the text is not a
+/// plain JSON string body).
+fn until_quote(text: &[u8]) -> Option<(&[u8], &[u8])> {
+    let end = text
+        .iter()
+        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
+    (text[end] == b'"').then(|| text.split_at(end))
+}
+
+fn stderr_text(buf: &Mutex<VecDeque<u8>>) -> String {
+    let buf = lock(buf);
+    let bytes: Vec<u8> = buf.iter().copied().collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// Start the server and complete the handshake.
+pub(super) async fn connect(
+    command: &ServerCommand,
+    client_name: &str,
+) -> Result<Arc<Conn>, ClientError> {
+    let shown = command.display();
+    let mut cmd = tokio::process::Command::new(&command.program);
+    cmd.args(&command.args)
+        .envs(command.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(false);
+    if let Some(dir) = &command.cwd {
+        cmd.current_dir(dir);
+    }
+    let mut child = cmd.spawn().map_err(|e| ClientError::Spawn {
+        command: shown.clone(),
+        message: crate::error::lower_io(&e),
+    })?;
+    let pid = child.id().map(|p| p as i32).unwrap_or(0);
+    let (mut stdin, stdout, mut stderr) = (
+        child.stdin.take().expect("piped stdin"),
+        child.stdout.take().expect("piped stdout"),
+        child.stderr.take().expect("piped stderr"),
+    );
+    let (writer, mut lines) = mpsc::unbounded_channel::<Option<Vec<u8>>>();
+    let stderr_buf = Arc::new(Mutex::new(VecDeque::new()));
+    let conn = Arc::new(Conn {
+        writer,
+        state: Mutex::new(ConnState::default()),
+        next_id: AtomicI64::new(1),
+        stderr: stderr_buf.clone(),
+        pid,
+        exited: Arc::new(AtomicBool::new(false)),
+        exit_notify: Arc::new(tokio::sync::Notify::new()),
+        session_id: Mutex::new(String::new()),
+    });
+
+    tokio::spawn(async move {
+        while let Some(Some(line)) = lines.recv().await {
+            if stdin.write_all(&line).await.is_err() || stdin.flush().await.is_err() {
+                break;
+            }
+        }
+        // Dropping stdin closes the server's input.
+    });
+    let stderr_done = Arc::new(tokio::sync::Notify::new());
+    {
+        let stderr_done = stderr_done.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            loop {
+                match stderr.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        let text = String::from_utf8_lossy(&buf[..n]);
+                        for line in text.lines() {
+                            forward_stderr_line(line);
+                        }
+                        let mut tail = lock(&stderr_buf);
+                        tail.extend(&buf[..n]);
+                        while tail.len() > STDERR_TAIL {
+                            tail.pop_front();
+                        }
+                    }
+                }
+            }
+            stderr_done.notify_waiters();
+        });
+    }
+    {
+        let conn = Arc::downgrade(&conn);
+        tokio::spawn(async move {
+            let mut reader = super::lines::LineReader::new(stdout);
+            while let Ok(Some(line)) = reader.next_line().await {
+                match conn.upgrade() {
+                    Some(conn) => conn.dispatch(line),
+                    None => return,
+                }
+            }
+            if let Some(conn) = conn.upgrade() {
+                conn.lose();
+            }
+        });
+    }
+    {
+        let exited = conn.exited.clone();
+        let notify = conn.exit_notify.clone();
+        let weak = Arc::downgrade(&conn);
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+            exited.store(true, Ordering::SeqCst);
+            notify.notify_waiters();
+            // The server is gone even if something still holds its stdout.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if let Some(conn) = weak.upgrade() {
+                conn.lose();
+            }
+        });
+    }
+
+    let handshake = async {
+        let result = conn
+            .call("initialize", json!({ "clientName": client_name }))
+            .await?;
+        conn.notify(b"{\"jsonrpc\":\"2.0\",\"method\":\"initialized\"}\n");
+        Ok::<Value, ClientError>(result)
+    };
+    let failure = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(result)) => {
+            let session = result["sessionId"].as_str().unwrap_or("").to_string();
+            *lock(&conn.session_id) = session;
+            return Ok(conn);
+        }
+        Ok(Err(ClientError::ConnectionLost { .. })) => {
+            "the server exited before answering initialize".to_string()
+        }
+        Ok(Err(err)) => err.to_string(),
+        Err(_) => format!("no answer within {} s", HANDSHAKE_TIMEOUT.as_secs()),
+    };
+    // Give the stderr reader a moment to catch the server's last words.
+    let _ = tokio::time::timeout(Duration::from_millis(500), stderr_done.notified()).await;
+    conn.kill();
+    conn.lose();
+    Err(ClientError::Handshake {
+        command: shown,
+        message: failure,
+        stderr: conn.stderr_tail(),
+    })
+}
+
+#[cfg(all(test, feature = "server"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_output_fast_path_reads_what_the_server_writes() {
+        let data: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
+        let line = crate::jsonrpc::output_line("p-1", 42, Stream::Stderr, &data);
+        let parsed = OutputLine::parse(&line).expect("the server's own shape");
+        assert_eq!(parsed.process_id, "p-1");
+        assert_eq!(parsed.seq, 42);
+        assert_eq!(parsed.stream, Stream::Stderr);
+        assert_eq!(parsed.data, data);
+        // The empty chunk and a line without its newline.
+        let line = crate::jsonrpc::output_line("q", 1, Stream::Pty, b"");
+        let parsed = OutputLine::parse(line.strip_suffix(b"\n").unwrap()).unwrap();
+        assert_eq!((parsed.process_id, parsed.data), ("q", Vec::new()));
+    }
+
+    #[test]
+    fn other_shapes_are_left_to_the_json_path() {
+        let good = br#"{"jsonrpc":"2.0","method":"process/output","params":{"processId":"p","seq":1,"stream":"stdout","chunk":"aGk="}}"#;
+        assert!(OutputLine::parse(good).is_some());
+        for line in [
+            // An escaped id: the general path unescapes it.
+            &br#"{"jsonrpc":"2.0","method":"process/output","params":{"processId":"a"b","seq":1,"stream":"stdout","chunk":"aGk="}}"#[..],
+            // Members in another order.
+            br#"{"jsonrpc":"2.0","method":"process/output","params":{"seq":1,"processId":"p","stream":"stdout","chunk":"aGk="}}"#,
+            // Whitespace.
+            br#"{"jsonrpc": "2.0","method":"process/output","params":{"processId":"p","seq":1,"stream":"stdout","chunk":"aGk="}}"#,
+            // An unknown stream, an extra member, trailing text, a cut line.
+            br#"{"jsonrpc":"2.0","method":"process/output","params":{"processId":"p","seq":1,"stream":"tty","chunk":"aGk="}}"#,
+            br#"{"jsonrpc":"2.0","method":"process/output","params":{"processId":"p","seq":1,"stream":"stdout","chunk":"aGk=","x":1}}"#,
+            br#"{"jsonrpc":"2.0","method":"process/output","params":{"processId":"p","seq":1,"stream":"stdout","chunk":"aGk="}}x"#,
+            br#"{"jsonrpc":"2.0","method":"process/output","params":{"processId":"p","seq":1,"stream":"stdout","chunk":"aGk="#,
+            // A chunk that is not base64.
+            br#"{"jsonrpc":"2.0","method":"process/output","params":{"processId":"p","seq":1,"stream":"stdout","chunk":"a\"k="}}"#,
+            br#"{"jsonrpc":"2.0","method":"process/output","params":{"processId":"p","seq":1,"stream":"stdout","chunk":"aGk"}}"#,
+            // A seq too big for u64, and none at all.
+            br#"{"jsonrpc":"2.0","method":"process/output","params":{"processId":"p","seq":99999999999999999999999,"stream":"stdout","chunk":"aGk="}}"#,
+            br#"{"jsonrpc":"2.0","method":"process/output","params":{"processId":"p","seq":,"stream":"stdout","chunk":"aGk="}}"#,
+        ] {
+            assert_eq!(OutputLine::parse(line), None, "{}", String::from_utf8_lossy(line));
+        }
+    }
+}

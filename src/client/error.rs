@@ -1,0 +1,77 @@
+//! What a client call can fail with.
+
+/// Everything a client call can fail with.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientError {
+    /// The server command is malformed.
+    #[error("invalid server command: {0}")]
+    InvalidCommand(String),
+    /// The server command could not be started at all.
+    #[error("failed to start the server `{command}`: {message}")]
+    Spawn {
+        /// The server command, as a person would type it.
+        command: String,
+        /// Why it could not be started.
+        message: String,
+    },
+    /// The server started but did not complete the handshake.
+    #[error(
+        "the server `{command}` did not complete the handshake: {message}{}",
+        tail(stderr)
+    )]
+    Handshake {
+        /// The server command, as a person would type it.
+        command: String,
+        /// What went wrong.
+        message: String,
+        /// The last 4 KiB the server wrote on stderr.
+        stderr: String,
+    },
+    /// The connection to the server ended; pending and later calls fail.
+    #[error("the connection to the server was lost{}", tail(stderr))]
+    ConnectionLost {
+        /// The last 4 KiB the server wrote on stderr.
+        stderr: String,
+    },
+    /// The server answered with an error.
+    #[error("{method} failed: {message}")]
+    Rpc {
+        /// The method called.
+        method: String,
+        /// The JSON-RPC error code.
+        code: i64,
+        /// The server's `data.kind` (`notFound`, `spawnFailed`, ...).
+        kind: String,
+        /// The server's message.
+        message: String,
+        /// The OS error number, when the OS said why.
+        errno: Option<i64>,
+    },
+    /// A result did not have the expected shape.
+    #[error("unexpected result from {method}: {message}")]
+    Decode {
+        /// The method called.
+        method: String,
+        /// What did not fit.
+        message: String,
+    },
+}
+
+fn tail(stderr: &str) -> String {
+    let trimmed = stderr.trim();
+    if trimmed.is_empty() {
+        String::new()
+    } else {
+        format!("; server stderr: {trimmed}")
+    }
+}
+
+impl ClientError {
+    /// The server's `data.kind`, for an RPC error.
+    pub fn kind(&self) -> Option<&str> {
+        match self {
+            ClientError::Rpc { kind, .. } => Some(kind),
+            _ => None,
+        }
+    }
+}
