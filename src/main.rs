@@ -153,9 +153,11 @@ struct ServeArgs {
     #[arg(long)]
     stdio: bool,
 
-    /// Where to listen: `stdio` or `stdio://`.
-    #[arg(long, value_name = "ADDRESS")]
-    listen: Option<String>,
+    /// Where to listen: `stdio` (or `stdio://`), `unix:PATH` (repeatable;
+    /// every connection shares one session registry, so a session can be
+    /// resumed on another connection).
+    #[arg(long, value_name = "ADDRESS", value_parser = parse_listen)]
+    listen: Vec<server::Listen>,
 
     /// Longest accepted message line, in bytes.
     #[arg(long, default_value_t = 64 * 1024 * 1024, value_name = "BYTES")]
@@ -261,13 +263,17 @@ fn main() -> ExitCode {
     serve(cli.serve)
 }
 
+fn parse_listen(text: &str) -> Result<server::Listen, String> {
+    server::Listen::parse(text)
+}
+
 fn serve(cli: ServeArgs) -> ExitCode {
-    let stdio = cli.stdio || matches!(cli.listen.as_deref(), Some("stdio") | Some("stdio://"));
-    if !stdio {
-        match cli.listen.as_deref() {
-            Some(other) => eprintln!("exec-server: unsupported listen address {other}"),
-            None => eprintln!("exec-server: nothing to do; try `exec-server --stdio` or --help"),
-        }
+    let mut listen = cli.listen;
+    if cli.stdio && !listen.contains(&server::Listen::Stdio) {
+        listen.push(server::Listen::Stdio);
+    }
+    if listen.is_empty() {
+        eprintln!("exec-server: nothing to do; try `exec-server --stdio` or --help");
         return ExitCode::from(2);
     }
     for root in &cli.workspace_roots {
@@ -287,7 +293,7 @@ fn serve(cli: ServeArgs) -> ExitCode {
         detached_ttl: Duration::from_millis(cli.detached_session_ttl_ms),
         workspace_roots: cli.workspace_roots,
     };
-    match server::run_stdio(config) {
+    match server::run(config, &listen) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("exec-server: {err}");

@@ -9,7 +9,7 @@ use crate::environment;
 use crate::process::Limits;
 use crate::process::container::Containment;
 use crate::process::output::Retention;
-use crate::transport::stdio;
+use crate::transport::{self, stdio};
 
 pub mod connection;
 pub mod dispatch;
@@ -92,13 +92,41 @@ const REAP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long shutdown waits for the last lines to reach stdout.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Serve one connection on stdin/stdout. When stdin ends (or a terminating
-/// signal arrives) nobody can reattach, so every process is killed and
-/// reaped before this returns.
+/// Where a server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// One connection on this process's stdin and stdout.
+    Stdio,
+    /// Any number of connections on a Unix socket at this path.
+    Unix(PathBuf),
+}
+
+impl Listen {
+    /// `stdio`, `stdio://`, `unix:PATH` or `unix://PATH`.
+    pub fn parse(text: &str) -> Result<Listen, String> {
+        if text == "stdio" || text == "stdio://" {
+            return Ok(Listen::Stdio);
+        }
+        let path = text
+            .strip_prefix("unix://")
+            .or_else(|| text.strip_prefix("unix:"))
+            .ok_or_else(|| format!("unsupported listen address {text} (stdio, unix:PATH)"))?;
+        if path.is_empty() {
+            return Err(format!("{text}: the socket needs a path"));
+        }
+        Ok(Listen::Unix(PathBuf::from(path)))
+    }
+}
+
+/// Serve on every address of `listen`; all connections share one session
+/// registry, so a session started on one can be resumed on another. With
+/// stdio among them, the end of stdin ends the server (nobody can
+/// reattach there); otherwise a terminating signal does. Either way every
+/// process is killed and reaped before this returns.
 ///
 /// Call this from a single-threaded process: it forks the watchdog before
 /// starting the async runtime.
-pub fn run_stdio(config: Config) -> std::io::Result<()> {
+pub fn run(config: Config, listen: &[Listen]) -> std::io::Result<()> {
     let containment = Arc::new(Containment::start());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -108,16 +136,58 @@ pub fn run_stdio(config: Config) -> std::io::Result<()> {
         let watched = containment.clone();
         tokio::spawn(async move { watched.watch_watchdog().await });
         let server = Server::new(config, containment);
-        let io = stdio::start(server.config.max_message_bytes);
-        let mut serve = tokio::spawn(connection::serve(server.clone(), io.transport));
-        tokio::select! {
-            _ = &mut serve => tracing::debug!("stdin closed"),
+        let mut listeners = Vec::new();
+        for address in listen {
+            if let Listen::Unix(path) = address {
+                let bound = transport::unix::bind(path)?;
+                tracing::info!("listening on unix:{}", path.display());
+                listeners.push(bound);
+            }
+        }
+        let stdio = listen.contains(&Listen::Stdio);
+        if !stdio {
+            // Ready: say where, as the first line on stdout (which carries
+            // no protocol in this mode).
+            for bound in &listeners {
+                println_address(&format!("unix:{}", bound.path.display()));
+            }
+        }
+        let mut accepting = tokio::task::JoinSet::new();
+        for bound in listeners {
+            accepting.spawn(accept_unix(server.clone(), bound));
+        }
+        let (stdio_writer, mut serve_stdio) = if stdio {
+            let io = stdio::start(server.config.max_message_bytes);
+            let serve = tokio::spawn(connection::serve(server.clone(), io.transport));
+            (Some(io.writer), Some(serve))
+        } else {
+            (None, None)
+        };
+        let stdin_closed = async {
+            match &mut serve_stdio {
+                Some(serve) => {
+                    let _ = serve.await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        let stdin_ended = tokio::select! {
+            () = stdin_closed => {
+                tracing::debug!("stdin closed");
+                true
+            }
             name = terminating_signal() => {
                 tracing::info!("received {name}, shutting down");
-                // Every connection ends, with the tasks it still runs.
-                server.shutdown.send_replace(true);
-                let _ = serve.await;
+                false
             }
+        };
+        // Every connection ends, with the tasks it still runs; the
+        // listeners close (their sockets are removed).
+        server.shutdown.send_replace(true);
+        accepting.abort_all();
+        while accepting.join_next().await.is_some() {}
+        if let (Some(serve), false) = (serve_stdio, stdin_ended) {
+            let _ = serve.await;
         }
         if tokio::time::timeout(REAP_TIMEOUT, server.sessions.shutdown())
             .await
@@ -128,15 +198,51 @@ pub fn run_stdio(config: Config) -> std::io::Result<()> {
         drop(server);
         // The writer ends once every sender is gone; don't wait forever for
         // a reader that stopped reading.
-        let writer = io.writer;
-        let _ = tokio::time::timeout(
-            FLUSH_TIMEOUT,
-            tokio::task::spawn_blocking(move || writer.join()),
-        )
-        .await;
-    });
+        if let Some(writer) = stdio_writer {
+            let _ = tokio::time::timeout(
+                FLUSH_TIMEOUT,
+                tokio::task::spawn_blocking(move || writer.join()),
+            )
+            .await;
+        }
+        Ok::<(), std::io::Error>(())
+    })?;
     runtime.shutdown_timeout(Duration::from_millis(100));
     Ok(())
+}
+
+/// The address line printed when the server is ready.
+fn println_address(address: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{address}");
+    let _ = out.flush();
+}
+
+/// Accept connections on a Unix socket until the server shuts down.
+async fn accept_unix(server: Arc<Server>, bound: transport::unix::Listener) {
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let (stream, _) = match bound.listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                tracing::warn!("accepting on {} failed: {err}", bound.path.display());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        while connections.try_join_next().is_some() {}
+        if let Some(why) = transport::unix::refuse_peer(&stream) {
+            tracing::warn!("refused a connection on {}: {why}", bound.path.display());
+            continue;
+        }
+        match transport::unix::start(stream, server.config.max_message_bytes) {
+            Ok(transport) => {
+                connections.spawn(connection::serve(server.clone(), transport));
+            }
+            Err(err) => tracing::warn!("a connection could not be served: {err}"),
+        }
+    }
 }
 
 /// Reap the orphans that come back to the server (subreaper mode) each

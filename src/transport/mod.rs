@@ -7,6 +7,7 @@ use tokio::sync::mpsc;
 pub use crate::jsonrpc::Outgoing;
 
 pub mod stdio;
+pub mod unix;
 
 /// One incoming unit of a newline-delimited stream.
 #[derive(Debug)]

@@ -9,6 +9,7 @@ mod fs;
 mod hygiene;
 mod process;
 mod sandbox;
+mod sessions;
 mod ssh;
 mod support;
 mod transcripts;

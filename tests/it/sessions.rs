@@ -1,0 +1,278 @@
+//! Sessions that outlive their connection, over a Unix socket: detach on
+//! disconnect, resume by session id with nothing lost, refusal while
+//! attached elsewhere, expiry that takes every process with it.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::support::{bin, eventually, pid_gone, unb64};
+
+/// A server listening on a Unix socket in a directory of its own.
+struct Listening {
+    child: Child,
+    path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Listening {
+    fn start(args: &[&str]) -> Listening {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("exec.sock");
+        let mut child = Command::new(bin())
+            .arg("--listen")
+            .arg(format!("unix:{}", path.display()))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        // Ready once it says where it listens.
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        assert_eq!(first.trim(), format!("unix:{}", path.display()));
+        Listening {
+            child,
+            path,
+            _dir: dir,
+        }
+    }
+
+    fn connect(&self) -> Peer {
+        Peer::connect(&self.path)
+    }
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One connection: requests and their answers, notifications dropped.
+struct Peer {
+    stream: UnixStream,
+    lines: BufReader<UnixStream>,
+    next_id: i64,
+}
+
+impl Peer {
+    fn connect(path: &Path) -> Peer {
+        let stream = UnixStream::connect(path).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        Peer {
+            lines: BufReader::new(stream.try_clone().unwrap()),
+            stream,
+            next_id: 1,
+        }
+    }
+
+    /// The answer to a request (notifications in between are skipped).
+    fn request(&mut self, method: &str, params: Value) -> Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        let line = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+        writeln!(self.stream, "{line}").unwrap();
+        loop {
+            let mut text = String::new();
+            assert!(
+                self.lines.read_line(&mut text).unwrap() > 0,
+                "the server closed the connection"
+            );
+            let message: Value = serde_json::from_str(&text).unwrap();
+            if message["id"] == id {
+                return message;
+            }
+        }
+    }
+
+    fn call(&mut self, method: &str, params: Value) -> Value {
+        let answer = self.request(method, params);
+        assert!(answer.get("error").is_none(), "{method}: {answer}");
+        answer["result"].clone()
+    }
+
+    /// A new session, or `resume` one: its id.
+    fn handshake(&mut self, resume: Option<&str>) -> Result<String, Value> {
+        let mut params = json!({"clientName": "it"});
+        if let Some(id) = resume {
+            params["resumeSessionId"] = json!(id);
+        }
+        let answer = self.request("initialize", params);
+        match answer["result"]["sessionId"].as_str() {
+            Some(id) => {
+                writeln!(self.stream, "{}", json!({"method": "initialized"})).unwrap();
+                Ok(id.to_string())
+            }
+            None => Err(answer),
+        }
+    }
+
+    /// Everything `id` wrote from `after` on, until it is closed.
+    fn read_to_close(&mut self, id: &str, mut after: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            assert!(Instant::now() < deadline, "{id} did not close");
+            let r = self.call(
+                "process/read",
+                json!({"processId": id, "afterSeq": after, "waitMs": 1000}),
+            );
+            for chunk in r["chunks"].as_array().unwrap() {
+                out.extend(unb64(&chunk["chunk"]));
+            }
+            after = r["nextSeq"].as_u64().unwrap() - 1;
+            if r["closed"] == true {
+                return out;
+            }
+        }
+    }
+}
+
+const NUMBERED: &str = "for i in $(seq 1 150); do echo $i; sleep 0.01; done";
+
+#[test]
+fn a_dropped_connection_resumes_with_every_line_once_and_in_order() {
+    let server = Listening::start(&[]);
+    let mut first = server.connect();
+    let session = first.handshake(None).unwrap();
+    first.call(
+        "process/start",
+        json!({"processId": "n", "argv": ["sh", "-c", NUMBERED], "cwd": "/tmp"}),
+    );
+    // Read a little, then drop the connection mid-stream.
+    let r = first.call(
+        "process/read",
+        json!({"processId": "n", "afterSeq": 0, "waitMs": 1000}),
+    );
+    assert!(!r["chunks"].as_array().unwrap().is_empty());
+    drop(first);
+    std::thread::sleep(Duration::from_secs(1));
+    let mut second = server.connect();
+    assert_eq!(second.handshake(Some(&session)).unwrap(), session);
+    let list = second.call("process/list", json!({}));
+    assert_eq!(list["processes"][0]["processId"], "n");
+    let text = String::from_utf8(second.read_to_close("n", 0)).unwrap();
+    let want: Vec<String> = (1..=150).map(|i| i.to_string()).collect();
+    assert_eq!(text.split_whitespace().collect::<Vec<_>>(), want);
+}
+
+#[test]
+fn a_session_attached_elsewhere_is_refused_and_one_of_two_resumes_wins() {
+    let server = Listening::start(&[]);
+    let mut first = server.connect();
+    let session = first.handshake(None).unwrap();
+    let mut other = server.connect();
+    let refused = other.handshake(Some(&session)).unwrap_err();
+    assert_eq!(refused["error"]["code"], -32010, "{refused}");
+    drop(first);
+    std::thread::sleep(Duration::from_millis(300));
+    // Two at once: exactly one wins, the other is told to retry.
+    let path = server.path.clone();
+    let racers: Vec<_> = (0..2)
+        .map(|_| {
+            let path = path.clone();
+            let session = session.clone();
+            std::thread::spawn(move || {
+                let mut peer = Peer::connect(&path);
+                let outcome = peer.handshake(Some(&session));
+                (outcome, peer)
+            })
+        })
+        .collect();
+    let outcomes: Vec<_> = racers.into_iter().map(|r| r.join().unwrap()).collect();
+    let wins = outcomes.iter().filter(|(o, _)| o.is_ok()).count();
+    assert_eq!(wins, 1);
+    let (loser, _) = outcomes.iter().find(|(o, _)| o.is_err()).unwrap();
+    assert_eq!(loser.as_ref().unwrap_err()["error"]["code"], -32010);
+}
+
+#[test]
+fn a_detached_session_expires_with_every_process_and_descendant() {
+    let server = Listening::start(&["--detached-session-ttl-ms", "300"]);
+    let mut peer = server.connect();
+    let session = peer.handshake(None).unwrap();
+    peer.call(
+        "process/start",
+        json!({"processId": "d", "argv": ["sh", "-c", "setsid sleep 1000 & echo $!; sleep 1000"],
+               "cwd": "/tmp", "env": {"PATH": "/usr/bin:/bin"}}),
+    );
+    let r = peer.call(
+        "process/read",
+        json!({"processId": "d", "afterSeq": 0, "waitMs": 2000}),
+    );
+    let daemon: i32 = String::from_utf8(unb64(&r["chunks"][0]["chunk"]))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let leader = peer.call("process/list", json!({}))["processes"][0]["pid"]
+        .as_i64()
+        .unwrap() as i32;
+    drop(peer);
+    assert!(
+        eventually(Duration::from_secs(3), || pid_gone(daemon)
+            && pid_gone(leader)),
+        "the expired session's processes still run"
+    );
+    let mut late = server.connect();
+    let refused = late.handshake(Some(&session)).unwrap_err();
+    assert_eq!(refused["error"]["code"], -32600, "{refused}");
+}
+
+#[test]
+fn the_socket_is_private_and_not_taken_from_a_running_server() {
+    use std::os::unix::fs::PermissionsExt;
+    let server = Listening::start(&[]);
+    let mode = std::fs::metadata(&server.path)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let second = Command::new(bin())
+        .arg("--listen")
+        .arg(format!("unix:{}", server.path.display()))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("already listens"));
+    // The first one still serves.
+    server.connect().handshake(None).unwrap();
+}
+
+#[test]
+fn a_socket_file_left_by_a_dead_server_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    assert!(path.exists());
+    let mut child = Command::new(bin())
+        .arg("--listen")
+        .arg(format!("unix:{}", path.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.starts_with("unix:"), "{first}");
+    Peer::connect(&path).handshake(None).unwrap();
+    // SIGTERM: the server ends and removes its socket.
+    // SAFETY: plain syscall on our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    assert!(!path.exists());
+}
