@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::{Duration, Instant};
 
@@ -26,10 +26,13 @@ pub fn unb64(text: &Value) -> Vec<u8> {
         .expect("valid base64")
 }
 
-/// A running server and our ends of its pipes.
+/// A running server and our ends of its pipes (or of a connection to its
+/// Unix socket).
 pub struct Server {
     pub child: Child,
-    stdin: Option<ChildStdin>,
+    stdin: Option<Box<dyn Write + Send>>,
+    /// The socket's directory, for a server started with [`Server::start_unix`].
+    _socket_dir: Option<tempfile::TempDir>,
     lines: Receiver<String>,
     /// Messages received but not yet asked for.
     backlog: VecDeque<Value>,
@@ -52,19 +55,46 @@ impl Server {
             .spawn()
             .expect("spawn exec-server");
         let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let stdin = child
+            .stdin
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Write + Send>);
         Server {
-            stdin: child.stdin.take(),
+            stdin,
             child,
-            lines: rx,
+            _socket_dir: None,
+            lines: read_lines(stdout),
+            backlog: VecDeque::new(),
+            next_id: 1000,
+        }
+    }
+
+    /// Start a server listening on a Unix socket of its own (`--listen
+    /// unix:PATH`) and connect to it: the same conversation, over a socket.
+    pub fn start_unix(args: &[&str]) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("exec.sock");
+        let mut child = Command::new(bin())
+            .arg("--listen")
+            .arg(format!("unix:{}", path.display()))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn exec-server");
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        assert_eq!(first.trim(), format!("unix:{}", path.display()));
+        let stream = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        let reader = stream.try_clone().unwrap();
+        Server {
+            stdin: Some(Box::new(SocketEnd(stream))),
+            child,
+            _socket_dir: Some(dir),
+            lines: read_lines(reader),
             backlog: VecDeque::new(),
             next_id: 1000,
         }
@@ -90,8 +120,12 @@ impl Server {
         self.send_raw(&value.to_string());
     }
 
+    /// Close our end: stdin of a stdio server, the connection of a
+    /// socket one.
     pub fn close_stdin(&mut self) {
-        self.stdin.take();
+        if let Some(mut end) = self.stdin.take() {
+            let _ = end.flush();
+        }
     }
 
     /// The next line from the server, parsed; `None` on timeout or EOF.
@@ -205,6 +239,39 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Our end of a socket connection: dropping it ends the connection (the
+/// reader's clone of the socket would otherwise keep it open).
+struct SocketEnd(std::os::unix::net::UnixStream);
+
+impl Write for SocketEnd {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl Drop for SocketEnd {
+    fn drop(&mut self) {
+        let _ = self.0.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// A thread reading `input` line by line into a channel.
+fn read_lines(input: impl std::io::Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(input).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 /// Whether a pid is gone (no such process, or a zombie awaiting its reaper).

@@ -1,5 +1,6 @@
 //! Golden transcripts: every `fixtures/transcripts/*.jsonl` is played
-//! against the built binary over real pipes.
+//! against the built binary over real pipes (stdio) and again over a Unix
+//! socket (`--listen unix:PATH`), with the same expectations.
 //!
 //! # Format
 //!
@@ -26,8 +27,9 @@
 //! `"$save:NAME"` (anything; remembered), `"$var:NAME"` (equal to the
 //! remembered value; also substituted inside `send`).
 //!
-//! After the last step no unexpected line may be pending, and closing stdin
-//! must make the server exit with status 0.
+//! After the last step no unexpected line may be pending; then closing
+//! stdin must make a stdio server exit with status 0, and a socket server
+//! must exit with status 0 on SIGTERM once its connection is closed.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -52,15 +54,20 @@ fn golden_transcripts() {
         "expected at least 25 transcripts, found {}",
         files.len()
     );
-    // Transcripts are independent; run a few at a time.
+    // Transcripts are independent; run a few at a time, each over every
+    // transport.
+    let plays: Vec<(&PathBuf, Via)> = files
+        .iter()
+        .flat_map(|f| [(f, Via::Stdio), (f, Via::Unix)])
+        .collect();
     let failures: Vec<String> = std::thread::scope(|scope| {
-        let handles: Vec<_> = files
-            .chunks(files.len().div_ceil(4))
+        let handles: Vec<_> = plays
+            .chunks(plays.len().div_ceil(4))
             .map(|group| {
                 scope.spawn(move || {
                     group
                         .iter()
-                        .filter_map(|f| run(f).err())
+                        .filter_map(|(f, via)| run(f, *via).err())
                         .collect::<Vec<_>>()
                 })
             })
@@ -72,11 +79,18 @@ fn golden_transcripts() {
     });
     assert!(
         failures.is_empty(),
-        "{} of {} transcripts failed:\n\n{}",
+        "{} of {} transcript plays failed:\n\n{}",
         failures.len(),
-        files.len(),
+        plays.len(),
         failures.join("\n\n")
     );
+}
+
+/// How a transcript reaches the server.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Via {
+    Stdio,
+    Unix,
 }
 
 struct Run {
@@ -122,7 +136,7 @@ impl Run {
     }
 }
 
-fn run(path: &Path) -> Result<(), String> {
+fn run(path: &Path, via: Via) -> Result<(), String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut steps: Vec<(usize, Value)> = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -145,9 +159,15 @@ fn run(path: &Path) -> Result<(), String> {
         })
         .unwrap_or_default();
     let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut server = Server::start(&arg_refs);
+    let mut server = match via {
+        Via::Stdio => Server::start(&arg_refs),
+        Via::Unix => Server::start_unix(&arg_refs),
+    };
     let mut run = Run {
-        name: path.file_name().unwrap().to_string_lossy().into_owned(),
+        name: format!(
+            "{} over {via:?}",
+            path.file_name().unwrap().to_string_lossy()
+        ),
         history: Vec::new(),
         vars: HashMap::new(),
     };
@@ -218,6 +238,11 @@ fn run(path: &Path) -> Result<(), String> {
         ));
     }
     server.close_stdin();
+    if via == Via::Unix {
+        // A socket server outlives its connections: it ends on a signal.
+        // SAFETY: plain syscall on our child.
+        unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
+    }
     let deadline = Instant::now() + TIMEOUT;
     loop {
         match server.child.try_wait() {
