@@ -76,7 +76,8 @@ pub mod cli {
     pub use crate::process::init::{ARG as INIT_ARG, main as init_main};
     pub use crate::sandbox::describe_host as describe_sandbox;
     pub use crate::sandbox::helper::{ARG as SANDBOX_HELPER_ARG, main as sandbox_helper_main};
-    pub use crate::server::{Config, Listen, run};
+    pub use crate::server::persist::{Place as PersistPlace, bridge, daemon_pid};
+    pub use crate::server::{Config, Listen, daemon_status, run};
 }
 
 /// Lock a mutex, ignoring poisoning: every critical section here leaves its

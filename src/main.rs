@@ -38,6 +38,22 @@ enum Command {
     },
     /// Print the man page (roff): `exec-server man | man -l -`.
     Man,
+    /// Look after a --persist daemon.
+    Daemon {
+        #[command(subcommand)]
+        action: DaemonAction,
+        /// The daemon's name.
+        #[arg(long, value_name = "NAME", default_value = "default", global = true)]
+        persist: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DaemonAction {
+    /// Its pid, socket, uptime, and sessions with their processes.
+    Status,
+    /// End it, and everything it runs.
+    Stop,
 }
 
 /// What `exec-server run --help` adds after the flags.
@@ -175,9 +191,25 @@ struct ServeArgs {
     #[arg(long, default_value_t = 30_000, value_name = "MS")]
     closed_retention_ms: u64,
 
-    /// How long a detached session lives before its processes are killed.
-    #[arg(long, default_value_t = 30_000, value_name = "MS")]
-    detached_session_ttl_ms: u64,
+    /// How long a detached session lives before its processes are killed
+    /// (default 30000; 600000 for a --persist daemon).
+    #[arg(long, value_name = "MS")]
+    detached_session_ttl_ms: Option<u64>,
+
+    /// With --stdio: bridge to a per-user daemon named NAME (default
+    /// `default`) on a Unix socket, started if none answers, so that a
+    /// dropped connection (ssh) only detaches the session.
+    #[arg(long, value_name = "NAME", num_args = 0..=1, default_missing_value = "default", requires = "stdio")]
+    persist: Option<String>,
+
+    /// Exit after this long with no session left (default: never; 600000
+    /// for a --persist daemon).
+    #[arg(long, value_name = "MS")]
+    idle_exit_ms: Option<u64>,
+
+    /// Write the server's pid to this file while it runs.
+    #[arg(long, value_name = "FILE")]
+    pid_file: Option<PathBuf>,
 
     /// A root that `:workspace_roots` binds to (repeatable; default: the
     /// server's current directory).
@@ -239,6 +271,9 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(Command::Daemon { action, persist }) = cli.command {
+        return daemon(action, &persist);
+    }
     if let Some(Command::Run(args)) = cli.command {
         let outcome = run::run(RunOptions {
             via: args.via,
@@ -263,6 +298,53 @@ fn main() -> ExitCode {
     serve(cli.serve)
 }
 
+/// A --persist daemon's detached TTL and idle exit, by default: 10 minutes.
+const PERSIST_TTL_MS: u64 = 600_000;
+
+/// `exec-server daemon status|stop`.
+fn daemon(action: DaemonAction, name: &str) -> ExitCode {
+    let place = match server::PersistPlace::of(name) {
+        Ok(place) => place,
+        Err(err) => {
+            eprintln!("exec-server: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let Some(pid) = server::daemon_pid(&place) else {
+        println!("no daemon {name} runs ({})", place.socket.display());
+        return match action {
+            DaemonAction::Status => ExitCode::from(3),
+            DaemonAction::Stop => ExitCode::SUCCESS,
+        };
+    };
+    match action {
+        DaemonAction::Status => match server::daemon_status(&place) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("exec-server: daemon {name} (pid {pid}): {err}");
+                ExitCode::FAILURE
+            }
+        },
+        DaemonAction::Stop => {
+            // SAFETY: plain syscall; the pid file names a live daemon.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while server::daemon_pid(&place).is_some() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if server::daemon_pid(&place).is_some() {
+                eprintln!("exec-server: daemon {name} (pid {pid}) did not stop");
+                return ExitCode::FAILURE;
+            }
+            println!("stopped daemon {name} (pid {pid})");
+            ExitCode::SUCCESS
+        }
+    }
+}
+
 fn parse_listen(text: &str) -> Result<server::Listen, String> {
     server::Listen::parse(text)
 }
@@ -285,12 +367,41 @@ fn serve(cli: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     }
+    if let Some(name) = &cli.persist {
+        // The daemon's flags: ours, with the daemon's defaults.
+        let mut args = vec![
+            format!("--max-message-bytes={}", cli.max_message_bytes),
+            format!("--retain-bytes={}", cli.retain_bytes),
+            format!("--retain-chunks={}", cli.retain_chunks),
+            format!("--closed-retention-ms={}", cli.closed_retention_ms),
+            format!(
+                "--detached-session-ttl-ms={}",
+                cli.detached_session_ttl_ms.unwrap_or(PERSIST_TTL_MS)
+            ),
+            format!(
+                "--idle-exit-ms={}",
+                cli.idle_exit_ms.unwrap_or(PERSIST_TTL_MS)
+            ),
+        ];
+        for root in &cli.workspace_roots {
+            args.push(format!("--workspace-root={}", root.display()));
+        }
+        return match server::bridge(name, &args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("exec-server: --persist {name}: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let config = Config {
         max_message_bytes: cli.max_message_bytes,
         retain_bytes: cli.retain_bytes,
         retain_chunks: cli.retain_chunks.max(1),
         closed_retention: Duration::from_millis(cli.closed_retention_ms),
-        detached_ttl: Duration::from_millis(cli.detached_session_ttl_ms),
+        detached_ttl: Duration::from_millis(cli.detached_session_ttl_ms.unwrap_or(30_000)),
+        idle_exit: cli.idle_exit_ms.map(Duration::from_millis),
+        pid_file: cli.pid_file,
         workspace_roots: cli.workspace_roots,
     };
     match server::run(config, &listen) {

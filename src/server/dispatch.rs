@@ -81,6 +81,7 @@ pub fn route(name: &str) -> Option<Route> {
         method::PROCESS_LIST => ("exec", list),
         method::ENVIRONMENT_INFO => ("environment info", info),
         method::ENVIRONMENT_STATUS => ("environment status", status),
+        SERVER_STATUS => ("server status", server_status),
         method::FS_READ_FILE => ("filesystem", fs_method),
         method::FS_WRITE_FILE => ("filesystem", fs_method),
         method::FS_CREATE_DIRECTORY => ("filesystem", fs_method),
@@ -264,6 +265,27 @@ fn info(ctx: &Ctx, _name: &str, _params: Value) -> Reply {
 
 fn status(_ctx: &Ctx, _name: &str, _params: Value) -> Reply {
     ready(Ok(serde_json::json!({ "status": "ready" })))
+}
+
+/// `server/status` (an extension): the server's pid, uptime, and every
+/// session with its processes. For `exec-server daemon status`.
+pub const SERVER_STATUS: &str = "server/status";
+
+fn server_status(ctx: &Ctx, _name: &str, _params: Value) -> Reply {
+    let sessions: Vec<Value> = ctx
+        .server
+        .sessions
+        .snapshot()
+        .into_iter()
+        .map(|(id, attached, processes)| {
+            serde_json::json!({"sessionId": id, "attached": attached, "processes": processes})
+        })
+        .collect();
+    ready(Ok(serde_json::json!({
+        "pid": std::process::id(),
+        "uptimeMs": ctx.server.started.elapsed().as_millis() as u64,
+        "sessions": sessions,
+    })))
 }
 
 /// Run a filesystem operation on the connection's lane, with the sandbox

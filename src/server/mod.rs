@@ -14,6 +14,7 @@ use crate::transport::{self, stdio};
 pub mod connection;
 pub mod dispatch;
 pub mod lane;
+pub mod persist;
 pub mod session;
 
 /// Server settings (the command-line flags).
@@ -31,6 +32,10 @@ pub struct Config {
     pub detached_ttl: Duration,
     /// `--workspace-root`.
     pub workspace_roots: Vec<PathBuf>,
+    /// `--idle-exit-ms`: exit after this long with no session.
+    pub idle_exit: Option<Duration>,
+    /// `--pid-file`.
+    pub pid_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -42,6 +47,8 @@ impl Default for Config {
             closed_retention: Duration::from_secs(30),
             detached_ttl: Duration::from_secs(30),
             workspace_roots: Vec::new(),
+            idle_exit: None,
+            pid_file: None,
         }
     }
 }
@@ -56,6 +63,8 @@ pub struct Server {
     pub containment: Arc<Containment>,
     /// Set once to end every connection (the server is shutting down).
     pub shutdown: tokio::sync::watch::Sender<bool>,
+    /// When the server started.
+    pub started: std::time::Instant,
     next_connection: AtomicU64,
 }
 
@@ -77,6 +86,7 @@ impl Server {
             workspace_roots: environment::workspace_roots(&config.workspace_roots),
             containment,
             shutdown: tokio::sync::watch::channel(false).0,
+            started: std::time::Instant::now(),
             config,
             next_connection: AtomicU64::new(1),
         })
@@ -144,6 +154,10 @@ pub fn run(config: Config, listen: &[Listen]) -> std::io::Result<()> {
                 listeners.push(bound);
             }
         }
+        let _pid_file = match &server.config.pid_file {
+            Some(path) => Some(PidFile::write(path)?),
+            None => None,
+        };
         let stdio = listen.contains(&Listen::Stdio);
         if !stdio {
             // Ready: say where, as the first line on stdout (which carries
@@ -180,6 +194,10 @@ pub fn run(config: Config, listen: &[Listen]) -> std::io::Result<()> {
                 tracing::info!("received {name}, shutting down");
                 false
             }
+            () = idle(&server) => {
+                tracing::info!("no session for the idle time, exiting");
+                false
+            }
         };
         // Every connection ends, with the tasks it still runs; the
         // listeners close (their sockets are removed).
@@ -209,6 +227,107 @@ pub fn run(config: Config, listen: &[Listen]) -> std::io::Result<()> {
     })?;
     runtime.shutdown_timeout(Duration::from_millis(100));
     Ok(())
+}
+
+/// A pid file, removed when dropped.
+struct PidFile(PathBuf);
+
+impl PidFile {
+    fn write(path: &std::path::Path) -> std::io::Result<PidFile> {
+        std::fs::write(path, format!("{}\n", std::process::id()))?;
+        Ok(PidFile(path.to_path_buf()))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Returns once no session has existed for `--idle-exit-ms`; never
+/// without it.
+async fn idle(server: &Server) {
+    let Some(limit) = server.config.idle_exit else {
+        return std::future::pending().await;
+    };
+    let mut empty_since: Option<std::time::Instant> = None;
+    loop {
+        tokio::time::sleep(Duration::from_millis(100).min(limit)).await;
+        if server.sessions.is_empty() {
+            let since = *empty_since.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() >= limit {
+                return;
+            }
+        } else {
+            empty_since = None;
+        }
+    }
+}
+
+/// `exec-server daemon status`: ask the daemon at `place` for its
+/// sessions, as text.
+pub fn daemon_status(place: &persist::Place) -> std::io::Result<String> {
+    use std::io::{BufRead, BufReader, Write};
+    let stream = std::os::unix::net::UnixStream::connect(&place.socket)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut writer = stream;
+    let mut answer = |line: String| -> std::io::Result<serde_json::Value> {
+        writer.write_all(line.as_bytes())?;
+        let mut text = String::new();
+        reader.read_line(&mut text)?;
+        serde_json::from_str(&text).map_err(std::io::Error::other)
+    };
+    answer(
+        "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"initialize\",\"params\":{\"clientName\":\"exec-server daemon status\"}}\n{\"jsonrpc\":\"2.0\",\"method\":\"initialized\"}\n"
+            .into(),
+    )?;
+    let status = answer(format!(
+        "{{\"jsonrpc\":\"2.0\",\"id\":2,\"method\":\"{}\",\"params\":{{}}}}\n",
+        dispatch::SERVER_STATUS
+    ))?;
+    let r = &status["result"];
+    let mut text = format!(
+        "pid {}\nsocket {}\nuptime {} s\n",
+        r["pid"],
+        place.socket.display(),
+        r["uptimeMs"].as_u64().unwrap_or(0) / 1000
+    );
+    for session in r["sessions"].as_array().into_iter().flatten() {
+        // The status query's own session is not worth showing.
+        let processes = session["processes"].as_array().cloned().unwrap_or_default();
+        let attached = session["attached"] == true;
+        if attached && processes.is_empty() {
+            continue;
+        }
+        text.push_str(&format!(
+            "session {} {}\n",
+            session["sessionId"].as_str().unwrap_or("?"),
+            if attached { "attached" } else { "detached" }
+        ));
+        for p in processes {
+            text.push_str(&format!(
+                "  {} pid {} {} {}\n",
+                p["processId"].as_str().unwrap_or("?"),
+                p["pid"],
+                if p["exited"] == true {
+                    "exited"
+                } else {
+                    "running"
+                },
+                p["argv"]
+                    .as_array()
+                    .map(|a| a
+                        .iter()
+                        .filter_map(|v| v.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" "))
+                    .unwrap_or_default()
+            ));
+        }
+    }
+    Ok(text)
 }
 
 /// The address line printed when the server is ready.

@@ -126,6 +126,26 @@ impl Registry {
         });
     }
 
+    /// Whether no session exists.
+    pub fn is_empty(&self) -> bool {
+        self.map().is_empty()
+    }
+
+    /// Every session: its id, whether a connection is attached, and its
+    /// processes.
+    pub fn snapshot(&self) -> Vec<(String, bool, Vec<crate::protocol::ProcessSummary>)> {
+        let all: Vec<Arc<Session>> = self.map().values().cloned().collect();
+        let mut out: Vec<_> = all
+            .iter()
+            .map(|s| {
+                let attached = lock(&s.attachment).connection.is_some();
+                (s.id.clone(), attached, s.processes.list())
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
     /// Kill every process of every session and wait until all are reaped.
     pub async fn shutdown(&self) {
         let all: Vec<Arc<Session>> = self.map().drain().map(|(_, s)| s).collect();

@@ -7,6 +7,7 @@ mod containment;
 mod errors;
 mod fs;
 mod hygiene;
+mod persist;
 mod process;
 mod sandbox;
 mod sessions;

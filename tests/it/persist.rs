@@ -1,0 +1,198 @@
+//! `--stdio --persist`: the stdio process is a bridge to a per-user daemon,
+//! so killing it (a dropped ssh connection) only detaches the session.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::support::{bin, eventually, pid_gone, unb64};
+
+/// A bridge started with `--stdio --persist=NAME`, the daemons' directory
+/// set to `runtime`.
+struct Bridge {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    next_id: i64,
+}
+
+impl Bridge {
+    fn start(runtime: &std::path::Path, name: &str, extra: &[&str]) -> Bridge {
+        let mut child = Command::new(bin())
+            .args(["--stdio", &format!("--persist={name}")])
+            .args(extra)
+            .env("XDG_RUNTIME_DIR", runtime)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        Bridge {
+            stdin: child.stdin.take().unwrap(),
+            stdout: BufReader::new(child.stdout.take().unwrap()),
+            child,
+            next_id: 1,
+        }
+    }
+
+    fn request(&mut self, method: &str, params: Value) -> Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        writeln!(
+            self.stdin,
+            "{}",
+            json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params})
+        )
+        .unwrap();
+        loop {
+            let mut line = String::new();
+            assert!(
+                self.stdout.read_line(&mut line).unwrap() > 0,
+                "bridge closed"
+            );
+            let message: Value = serde_json::from_str(&line).unwrap();
+            if message["id"] == id {
+                return message;
+            }
+        }
+    }
+
+    fn handshake(&mut self, resume: Option<&str>) -> Value {
+        let mut params = json!({"clientName": "it"});
+        if let Some(id) = resume {
+            params["resumeSessionId"] = json!(id);
+        }
+        let answer = self.request("initialize", params);
+        writeln!(self.stdin, "{}", json!({"method": "initialized"})).unwrap();
+        answer
+    }
+
+    fn read_to_close(&mut self, id: &str) -> Vec<u8> {
+        let (mut after, mut out) = (0, Vec::new());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            assert!(Instant::now() < deadline, "{id} did not close");
+            let r = self.request(
+                "process/read",
+                json!({"processId": id, "afterSeq": after, "waitMs": 1000}),
+            );
+            let r = &r["result"];
+            for chunk in r["chunks"].as_array().unwrap() {
+                out.extend(unb64(&chunk["chunk"]));
+            }
+            after = r["nextSeq"].as_u64().unwrap() - 1;
+            if r["closed"] == true {
+                return out;
+            }
+        }
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn daemon(runtime: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(bin())
+        .arg("daemon")
+        .args(args)
+        .env("XDG_RUNTIME_DIR", runtime)
+        .output()
+        .unwrap()
+}
+
+fn daemon_pid(runtime: &std::path::Path, name: &str) -> Option<i32> {
+    std::fs::read_to_string(runtime.join(format!("exec-server/{name}.pid")))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+#[test]
+fn killing_the_bridge_detaches_and_a_new_bridge_resumes_with_nothing_lost() {
+    let runtime = tempfile::tempdir().unwrap();
+    let mut first = Bridge::start(runtime.path(), "resume", &[]);
+    let session = first.handshake(None)["result"]["sessionId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    first.request(
+        "process/start",
+        json!({"processId": "n", "cwd": "/tmp",
+               "argv": ["sh", "-c", "for i in $(seq 1 150); do echo $i; sleep 0.01; done"]}),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    first.child.kill().unwrap(); // SIGKILL: what a dropped ssh does to it
+    first.child.wait().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let mut second = Bridge::start(runtime.path(), "resume", &[]);
+    let answer = second.handshake(Some(&session));
+    assert_eq!(answer["result"]["sessionId"], session.as_str(), "{answer}");
+    let text = String::from_utf8(second.read_to_close("n")).unwrap();
+    let want: Vec<String> = (1..=150).map(|i| i.to_string()).collect();
+    assert_eq!(text.split_whitespace().collect::<Vec<_>>(), want);
+    // Status shows the daemon; stop ends it and everything it runs.
+    let status = daemon(runtime.path(), &["status", "--persist", "resume"]);
+    assert!(
+        String::from_utf8_lossy(&status.stdout).contains("session"),
+        "{status:?}"
+    );
+    let pid = daemon_pid(runtime.path(), "resume").unwrap();
+    let stop = daemon(runtime.path(), &["stop", "--persist", "resume"]);
+    assert!(stop.status.success(), "{stop:?}");
+    assert!(eventually(Duration::from_secs(5), || pid_gone(pid)));
+}
+
+#[test]
+fn two_first_bridges_at_once_start_one_daemon() {
+    let runtime = tempfile::tempdir().unwrap();
+    let path = runtime.path().to_path_buf();
+    let bridges: Vec<_> = (0..2)
+        .map(|_| {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let mut b = Bridge::start(&path, "race", &[]);
+                let answer = b.handshake(None);
+                assert!(answer["result"]["sessionId"].is_string(), "{answer}");
+                let status = b.request("server/status", json!({}));
+                (status["result"]["pid"].as_i64().unwrap(), b)
+            })
+        })
+        .collect();
+    let results: Vec<_> = bridges.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(results[0].0, results[1].0, "two daemons answered");
+    let stop = daemon(runtime.path(), &["stop", "--persist", "race"]);
+    assert!(stop.status.success(), "{stop:?}");
+}
+
+#[test]
+fn an_idle_daemon_exits_by_itself_and_leaves_nothing() {
+    let runtime = tempfile::tempdir().unwrap();
+    let mut b = Bridge::start(
+        runtime.path(),
+        "idle",
+        &["--detached-session-ttl-ms", "200", "--idle-exit-ms", "300"],
+    );
+    b.handshake(None);
+    let started = b.request(
+        "process/start",
+        json!({"processId": "s", "cwd": "/tmp", "argv": ["sleep", "1000"]}),
+    );
+    assert!(started.get("result").is_some(), "{started}");
+    let list = b.request("process/list", json!({}));
+    let sleeper = list["result"]["processes"][0]["pid"].as_i64().unwrap() as i32;
+    let pid = daemon_pid(runtime.path(), "idle").unwrap();
+    drop(b);
+    assert!(
+        eventually(Duration::from_secs(5), || pid_gone(pid)
+            && pid_gone(sleeper)),
+        "the daemon or its process still runs"
+    );
+    assert!(!runtime.path().join("exec-server/idle.sock").exists());
+}
