@@ -157,3 +157,113 @@ async fn library_runs_and_resizes_a_tty_process_over_ssh() {
     );
     client.shutdown().await;
 }
+
+/// The server over ssh as `--stdio --persist=NAME`: a conversation on the
+/// ssh process's pipes.
+struct OverSsh {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+    next_id: i64,
+}
+
+impl OverSsh {
+    fn start(sshd: &Sshd, name: &str) -> OverSsh {
+        let via = sshd
+            .via()
+            .replace("--stdio", &format!("--stdio --persist={name}"));
+        let words: Vec<String> = via.split_whitespace().map(String::from).collect();
+        let mut child = Command::new(&words[0])
+            .args(&words[1..])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        OverSsh {
+            stdin: child.stdin.take().unwrap(),
+            stdout: std::io::BufReader::new(child.stdout.take().unwrap()),
+            child,
+            next_id: 1,
+        }
+    }
+
+    fn request(&mut self, method: &str, params: serde_json::Value) -> serde_json::Value {
+        use std::io::{BufRead, Write};
+        let id = self.next_id;
+        self.next_id += 1;
+        let line =
+            serde_json::json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+        writeln!(self.stdin, "{line}").unwrap();
+        loop {
+            let mut text = String::new();
+            assert!(self.stdout.read_line(&mut text).unwrap() > 0, "ssh closed");
+            let message: serde_json::Value = serde_json::from_str(&text).unwrap();
+            if message["id"] == id {
+                return message;
+            }
+        }
+    }
+
+    fn initialized(&mut self) {
+        use std::io::Write;
+        writeln!(
+            self.stdin,
+            "{}",
+            serde_json::json!({"method": "initialized"})
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn a_killed_ssh_client_loses_nothing_with_persist() {
+    use serde_json::json;
+    let Some(sshd) = Sshd::start() else { return };
+    let name = format!("it-ssh-{}", std::process::id());
+    let mut first = OverSsh::start(&sshd, &name);
+    let answer = first.request("initialize", json!({"clientName": "it"}));
+    let session = answer["result"]["sessionId"].as_str().unwrap().to_string();
+    first.initialized();
+    first.request(
+        "process/start",
+        json!({"processId": "n", "cwd": "/tmp",
+               "argv": ["sh", "-c", "for i in $(seq 1 150); do echo $i; sleep 0.01; done"]}),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    first.child.kill().unwrap(); // the ssh client dies: the connection drops
+    first.child.wait().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let mut second = OverSsh::start(&sshd, &name);
+    let answer = second.request(
+        "initialize",
+        json!({"clientName": "it", "resumeSessionId": session}),
+    );
+    assert_eq!(answer["result"]["sessionId"], session.as_str(), "{answer}");
+    second.initialized();
+    let mut after = 0;
+    let mut out = Vec::new();
+    loop {
+        let r = second.request(
+            "process/read",
+            json!({"processId": "n", "afterSeq": after, "waitMs": 1000}),
+        );
+        let r = &r["result"];
+        for chunk in r["chunks"].as_array().unwrap() {
+            out.extend(crate::support::unb64(&chunk["chunk"]));
+        }
+        after = r["nextSeq"].as_u64().unwrap() - 1;
+        if r["closed"] == true {
+            break;
+        }
+    }
+    let text = String::from_utf8(out).unwrap();
+    let want: Vec<String> = (1..=150).map(|i| i.to_string()).collect();
+    assert_eq!(text.split_whitespace().collect::<Vec<_>>(), want);
+    drop(second);
+    let stop = Command::new(bin())
+        .args(["daemon", "stop", "--persist", &name])
+        .env_remove("XDG_RUNTIME_DIR")
+        .output()
+        .unwrap();
+    assert!(stop.status.success(), "{stop:?}");
+}
