@@ -17,6 +17,9 @@ pub struct ServerCommand {
     pub env: Vec<(OsString, OsString)>,
     /// Its working directory (default: this process's).
     pub cwd: Option<PathBuf>,
+    /// Connect to a server listening on this Unix socket instead of
+    /// starting one (`unix:PATH`).
+    pub socket: Option<PathBuf>,
 }
 
 impl ServerCommand {
@@ -27,6 +30,7 @@ impl ServerCommand {
             args: Vec::new(),
             env: Vec::new(),
             cwd: None,
+            socket: None,
         }
     }
 
@@ -52,6 +56,13 @@ impl ServerCommand {
     /// separates, single quotes keep everything, double quotes and
     /// backslashes escape. No expansion happens.
     pub fn parse(line: &str) -> Result<Self, ClientError> {
+        if let Some(path) = line
+            .trim()
+            .strip_prefix("unix://")
+            .or_else(|| line.trim().strip_prefix("unix:"))
+        {
+            return Ok(ServerCommand::unix(path));
+        }
         let words = split_words(line)?;
         let mut words = words.into_iter();
         let program = words
@@ -62,7 +73,29 @@ impl ServerCommand {
         Ok(command)
     }
 
+    /// A server listening on the Unix socket at `path`.
+    pub fn unix(path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
+        let mut command = ServerCommand::new(format!("unix:{}", path.display()));
+        command.socket = Some(path);
+        command
+    }
+
+    /// Whether a lost connection can be resumed: a Unix socket, or a
+    /// command that runs the server with `--persist` (its daemon keeps the
+    /// session while the command is started again).
+    pub fn resumable(&self) -> bool {
+        self.socket.is_some()
+            || self.args.iter().any(|a| {
+                let a = a.to_string_lossy();
+                a == "--persist" || a.starts_with("--persist=") || a.contains(" --persist")
+            })
+    }
+
     pub(super) fn display(&self) -> String {
+        if let Some(path) = &self.socket {
+            return format!("unix:{}", path.display());
+        }
         let mut text = self.program.to_string_lossy().into_owned();
         for arg in &self.args {
             text.push(' ');

@@ -133,6 +133,11 @@ impl Conn {
         let _ = self.writer.send(Some(line.to_vec()));
     }
 
+    /// Whether the connection is gone (calls fail at once).
+    pub(super) fn is_lost(&self) -> bool {
+        lock(&self.state).lost.is_some()
+    }
+
     /// Fail every pending call and end every subscription.
     fn lose(&self) {
         let error = ClientError::ConnectionLost {
@@ -280,11 +285,61 @@ fn stderr_text(buf: &Mutex<VecDeque<u8>>) -> String {
 }
 
 /// Start the server and complete the handshake.
+/// Connect, retrying for a while when resuming: the daemon may still hold
+/// the old connection (`-32010`), or a bridge may be starting.
+pub(super) async fn connect_resuming(
+    command: &ServerCommand,
+    client_name: &str,
+    resume: &str,
+) -> Result<Arc<Conn>, ClientError> {
+    let deadline = std::time::Instant::now() + RESUME_PATIENCE;
+    loop {
+        let attempt = connect(command, client_name, Some(resume)).await;
+        let retry = match &attempt {
+            Ok(_) => false,
+            // An unknown or expired session won't come back.
+            Err(ClientError::Handshake { message, .. }) => !message.contains("-32600"),
+            Err(_) => true,
+        };
+        if !retry || std::time::Instant::now() > deadline {
+            return attempt;
+        }
+        tracing::debug!("resuming session {resume} failed, retrying");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// How long a client keeps trying to resume a lost session.
+const RESUME_PATIENCE: Duration = Duration::from_secs(30);
+
 pub(super) async fn connect(
     command: &ServerCommand,
     client_name: &str,
+    resume: Option<&str>,
 ) -> Result<Arc<Conn>, ClientError> {
     let shown = command.display();
+    if let Some(path) = &command.socket {
+        let stream =
+            tokio::net::UnixStream::connect(path)
+                .await
+                .map_err(|e| ClientError::Spawn {
+                    command: shown.clone(),
+                    message: crate::error::lower_io(&e),
+                })?;
+        let (read, write) = stream.into_split();
+        return handshake(
+            shown,
+            client_name,
+            resume,
+            Io {
+                stdin: Box::new(write),
+                stdout: Box::new(read),
+                stderr: None,
+                child: None,
+            },
+        )
+        .await;
+    }
     let mut cmd = tokio::process::Command::new(&command.program);
     cmd.args(&command.args)
         .envs(command.env.iter().map(|(k, v)| (k, v)))
@@ -300,12 +355,42 @@ pub(super) async fn connect(
         command: shown.clone(),
         message: crate::error::lower_io(&e),
     })?;
-    let pid = child.id().map(|p| p as i32).unwrap_or(0);
-    let (mut stdin, stdout, mut stderr) = (
-        child.stdin.take().expect("piped stdin"),
-        child.stdout.take().expect("piped stdout"),
-        child.stderr.take().expect("piped stderr"),
-    );
+    let io = Io {
+        stdin: Box::new(child.stdin.take().expect("piped stdin")),
+        stdout: Box::new(child.stdout.take().expect("piped stdout")),
+        stderr: Some(child.stderr.take().expect("piped stderr")),
+        child: Some(child),
+    };
+    handshake(shown, client_name, resume, io).await
+}
+
+/// The ends of a connection: a spawned server's pipes, or a socket.
+struct Io {
+    stdin: Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
+    stdout: Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+    stderr: Option<tokio::process::ChildStderr>,
+    child: Option<tokio::process::Child>,
+}
+
+/// Start the connection's tasks and complete the handshake (resuming
+/// `resume` when given).
+async fn handshake(
+    shown: String,
+    client_name: &str,
+    resume: Option<&str>,
+    io: Io,
+) -> Result<Arc<Conn>, ClientError> {
+    let Io {
+        mut stdin,
+        stdout,
+        stderr,
+        child,
+    } = io;
+    let pid = child
+        .as_ref()
+        .and_then(|c| c.id())
+        .map(|p| p as i32)
+        .unwrap_or(0);
     let (writer, mut lines) = mpsc::unbounded_channel::<Option<Vec<u8>>>();
     let stderr_buf = Arc::new(Mutex::new(VecDeque::new()));
     let conn = Arc::new(Conn {
@@ -328,7 +413,7 @@ pub(super) async fn connect(
         // Dropping stdin closes the server's input.
     });
     let stderr_done = Arc::new(tokio::sync::Notify::new());
-    {
+    if let Some(mut stderr) = stderr {
         let stderr_done = stderr_done.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];
@@ -366,7 +451,7 @@ pub(super) async fn connect(
             }
         });
     }
-    {
+    if let Some(mut child) = child {
         let exited = conn.exited.clone();
         let notify = conn.exit_notify.clone();
         let weak = Arc::downgrade(&conn);
@@ -383,9 +468,11 @@ pub(super) async fn connect(
     }
 
     let handshake = async {
-        let result = conn
-            .call("initialize", json!({ "clientName": client_name }))
-            .await?;
+        let mut params = json!({ "clientName": client_name });
+        if let Some(id) = resume {
+            params["resumeSessionId"] = json!(id);
+        }
+        let result = conn.call("initialize", params).await?;
         conn.notify(b"{\"jsonrpc\":\"2.0\",\"method\":\"initialized\"}\n");
         Ok::<Value, ClientError>(result)
     };
@@ -398,6 +485,7 @@ pub(super) async fn connect(
         Ok(Err(ClientError::ConnectionLost { .. })) => {
             "the server exited before answering initialize".to_string()
         }
+        Ok(Err(ClientError::Rpc { code, message, .. })) => format!("{message} ({code})"),
         Ok(Err(err)) => err.to_string(),
         Err(_) => format!("no answer within {} s", HANDSHAKE_TIMEOUT.as_secs()),
     };

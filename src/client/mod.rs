@@ -28,7 +28,6 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
-use tokio::sync::OnceCell;
 
 use crate::lock;
 
@@ -42,8 +41,8 @@ mod types;
 
 pub use command::ServerCommand;
 pub use connection::SERVER_STDERR_TARGET;
-use connection::connect;
 pub(crate) use connection::{Conn, Note};
+use connection::{connect, connect_resuming};
 pub use error::ClientError;
 
 pub use crate::protocol::Stream;
@@ -65,7 +64,12 @@ pub struct Client {
 struct Shared {
     command: ServerCommand,
     client_name: String,
-    conn: OnceCell<Result<Arc<Conn>, ClientError>>,
+    /// The connection (or why there is none). Held while connecting, so
+    /// that concurrent first calls, and concurrent calls after a loss,
+    /// share one attempt.
+    slot: tokio::sync::Mutex<Option<Result<Arc<Conn>, ClientError>>>,
+    /// The same connection, for looks that can't wait (pid, drop).
+    current: std::sync::Mutex<Option<Arc<Conn>>>,
 }
 
 impl Client {
@@ -75,31 +79,59 @@ impl Client {
             shared: Arc::new(Shared {
                 command,
                 client_name: format!("exec-server-client/{}", env!("CARGO_PKG_VERSION")),
-                conn: OnceCell::new(),
+                slot: tokio::sync::Mutex::new(None),
+                current: std::sync::Mutex::new(None),
             }),
         }
     }
 
     /// Whether the server has been started (or a start was attempted).
     pub fn is_started(&self) -> bool {
-        self.shared.conn.initialized()
+        self.shared
+            .slot
+            .try_lock()
+            .map_or(true, |slot| slot.is_some())
     }
 
-    /// The server's process id, once started.
+    /// The server's process id, once started (0 for a socket).
     pub fn server_pid(&self) -> Option<i32> {
-        match self.shared.conn.get() {
-            Some(Ok(conn)) => Some(conn.pid),
-            _ => None,
-        }
+        lock(&self.shared.current).as_ref().map(|conn| conn.pid)
     }
 
+    /// Whether a lost connection is resumed (see
+    /// [`ServerCommand::resumable`]).
+    pub fn resumable(&self) -> bool {
+        self.shared.command.resumable()
+    }
+
+    /// The connection: started on first use; after a loss, resumed (a new
+    /// connection, the same session) when the command is resumable, else
+    /// the lost one, whose calls fail at once.
     pub(crate) async fn conn(&self) -> Result<Arc<Conn>, ClientError> {
         let shared = &self.shared;
-        shared
-            .conn
-            .get_or_init(|| connect(&shared.command, &shared.client_name))
-            .await
-            .clone()
+        let mut slot = shared.slot.lock().await;
+        let resume = match &*slot {
+            Some(Ok(conn)) if !conn.is_lost() || !shared.command.resumable() => {
+                return Ok(conn.clone());
+            }
+            Some(Err(err)) => return Err(err.clone()),
+            Some(Ok(lost)) => {
+                // Whatever is left of the old server command goes.
+                lost.kill();
+                Some(lock(&lost.session_id).clone())
+            }
+            None => None,
+        };
+        let result = match &resume {
+            Some(session) => {
+                tracing::info!("connection lost; resuming session {session}");
+                connect_resuming(&shared.command, &shared.client_name, session).await
+            }
+            None => connect(&shared.command, &shared.client_name, None).await,
+        };
+        *lock(&shared.current) = result.as_ref().ok().cloned();
+        *slot = Some(result.clone());
+        result
     }
 
     /// The session id the server gave this client.
@@ -289,7 +321,8 @@ impl Client {
     /// Close the server's stdin, give it a short grace to exit (it kills
     /// its own processes), then kill its process group.
     pub async fn shutdown(&self) {
-        if let Some(Ok(conn)) = self.shared.conn.get() {
+        let current = lock(&self.shared.current).clone();
+        if let Some(conn) = current {
             let _ = conn.writer.send(None);
             let exited = conn.exit_notify.notified();
             tokio::pin!(exited);
@@ -304,11 +337,10 @@ impl Client {
 
 impl Drop for Shared {
     fn drop(&mut self) {
-        let Some(Ok(conn)) = self.conn.get() else {
+        let Some(conn) = lock(&self.current).take() else {
             return;
         };
         let _ = conn.writer.send(None);
-        let conn = conn.clone();
         // Drop can't wait; a short-lived thread gives the server its grace
         // and then makes sure nothing is left behind.
         std::thread::spawn(move || {

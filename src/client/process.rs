@@ -204,9 +204,16 @@ impl Process {
             }
             let Some(note) = self.events.recv().await else {
                 // The subscription ended with the connection.
-                return Err(ClientError::ConnectionLost {
-                    stderr: self.conn.stderr_tail(),
-                });
+                if !self.client.resumable() {
+                    return Err(ClientError::ConnectionLost {
+                        stderr: self.conn.stderr_tail(),
+                    });
+                }
+                // Resume, listen again, and read what went by meanwhile.
+                self.conn = self.client.conn().await?;
+                self.events = self.conn.subscribe(&self.id);
+                self.catch_up().await?;
+                continue;
             };
             let seq = match &note {
                 Note::Output { seq, .. } => *seq,
@@ -252,11 +259,70 @@ impl Process {
         }
     }
 
+    /// After a resumed connection: everything since `self.seen`, from the
+    /// server's retained log, up to and including the exit and the close.
+    async fn catch_up(&mut self) -> Result<(), ClientError> {
+        loop {
+            let r = self
+                .call(
+                    "process/read",
+                    json!({"processId": self.id, "afterSeq": self.seen}),
+                )
+                .await?;
+            let chunks = r["chunks"].as_array().cloned().unwrap_or_default();
+            for chunk in &chunks {
+                let seq = chunk["seq"].as_u64().unwrap_or(0);
+                if seq <= self.seen {
+                    continue;
+                }
+                let stream =
+                    serde_json::from_value(chunk["stream"].clone()).unwrap_or(Stream::Stdout);
+                let data = decode_b64("process/read", &chunk["chunk"])?;
+                self.ready.push_back(Event::Output { stream, data });
+                self.seen = seq;
+            }
+            if !chunks.is_empty() {
+                continue;
+            }
+            if r["exited"] == true && self.exit.is_none() {
+                let status = ExitStatus {
+                    code: r["exitCode"].as_i64().unwrap_or(-1) as i32,
+                    signal: None,
+                    sandbox_denied: r["sandboxDenied"].as_bool().unwrap_or(false),
+                };
+                self.exit = Some(status.clone());
+                self.ready.push_back(Event::Exited(status));
+            }
+            if r["closed"] == true && !self.closed {
+                self.closed = true;
+                self.ready.push_back(Event::Closed);
+            }
+            // Notifications from here on carry later seqs.
+            self.seen = self
+                .seen
+                .max(r["nextSeq"].as_u64().unwrap_or(1).saturating_sub(1));
+            return Ok(());
+        }
+    }
+
+    /// A call about this process; on a resumable client, one that the loss
+    /// of the connection interrupted is sent again on the resumed one
+    /// (every method used here is safe to repeat: reads, writes by write
+    /// id, close of stdin, resize, terminate).
+    async fn call(&self, method: &str, params: Value) -> Result<Value, ClientError> {
+        let conn = self.client.conn().await?;
+        match conn.call(method, params.clone()).await {
+            Err(ClientError::ConnectionLost { .. }) if self.client.resumable() => {
+                self.client.conn().await?.call(method, params).await
+            }
+            other => other,
+        }
+    }
+
     /// Read the output between `self.seen` and `upto` from the server's
     /// retained log.
     async fn fill_gap(&mut self, upto: u64) -> Result<(), ClientError> {
         let r = self
-            .conn
             .call(
                 "process/read",
                 json!({"processId": self.id, "afterSeq": self.seen}),
@@ -319,7 +385,6 @@ impl Process {
     pub async fn write_with_id(&self, data: &[u8], write_id: &str) -> Result<String, ClientError> {
         let chunk = base64::engine::general_purpose::STANDARD.encode(data);
         let r = self
-            .conn
             .call(
                 "process/write",
                 json!({"processId": self.id, "chunk": chunk, "writeId": write_id}),
@@ -330,15 +395,16 @@ impl Process {
 
     /// Close stdin (on a tty: send the EOF character).
     pub async fn close_stdin(&self) -> Result<(), ClientError> {
-        self.conn
-            .call("process/closeStdin", json!({"processId": self.id}))
+        self.call("process/closeStdin", json!({"processId": self.id}))
             .await
             .map(|_| ())
     }
 
     /// Send a signal (`"interrupt"`, `"terminate"`, `"kill"`, ...) to the group.
     pub async fn signal(&self, signal: &str) -> Result<(), ClientError> {
-        self.conn
+        self.client
+            .conn()
+            .await?
             .call(
                 "process/signal",
                 json!({"processId": self.id, "signal": signal}),
@@ -349,19 +415,17 @@ impl Process {
 
     /// Resize the process's terminal.
     pub async fn resize(&self, cols: u16, rows: u16) -> Result<(), ClientError> {
-        self.conn
-            .call(
-                "process/resize",
-                json!({"processId": self.id, "cols": cols, "rows": rows}),
-            )
-            .await
-            .map(|_| ())
+        self.call(
+            "process/resize",
+            json!({"processId": self.id, "cols": cols, "rows": rows}),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Kill the process group; whether it was still running.
     pub async fn terminate(&self) -> Result<bool, ClientError> {
         let r = self
-            .conn
             .call("process/terminate", json!({"processId": self.id}))
             .await?;
         Ok(r["running"] == true)

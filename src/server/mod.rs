@@ -146,6 +146,8 @@ pub fn run(config: Config, listen: &[Listen]) -> std::io::Result<()> {
         let watched = containment.clone();
         tokio::spawn(async move { watched.watch_watchdog().await });
         let server = Server::new(config, containment);
+        // Before anything says the server is ready.
+        let mut terminating = Terminating::catch();
         let mut listeners = Vec::new();
         for address in listen {
             if let Listen::Unix(path) = address {
@@ -190,7 +192,7 @@ pub fn run(config: Config, listen: &[Listen]) -> std::io::Result<()> {
                 tracing::debug!("stdin closed");
                 true
             }
-            name = terminating_signal() => {
+            name = terminating.recv() => {
                 tracing::info!("received {name}, shutting down");
                 false
             }
@@ -381,18 +383,38 @@ async fn reap_orphans(containment: Arc<Containment>) {
     }
 }
 
-async fn terminating_signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-        _ = hup.recv() => "SIGHUP",
+/// The terminating signals, caught from the moment this is made (so that
+/// one arriving before the server waits for it is not lost, nor fatal).
+struct Terminating {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+    hup: Option<tokio::signal::unix::Signal>,
+}
+
+impl Terminating {
+    fn catch() -> Terminating {
+        use tokio::signal::unix::{SignalKind, signal};
+        Terminating {
+            term: signal(SignalKind::terminate()).ok(),
+            int: signal(SignalKind::interrupt()).ok(),
+            hup: signal(SignalKind::hangup()).ok(),
+        }
+    }
+
+    /// The name of the first one to arrive.
+    async fn recv(&mut self) -> &'static str {
+        async fn one(signal: &mut Option<tokio::signal::unix::Signal>) {
+            match signal {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        tokio::select! {
+            () = one(&mut self.term) => "SIGTERM",
+            () = one(&mut self.int) => "SIGINT",
+            () = one(&mut self.hup) => "SIGHUP",
+        }
     }
 }

@@ -196,3 +196,111 @@ fn an_idle_daemon_exits_by_itself_and_leaves_nothing() {
     );
     assert!(!runtime.path().join("exec-server/idle.sock").exists());
 }
+
+/// The children of `pid` (of all its threads).
+fn children_of(pid: u32) -> Vec<i32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .flatten()
+                .flat_map(|t| {
+                    std::fs::read_to_string(t.path().join("children"))
+                        .unwrap_or_default()
+                        .split_whitespace()
+                        .filter_map(|p| p.parse().ok())
+                        .collect::<Vec<i32>>()
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn the_client_resumes_by_itself_and_wait_returns_everything() {
+    use exec_server::client::{Client, ServerCommand, StartOptions};
+    let runtime = tempfile::tempdir().unwrap();
+    let command = ServerCommand::new(bin())
+        .arg("--stdio")
+        .arg("--persist=lib")
+        .env("XDG_RUNTIME_DIR", runtime.path());
+    assert!(command.resumable());
+    let client = Client::new(command);
+    let mut p = client
+        .start(
+            StartOptions::new(
+                "n",
+                [
+                    "sh",
+                    "-c",
+                    "for i in $(seq 1 150); do echo $i; sleep 0.01; done; exit 7",
+                ],
+            )
+            .cwd("/tmp"),
+        )
+        .await
+        .unwrap();
+    let bridge = client.server_pid().unwrap();
+    let killer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        // SAFETY: plain syscall on the bridge the client started.
+        unsafe { libc::kill(bridge, libc::SIGKILL) };
+    });
+    let mut out = Vec::new();
+    let status = p
+        .wait_with_output(|_, data| out.extend_from_slice(data))
+        .await
+        .unwrap();
+    killer.await.unwrap();
+    assert_ne!(
+        client.server_pid(),
+        Some(bridge),
+        "the client did not resume"
+    );
+    assert_eq!(status.code, 7);
+    let text = String::from_utf8(out).unwrap();
+    let want: Vec<String> = (1..=150).map(|i| i.to_string()).collect();
+    assert_eq!(text.split_whitespace().collect::<Vec<_>>(), want);
+    client.shutdown().await;
+    let stop = daemon(runtime.path(), &["stop", "--persist", "lib"]);
+    assert!(stop.status.success(), "{stop:?}");
+}
+
+#[test]
+fn exec_server_run_survives_the_loss_of_its_bridge() {
+    let runtime = tempfile::tempdir().unwrap();
+    let via = format!("{} --stdio --persist=run", bin());
+    let child = Command::new(bin())
+        .args(["run", "--via", &via, "--"])
+        .args([
+            "sh",
+            "-c",
+            "for i in $(seq 1 150); do echo $i; sleep 0.01; done; exit 7",
+        ])
+        .env("XDG_RUNTIME_DIR", runtime.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let runner = child.id();
+    std::thread::sleep(Duration::from_millis(500));
+    // The runner's server command: the bridge. Kill it, as a dropped ssh would.
+    let bridges = children_of(runner);
+    assert!(!bridges.is_empty(), "no bridge under the runner");
+    for b in &bridges {
+        // SAFETY: plain syscall on the runner's child.
+        unsafe { libc::kill(*b, libc::SIGKILL) };
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let want: Vec<String> = (1..=150).map(|i| i.to_string()).collect();
+    assert_eq!(
+        text.split_whitespace().collect::<Vec<_>>(),
+        want,
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(7));
+    let stop = daemon(runtime.path(), &["stop", "--persist", "run"]);
+    assert!(stop.status.success(), "{stop:?}");
+}

@@ -801,7 +801,7 @@ fn deny_masks_can_not_be_replaced_from_a_writable_temp_directory() {
     let f = Fixture::new();
     let policy = deep_deny_policy(&f);
     let mut s = Server::started(&[]);
-    let tamper = "for d in \"${TMPDIR:-/tmp}\"/exec-server* /tmp/exec-server*; do \
+    let tamper = "for d in \"${TMPDIR:-/tmp}\"/exec-server-masks* /tmp/exec-server-masks*; do \
                   [ -e \"$d\" ] && echo found $d && rm -rf \"$d\" && ln -s \"$WS/a/secret\" \"$d\"; done; \
                   for d in dir file mask; do ln -s \"$WS/a/secret\" /tmp/$d 2>/dev/null; done; true";
     run(&mut s, tamper, &f.ws, policy.clone(), f.env(), false);

@@ -267,3 +267,59 @@ fn a_killed_ssh_client_loses_nothing_with_persist() {
         .unwrap();
     assert!(stop.status.success(), "{stop:?}");
 }
+
+#[test]
+fn exec_server_run_over_ssh_survives_killing_ssh_with_persist() {
+    let Some(sshd) = Sshd::start() else { return };
+    let name = format!("it-run-{}", std::process::id());
+    let via = sshd
+        .via()
+        .replace("--stdio", &format!("--stdio --persist={name}"));
+    let child = Command::new(bin())
+        .args(["run", "--via", &via, "--"])
+        .args([
+            "sh",
+            "-c",
+            "for i in $(seq 1 150); do echo $i; sleep 0.01; done; exit 7",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let runner = child.id();
+    std::thread::sleep(Duration::from_millis(700));
+    // The runner's ssh: kill it, as a network failure would end it.
+    let ssh: Vec<i32> = std::fs::read_dir(format!("/proc/{runner}/task"))
+        .unwrap()
+        .flatten()
+        .flat_map(|t| {
+            std::fs::read_to_string(t.path().join("children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect();
+    assert!(!ssh.is_empty(), "no ssh under the runner");
+    for pid in &ssh {
+        // SAFETY: plain syscall on the runner's child.
+        unsafe { libc::kill(*pid, libc::SIGKILL) };
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let want: Vec<String> = (1..=150).map(|i| i.to_string()).collect();
+    assert_eq!(
+        text.split_whitespace().collect::<Vec<_>>(),
+        want,
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(7));
+    let stop = Command::new(bin())
+        .args(["daemon", "stop", "--persist", &name])
+        .env_remove("XDG_RUNTIME_DIR")
+        .output()
+        .unwrap();
+    assert!(stop.status.success(), "{stop:?}");
+}
