@@ -207,21 +207,7 @@ fn environment_info_and_sandbox_check_name_the_same_containment() {
 fn a_dead_watchdog_refuses_new_starts_with_a_clear_error() {
     let mut s = Server::started(&[]);
     let server = s.child.id();
-    let watchdog = std::fs::read_dir(format!("/proc/{server}/task"))
-        .unwrap()
-        .flatten()
-        .flat_map(|t| {
-            std::fs::read_to_string(t.path().join("children"))
-                .unwrap_or_default()
-                .split_whitespace()
-                .map(|p| p.parse::<i32>().unwrap())
-                .collect::<Vec<_>>()
-        })
-        .find(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/comm"))
-                .is_ok_and(|c| c.trim() == "exec-watchdog")
-        })
-        .expect("the server has a watchdog child");
+    let watchdog = crate::support::watchdog_of(server);
     // SAFETY: plain syscall on our own grandchild.
     assert_eq!(unsafe { libc::kill(watchdog, libc::SIGKILL) }, 0);
     assert!(eventually(Duration::from_secs(2), || {

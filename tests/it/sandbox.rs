@@ -820,26 +820,6 @@ fn deny_masks_can_not_be_replaced_from_a_writable_temp_directory() {
     }
 }
 
-/// The watchdog of a server started by the test: its child named
-/// `exec-watchdog`.
-fn watchdog_of(server: u32) -> i32 {
-    std::fs::read_dir(format!("/proc/{server}/task"))
-        .unwrap()
-        .flatten()
-        .flat_map(|t| {
-            std::fs::read_to_string(t.path().join("children"))
-                .unwrap_or_default()
-                .split_whitespace()
-                .map(|p| p.parse::<i32>().unwrap())
-                .collect::<Vec<_>>()
-        })
-        .find(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/comm"))
-                .is_ok_and(|c| c.trim() == "exec-watchdog")
-        })
-        .expect("the server has a watchdog")
-}
-
 /// What a sandboxed process could change of another: its limits, its
 /// nice value and scheduling, its CPU affinity.
 fn reachable_state(pid: i32) -> (String, String, String) {
@@ -873,7 +853,7 @@ fn the_server_and_its_watchdog_are_out_of_reach() {
     let f = Fixture::new();
     let mut s = Server::started(&[]);
     let server = s.child.id() as i32;
-    let watchdog = watchdog_of(s.child.id());
+    let watchdog = crate::support::watchdog_of(s.child.id());
     let before = [reachable_state(server), reachable_state(watchdog)];
     let mut env = f.env();
     env["TARGETS"] = json!(format!("{server} {watchdog}"));

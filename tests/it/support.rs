@@ -320,3 +320,31 @@ pub fn available(what: &str, present: bool, why: &str) -> bool {
     let _ = writeln!(std::io::stderr().lock(), "SKIPPED: {why}");
     false
 }
+
+/// The watchdog of a server started by a test: its child named
+/// `exec-watchdog` (waited for: the watchdog names itself just after the
+/// fork).
+pub fn watchdog_of(server: u32) -> i32 {
+    let find = || {
+        std::fs::read_dir(format!("/proc/{server}/task"))
+            .ok()?
+            .flatten()
+            .flat_map(|t| {
+                std::fs::read_to_string(t.path().join("children"))
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok())
+                    .collect::<Vec<_>>()
+            })
+            .find(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/comm"))
+                    .is_ok_and(|c| c.trim() == "exec-watchdog")
+            })
+    };
+    let mut found = None;
+    eventually(Duration::from_secs(5), || {
+        found = find();
+        found.is_some()
+    });
+    found.expect("the server has a watchdog")
+}
