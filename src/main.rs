@@ -211,6 +211,15 @@ struct ServeArgs {
     #[arg(long, value_name = "FILE")]
     pid_file: Option<PathBuf>,
 
+    /// A file holding the token WebSocket peers must show
+    /// (`Authorization: Bearer TOKEN` or `?token=TOKEN`).
+    #[arg(long, value_name = "FILE")]
+    connection_token_file: Option<PathBuf>,
+
+    /// Listen on a non-loopback WebSocket address without a token.
+    #[arg(long)]
+    insecure_listen: bool,
+
     /// A root that `:workspace_roots` binds to (repeatable; default: the
     /// server's current directory).
     #[arg(long = "workspace-root", value_name = "DIR")]
@@ -394,6 +403,20 @@ fn serve(cli: ServeArgs) -> ExitCode {
             }
         };
     }
+    let connection_token = match &cli.connection_token_file {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(token) if !token.trim().is_empty() => Some(token.trim().to_string()),
+            Ok(_) => {
+                eprintln!("exec-server: {} holds no token", path.display());
+                return ExitCode::from(2);
+            }
+            Err(err) => {
+                eprintln!("exec-server: {}: {err}", path.display());
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
     let config = Config {
         max_message_bytes: cli.max_message_bytes,
         retain_bytes: cli.retain_bytes,
@@ -402,6 +425,8 @@ fn serve(cli: ServeArgs) -> ExitCode {
         detached_ttl: Duration::from_millis(cli.detached_session_ttl_ms.unwrap_or(30_000)),
         idle_exit: cli.idle_exit_ms.map(Duration::from_millis),
         pid_file: cli.pid_file,
+        connection_token,
+        insecure_listen: cli.insecure_listen,
         workspace_roots: cli.workspace_roots,
     };
     match server::run(config, &listen) {

@@ -36,6 +36,11 @@ pub struct Config {
     pub idle_exit: Option<Duration>,
     /// `--pid-file`.
     pub pid_file: Option<PathBuf>,
+    /// `--connection-token-file`: the token WebSocket peers must show.
+    pub connection_token: Option<String>,
+    /// `--insecure-listen`: allow a non-loopback WebSocket address without
+    /// a token.
+    pub insecure_listen: bool,
 }
 
 impl Default for Config {
@@ -49,6 +54,8 @@ impl Default for Config {
             workspace_roots: Vec::new(),
             idle_exit: None,
             pid_file: None,
+            connection_token: None,
+            insecure_listen: false,
         }
     }
 }
@@ -109,6 +116,9 @@ pub enum Listen {
     Stdio,
     /// Any number of connections on a Unix socket at this path.
     Unix(PathBuf),
+    /// Any number of WebSocket connections on this TCP address (port 0
+    /// picks one).
+    Ws(std::net::SocketAddr),
 }
 
 impl Listen {
@@ -117,10 +127,19 @@ impl Listen {
         if text == "stdio" || text == "stdio://" {
             return Ok(Listen::Stdio);
         }
+        if let Some(address) = text.strip_prefix("ws://") {
+            return address.parse().map(Listen::Ws).map_err(|_| {
+                format!("invalid websocket --listen URL `{text}`; expected `ws://IP:PORT`")
+            });
+        }
         let path = text
             .strip_prefix("unix://")
             .or_else(|| text.strip_prefix("unix:"))
-            .ok_or_else(|| format!("unsupported listen address {text} (stdio, unix:PATH)"))?;
+            .ok_or_else(|| {
+                format!(
+                    "unsupported --listen URL `{text}`; expected `ws://IP:PORT`, `unix:PATH` or `stdio`"
+                )
+            })?;
         if path.is_empty() {
             return Err(format!("{text}: the socket needs a path"));
         }
@@ -149,11 +168,35 @@ pub fn run(config: Config, listen: &[Listen]) -> std::io::Result<()> {
         // Before anything says the server is ready.
         let mut terminating = Terminating::catch();
         let mut listeners = Vec::new();
+        let mut ws_listeners = Vec::new();
         for address in listen {
-            if let Listen::Unix(path) = address {
-                let bound = transport::unix::bind(path)?;
-                tracing::info!("listening on unix:{}", path.display());
-                listeners.push(bound);
+            match address {
+                Listen::Unix(path) => {
+                    let bound = transport::unix::bind(path)?;
+                    tracing::info!("listening on unix:{}", path.display());
+                    listeners.push(bound);
+                }
+                Listen::Ws(address) => {
+                    if !address.ip().is_loopback() && server.config.connection_token.is_none() {
+                        if !server.config.insecure_listen {
+                            return Err(std::io::Error::new(
+                                std::io::ErrorKind::PermissionDenied,
+                                format!(
+                                    "refusing to listen on ws://{address} without a connection token: \
+                                     anyone who reaches it could run processes as this user \
+                                     (give --connection-token-file, or --insecure-listen)"
+                                ),
+                            ));
+                        }
+                        tracing::warn!(
+                            "listening on ws://{address} without a connection token (--insecure-listen)"
+                        );
+                    }
+                    let bound = tokio::net::TcpListener::bind(address).await?;
+                    tracing::info!("listening on ws://{}", bound.local_addr()?);
+                    ws_listeners.push(bound);
+                }
+                Listen::Stdio => {}
             }
         }
         let _pid_file = match &server.config.pid_file {
@@ -167,10 +210,16 @@ pub fn run(config: Config, listen: &[Listen]) -> std::io::Result<()> {
             for bound in &listeners {
                 println_address(&format!("unix:{}", bound.path.display()));
             }
+            for bound in &ws_listeners {
+                println_address(&format!("ws://{}", bound.local_addr()?));
+            }
         }
         let mut accepting = tokio::task::JoinSet::new();
         for bound in listeners {
             accepting.spawn(accept_unix(server.clone(), bound));
+        }
+        for bound in ws_listeners {
+            accepting.spawn(accept_ws(server.clone(), bound));
         }
         let (stdio_writer, mut serve_stdio) = if stdio {
             let io = stdio::start(server.config.max_message_bytes);
@@ -338,6 +387,35 @@ fn println_address(address: &str) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{address}");
     let _ = out.flush();
+}
+
+/// Accept WebSocket connections until the server shuts down.
+async fn accept_ws(server: Arc<Server>, bound: tokio::net::TcpListener) {
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let (stream, peer) = match bound.accept().await {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                tracing::warn!("accepting a websocket connection failed: {err}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        while connections.try_join_next().is_some() {}
+        let _ = stream.set_nodelay(true);
+        let server = server.clone();
+        connections.spawn(async move {
+            let token = server.config.connection_token.clone();
+            let max = server.config.max_message_bytes;
+            match transport::ws::accept(stream, token.as_deref(), max).await {
+                Ok(transport::ws::Accepted::Connection(transport)) => {
+                    connection::serve(server, transport).await;
+                }
+                Ok(transport::ws::Accepted::Answered) => {}
+                Err(err) => tracing::debug!("a websocket request from {peer} failed: {err}"),
+            }
+        });
+    }
 }
 
 /// Accept connections on a Unix socket until the server shuts down.

@@ -8,6 +8,7 @@ pub use crate::jsonrpc::Outgoing;
 
 pub mod stdio;
 pub mod unix;
+pub mod ws;
 
 /// One incoming unit of a newline-delimited stream.
 #[derive(Debug)]

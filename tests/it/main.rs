@@ -14,3 +14,4 @@ mod sessions;
 mod ssh;
 mod support;
 mod transcripts;
+mod websocket;

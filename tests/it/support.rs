@@ -120,6 +120,33 @@ impl Server {
         self.send_raw(&value.to_string());
     }
 
+    /// Start a server listening on WebSocket `ws://127.0.0.1:0` (plus
+    /// `args`) and connect to it: one JSON-RPC message per WebSocket
+    /// message, seen here as lines.
+    pub fn start_ws(args: &[&str]) -> Server {
+        let mut child = Command::new(bin())
+            .args(["--listen", "ws://127.0.0.1:0"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn exec-server");
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        let (writer, lines) = ws_lines(first.trim(), None);
+        Server {
+            stdin: Some(Box::new(writer)),
+            child,
+            _socket_dir: None,
+            lines,
+            backlog: VecDeque::new(),
+            next_id: 1000,
+        }
+    }
+
     /// Close our end: stdin of a stdio server, the connection of a
     /// socket one.
     pub fn close_stdin(&mut self) {
@@ -347,4 +374,102 @@ pub fn watchdog_of(server: u32) -> i32 {
         found.is_some()
     });
     found.expect("the server has a watchdog")
+}
+
+/// A WebSocket connection to `url`, seen as lines: what is written to the
+/// writer goes out one message per line; each message that comes in is a
+/// line. `header` is added to the upgrade request. Dropping the writer
+/// cuts the TCP connection without a close frame.
+pub fn ws_lines(url: &str, header: Option<(&str, &str)>) -> (WsWriter, Receiver<String>) {
+    use tokio_tungstenite::tungstenite::{self, Message, client::IntoClientRequest};
+    let address = url
+        .trim_start_matches("ws://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let stream = std::net::TcpStream::connect(&address).unwrap();
+    let mut request = url.into_client_request().unwrap();
+    if let Some((name, value)) = header {
+        request.headers_mut().insert(
+            tungstenite::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            value.parse().unwrap(),
+        );
+    }
+    let (mut socket, _) = tungstenite::client::client(request, stream.try_clone().unwrap())
+        .expect("websocket handshake");
+    stream
+        .set_read_timeout(Some(Duration::from_millis(10)))
+        .unwrap();
+    let (out_tx, out_rx) = channel::<Option<String>>();
+    let (in_tx, in_rx) = channel();
+    std::thread::spawn(move || {
+        loop {
+            loop {
+                match out_rx.try_recv() {
+                    Ok(Some(line)) => {
+                        if socket.send(Message::Text(line.into())).is_err() {
+                            return;
+                        }
+                    }
+                    // Our end is gone: cut the connection, no close frame.
+                    Ok(None) | Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                        let _ = socket.get_ref().shutdown(std::net::Shutdown::Both);
+                        return;
+                    }
+                    Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                }
+            }
+            match socket.read() {
+                Ok(Message::Text(text)) => {
+                    if in_tx.send(text.to_string()).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(err))
+                    if matches!(
+                        err.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    (
+        WsWriter {
+            pending: Vec::new(),
+            out: out_tx,
+        },
+        in_rx,
+    )
+}
+
+/// The writing side of [`ws_lines`].
+pub struct WsWriter {
+    pending: Vec<u8>,
+    out: std::sync::mpsc::Sender<Option<String>>,
+}
+
+impl Write for WsWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.pending.extend_from_slice(buf);
+        while let Some(i) = self.pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.pending.drain(..=i).collect();
+            let text = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
+            self.out
+                .send(Some(text))
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?;
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for WsWriter {
+    fn drop(&mut self) {
+        let _ = self.out.send(None);
+    }
 }

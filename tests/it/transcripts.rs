@@ -1,6 +1,7 @@
 //! Golden transcripts: every `fixtures/transcripts/*.jsonl` is played
-//! against the built binary over real pipes (stdio) and again over a Unix
-//! socket (`--listen unix:PATH`), with the same expectations.
+//! against the built binary over real pipes (stdio), and again over a Unix
+//! socket (`--listen unix:PATH`) and over WebSocket (`--listen ws://`),
+//! with the same expectations.
 //!
 //! # Format
 //!
@@ -58,7 +59,7 @@ fn golden_transcripts() {
     // transport.
     let plays: Vec<(&PathBuf, Via)> = files
         .iter()
-        .flat_map(|f| [(f, Via::Stdio), (f, Via::Unix)])
+        .flat_map(|f| [(f, Via::Stdio), (f, Via::Unix), (f, Via::Ws)])
         .collect();
     let failures: Vec<String> = std::thread::scope(|scope| {
         let handles: Vec<_> = plays
@@ -91,6 +92,7 @@ fn golden_transcripts() {
 enum Via {
     Stdio,
     Unix,
+    Ws,
 }
 
 struct Run {
@@ -162,6 +164,7 @@ fn run(path: &Path, via: Via) -> Result<(), String> {
     let mut server = match via {
         Via::Stdio => Server::start(&arg_refs),
         Via::Unix => Server::start_unix(&arg_refs),
+        Via::Ws => Server::start_ws(&arg_refs),
     };
     let mut run = Run {
         name: format!(
@@ -238,7 +241,7 @@ fn run(path: &Path, via: Via) -> Result<(), String> {
         ));
     }
     server.close_stdin();
-    if via == Via::Unix {
+    if via != Via::Stdio {
         // A socket server outlives its connections: it ends on a signal.
         // SAFETY: plain syscall on our child.
         unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };

@@ -1,0 +1,278 @@
+//! The WebSocket transport, with the reference server's conventions: one
+//! JSON-RPC message per WebSocket message (text or binary accepted; text
+//! sent), `GET /readyz` answers 200, any request with an `Origin` header
+//! gets 403 (no browser page may drive a local server), other paths 404,
+//! and a ping every 30 s; a peer that answers none for 60 s is dropped.
+//! With a connection token, every other request must carry it
+//! (`Authorization: Bearer T` or `?token=T`; compared in constant time).
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use super::{Frame, OUTBOUND_CAPACITY, Outbound, Outgoing, Transport};
+use crate::jsonrpc::encode_line;
+
+/// How long a peer may take to send its request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest request head accepted.
+const HEAD_BYTES: usize = 16 * 1024;
+/// How often the server pings.
+const PING_EVERY: Duration = Duration::from_secs(30);
+/// How long a peer may go without answering a ping.
+const PONG_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What an accepted TCP connection is.
+pub enum Accepted {
+    /// A WebSocket connection, ready to serve.
+    Connection(Transport),
+    /// An HTTP request that was answered (readyz, refusals).
+    Answered,
+}
+
+/// Serve the HTTP part of one TCP connection: answer it, or upgrade it.
+pub async fn accept(
+    mut stream: TcpStream,
+    token: Option<&str>,
+    max_message_bytes: usize,
+) -> io::Result<Accepted> {
+    let head = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request head in time"))??;
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut request = httparse::Request::new(&mut headers);
+    let parsed = request.parse(&head);
+    if !matches!(parsed, Ok(httparse::Status::Complete(_))) {
+        respond(&mut stream, "400 Bad Request").await?;
+        return Ok(Accepted::Answered);
+    }
+    let target = request.path.unwrap_or("/");
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let header = |name: &str| {
+        request
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| String::from_utf8_lossy(h.value).into_owned())
+    };
+    if header("origin").is_some() {
+        respond(&mut stream, "403 Forbidden").await?;
+        return Ok(Accepted::Answered);
+    }
+    match (request.method, path) {
+        (Some("GET"), "/readyz") => {
+            respond(&mut stream, "200 OK").await?;
+            return Ok(Accepted::Answered);
+        }
+        (_, "/") => {}
+        _ => {
+            respond(&mut stream, "404 Not Found").await?;
+            return Ok(Accepted::Answered);
+        }
+    }
+    if let Some(token) = token {
+        let bearer = header("authorization")
+            .and_then(|v| v.strip_prefix("Bearer ").map(|t| t.trim().to_string()));
+        let in_query = query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("token=").map(String::from));
+        let given = bearer.or(in_query).unwrap_or_default();
+        if !same(given.as_bytes(), token.as_bytes()) {
+            respond(&mut stream, "401 Unauthorized").await?;
+            return Ok(Accepted::Answered);
+        }
+    }
+    // The library's own limits sit above ours, so that a message over our
+    // limit (but not absurdly so) is answered with `messageTooLarge` like a
+    // long line; beyond the library's, the connection is closed.
+    let mut config = WebSocketConfig::default();
+    let ceiling = max_message_bytes.max(64 << 20).saturating_add(1 << 20);
+    config.max_message_size = Some(ceiling);
+    config.max_frame_size = Some(ceiling);
+    let replay = Replay {
+        head,
+        at: 0,
+        stream,
+    };
+    let socket = tokio_tungstenite::accept_async_with_config(replay, Some(config))
+        .await
+        .map_err(io::Error::other)?;
+    Ok(Accepted::Connection(serve(socket, max_message_bytes)))
+}
+
+/// The transport of one upgraded connection.
+fn serve(
+    socket: tokio_tungstenite::WebSocketStream<Replay>,
+    max_message_bytes: usize,
+) -> Transport {
+    let (mut sink, mut source) = socket.split();
+    let (in_tx, in_rx) = mpsc::channel(64);
+    let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(OUTBOUND_CAPACITY);
+    let (pong_tx, mut pong_rx) = mpsc::unbounded_channel::<()>();
+    tokio::spawn(async move {
+        while let Some(message) = source.next().await {
+            let data = match message {
+                Ok(Message::Text(text)) => text.as_bytes().to_vec(),
+                Ok(Message::Binary(data)) => data.to_vec(),
+                Ok(Message::Pong(_)) => {
+                    let _ = pong_tx.send(());
+                    continue;
+                }
+                Ok(Message::Ping(_) | Message::Frame(_)) => continue,
+                Ok(Message::Close(_)) | Err(_) => break,
+            };
+            let frame = if data.len() > max_message_bytes {
+                Frame::TooLong { size: data.len() }
+            } else if data.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            } else {
+                Frame::Line(data)
+            };
+            if in_tx.send(frame).await.is_err() {
+                break;
+            }
+        }
+        // Dropping in_tx ends the connection.
+    });
+    tokio::spawn(async move {
+        let mut ping =
+            tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
+        let mut last_pong = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                line = out_rx.recv() => {
+                    let Some(line) = line else { break };
+                    let text = String::from_utf8_lossy(&line).into_owned();
+                    if sink.send(Message::Text(text.into())).await.is_err() {
+                        break;
+                    }
+                }
+                _ = ping.tick() => {
+                    if last_pong.elapsed() > PONG_TIMEOUT {
+                        tracing::info!("a websocket peer stopped answering pings; dropping it");
+                        break;
+                    }
+                    if sink.send(Message::Ping(Vec::new().into())).await.is_err() {
+                        break;
+                    }
+                }
+                Some(()) = pong_rx.recv() => last_pong = tokio::time::Instant::now(),
+            }
+        }
+        let _ = sink.close().await;
+    });
+    Transport {
+        incoming: in_rx,
+        outgoing: Outbound::new(out_tx, encode_message),
+    }
+}
+
+/// The WebSocket codec: one message's JSON, without the line codec's
+/// newline.
+fn encode_message(message: &Outgoing) -> Vec<u8> {
+    let mut line = encode_line(message);
+    if line.last() == Some(&b'\n') {
+        line.pop();
+    }
+    line
+}
+
+/// Read up to the end of the request head (`\r\n\r\n`).
+async fn read_head(stream: &mut TcpStream) -> io::Result<Vec<u8>> {
+    let mut head = Vec::with_capacity(1024);
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() >= HEAD_BYTES {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "request head too long",
+            ));
+        }
+        // One byte at a time: nothing past the head may be consumed (the
+        // WebSocket handshake reads the head again from the replay).
+        if stream.read(&mut byte).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        head.push(byte[0]);
+    }
+    Ok(head)
+}
+
+async fn respond(stream: &mut TcpStream, status: &str) -> io::Result<()> {
+    let body = status.split_once(' ').map_or(status, |(_, text)| text);
+    let response = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// Equal, in time that depends on the lengths only.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for (i, &x) in a.iter().enumerate() {
+        diff |= usize::from(x ^ b.get(i).copied().unwrap_or(0));
+    }
+    diff == 0
+}
+
+/// The TCP stream with the request head it already gave handed out again
+/// first, for the WebSocket handshake to read.
+struct Replay {
+    head: Vec<u8>,
+    at: usize,
+    stream: TcpStream,
+}
+
+impl AsyncRead for Replay {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.at < self.head.len() {
+            let n = buf.remaining().min(self.head.len() - self.at);
+            let at = self.at;
+            buf.put_slice(&self.head[at..at + n]);
+            self.at += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Replay {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(super::same(b"secret", b"secret"));
+        assert!(!super::same(b"secret", b"secreT"));
+        assert!(!super::same(b"secret", b"secret2"));
+        assert!(!super::same(b"", b"x"));
+    }
+}

@@ -1,0 +1,233 @@
+//! `--listen ws://IP:PORT`: the reference's conventions (readyz, Origin
+//! refused, one message per WebSocket message), the connection token, and
+//! sessions that survive a cut TCP connection.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::support::{bin, unb64, ws_lines};
+
+struct WsServer {
+    child: Child,
+    url: String,
+}
+
+impl WsServer {
+    fn start(args: &[&str]) -> WsServer {
+        let mut child = Command::new(bin())
+            .args(["--listen", "ws://127.0.0.1:0"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        assert!(first.starts_with("ws://127.0.0.1:"), "{first}");
+        WsServer {
+            child,
+            url: first.trim().to_string(),
+        }
+    }
+
+    /// The status line of a plain HTTP request with `headers`.
+    fn http(&self, path: &str, headers: &str) -> String {
+        let address = self.url.trim_start_matches("ws://");
+        let mut stream = std::net::TcpStream::connect(address).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: {address}\r\n{headers}\r\n"
+        )
+        .unwrap();
+        // The status line only: an upgraded connection stays open.
+        let mut status = String::new();
+        let _ = BufReader::new(stream).read_line(&mut status);
+        status.trim_end().to_string()
+    }
+}
+
+impl Drop for WsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const UPGRADE: &str = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n";
+
+#[test]
+fn readyz_origin_and_unknown_paths() {
+    let server = WsServer::start(&[]);
+    assert_eq!(server.http("/readyz", ""), "HTTP/1.1 200 OK");
+    assert_eq!(
+        server.http("/", &format!("{UPGRADE}Origin: https://example.com\r\n")),
+        "HTTP/1.1 403 Forbidden"
+    );
+    assert_eq!(
+        server.http("/readyz", "Origin: https://example.com\r\n"),
+        "HTTP/1.1 403 Forbidden"
+    );
+    assert_eq!(server.http("/other", UPGRADE), "HTTP/1.1 404 Not Found");
+    assert_eq!(
+        server.http("/", UPGRADE),
+        "HTTP/1.1 101 Switching Protocols"
+    );
+}
+
+#[test]
+fn a_connection_token_is_required_when_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cr3t\n").unwrap();
+    let server = WsServer::start(&["--connection-token-file", token.to_str().unwrap()]);
+    assert_eq!(server.http("/", UPGRADE), "HTTP/1.1 401 Unauthorized");
+    assert_eq!(
+        server.http("/", &format!("{UPGRADE}Authorization: Bearer wrong\r\n")),
+        "HTTP/1.1 401 Unauthorized"
+    );
+    assert_eq!(
+        server.http("/?token=wrong", UPGRADE),
+        "HTTP/1.1 401 Unauthorized"
+    );
+    assert_eq!(
+        server.http("/", &format!("{UPGRADE}Authorization: Bearer s3cr3t\r\n")),
+        "HTTP/1.1 101 Switching Protocols"
+    );
+    assert_eq!(
+        server.http("/?token=s3cr3t", UPGRADE),
+        "HTTP/1.1 101 Switching Protocols"
+    );
+    // And a real conversation with the token.
+    let (mut writer, lines) = ws_lines(&server.url, Some(("authorization", "Bearer s3cr3t")));
+    writeln!(
+        writer,
+        "{}",
+        json!({"id": 1, "method": "initialize", "params": {"clientName": "it"}})
+    )
+    .unwrap();
+    let answer: Value =
+        serde_json::from_str(&lines.recv_timeout(Duration::from_secs(10)).unwrap()).unwrap();
+    assert!(answer["result"]["sessionId"].is_string(), "{answer}");
+}
+
+#[test]
+fn a_non_loopback_address_needs_a_token_or_insecure_listen() {
+    let refused = Command::new(bin())
+        .args(["--listen", "ws://0.0.0.0:0"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("connection token"));
+    let mut allowed = Command::new(bin())
+        .args(["--listen", "ws://0.0.0.0:0", "--insecure-listen"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(allowed.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.starts_with("ws://0.0.0.0:"), "{first}");
+    let _ = allowed.kill();
+    let _ = allowed.wait();
+}
+
+/// A request over a [`ws_lines`] connection; notifications are skipped.
+fn request(
+    writer: &mut impl Write,
+    lines: &std::sync::mpsc::Receiver<String>,
+    id: i64,
+    method: &str,
+    params: Value,
+) -> Value {
+    writeln!(
+        writer,
+        "{}",
+        json!({"id": id, "method": method, "params": params})
+    )
+    .unwrap();
+    loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(10))
+            .expect("an answer");
+        let message: Value = serde_json::from_str(&line).unwrap();
+        if message["id"] == id {
+            return message;
+        }
+    }
+}
+
+#[test]
+fn a_cut_tcp_connection_resumes_with_every_line_once() {
+    let server = WsServer::start(&[]);
+    let (mut writer, lines) = ws_lines(&server.url, None);
+    let answer = request(
+        &mut writer,
+        &lines,
+        1,
+        "initialize",
+        json!({"clientName": "it"}),
+    );
+    let session = answer["result"]["sessionId"].as_str().unwrap().to_string();
+    writeln!(writer, "{}", json!({"method": "initialized"})).unwrap();
+    request(
+        &mut writer,
+        &lines,
+        2,
+        "process/start",
+        json!({"processId": "n", "cwd": "/tmp",
+               "argv": ["sh", "-c", "for i in $(seq 1 150); do echo $i; sleep 0.01; done"]}),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    drop(writer); // the TCP connection is cut, no close frame
+    drop(lines);
+    std::thread::sleep(Duration::from_secs(1));
+    let (mut writer, lines) = ws_lines(&server.url, None);
+    let answer = request(
+        &mut writer,
+        &lines,
+        1,
+        "initialize",
+        json!({"clientName": "it", "resumeSessionId": session}),
+    );
+    assert_eq!(answer["result"]["sessionId"], session.as_str(), "{answer}");
+    writeln!(writer, "{}", json!({"method": "initialized"})).unwrap();
+    let list = request(&mut writer, &lines, 2, "process/list", json!({}));
+    assert_eq!(list["result"]["processes"][0]["processId"], "n");
+    let (mut after, mut out, mut id) = (0, Vec::new(), 10);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(Instant::now() < deadline);
+        id += 1;
+        let r = request(
+            &mut writer,
+            &lines,
+            id,
+            "process/read",
+            json!({"processId": "n", "afterSeq": after, "waitMs": 1000}),
+        );
+        let r = &r["result"];
+        for chunk in r["chunks"].as_array().unwrap() {
+            out.extend(unb64(&chunk["chunk"]));
+        }
+        after = r["nextSeq"].as_u64().unwrap() - 1;
+        if r["closed"] == true {
+            break;
+        }
+    }
+    let text = String::from_utf8(out).unwrap();
+    let want: Vec<String> = (1..=150).map(|i| i.to_string()).collect();
+    assert_eq!(text.split_whitespace().collect::<Vec<_>>(), want);
+}
