@@ -33,6 +33,8 @@ pub struct Server {
     stdin: Option<Box<dyn Write + Send>>,
     /// The socket's directory, for a server started with [`Server::start_unix`].
     _socket_dir: Option<tempfile::TempDir>,
+    /// A `--persist` bridge: its daemon is stopped on drop.
+    persist: bool,
     lines: Receiver<String>,
     /// Messages received but not yet asked for.
     backlog: VecDeque<Value>,
@@ -63,6 +65,7 @@ impl Server {
             stdin,
             child,
             _socket_dir: None,
+            persist: false,
             lines: read_lines(stdout),
             backlog: VecDeque::new(),
             next_id: 1000,
@@ -94,6 +97,7 @@ impl Server {
             stdin: Some(Box::new(SocketEnd(stream))),
             child,
             _socket_dir: Some(dir),
+            persist: false,
             lines: read_lines(reader),
             backlog: VecDeque::new(),
             next_id: 1000,
@@ -141,10 +145,26 @@ impl Server {
             stdin: Some(Box::new(writer)),
             child,
             _socket_dir: None,
+            persist: false,
             lines,
             backlog: VecDeque::new(),
             next_id: 1000,
         }
+    }
+
+    /// Start `exec-server --stdio --persist=NAME` (plus `args`): a bridge
+    /// to a daemon of its own, in a runtime directory of its own. The
+    /// daemon is stopped when this is dropped.
+    pub fn start_persist(args: &[&str]) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(bin());
+        cmd.args(["--stdio", "--persist=transcript"])
+            .args(args)
+            .env("XDG_RUNTIME_DIR", dir.path());
+        let mut server = Server::from_command(cmd);
+        server._socket_dir = Some(dir);
+        server.persist = true;
+        server
     }
 
     /// Close our end: stdin of a stdio server, the connection of a
@@ -265,6 +285,12 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let (true, Some(dir)) = (self.persist, &self._socket_dir) {
+            let _ = Command::new(bin())
+                .args(["daemon", "stop", "--persist", "transcript"])
+                .env("XDG_RUNTIME_DIR", dir.path())
+                .output();
+        }
     }
 }
 

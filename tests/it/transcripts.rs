@@ -1,7 +1,8 @@
 //! Golden transcripts: every `fixtures/transcripts/*.jsonl` is played
 //! against the built binary over real pipes (stdio), and again over a Unix
-//! socket (`--listen unix:PATH`) and over WebSocket (`--listen ws://`),
-//! with the same expectations.
+//! socket (`--listen unix:PATH`), over WebSocket (`--listen ws://`) and
+//! through a `--stdio --persist` bridge to a daemon, with the same
+//! expectations.
 //!
 //! # Format
 //!
@@ -29,8 +30,9 @@
 //! remembered value; also substituted inside `send`).
 //!
 //! After the last step no unexpected line may be pending; then closing
-//! stdin must make a stdio server exit with status 0, and a socket server
-//! must exit with status 0 on SIGTERM once its connection is closed.
+//! stdin must make a stdio server (or a bridge) exit with status 0, and a
+//! socket server must exit with status 0 on SIGTERM once its connection is
+//! closed.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -59,7 +61,14 @@ fn golden_transcripts() {
     // transport.
     let plays: Vec<(&PathBuf, Via)> = files
         .iter()
-        .flat_map(|f| [(f, Via::Stdio), (f, Via::Unix), (f, Via::Ws)])
+        .flat_map(|f| {
+            [
+                (f, Via::Stdio),
+                (f, Via::Unix),
+                (f, Via::Ws),
+                (f, Via::Persist),
+            ]
+        })
         .collect();
     let failures: Vec<String> = std::thread::scope(|scope| {
         let handles: Vec<_> = plays
@@ -93,6 +102,8 @@ enum Via {
     Stdio,
     Unix,
     Ws,
+    /// Through a `--stdio --persist` bridge to a daemon.
+    Persist,
 }
 
 struct Run {
@@ -165,6 +176,7 @@ fn run(path: &Path, via: Via) -> Result<(), String> {
         Via::Stdio => Server::start(&arg_refs),
         Via::Unix => Server::start_unix(&arg_refs),
         Via::Ws => Server::start_ws(&arg_refs),
+        Via::Persist => Server::start_persist(&arg_refs),
     };
     let mut run = Run {
         name: format!(
@@ -241,7 +253,7 @@ fn run(path: &Path, via: Via) -> Result<(), String> {
         ));
     }
     server.close_stdin();
-    if via != Via::Stdio {
+    if via == Via::Unix || via == Via::Ws {
         // A socket server outlives its connections: it ends on a signal.
         // SAFETY: plain syscall on our child.
         unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
