@@ -276,3 +276,96 @@ fn a_socket_file_left_by_a_dead_server_is_replaced() {
     assert!(child.wait().unwrap().success());
     assert!(!path.exists());
 }
+
+#[test]
+fn a_resume_while_the_old_connection_waits_in_a_long_poll() {
+    let server = Listening::start(&[]);
+    let mut first = server.connect();
+    let session = first.handshake(None).unwrap();
+    first.call(
+        "process/start",
+        json!({"processId": "q", "cwd": "/tmp", "pipeStdin": true, "argv": ["cat"]}),
+    );
+    // A read that waits (nothing to say yet), then the connection drops.
+    let line = json!({"jsonrpc": "2.0", "id": 99, "method": "process/read",
+                      "params": {"processId": "q", "afterSeq": 0, "waitMs": 60000}});
+    writeln!(first.stream, "{line}").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    drop(first);
+    // Resuming may race the detach: -32010 is retried.
+    let started = Instant::now();
+    let mut second = loop {
+        let mut peer = server.connect();
+        match peer.handshake(Some(&session)) {
+            Ok(_) => break peer,
+            Err(refused) => {
+                assert_eq!(refused["error"]["code"], -32010, "{refused}");
+                assert!(started.elapsed() < Duration::from_secs(5));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    // Nothing the cancelled read would have returned is lost.
+    second.call(
+        "process/write",
+        json!({"processId": "q", "chunk": crate::support::b64(b"kept\n"), "writeId": "w"}),
+    );
+    second.call("process/closeStdin", json!({"processId": "q"}));
+    assert_eq!(second.read_to_close("q", 0), b"kept\n");
+}
+
+/// An unprivileged server refuses a peer of another uid, even one that can
+/// reach its socket (root here). Needs root and the `exec-server-ci` user
+/// (`.ci/run` makes it before the tests).
+#[test]
+fn an_unprivileged_server_refuses_a_peer_of_another_uid() {
+    // SAFETY: getter without failure modes.
+    let root = unsafe { libc::geteuid() } == 0;
+    let user = Command::new("id")
+        .arg("exec-server-ci")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !crate::support::available(
+        "second-user",
+        root && user,
+        "this test needs root and the user exec-server-ci (.ci/run makes it)",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    let path = dir.path().join("theirs.sock");
+    let mut child = Command::new("runuser")
+        .args(["-u", "exec-server-ci", "--"])
+        .arg(bin())
+        .arg("--listen")
+        .arg(format!("unix:{}", path.display()))
+        .env_remove("XDG_RUNTIME_DIR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.starts_with("unix:"), "{first}");
+    let mut stream = UnixStream::connect(&path).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let _ = writeln!(
+        stream,
+        "{}",
+        json!({"id": 1, "method": "initialize", "params": {"clientName": "root"}})
+    );
+    let mut answer = String::new();
+    let n = BufReader::new(&stream).read_line(&mut answer).unwrap_or(0);
+    assert_eq!(n, 0, "root was served by another user's server: {answer}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
