@@ -44,6 +44,7 @@ enum Case {
     FanOut,
     Interference,
     Idle,
+    Reconnect,
 }
 
 impl Args {
@@ -63,6 +64,7 @@ struct Plan {
     interference_reads: usize,
     interference_starts: usize,
     churn: usize,
+    reconnects: usize,
 }
 
 impl Plan {
@@ -78,6 +80,7 @@ impl Plan {
                 interference_reads: 50,
                 interference_starts: 10,
                 churn: 100,
+                reconnects: 3,
             }
         } else {
             Plan {
@@ -90,6 +93,7 @@ impl Plan {
                 interference_reads: 200,
                 interference_starts: 50,
                 churn: 1000,
+                reconnects: 20,
             }
         }
     }
@@ -157,6 +161,82 @@ fn ms(d: Duration) -> f64 {
 
 fn mb_per_s(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / 1e6 / d.as_secs_f64()
+}
+
+/// The cost of a dropped connection: a client on a `--persist` bridge
+/// whose bridge is killed (as a dropped ssh would end it) resumes by
+/// itself; the time from the kill to the first byte of output after it
+/// (caught up from the retained log, or new). With `--via`, the command
+/// must be resumable (`--persist`, or a `unix:` address); the case is
+/// skipped otherwise.
+async fn reconnect(args: &Args, plan: &Plan) -> Result<Vec<Row>, BoxError> {
+    let runtime = std::env::temp_dir().join(format!("exec-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&runtime)?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o700))?;
+    }
+    let name = format!("bench-{}", std::process::id());
+    let command = match &args.via {
+        Some(via) => ServerCommand::parse(via)?,
+        None => server_command(args, &[])?
+            .arg(format!("--persist={name}"))
+            .env("XDG_RUNTIME_DIR", &runtime),
+    };
+    if !command.resumable() {
+        eprintln!("reconnect: skipped, the --via command is not resumable (no --persist)");
+        return Ok(Vec::new());
+    }
+    let client = Client::new(command);
+    let mut process = client
+        .start(
+            StartOptions::new(
+                "ticker",
+                ["sh", "-c", "while :; do echo tick; sleep 0.005; done"],
+            )
+            .cwd("/"),
+        )
+        .await?;
+    let mut samples = Vec::new();
+    for _ in 0..plan.reconnects {
+        next_output(&mut process).await?;
+        let Some(bridge) = client.server_pid().filter(|&p| p > 1) else {
+            return Err("no bridge process to kill".into());
+        };
+        let t = Instant::now();
+        // SAFETY: plain syscall on the bridge this client started.
+        unsafe { libc::kill(bridge, libc::SIGKILL) };
+        next_output(&mut process).await?;
+        samples.push(ms(t.elapsed()));
+    }
+    let _ = process.terminate().await;
+    client.shutdown().await;
+    if args.via.is_none() {
+        let exe = std::env::current_exe()?.with_file_name("exec-server");
+        let _ = std::process::Command::new(exe)
+            .args(["daemon", "stop", "--persist", &name])
+            .env("XDG_RUNTIME_DIR", &runtime)
+            .output();
+        let _ = std::fs::remove_dir_all(&runtime);
+    }
+    Ok(vec![row(
+        "reconnect and resume (bridge killed to next output byte)",
+        "ms",
+        samples,
+        None,
+        "a --persist bridge SIGKILLed; the client starts a new one and resumes".into(),
+    )])
+}
+
+/// Wait for the next chunk of output of `process`.
+async fn next_output(process: &mut exec_server::client::Process) -> Result<(), BoxError> {
+    loop {
+        match process.next_event().await? {
+            Some(Event::Output { .. }) => return Ok(()),
+            Some(_) => {}
+            None => return Err("the process ended".into()),
+        }
+    }
 }
 
 /// The server command: `--via`, or the exec-server beside this binary.
@@ -639,6 +719,7 @@ async fn run(args: &Args) -> Result<(), BoxError> {
             Case::FanOut => rows.push(fan_out(args, &plan).await?),
             Case::Interference => rows.push(interference(args, &plan).await?),
             Case::Idle => rows.extend(idle(args, &plan).await?),
+            Case::Reconnect => rows.extend(reconnect(args, &plan).await?),
         }
     }
     print_table(&rows);
