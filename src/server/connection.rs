@@ -278,3 +278,57 @@ fn log_request(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::process::container::Containment;
+    use crate::transport::memory;
+
+    fn server() -> Arc<Server> {
+        Server::new(
+            super::super::Config::default(),
+            Arc::new(Containment::for_tests()),
+        )
+    }
+
+    #[tokio::test]
+    async fn the_handshake_and_gating_over_an_in_memory_connection() {
+        let server = server();
+        let (transport, mut peer) = memory::pair();
+        let serving = tokio::spawn(serve(server.clone(), transport));
+        peer.send_json(json!({"id": 1, "method": "environment/status"}))
+            .await;
+        let refused = peer.next_json().await.unwrap();
+        assert_eq!(refused["error"]["code"], -32600, "{refused}");
+        peer.send_json(json!({"id": 2, "method": "initialize", "params": {"clientName": "t"}}))
+            .await;
+        let session = peer.next_json().await.unwrap();
+        let id = session["result"]["sessionId"].as_str().unwrap().to_string();
+        peer.send_json(json!({"method": "initialized"})).await;
+        peer.send_json(json!({"id": 3, "method": "environment/status"}))
+            .await;
+        assert_eq!(peer.next_json().await.unwrap()["result"]["status"], "ready");
+        // The peer goes: the connection ends and the session detaches.
+        drop(peer);
+        serving.await.unwrap();
+        let sessions = server.sessions.snapshot();
+        assert_eq!(sessions.len(), 1);
+        assert_eq!((&sessions[0].0, sessions[0].1), (&id, false));
+    }
+
+    #[tokio::test]
+    async fn a_server_shutdown_ends_the_connection_and_its_long_polls() {
+        let server = server();
+        let (transport, peer) = memory::pair();
+        let serving = tokio::spawn(serve(server.clone(), transport));
+        server.shutdown.send_replace(true);
+        tokio::time::timeout(std::time::Duration::from_secs(5), serving)
+            .await
+            .expect("the connection ended")
+            .unwrap();
+        drop(peer);
+    }
+}

@@ -6,6 +6,8 @@ use tokio::sync::mpsc;
 
 pub use crate::jsonrpc::Outgoing;
 
+#[cfg(test)]
+pub mod memory;
 pub mod stdio;
 pub mod unix;
 pub mod ws;
