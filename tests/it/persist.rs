@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{bin, eventually, pid_gone, unb64};
+use crate::support::{NUMBERED, assert_numbered, bin, children_of, eventually, pid_gone, unb64};
 
 /// A bridge started with `--stdio --persist=NAME`, the daemons' directory
 /// set to `runtime`.
@@ -125,7 +125,7 @@ fn killing_the_bridge_detaches_and_a_new_bridge_resumes_with_nothing_lost() {
     first.request(
         "process/start",
         json!({"processId": "n", "cwd": "/tmp",
-               "argv": ["sh", "-c", "for i in $(seq 1 150); do echo $i; sleep 0.01; done"]}),
+               "argv": ["sh", "-c", NUMBERED]}),
     );
     std::thread::sleep(Duration::from_millis(300));
     first.child.kill().unwrap(); // SIGKILL: what a dropped ssh does to it
@@ -134,9 +134,7 @@ fn killing_the_bridge_detaches_and_a_new_bridge_resumes_with_nothing_lost() {
     let mut second = Bridge::start(runtime.path(), "resume", &[]);
     let answer = second.handshake(Some(&session));
     assert_eq!(answer["result"]["sessionId"], session.as_str(), "{answer}");
-    let text = String::from_utf8(second.read_to_close("n")).unwrap();
-    let want: Vec<String> = (1..=150).map(|i| i.to_string()).collect();
-    assert_eq!(text.split_whitespace().collect::<Vec<_>>(), want);
+    assert_numbered(&second.read_to_close("n"));
     // Status shows the daemon; stop ends it and everything it runs.
     let status = daemon(runtime.path(), &["status", "--persist", "resume"]);
     assert!(
@@ -197,24 +195,6 @@ fn an_idle_daemon_exits_by_itself_and_leaves_nothing() {
     assert!(!runtime.path().join("exec-server/idle.sock").exists());
 }
 
-/// The children of `pid` (of all its threads).
-fn children_of(pid: u32) -> Vec<i32> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|tasks| {
-            tasks
-                .flatten()
-                .flat_map(|t| {
-                    std::fs::read_to_string(t.path().join("children"))
-                        .unwrap_or_default()
-                        .split_whitespace()
-                        .filter_map(|p| p.parse().ok())
-                        .collect::<Vec<i32>>()
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 #[tokio::test]
 async fn the_client_resumes_by_itself_and_wait_returns_everything() {
     use exec_server::client::{Client, ServerCommand, StartOptions};
@@ -257,9 +237,7 @@ async fn the_client_resumes_by_itself_and_wait_returns_everything() {
         "the client did not resume"
     );
     assert_eq!(status.code, 7);
-    let text = String::from_utf8(out).unwrap();
-    let want: Vec<String> = (1..=150).map(|i| i.to_string()).collect();
-    assert_eq!(text.split_whitespace().collect::<Vec<_>>(), want);
+    assert_numbered(&out);
     client.shutdown().await;
     let stop = daemon(runtime.path(), &["stop", "--persist", "lib"]);
     assert!(stop.status.success(), "{stop:?}");
@@ -292,14 +270,7 @@ fn exec_server_run_survives_the_loss_of_its_bridge() {
         unsafe { libc::kill(*b, libc::SIGKILL) };
     }
     let out = child.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let want: Vec<String> = (1..=150).map(|i| i.to_string()).collect();
-    assert_eq!(
-        text.split_whitespace().collect::<Vec<_>>(),
-        want,
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_numbered(&out.stdout);
     assert_eq!(out.status.code(), Some(7));
     let stop = daemon(runtime.path(), &["stop", "--persist", "run"]);
     assert!(stop.status.success(), "{stop:?}");

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{bin, eventually, pid_gone, unb64};
+use crate::support::{
+    NUMBERED, assert_numbered, bin, eventually, pid_gone, spawn_listening, unb64,
+};
 
 /// A server listening on a Unix socket in a directory of its own.
 struct Listening {
@@ -23,21 +25,10 @@ impl Listening {
     fn start(args: &[&str]) -> Listening {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("exec.sock");
-        let mut child = Command::new(bin())
-            .arg("--listen")
-            .arg(format!("unix:{}", path.display()))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
+        let listen = format!("unix:{}", path.display());
         // Ready once it says where it listens.
-        let mut first = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut first)
-            .unwrap();
-        assert_eq!(first.trim(), format!("unix:{}", path.display()));
+        let (child, first) = spawn_listening(&[&["--listen", &listen], args].concat());
+        assert_eq!(first, listen);
         Listening {
             child,
             path,
@@ -139,8 +130,6 @@ impl Peer {
     }
 }
 
-const NUMBERED: &str = "for i in $(seq 1 150); do echo $i; sleep 0.01; done";
-
 #[test]
 fn a_dropped_connection_resumes_with_every_line_once_and_in_order() {
     let server = Listening::start(&[]);
@@ -162,9 +151,7 @@ fn a_dropped_connection_resumes_with_every_line_once_and_in_order() {
     assert_eq!(second.handshake(Some(&session)).unwrap(), session);
     let list = second.call("process/list", json!({}));
     assert_eq!(list["processes"][0]["processId"], "n");
-    let text = String::from_utf8(second.read_to_close("n", 0)).unwrap();
-    let want: Vec<String> = (1..=150).map(|i| i.to_string()).collect();
-    assert_eq!(text.split_whitespace().collect::<Vec<_>>(), want);
+    assert_numbered(&second.read_to_close("n", 0));
 }
 
 #[test]
@@ -257,17 +244,7 @@ fn a_socket_file_left_by_a_dead_server_is_replaced() {
     let path = dir.path().join("stale.sock");
     drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
     assert!(path.exists());
-    let mut child = Command::new(bin())
-        .arg("--listen")
-        .arg(format!("unix:{}", path.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
+    let (mut child, first) = spawn_listening(&["--listen", &format!("unix:{}", path.display())]);
     assert!(first.starts_with("unix:"), "{first}");
     Peer::connect(&path).handshake(None).unwrap();
     // SIGTERM: the server ends and removes its socket.

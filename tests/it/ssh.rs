@@ -227,7 +227,7 @@ fn a_killed_ssh_client_loses_nothing_with_persist() {
     first.request(
         "process/start",
         json!({"processId": "n", "cwd": "/tmp",
-               "argv": ["sh", "-c", "for i in $(seq 1 150); do echo $i; sleep 0.01; done"]}),
+               "argv": ["sh", "-c", crate::support::NUMBERED]}),
     );
     std::thread::sleep(Duration::from_millis(300));
     first.child.kill().unwrap(); // the ssh client dies: the connection drops
@@ -256,9 +256,7 @@ fn a_killed_ssh_client_loses_nothing_with_persist() {
             break;
         }
     }
-    let text = String::from_utf8(out).unwrap();
-    let want: Vec<String> = (1..=150).map(|i| i.to_string()).collect();
-    assert_eq!(text.split_whitespace().collect::<Vec<_>>(), want);
+    crate::support::assert_numbered(&out);
     drop(second);
     let stop = Command::new(bin())
         .args(["daemon", "stop", "--persist", &name])
@@ -290,31 +288,14 @@ fn exec_server_run_over_ssh_survives_killing_ssh_with_persist() {
     let runner = child.id();
     std::thread::sleep(Duration::from_millis(700));
     // The runner's ssh: kill it, as a network failure would end it.
-    let ssh: Vec<i32> = std::fs::read_dir(format!("/proc/{runner}/task"))
-        .unwrap()
-        .flatten()
-        .flat_map(|t| {
-            std::fs::read_to_string(t.path().join("children"))
-                .unwrap_or_default()
-                .split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect::<Vec<i32>>()
-        })
-        .collect();
+    let ssh = crate::support::children_of(runner);
     assert!(!ssh.is_empty(), "no ssh under the runner");
     for pid in &ssh {
         // SAFETY: plain syscall on the runner's child.
         unsafe { libc::kill(*pid, libc::SIGKILL) };
     }
     let out = child.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let want: Vec<String> = (1..=150).map(|i| i.to_string()).collect();
-    assert_eq!(
-        text.split_whitespace().collect::<Vec<_>>(),
-        want,
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::support::assert_numbered(&out.stdout);
     assert_eq!(out.status.code(), Some(7));
     let stop = Command::new(bin())
         .args(["daemon", "stop", "--persist", &name])

@@ -77,20 +77,9 @@ impl Server {
     pub fn start_unix(args: &[&str]) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("exec.sock");
-        let mut child = Command::new(bin())
-            .arg("--listen")
-            .arg(format!("unix:{}", path.display()))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn exec-server");
-        let mut first = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut first)
-            .unwrap();
-        assert_eq!(first.trim(), format!("unix:{}", path.display()));
+        let listen = format!("unix:{}", path.display());
+        let (child, first) = spawn_listening(&[&["--listen", &listen], args].concat());
+        assert_eq!(first, listen);
         let stream = std::os::unix::net::UnixStream::connect(&path).unwrap();
         let reader = stream.try_clone().unwrap();
         Server {
@@ -128,19 +117,8 @@ impl Server {
     /// `args`) and connect to it: one JSON-RPC message per WebSocket
     /// message, seen here as lines.
     pub fn start_ws(args: &[&str]) -> Server {
-        let mut child = Command::new(bin())
-            .args(["--listen", "ws://127.0.0.1:0"])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn exec-server");
-        let mut first = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut first)
-            .unwrap();
-        let (writer, lines) = ws_lines(first.trim(), None);
+        let (child, url) = spawn_listening(&[&["--listen", "ws://127.0.0.1:0"], args].concat());
+        let (writer, lines) = ws_lines(&url, None);
         Server {
             stdin: Some(Box::new(writer)),
             child,
@@ -374,25 +352,62 @@ pub fn available(what: &str, present: bool, why: &str) -> bool {
     false
 }
 
+/// A shell script that prints 1 to 150, one a line, 10 ms apart: output
+/// that is still streaming when a test cuts a connection.
+pub const NUMBERED: &str = "for i in $(seq 1 150); do echo $i; sleep 0.01; done";
+
+/// Assert that `output` is exactly what [`NUMBERED`] prints: every line
+/// once, in order.
+pub fn assert_numbered(output: &[u8]) {
+    let text = String::from_utf8_lossy(output);
+    let want: Vec<String> = (1..=150).map(|i| i.to_string()).collect();
+    assert_eq!(text.split_whitespace().collect::<Vec<_>>(), want);
+}
+
+/// The children of `pid` (of all its threads).
+pub fn children_of(pid: u32) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .flat_map(|t| {
+            std::fs::read_to_string(t.path().join("children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Start the binary with `args` (a `--listen` address among them) and
+/// wait until it says where it listens: the child and its first stdout
+/// line.
+pub fn spawn_listening(args: &[&str]) -> (Child, String) {
+    let mut child = Command::new(bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn exec-server");
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    (child, first.trim().to_string())
+}
+
 /// The watchdog of a server started by a test: its child named
 /// `exec-watchdog` (waited for: the watchdog names itself just after the
 /// fork).
 pub fn watchdog_of(server: u32) -> i32 {
     let find = || {
-        std::fs::read_dir(format!("/proc/{server}/task"))
-            .ok()?
-            .flatten()
-            .flat_map(|t| {
-                std::fs::read_to_string(t.path().join("children"))
-                    .unwrap_or_default()
-                    .split_whitespace()
-                    .filter_map(|p| p.parse::<i32>().ok())
-                    .collect::<Vec<_>>()
-            })
-            .find(|p| {
-                std::fs::read_to_string(format!("/proc/{p}/comm"))
-                    .is_ok_and(|c| c.trim() == "exec-watchdog")
-            })
+        children_of(server).into_iter().find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm"))
+                .is_ok_and(|c| c.trim() == "exec-watchdog")
+        })
     };
     let mut found = None;
     eventually(Duration::from_secs(5), || {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{bin, unb64, ws_lines};
+use crate::support::{NUMBERED, assert_numbered, bin, spawn_listening, unb64, ws_lines};
 
 struct WsServer {
     child: Child,
@@ -17,23 +17,9 @@ struct WsServer {
 
 impl WsServer {
     fn start(args: &[&str]) -> WsServer {
-        let mut child = Command::new(bin())
-            .args(["--listen", "ws://127.0.0.1:0"])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut first = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut first)
-            .unwrap();
-        assert!(first.starts_with("ws://127.0.0.1:"), "{first}");
-        WsServer {
-            child,
-            url: first.trim().to_string(),
-        }
+        let (child, url) = spawn_listening(&[&["--listen", "ws://127.0.0.1:0"], args].concat());
+        assert!(url.starts_with("ws://127.0.0.1:"), "{url}");
+        WsServer { child, url }
     }
 
     /// The status line of a plain HTTP request with `headers`.
@@ -188,7 +174,7 @@ fn a_cut_tcp_connection_resumes_with_every_line_once() {
         2,
         "process/start",
         json!({"processId": "n", "cwd": "/tmp",
-               "argv": ["sh", "-c", "for i in $(seq 1 150); do echo $i; sleep 0.01; done"]}),
+               "argv": ["sh", "-c", NUMBERED]}),
     );
     std::thread::sleep(Duration::from_millis(300));
     drop(writer); // the TCP connection is cut, no close frame
@@ -227,7 +213,5 @@ fn a_cut_tcp_connection_resumes_with_every_line_once() {
             break;
         }
     }
-    let text = String::from_utf8(out).unwrap();
-    let want: Vec<String> = (1..=150).map(|i| i.to_string()).collect();
-    assert_eq!(text.split_whitespace().collect::<Vec<_>>(), want);
+    assert_numbered(&out);
 }
