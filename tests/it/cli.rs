@@ -487,3 +487,43 @@ fn completions_and_a_man_page_come_from_the_binary() {
     assert!(page.contains(".TH exec-server 1"), "{page}");
     assert!(page.contains("completions"), "{page}");
 }
+
+#[test]
+fn secret_looking_variables_pass_only_when_asked() {
+    let run_with = |args: &[&str]| {
+        Command::new(bin())
+            .arg("run")
+            .args(args)
+            .env("EXEC_TEST_API_TOKEN", "t0k3n")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let script = ["--", "sh", "-c", "echo \"[$EXEC_TEST_API_TOKEN]\""];
+    let dropped = run_with(&script);
+    assert_eq!(String::from_utf8_lossy(&dropped.stdout), "[]\n");
+    let passed = run_with(&[&["--env-pass", "EXEC_TEST_API_TOKEN"], &script[..]].concat());
+    assert_eq!(String::from_utf8_lossy(&passed.stdout), "[t0k3n]\n");
+}
+
+#[test]
+fn run_help_lists_exit_codes_logging_and_presets() {
+    let out = Command::new(bin())
+        .args(["run", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "125",
+        "126",
+        "127",
+        "141",
+        "EXEC_SERVER_LOG",
+        "workspace-write",
+        "/tmp",
+        "--env-pass",
+        "~.",
+    ] {
+        assert!(help.contains(needle), "--help lacks {needle}: {help}");
+    }
+}
