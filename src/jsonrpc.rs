@@ -42,14 +42,53 @@ pub struct Notification {
     pub params: Value,
 }
 
-/// One valid incoming message.
+/// The answer to a call, as the peer that made the call receives it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    /// The call's id (`None` when the peer could not tell which call).
+    pub id: Option<RequestId>,
+    /// The result, or the error object (`code`, `message`, `data`).
+    pub outcome: Result<Value, Value>,
+}
+
+/// One valid incoming message: the same parser serves both peers (the
+/// server reads requests and notifications, the client replies and
+/// notifications).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Message {
     Request(Request),
     Notification(Notification),
-    /// A response from the client. The server sends no requests, so these
-    /// are logged and dropped.
-    Response,
+    /// An answer to a call.
+    Reply(Reply),
+}
+
+impl Request {
+    /// The request as one line, newline included.
+    pub fn to_line(&self) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Out<'a> {
+            jsonrpc: &'static str,
+            id: &'a RequestId,
+            method: &'a str,
+            params: &'a Value,
+        }
+        let mut line = serde_json::to_vec(&Out {
+            jsonrpc: "2.0",
+            id: &self.id,
+            method: &self.method,
+            params: &self.params,
+        })
+        .unwrap_or_default();
+        line.push(b'\n');
+        line
+    }
+}
+
+impl Notification {
+    /// The notification as one line, newline included.
+    pub fn to_line(&self) -> Vec<u8> {
+        notification_line(&self.method, &self.params)
+    }
 }
 
 /// A response to send: a result or an error, never both.
@@ -337,7 +376,13 @@ fn classify(value: Value, duplicate: Option<strict::Duplicate>) -> Result<Messag
             id,
             &format!("method must be a string, not {other}"),
         )),
-        None if map.contains_key("result") || map.contains_key("error") => Ok(Message::Response),
+        None if map.contains_key("result") || map.contains_key("error") => {
+            let outcome = match map.remove("error") {
+                Some(error) => Err(error),
+                None => Ok(map.remove("result").unwrap_or(Value::Null)),
+            };
+            Ok(Message::Reply(Reply { id, outcome }))
+        }
         None => Err(invalid(id, "a request must have a method")),
     }
 }
@@ -633,6 +678,39 @@ mod tests {
                 String::from_utf8(serialized).unwrap()
             );
         }
+    }
+
+    #[test]
+    fn replies_parse_for_the_peer_that_called() {
+        let Ok(Message::Reply(reply)) = single(r#"{"jsonrpc":"2.0","id":4,"result":{"ok":true}}"#)
+        else {
+            panic!("expected a reply");
+        };
+        assert_eq!(reply.id, Some(RequestId::Number(4.into())));
+        assert_eq!(reply.outcome, Ok(json!({"ok": true})));
+        let Ok(Message::Reply(reply)) =
+            single(r#"{"jsonrpc":"2.0","id":"x","error":{"code":-32601,"message":"no"}}"#)
+        else {
+            panic!("expected a reply");
+        };
+        assert_eq!(reply.outcome.unwrap_err()["code"], -32601);
+    }
+
+    #[test]
+    fn a_request_line_parses_back_to_itself() {
+        let request = Request {
+            id: RequestId::Number(9.into()),
+            method: "process/read".into(),
+            params: json!({"processId": "p", "afterSeq": 3}),
+        };
+        let line = request.to_line();
+        assert_eq!(line.last(), Some(&b'\n'));
+        let Ok(Message::Request(parsed)) =
+            single(std::str::from_utf8(&line[..line.len() - 1]).unwrap())
+        else {
+            panic!("expected a request");
+        };
+        assert_eq!(parsed, request);
     }
 
     #[test]

@@ -53,7 +53,6 @@ mod environment;
 mod error;
 #[cfg(feature = "server")]
 mod fs;
-#[cfg(feature = "server")]
 mod jsonrpc;
 #[cfg(feature = "server")]
 mod process;

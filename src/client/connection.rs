@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{ClientError, ServerCommand, Stream};
-use crate::lock;
+use crate::{jsonrpc, lock};
 
 /// How long the handshake may take (an SSH connection can be slow).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -96,11 +96,12 @@ impl Conn {
             }
             state.pending.insert(id, tx);
         }
-        let mut line = serde_json::to_vec(&json!({
-            "jsonrpc": "2.0", "id": id, "method": method, "params": params
-        }))
-        .unwrap_or_default();
-        line.push(b'\n');
+        let line = jsonrpc::Request {
+            id: jsonrpc::RequestId::Number(id.into()),
+            method: method.to_string(),
+            params,
+        }
+        .to_line();
         if self.writer.send(Some(line)).is_err() {
             lock(&self.state).pending.remove(&id);
             return Err(ClientError::ConnectionLost {
@@ -172,40 +173,48 @@ impl Conn {
             }
             return;
         }
-        let Ok(msg) = serde_json::from_slice::<Value>(line) else {
-            tracing::warn!("the server wrote a line that is not JSON");
-            return;
-        };
-        if msg.get("method").is_some() {
-            // Hand the message over without copying it (an output chunk
-            // can be hundreds of KiB).
-            match msg["params"]["processId"].as_str().map(str::to_owned) {
-                Some(pid) => {
-                    let state = lock(&self.state);
-                    if let Some(tx) = state.subscribers.get(&pid) {
-                        let _ = tx.send(Note::Other(msg));
-                    }
-                }
-                None => tracing::debug!(method = %msg["method"], "unrouted notification"),
+        // Everything else goes through the parser the server uses too.
+        let message = match jsonrpc::parse(line) {
+            jsonrpc::Incoming::Single(Ok(message)) => message,
+            _ => {
+                tracing::warn!("the server wrote a line that is not a JSON-RPC message");
+                return;
             }
-            return;
+        };
+        match message {
+            jsonrpc::Message::Notification(note) => {
+                // Handed over without copying (a chunk can be hundreds of
+                // KiB).
+                match note.params["processId"].as_str().map(str::to_owned) {
+                    Some(pid) => {
+                        let state = lock(&self.state);
+                        if let Some(tx) = state.subscribers.get(&pid) {
+                            let _ = tx.send(Note::Other(note));
+                        }
+                    }
+                    None => tracing::debug!(method = %note.method, "unrouted notification"),
+                }
+            }
+            jsonrpc::Message::Reply(reply) => {
+                let Some(jsonrpc::RequestId::Number(id)) = &reply.id else {
+                    return;
+                };
+                let Some(id) = id.as_i64() else { return };
+                let tx = lock(&self.state).pending.remove(&id);
+                let Some(tx) = tx else { return };
+                let outcome = reply.outcome.map_err(|err| ClientError::Rpc {
+                    method: String::new(),
+                    code: err["code"].as_i64().unwrap_or(0),
+                    kind: err["data"]["kind"].as_str().unwrap_or("").to_string(),
+                    message: err["message"].as_str().unwrap_or("").to_string(),
+                    errno: err["data"]["errno"].as_i64(),
+                });
+                let _ = tx.send(outcome);
+            }
+            jsonrpc::Message::Request(request) => {
+                tracing::debug!(method = %request.method, "the server asked something; ignored");
+            }
         }
-        let Some(id) = msg.get("id").and_then(Value::as_i64) else {
-            return;
-        };
-        let tx = lock(&self.state).pending.remove(&id);
-        let Some(tx) = tx else { return };
-        let outcome = match msg.get("error") {
-            Some(err) => Err(ClientError::Rpc {
-                method: String::new(),
-                code: err["code"].as_i64().unwrap_or(0),
-                kind: err["data"]["kind"].as_str().unwrap_or("").to_string(),
-                message: err["message"].as_str().unwrap_or("").to_string(),
-                errno: err["data"]["errno"].as_i64(),
-            }),
-            None => Ok(msg.get("result").cloned().unwrap_or(Value::Null)),
-        };
-        let _ = tx.send(outcome);
     }
 }
 
@@ -218,7 +227,7 @@ pub(crate) enum Note {
         data: Vec<u8>,
     },
     /// Any other notification.
-    Other(Value),
+    Other(jsonrpc::Notification),
 }
 
 /// A `process/output` line written in the exact shape this server writes
@@ -473,7 +482,13 @@ async fn handshake(
             params["resumeSessionId"] = json!(id);
         }
         let result = conn.call("initialize", params).await?;
-        conn.notify(b"{\"jsonrpc\":\"2.0\",\"method\":\"initialized\"}\n");
+        conn.notify(
+            &jsonrpc::Notification {
+                method: "initialized".into(),
+                params: Value::Null,
+            }
+            .to_line(),
+        );
         Ok::<Value, ClientError>(result)
     };
     let failure = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {

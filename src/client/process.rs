@@ -217,7 +217,7 @@ impl Process {
             };
             let seq = match &note {
                 Note::Output { seq, .. } => *seq,
-                Note::Other(msg) => msg["params"]["seq"].as_u64().unwrap_or(0),
+                Note::Other(note) => note.params["seq"].as_u64().unwrap_or(0),
             };
             if seq <= self.seen {
                 continue;
@@ -231,10 +231,10 @@ impl Process {
                     self.ready.push_back(Event::Output { stream, data });
                     continue;
                 }
-                Note::Other(msg) => msg,
+                Note::Other(note) => note,
             };
-            let params = &msg["params"];
-            match msg["method"].as_str().unwrap_or("") {
+            let params = &msg.params;
+            match msg.method.as_str() {
                 "process/output" => {
                     let stream =
                         serde_json::from_value(params["stream"].clone()).unwrap_or(Stream::Stdout);

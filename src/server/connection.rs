@@ -150,7 +150,7 @@ impl Connection {
 
     fn handle(&mut self, message: Message) -> Option<Pending> {
         match message {
-            Message::Response => {
+            Message::Reply(_) => {
                 tracing::debug!("ignoring a response from the client");
                 None
             }
