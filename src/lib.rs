@@ -54,6 +54,7 @@ mod error;
 #[cfg(feature = "server")]
 mod fs;
 mod jsonrpc;
+mod lines;
 #[cfg(feature = "server")]
 mod process;
 mod protocol;

@@ -448,7 +448,7 @@ async fn handshake(
     {
         let conn = Arc::downgrade(&conn);
         tokio::spawn(async move {
-            let mut reader = super::lines::LineReader::new(stdout);
+            let mut reader = crate::lines::LineReader::new(stdout);
             while let Ok(Some(line)) = reader.next_line().await {
                 match conn.upgrade() {
                     Some(conn) => conn.dispatch(line),

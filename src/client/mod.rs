@@ -34,7 +34,6 @@ use crate::lock;
 mod command;
 mod connection;
 mod error;
-mod lines;
 mod process;
 pub mod run;
 mod types;

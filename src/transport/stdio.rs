@@ -5,7 +5,7 @@
 //! writer lets large output lines be coalesced into few `write` calls.
 
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, IoSlice, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::mem::ManuallyDrop;
 use std::os::fd::FromRawFd;
 use std::thread::JoinHandle;
@@ -58,74 +58,78 @@ pub fn start(max_message_bytes: usize) -> Stdio {
 
 /// Split `input` into frames and hand each to `emit` until it returns false
 /// or the input ends. Lines over `max` bytes are discarded without being
-/// held in memory, and reported as [`Frame::TooLong`].
+/// held in memory, and reported as [`Frame::TooLong`]. Runs the shared
+/// line framer (`crate::lines`) on the calling thread, which it blocks:
+/// call it on a thread of its own (a blocking read, of stdin say, can't be
+/// cancelled).
 pub fn read_frames(
-    input: impl Read,
+    input: impl Read + Unpin,
     max: usize,
     mut emit: impl FnMut(Frame) -> bool,
 ) -> io::Result<()> {
-    let mut reader = BufReader::with_capacity(64 * 1024, input);
-    let mut line = Vec::new();
-    let mut size = 0usize;
-    let mut discarding = false;
-    loop {
-        let buf = match reader.fill_buf() {
-            Ok(buf) => buf,
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-            Err(err) => return Err(err),
-        };
-        if buf.is_empty() {
-            // A last line without a newline still counts.
-            if discarding {
-                emit(Frame::TooLong { size });
-            } else if let Some(frame) = finish_line(&mut line) {
-                emit(frame);
-            }
-            return Ok(());
-        }
-        let (part, found_newline) = match buf.iter().position(|&b| b == b'\n') {
-            Some(i) => (&buf[..i], true),
-            None => (buf, false),
-        };
-        let used = part.len() + usize::from(found_newline);
-        size += part.len();
-        if !discarding {
-            if size > max {
-                discarding = true;
-                line = Vec::new();
-            } else {
-                line.extend_from_slice(part);
-            }
-        }
-        reader.consume(used);
-        if found_newline {
-            let keep_going = if discarding {
-                emit(Frame::TooLong { size })
-            } else {
-                match finish_line(&mut line) {
-                    Some(frame) => emit(frame),
-                    None => true,
-                }
+    use crate::lines::{LineReader, Piece};
+    run_ready(async {
+        let mut reader = LineReader::with_limit(Blocking(input), max);
+        while let Some(piece) = reader.next_piece().await? {
+            let frame = match piece {
+                Piece::Line(line) => match finish_line(line) {
+                    Some(frame) => frame,
+                    None => continue,
+                },
+                Piece::TooLong(size) => Frame::TooLong { size },
             };
-            if !keep_going {
-                return Ok(());
+            if !emit(frame) {
+                break;
             }
-            discarding = false;
-            size = 0;
+        }
+        Ok(())
+    })
+}
+
+/// Drive a future whose every poll completes at once (its reads block
+/// instead of waiting): on this thread, with no runtime (the frames are
+/// handed on with `blocking_send`, which a runtime would forbid).
+fn run_ready<T>(future: impl std::future::Future<Output = T>) -> T {
+    let mut future = std::pin::pin!(future);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    loop {
+        if let std::task::Poll::Ready(value) = future.as_mut().poll(&mut cx) {
+            return value;
         }
     }
 }
 
-/// Take the accumulated line as a frame; `None` for a blank line.
-fn finish_line(line: &mut Vec<u8>) -> Option<Frame> {
-    let mut taken = std::mem::take(line);
-    if taken.last() == Some(&b'\r') {
-        taken.pop();
-    }
-    if taken.iter().all(u8::is_ascii_whitespace) {
+/// A line as a frame, without its `\n` or `\r\n`; `None` for a blank line.
+fn finish_line(line: &[u8]) -> Option<Frame> {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if line.iter().all(u8::is_ascii_whitespace) {
         None
     } else {
-        Some(Frame::Line(taken))
+        Some(Frame::Line(line.to_vec()))
+    }
+}
+
+/// A blocking reader as an `AsyncRead` that is always ready: for the
+/// framer on a thread of its own.
+struct Blocking<R>(R);
+
+impl<R: Read + Unpin> tokio::io::AsyncRead for Blocking<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        loop {
+            match self.0.read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return std::task::Poll::Ready(Ok(()));
+                }
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) => return std::task::Poll::Ready(Err(err)),
+            }
+        }
     }
 }
 
