@@ -220,6 +220,12 @@ struct ServeArgs {
     #[arg(long)]
     insecure_listen: bool,
 
+    /// How often WebSocket peers are pinged; a peer that answers no ping
+    /// for two intervals is dropped (its session detaches).
+    #[arg(long, value_name = "MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    ws_ping_interval_ms: u64,
+
     /// A root that `:workspace_roots` binds to (repeatable; default: the
     /// server's current directory).
     #[arg(long = "workspace-root", value_name = "DIR")]
@@ -427,6 +433,7 @@ fn serve(cli: ServeArgs) -> ExitCode {
         pid_file: cli.pid_file,
         connection_token,
         insecure_listen: cli.insecure_listen,
+        ws_ping_every: Duration::from_millis(cli.ws_ping_interval_ms),
         workspace_roots: cli.workspace_roots,
     };
     match server::run(config, &listen) {

@@ -41,6 +41,9 @@ pub struct Config {
     /// `--insecure-listen`: allow a non-loopback WebSocket address without
     /// a token.
     pub insecure_listen: bool,
+    /// `--ws-ping-interval-ms`: how often WebSocket peers are pinged; a
+    /// peer that answers no ping for two intervals is dropped.
+    pub ws_ping_every: Duration,
 }
 
 impl Default for Config {
@@ -56,6 +59,7 @@ impl Default for Config {
             pid_file: None,
             connection_token: None,
             insecure_listen: false,
+            ws_ping_every: Duration::from_secs(30),
         }
     }
 }
@@ -406,8 +410,11 @@ async fn accept_ws(server: Arc<Server>, bound: tokio::net::TcpListener) {
         let server = server.clone();
         connections.spawn(async move {
             let token = server.config.connection_token.clone();
-            let max = server.config.max_message_bytes;
-            match transport::ws::accept(stream, token.as_deref(), max).await {
+            let limits = transport::ws::Limits {
+                max_message_bytes: server.config.max_message_bytes,
+                ping_every: server.config.ws_ping_every,
+            };
+            match transport::ws::accept(stream, token.as_deref(), limits).await {
                 Ok(transport::ws::Accepted::Connection(transport)) => {
                     connection::serve(server, transport).await;
                 }

@@ -2,7 +2,9 @@
 //! JSON-RPC message per WebSocket message (text or binary accepted; text
 //! sent), `GET /readyz` answers 200, any request with an `Origin` header
 //! gets 403 (no browser page may drive a local server), other paths 404,
-//! and a ping every 30 s; a peer that answers none for 60 s is dropped.
+//! and a ping every 30 s (`--ws-ping-interval-ms`); a peer that answers no
+//! ping for two intervals, or takes that long to take a message, is
+//! dropped.
 //! With a connection token, every other request must carry it
 //! (`Authorization: Bearer T` or `?token=T`; compared in constant time).
 
@@ -25,10 +27,16 @@ use crate::jsonrpc::encode_line;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest request head accepted.
 const HEAD_BYTES: usize = 16 * 1024;
-/// How often the server pings.
-const PING_EVERY: Duration = Duration::from_secs(30);
-/// How long a peer may go without answering a ping.
-const PONG_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The limits of one WebSocket connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// The largest message accepted.
+    pub max_message_bytes: usize,
+    /// How often the server pings; a peer may go two of these without
+    /// answering.
+    pub ping_every: Duration,
+}
 
 /// What an accepted TCP connection is.
 pub enum Accepted {
@@ -42,8 +50,9 @@ pub enum Accepted {
 pub async fn accept(
     mut stream: TcpStream,
     token: Option<&str>,
-    max_message_bytes: usize,
+    limits: Limits,
 ) -> io::Result<Accepted> {
+    let max_message_bytes = limits.max_message_bytes;
     let head = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request head in time"))??;
@@ -105,19 +114,19 @@ pub async fn accept(
     let socket = tokio_tungstenite::accept_async_with_config(replay, Some(config))
         .await
         .map_err(io::Error::other)?;
-    Ok(Accepted::Connection(serve(socket, max_message_bytes)))
+    Ok(Accepted::Connection(serve(socket, limits)))
 }
 
 /// The transport of one upgraded connection.
-fn serve(
-    socket: tokio_tungstenite::WebSocketStream<Replay>,
-    max_message_bytes: usize,
-) -> Transport {
+fn serve(socket: tokio_tungstenite::WebSocketStream<Replay>, limits: Limits) -> Transport {
+    let max_message_bytes = limits.max_message_bytes;
+    let ping_every = limits.ping_every;
+    let pong_timeout = ping_every.saturating_mul(2);
     let (mut sink, mut source) = socket.split();
     let (in_tx, in_rx) = mpsc::channel(64);
     let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(OUTBOUND_CAPACITY);
     let (pong_tx, mut pong_rx) = mpsc::unbounded_channel::<()>();
-    tokio::spawn(async move {
+    let reader = tokio::spawn(async move {
         while let Some(message) = source.next().await {
             let data = match message {
                 Ok(Message::Text(text)) => text.as_bytes().to_vec(),
@@ -143,31 +152,44 @@ fn serve(
         // Dropping in_tx ends the connection.
     });
     tokio::spawn(async move {
-        let mut ping =
-            tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
-        let mut last_pong = tokio::time::Instant::now();
+        let start = tokio::time::Instant::now();
+        let mut ping = tokio::time::interval_at(start + ping_every, ping_every);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_pong = start;
         loop {
-            tokio::select! {
+            // A peer that takes no message for as long as it may leave a
+            // ping unanswered is as gone as one that answers none.
+            let sent = tokio::select! {
                 line = out_rx.recv() => {
                     let Some(line) = line else { break };
                     let text = String::from_utf8_lossy(&line).into_owned();
-                    if sink.send(Message::Text(text.into())).await.is_err() {
-                        break;
-                    }
+                    tokio::time::timeout(pong_timeout, sink.send(Message::Text(text.into()))).await
                 }
                 _ = ping.tick() => {
-                    if last_pong.elapsed() > PONG_TIMEOUT {
+                    if last_pong.elapsed() >= pong_timeout {
                         tracing::info!("a websocket peer stopped answering pings; dropping it");
                         break;
                     }
-                    if sink.send(Message::Ping(Vec::new().into())).await.is_err() {
-                        break;
-                    }
+                    tokio::time::timeout(pong_timeout, sink.send(Message::Ping(Vec::new().into()))).await
                 }
-                Some(()) = pong_rx.recv() => last_pong = tokio::time::Instant::now(),
+                Some(()) = pong_rx.recv() => {
+                    last_pong = tokio::time::Instant::now();
+                    continue;
+                }
+            };
+            match sent {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => break,
+                Err(_) => {
+                    tracing::info!("a websocket peer took no message in time; dropping it");
+                    break;
+                }
             }
         }
-        let _ = sink.close().await;
+        // The reader may wait forever on a peer that went silent: stop it,
+        // which ends the connection (its session detaches).
+        reader.abort();
+        let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
     });
     Transport {
         incoming: in_rx,

@@ -215,3 +215,61 @@ fn a_cut_tcp_connection_resumes_with_every_line_once() {
     }
     assert_numbered(&out);
 }
+
+/// Resume `session` from a new connection: the answer to its initialize.
+fn try_resume(url: &str, session: &str) -> Value {
+    let (mut writer, lines) = ws_lines(url, None);
+    request(
+        &mut writer,
+        &lines,
+        1,
+        "initialize",
+        json!({"clientName": "it", "resumeSessionId": session}),
+    )
+}
+
+#[test]
+fn a_peer_that_answers_no_ping_is_dropped_and_one_that_does_is_kept() {
+    use tokio_tungstenite::tungstenite::{self, Message};
+    let server = WsServer::start(&["--ws-ping-interval-ms", "200"]);
+
+    // A peer that answers pings (tungstenite answers them as it reads).
+    let (mut writer, lines) = ws_lines(&server.url, None);
+    let answer = request(
+        &mut writer,
+        &lines,
+        1,
+        "initialize",
+        json!({"clientName": "it"}),
+    );
+    let kept = answer["result"]["sessionId"].as_str().unwrap().to_string();
+    writeln!(writer, "{}", json!({"method": "initialized"})).unwrap();
+
+    // A peer that goes silent after initialize: it never reads again, so
+    // never answers a ping, but its TCP connection stays open.
+    let address = server.url.trim_start_matches("ws://").to_string();
+    let stream = std::net::TcpStream::connect(&address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let (mut silent, _) = tungstenite::client::client(server.url.as_str(), stream).unwrap();
+    let init = json!({"id": 1, "method": "initialize", "params": {"clientName": "it"}});
+    silent.send(Message::Text(init.to_string().into())).unwrap();
+    let dropped = loop {
+        if let Message::Text(text) = silent.read().unwrap() {
+            let answer: Value = serde_json::from_str(&text).unwrap();
+            break answer["result"]["sessionId"].as_str().unwrap().to_string();
+        }
+    };
+
+    // Many intervals later, the silent peer's session is free to resume...
+    std::thread::sleep(Duration::from_millis(1500));
+    let answer = try_resume(&server.url, &dropped);
+    assert_eq!(answer["result"]["sessionId"], dropped.as_str(), "{answer}");
+    // ...while the answering peer still holds its own.
+    let answer = try_resume(&server.url, &kept);
+    assert_eq!(answer["error"]["code"], -32010, "{answer}");
+    let list = request(&mut writer, &lines, 2, "process/list", json!({}));
+    assert!(list["result"]["processes"].is_array(), "{list}");
+    drop(silent);
+}
