@@ -252,6 +252,43 @@ mod tests {
         assert!(!lock(&session.attachment).expired);
     }
 
+    /// Expiry racing a resume, at the TTL's edge, many times: each round
+    /// ends one way or the other, never half (a resumed session that is
+    /// marked expired, or an expired one that was handed out).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn expiry_racing_a_resume_ends_one_way_or_the_other() {
+        let registry = registry(3);
+        let (mut resumed, mut expired) = (0, 0);
+        for round in 0..200u64 {
+            let session = registry.create(1, outbound());
+            registry.detach(&session, 1);
+            // Around the TTL (a little before, at, a little after), and
+            // well before and well after it so that both outcomes occur.
+            let wait = [0, 2_000, 3_000, 4_000, 10_000][(round % 5) as usize];
+            tokio::time::sleep(Duration::from_micros(wait)).await;
+            match registry.resume(&session.id, 2, outbound()) {
+                Ok(again) => {
+                    assert!(Arc::ptr_eq(&again, &session));
+                    // Whatever the timer does now, it must not end it.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    assert!(session.is_attached_to(2), "round {round}");
+                    assert!(!lock(&session.attachment).expired, "round {round}");
+                    resumed += 1;
+                }
+                Err(Error::UnknownSession(_)) => {
+                    assert!(lock(&session.attachment).expired, "round {round}");
+                    expired += 1;
+                }
+                Err(other) => panic!("round {round}: {other:?}"),
+            }
+        }
+        // Both outcomes were exercised, or the test raced nothing.
+        assert!(
+            resumed > 0 && expired > 0,
+            "{resumed} resumed, {expired} expired"
+        );
+    }
+
     #[test]
     fn uuid_has_version_and_variant_bits() {
         let id = super::uuid_v4();
