@@ -57,7 +57,7 @@ pub fn child_env(
 pub fn glob_match(pattern: &str, name: &str) -> bool {
     let p: Vec<char> = pattern.chars().flat_map(char::to_lowercase).collect();
     let n: Vec<char> = name.chars().flat_map(char::to_lowercase).collect();
-    crate::wildcard(&p, &n, '*', '?')
+    crate::wildcard::wildcard(&p, &n, '*', '?')
 }
 
 #[cfg(test)]

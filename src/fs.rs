@@ -1,7 +1,7 @@
 //! Filesystem methods (`docs/PROTOCOL.md` section 8). Each function is blocking and
 //! runs on a blocking thread; errors name the operation and the path.
 
-use crate::lock;
+use crate::sync::lock;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};

@@ -36,6 +36,8 @@
 //! - `sandbox`: the executor's own sandbox (Landlock, PID and mount
 //!   namespaces, seccomp) for `process/start` and the `fs/*` methods.
 //! - `sys`: fd and socket helpers shared by `process` and `sandbox`.
+//! - `sync`, `wildcard`: a poison-ignoring mutex lock, and the wildcard
+//!   matcher of env-var patterns and sandbox globs.
 //! - [`client`]: the orchestrator side: a client that spawns a server lazily
 //!   over any command, process handles, and the `exec-server run` CLI.
 
@@ -62,10 +64,13 @@ mod protocol;
 mod sandbox;
 #[cfg(feature = "server")]
 mod server;
+mod sync;
 #[cfg(feature = "server")]
 mod sys;
 #[cfg(feature = "server")]
 mod transport;
+#[cfg(feature = "server")]
+mod wildcard;
 
 /// What the `exec-server` binary calls into; not an API to build on.
 #[doc(hidden)]
@@ -78,36 +83,4 @@ pub mod cli {
     pub use crate::sandbox::helper::{ARG as SANDBOX_HELPER_ARG, main as sandbox_helper_main};
     pub use crate::server::persist::{Place as PersistPlace, bridge, daemon_pid};
     pub use crate::server::{Config, Listen, daemon_status, run};
-}
-
-/// Lock a mutex, ignoring poisoning: every critical section here leaves its
-/// data consistent, so one panicked task must not take the server down.
-pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-#[cfg(feature = "server")]
-/// Match `name` against `pattern`, where `star` matches any run of items
-/// and `one` any single item. Iterative, with one backtrack point for the
-/// last star. Env-var patterns match lower-cased chars; sandbox globs match
-/// the bytes of one path component.
-pub(crate) fn wildcard<T: Copy + PartialEq>(pattern: &[T], name: &[T], star: T, one: T) -> bool {
-    let (mut pi, mut ni) = (0, 0);
-    let mut backtrack: Option<(usize, usize)> = None;
-    while ni < name.len() {
-        if pi < pattern.len() && (pattern[pi] == one || pattern[pi] == name[ni]) {
-            pi += 1;
-            ni += 1;
-        } else if pi < pattern.len() && pattern[pi] == star {
-            backtrack = Some((pi, ni));
-            pi += 1;
-        } else if let Some((sp, sn)) = backtrack {
-            pi = sp + 1;
-            ni = sn + 1;
-            backtrack = Some((sp, sn + 1));
-        } else {
-            return false;
-        }
-    }
-    pattern[pi..].iter().all(|&c| c == star)
 }

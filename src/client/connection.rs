@@ -13,7 +13,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{ClientError, ServerCommand, Stream};
-use crate::{jsonrpc, lock};
+use crate::jsonrpc;
+use crate::sync::lock;
 
 /// How long the handshake may take (an SSH connection can be slow).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);

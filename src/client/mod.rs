@@ -29,7 +29,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use crate::lock;
+use crate::sync::lock;
 
 mod command;
 mod connection;

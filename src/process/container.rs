@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use super::watchdog::Watchdog;
-use crate::lock;
+use crate::sync::lock;
 
 /// How processes are contained on this host.
 #[derive(Debug, Clone, PartialEq)]

@@ -18,8 +18,8 @@ use super::spawn::PtyMaster;
 use super::{Attachment, Effect, WriteOutcome};
 use crate::error::Result;
 use crate::jsonrpc::Outgoing;
-use crate::lock;
 use crate::protocol::{ReadParams, ReadResponse, Stream, WriteStatus};
+use crate::sync::lock;
 
 /// How many write ids each process remembers for de-duplication.
 const WRITE_IDS_REMEMBERED: usize = 4096;

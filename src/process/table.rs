@@ -14,10 +14,10 @@ use super::spawn::{self, Io};
 use super::state::{Process, State, WriteIds};
 use super::{Attachment, Effect, Limits, WriteOutcome};
 use crate::error::{Error, Result};
-use crate::lock;
 use crate::protocol::{
     ProcessSummary, ReadParams, ReadResponse, Signal, Stream, TtySize, WriteStatus,
 };
+use crate::sync::lock;
 
 /// The processes of one session.
 pub struct ProcessTable {

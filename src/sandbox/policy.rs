@@ -442,7 +442,7 @@ fn subdirs(dir: &Path) -> Vec<PathBuf> {
 
 /// Match one path component against `*` and `?`.
 fn wildcard(pattern: &[u8], name: &[u8]) -> bool {
-    crate::wildcard(pattern, name, b'*', b'?')
+    crate::wildcard::wildcard(pattern, name, b'*', b'?')
 }
 
 #[cfg(test)]

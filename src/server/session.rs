@@ -1,7 +1,7 @@
 //! Sessions: the server-wide registry, attaching and detaching connections,
 //! and expiry of detached sessions.
 
-use crate::lock;
+use crate::sync::lock;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
