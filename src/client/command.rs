@@ -20,6 +20,10 @@ pub struct ServerCommand {
     /// Connect to a server listening on this Unix socket instead of
     /// starting one (`unix:PATH`).
     pub socket: Option<PathBuf>,
+    /// Connect to a server listening on this WebSocket address instead of
+    /// starting one (`ws://IP:PORT`, with `?token=T` when the server wants
+    /// a token).
+    pub url: Option<String>,
 }
 
 impl ServerCommand {
@@ -31,6 +35,7 @@ impl ServerCommand {
             env: Vec::new(),
             cwd: None,
             socket: None,
+            url: None,
         }
     }
 
@@ -63,6 +68,9 @@ impl ServerCommand {
         {
             return Ok(ServerCommand::unix(path));
         }
+        if line.trim().starts_with("ws://") {
+            return Ok(ServerCommand::ws(line.trim()));
+        }
         let words = split_words(line)?;
         let mut words = words.into_iter();
         let program = words
@@ -81,11 +89,20 @@ impl ServerCommand {
         command
     }
 
-    /// Whether a lost connection can be resumed: a Unix socket, or a
+    /// A server listening on the WebSocket address `url` (`ws://IP:PORT`).
+    pub fn ws(url: impl Into<String>) -> Self {
+        let url = url.into();
+        let mut command = ServerCommand::new(&url);
+        command.url = Some(url);
+        command
+    }
+
+    /// Whether a lost connection can be resumed: a socket, a WebSocket, or a
     /// command that runs the server with `--persist` (its daemon keeps the
     /// session while the command is started again).
     pub fn resumable(&self) -> bool {
         self.socket.is_some()
+            || self.url.is_some()
             || self.args.iter().any(|a| {
                 let a = a.to_string_lossy();
                 a == "--persist" || a.starts_with("--persist=") || a.contains(" --persist")
@@ -93,6 +110,10 @@ impl ServerCommand {
     }
 
     pub(super) fn display(&self) -> String {
+        if let Some(url) = &self.url {
+            // Never show a token.
+            return url.split('?').next().unwrap_or(url).to_string();
+        }
         if let Some(path) = &self.socket {
             return format!("unix:{}", path.display());
         }
@@ -182,5 +203,24 @@ mod tests {
             vec!["ssh", "-p", "22", "host name", "a \"b\"", "c d"]
         );
         assert!(split_words("'open").is_err());
+    }
+
+    #[test]
+    fn addresses_are_recognised_and_a_token_is_never_shown() {
+        let ws = ServerCommand::parse(" ws://127.0.0.1:9/?token=secret ").unwrap();
+        assert_eq!(ws.url.as_deref(), Some("ws://127.0.0.1:9/?token=secret"));
+        assert!(ws.resumable());
+        assert_eq!(ws.display(), "ws://127.0.0.1:9/");
+        let unix = ServerCommand::parse("unix:/run/x.sock").unwrap();
+        assert_eq!(
+            unix.socket.as_deref(),
+            Some(std::path::Path::new("/run/x.sock"))
+        );
+        assert!(unix.resumable());
+        assert!(
+            !ServerCommand::parse("exec-server --stdio")
+                .unwrap()
+                .resumable()
+        );
     }
 }

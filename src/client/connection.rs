@@ -328,6 +328,19 @@ pub(super) async fn connect(
     resume: Option<&str>,
 ) -> Result<Arc<Conn>, ClientError> {
     let shown = command.display();
+    if let Some(url) = &command.url {
+        let (stdin, stdout) = ws_lines(url).await.map_err(|message| ClientError::Spawn {
+            command: shown.clone(),
+            message,
+        })?;
+        let io = Io {
+            stdin,
+            stdout,
+            stderr: None,
+            child: None,
+        };
+        return handshake(shown, client_name, resume, io).await;
+    }
     if let Some(path) = &command.socket {
         let stream =
             tokio::net::UnixStream::connect(path)
@@ -372,6 +385,85 @@ pub(super) async fn connect(
         child: Some(child),
     };
     handshake(shown, client_name, resume, io).await
+}
+
+/// The largest WebSocket message accepted from a server (its own limit).
+const WS_MAX_MESSAGE: usize = 64 << 20;
+
+/// Open a WebSocket connection to `url` and see it as lines, as a
+/// spawned server's pipes are seen: each message that comes in is one line
+/// of the returned reader; each line written goes out as one text message.
+/// A task carries both ways and ends (closing the TCP connection) when
+/// either side ends.
+async fn ws_lines(
+    url: &str,
+) -> Result<
+    (
+        Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
+        Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+    ),
+    String,
+> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+    let rest = url.strip_prefix("ws://").ok_or("only ws:// is supported")?;
+    let authority = rest.split(['/', '?']).next().unwrap_or(rest);
+    let stream = tokio::net::TcpStream::connect(authority)
+        .await
+        .map_err(|e| crate::error::lower_io(&e))?;
+    let _ = stream.set_nodelay(true);
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(WS_MAX_MESSAGE))
+        .max_frame_size(Some(WS_MAX_MESSAGE));
+    let (socket, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config))
+        .await
+        .map_err(|e| format!("websocket handshake with {authority}: {e}"))?;
+    let (ours, theirs) = tokio::io::duplex(1 << 20);
+    let (their_read, mut their_write) = tokio::io::split(theirs);
+    let (mut sink, mut source) = socket.split();
+    tokio::spawn(async move {
+        let outgoing = async {
+            let mut lines = tokio::io::BufReader::new(their_read);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                match lines.read_until(b'\n', &mut line).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                let text = String::from_utf8_lossy(line.trim_ascii_end()).into_owned();
+                if sink.send(Message::Text(text.into())).await.is_err() {
+                    break;
+                }
+            }
+            let _ = sink.close().await;
+        };
+        let incoming = async {
+            while let Some(Ok(message)) = source.next().await {
+                let data = match message {
+                    Message::Text(text) => text.as_bytes().to_vec(),
+                    Message::Binary(data) => data.to_vec(),
+                    Message::Close(_) => break,
+                    _ => continue,
+                };
+                if their_write.write_all(&data).await.is_err()
+                    || their_write.write_all(b"\n").await.is_err()
+                {
+                    break;
+                }
+            }
+        };
+        // Either side ending ends the connection: the reader sees EOF.
+        tokio::select! {
+            () = outgoing => {}
+            () = incoming => {}
+        }
+    });
+    let (read, write) = tokio::io::split(ours);
+    Ok((Box::new(write), Box::new(read)))
 }
 
 /// The ends of a connection: a spawned server's pipes, or a socket.

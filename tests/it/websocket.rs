@@ -273,3 +273,101 @@ fn a_peer_that_answers_no_ping_is_dropped_and_one_that_does_is_kept() {
     assert!(list["result"]["processes"].is_array(), "{list}");
     drop(silent);
 }
+
+/// A TCP proxy on loopback in front of `upstream` whose connections the
+/// test can cut (no close frame, as a dropped network would).
+struct CuttableProxy {
+    address: String,
+    live: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl CuttableProxy {
+    fn start(upstream: &str) -> CuttableProxy {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let live = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let upstream = upstream.to_string();
+        let streams = live.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = std::net::TcpStream::connect(&upstream) else {
+                    return;
+                };
+                streams.lock().unwrap().push(client.try_clone().unwrap());
+                streams.lock().unwrap().push(server.try_clone().unwrap());
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        CuttableProxy { address, live }
+    }
+
+    /// Cut every connection through the proxy.
+    fn cut(&self) -> usize {
+        let mut streams = self.live.lock().unwrap();
+        for stream in streams.iter() {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+        let cut = streams.len() / 2;
+        streams.clear();
+        cut
+    }
+}
+
+#[tokio::test]
+async fn the_client_over_ws_answers_pings_and_resumes_after_a_cut() {
+    use exec_server::client::{Client, ServerCommand, StartOptions};
+    let server = WsServer::start(&["--ws-ping-interval-ms", "200"]);
+    let proxy = CuttableProxy::start(server.url.trim_start_matches("ws://"));
+    let command = ServerCommand::parse(&format!("ws://{}", proxy.address)).unwrap();
+    assert!(command.resumable());
+    let client = Client::new(command);
+
+    // Many ping intervals with nothing else on the wire: the client answers
+    // them, so its session stays attached here (-32010 to anyone else).
+    let session = client.session_id().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let url = server.url.clone();
+    let other = tokio::task::spawn_blocking(move || try_resume(&url, &session))
+        .await
+        .unwrap();
+    assert_eq!(other["error"]["code"], -32010, "{other}");
+
+    let mut p = client
+        .start(
+            StartOptions::new(
+                "n",
+                [
+                    "sh",
+                    "-c",
+                    "for i in $(seq 1 150); do echo $i; sleep 0.01; done; exit 7",
+                ],
+            )
+            .cwd("/tmp"),
+        )
+        .await
+        .unwrap();
+    let cutter = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let cut = proxy.cut();
+        (cut, proxy)
+    });
+    let mut out = Vec::new();
+    let status = p
+        .wait_with_output(|_, data| out.extend_from_slice(data))
+        .await
+        .unwrap();
+    let (cut, _proxy) = cutter.await.unwrap();
+    assert_eq!(cut, 1, "one connection was cut");
+    assert_eq!(status.code, 7);
+    assert_numbered(&out);
+    client.shutdown().await;
+}
