@@ -302,16 +302,11 @@ pub(super) async fn connect_resuming(
     client_name: &str,
     resume: &str,
 ) -> Result<Arc<Conn>, ClientError> {
-    let deadline = std::time::Instant::now() + RESUME_PATIENCE;
+    let start = std::time::Instant::now();
     loop {
         let attempt = connect(command, client_name, Some(resume)).await;
-        let retry = match &attempt {
-            Ok(_) => false,
-            // An unknown or expired session won't come back.
-            Err(ClientError::Handshake { message, .. }) => !message.contains("-32600"),
-            Err(_) => true,
-        };
-        if !retry || std::time::Instant::now() > deadline {
+        let patience = resume_patience(attempt.as_ref().err());
+        if start.elapsed() >= patience {
             return attempt;
         }
         tracing::debug!("resuming session {resume} failed, retrying");
@@ -319,8 +314,30 @@ pub(super) async fn connect_resuming(
     }
 }
 
+/// How long to keep trying a resume that failed with `failure`.
+fn resume_patience(failure: Option<&ClientError>) -> Duration {
+    match failure {
+        None => Duration::ZERO,
+        // An unknown or expired session won't come back.
+        Some(ClientError::Handshake { message, .. }) if message.contains("(-32600)") => {
+            Duration::ZERO
+        }
+        // The session lives, held by a connection the server has not yet
+        // seen die (a half-open TCP connection ends at the ping limit, 60 s
+        // by default).
+        Some(ClientError::Handshake { message, .. }) if message.contains("(-32010)") => {
+            ATTACHED_PATIENCE
+        }
+        // A bridge or daemon may still be starting.
+        Some(_) => RESUME_PATIENCE,
+    }
+}
+
 /// How long a client keeps trying to resume a lost session.
 const RESUME_PATIENCE: Duration = Duration::from_secs(30);
+/// How long it keeps trying while the server says the session is still
+/// attached: past the server's default ping limit (60 s).
+const ATTACHED_PATIENCE: Duration = Duration::from_secs(75);
 
 pub(super) async fn connect(
     command: &ServerCommand,
@@ -611,6 +628,28 @@ async fn handshake(
 #[cfg(all(test, feature = "server"))]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resume_waits_longest_for_a_session_still_attached() {
+        let refused = |message: &str| ClientError::Handshake {
+            command: "x".into(),
+            message: message.into(),
+            stderr: String::new(),
+        };
+        let attached = refused("session s is already attached to another connection (-32010)");
+        let unknown = refused("unknown session id s (-32600)");
+        let gone = ClientError::Spawn {
+            command: "x".into(),
+            message: "connection refused".into(),
+        };
+        assert_eq!(resume_patience(Some(&attached)), ATTACHED_PATIENCE);
+        assert_eq!(resume_patience(Some(&unknown)), Duration::ZERO);
+        assert_eq!(resume_patience(Some(&gone)), RESUME_PATIENCE);
+        assert!(
+            ATTACHED_PATIENCE > Duration::from_secs(60),
+            "past the ping limit"
+        );
+    }
 
     #[test]
     fn the_output_fast_path_reads_what_the_server_writes() {
