@@ -24,6 +24,10 @@ pub struct ServerCommand {
     /// starting one (`ws://IP:PORT`, with `?token=T` when the server wants
     /// a token).
     pub url: Option<String>,
+    /// For a WebSocket server: how often the client pings it; a server
+    /// that answers nothing for two of these is taken as lost (default
+    /// 30 s). This notices a connection that died without a word.
+    pub keepalive: Option<std::time::Duration>,
 }
 
 impl ServerCommand {
@@ -36,6 +40,7 @@ impl ServerCommand {
             cwd: None,
             socket: None,
             url: None,
+            keepalive: None,
         }
     }
 
@@ -95,6 +100,12 @@ impl ServerCommand {
         let mut command = ServerCommand::new(&url);
         command.url = Some(url);
         command
+    }
+
+    /// Ping a WebSocket server every `every` (see [`ServerCommand::keepalive`]).
+    pub fn keepalive(mut self, every: std::time::Duration) -> Self {
+        self.keepalive = Some(every);
+        self
     }
 
     /// Whether a lost connection can be resumed: a socket, a WebSocket, or a

@@ -346,10 +346,12 @@ pub(super) async fn connect(
 ) -> Result<Arc<Conn>, ClientError> {
     let shown = command.display();
     if let Some(url) = &command.url {
-        let (stdin, stdout) = ws_lines(url).await.map_err(|message| ClientError::Spawn {
-            command: shown.clone(),
-            message,
-        })?;
+        let (stdin, stdout) = ws_lines(url, command.keepalive.unwrap_or(WS_KEEPALIVE))
+            .await
+            .map_err(|message| ClientError::Spawn {
+                command: shown.clone(),
+                message,
+            })?;
         let io = Io {
             stdin,
             stdout,
@@ -404,6 +406,9 @@ pub(super) async fn connect(
     handshake(shown, client_name, resume, io).await
 }
 
+/// How often a WebSocket server is pinged by default.
+const WS_KEEPALIVE: Duration = Duration::from_secs(30);
+
 /// The largest WebSocket message accepted from a server (its own limit).
 const WS_MAX_MESSAGE: usize = 64 << 20;
 
@@ -411,9 +416,11 @@ const WS_MAX_MESSAGE: usize = 64 << 20;
 /// spawned server's pipes are seen: each message that comes in is one line
 /// of the returned reader; each line written goes out as one text message.
 /// A task carries both ways and ends (closing the TCP connection) when
-/// either side ends.
+/// either side ends, or when the server answers nothing, not even a ping,
+/// for two `keepalive` intervals.
 async fn ws_lines(
     url: &str,
+    keepalive: Duration,
 ) -> Result<
     (
         Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
@@ -442,42 +449,57 @@ async fn ws_lines(
     let (their_read, mut their_write) = tokio::io::split(theirs);
     let (mut sink, mut source) = socket.split();
     tokio::spawn(async move {
-        let outgoing = async {
-            let mut lines = tokio::io::BufReader::new(their_read);
-            let mut line = Vec::new();
-            loop {
-                line.clear();
-                match lines.read_until(b'\n', &mut line).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
+        let mut lines = tokio::io::BufReader::new(their_read);
+        // Kept across iterations: a read cut short by another branch left
+        // its bytes here and continues.
+        let mut line = Vec::new();
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut heard = tokio::time::Instant::now();
+        // Silence, or a send stuck, for this long: the server is gone.
+        let limit = keepalive.saturating_mul(2);
+        loop {
+            tokio::select! {
+                read = lines.read_until(b'\n', &mut line) => {
+                    if !matches!(read, Ok(n) if n > 0) {
+                        break;
+                    }
+                    let text = String::from_utf8_lossy(line.trim_ascii_end()).into_owned();
+                    line.clear();
+                    let send = sink.send(Message::Text(text.into()));
+                    if !matches!(tokio::time::timeout(limit, send).await, Ok(Ok(()))) {
+                        break;
+                    }
                 }
-                let text = String::from_utf8_lossy(line.trim_ascii_end()).into_owned();
-                if sink.send(Message::Text(text.into())).await.is_err() {
-                    break;
+                message = source.next() => {
+                    let Some(Ok(message)) = message else { break };
+                    heard = tokio::time::Instant::now();
+                    let data = match message {
+                        Message::Text(text) => text.as_bytes().to_vec(),
+                        Message::Binary(data) => data.to_vec(),
+                        Message::Close(_) => break,
+                        _ => continue,
+                    };
+                    if their_write.write_all(&data).await.is_err()
+                        || their_write.write_all(b"\n").await.is_err()
+                    {
+                        break;
+                    }
+                }
+                _ = ping.tick() => {
+                    if heard.elapsed() >= limit {
+                        tracing::debug!("the websocket server answers nothing; taking the connection as lost");
+                        break;
+                    }
+                    let send = sink.send(Message::Ping(Vec::new().into()));
+                    if !matches!(tokio::time::timeout(limit, send).await, Ok(Ok(()))) {
+                        break;
+                    }
                 }
             }
-            let _ = sink.close().await;
-        };
-        let incoming = async {
-            while let Some(Ok(message)) = source.next().await {
-                let data = match message {
-                    Message::Text(text) => text.as_bytes().to_vec(),
-                    Message::Binary(data) => data.to_vec(),
-                    Message::Close(_) => break,
-                    _ => continue,
-                };
-                if their_write.write_all(&data).await.is_err()
-                    || their_write.write_all(b"\n").await.is_err()
-                {
-                    break;
-                }
-            }
-        };
-        // Either side ending ends the connection: the reader sees EOF.
-        tokio::select! {
-            () = outgoing => {}
-            () = incoming => {}
         }
+        // Ending the task closes the TCP connection, and the reader sees
+        // EOF: the connection is lost (and resumed).
     });
     let (read, write) = tokio::io::split(ours);
     Ok((Box::new(write), Box::new(read)))

@@ -275,34 +275,56 @@ fn a_peer_that_answers_no_ping_is_dropped_and_one_that_does_is_kept() {
 }
 
 /// A TCP proxy on loopback in front of `upstream` whose connections the
-/// test can cut (no close frame, as a dropped network would).
+/// test can cut (no close frame, as a dropped network would) or freeze
+/// (nothing passes on them any more, not even a close: half-open). New
+/// connections always pass.
 struct CuttableProxy {
     address: String,
-    live: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+    live: std::sync::Arc<std::sync::Mutex<Vec<ProxiedConnection>>>,
+}
+
+struct ProxiedConnection {
+    client: std::net::TcpStream,
+    server: std::net::TcpStream,
+    dead: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl CuttableProxy {
     fn start(upstream: &str) -> CuttableProxy {
+        use std::sync::atomic::{AtomicBool, Ordering};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let address = listener.local_addr().unwrap().to_string();
         let live = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let upstream = upstream.to_string();
-        let streams = live.clone();
+        let connections = live.clone();
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { return };
                 let Ok(server) = std::net::TcpStream::connect(&upstream) else {
                     return;
                 };
-                streams.lock().unwrap().push(client.try_clone().unwrap());
-                streams.lock().unwrap().push(server.try_clone().unwrap());
+                let dead = std::sync::Arc::new(AtomicBool::new(false));
+                connections.lock().unwrap().push(ProxiedConnection {
+                    client: client.try_clone().unwrap(),
+                    server: server.try_clone().unwrap(),
+                    dead: dead.clone(),
+                });
                 for (mut from, mut to) in [
                     (client.try_clone().unwrap(), server.try_clone().unwrap()),
                     (server, client),
                 ] {
+                    let dead = dead.clone();
                     std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
-                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        use std::io::Read;
+                        let mut buf = [0u8; 16 * 1024];
+                        while let Ok(n @ 1..) = from.read(&mut buf) {
+                            if !dead.load(Ordering::SeqCst) && to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        if !dead.load(Ordering::SeqCst) {
+                            let _ = to.shutdown(std::net::Shutdown::Both);
+                        }
                     });
                 }
             }
@@ -310,15 +332,28 @@ impl CuttableProxy {
         CuttableProxy { address, live }
     }
 
-    /// Cut every connection through the proxy.
+    /// Cut every connection through the proxy; how many there were.
     fn cut(&self) -> usize {
-        let mut streams = self.live.lock().unwrap();
-        for stream in streams.iter() {
-            let _ = stream.shutdown(std::net::Shutdown::Both);
+        let mut connections = self.live.lock().unwrap();
+        for c in connections.iter() {
+            let _ = c.client.shutdown(std::net::Shutdown::Both);
+            let _ = c.server.shutdown(std::net::Shutdown::Both);
         }
-        let cut = streams.len() / 2;
-        streams.clear();
-        cut
+        std::mem::take(&mut *connections).len()
+    }
+
+    /// Let nothing through on every connection open now, and close none of
+    /// them; how many there were.
+    fn freeze(&self) -> usize {
+        let mut connections = self.live.lock().unwrap();
+        for c in connections.iter() {
+            c.dead.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        // Keep the sockets open for as long as the test runs.
+        let frozen = std::mem::take(&mut *connections);
+        let count = frozen.len();
+        std::mem::forget(frozen);
+        count
     }
 }
 
@@ -367,6 +402,50 @@ async fn the_client_over_ws_answers_pings_and_resumes_after_a_cut() {
         .unwrap();
     let (cut, _proxy) = cutter.await.unwrap();
     assert_eq!(cut, 1, "one connection was cut");
+    assert_eq!(status.code, 7);
+    assert_numbered(&out);
+    client.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_client_over_ws_notices_a_half_open_connection_and_resumes() {
+    use exec_server::client::{Client, ServerCommand, StartOptions};
+    let server = WsServer::start(&["--ws-ping-interval-ms", "200"]);
+    let proxy = CuttableProxy::start(server.url.trim_start_matches("ws://"));
+    let command = ServerCommand::parse(&format!("ws://{}", proxy.address))
+        .unwrap()
+        .keepalive(Duration::from_millis(200));
+    let client = Client::new(command);
+    let mut p = client
+        .start(
+            StartOptions::new(
+                "n",
+                [
+                    "sh",
+                    "-c",
+                    "for i in $(seq 1 150); do echo $i; sleep 0.01; done; exit 7",
+                ],
+            )
+            .cwd("/tmp"),
+        )
+        .await
+        .unwrap();
+    // The connection dies silently mid-stream; neither end hears a close,
+    // so only the client's own pings can tell it (a new connection works).
+    let freezer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        (proxy.freeze(), proxy)
+    });
+    let mut out = Vec::new();
+    let status = tokio::time::timeout(
+        Duration::from_secs(30),
+        p.wait_with_output(|_, data| out.extend_from_slice(data)),
+    )
+    .await
+    .expect("the client noticed the dead connection")
+    .unwrap();
+    let (frozen, _proxy) = freezer.await.unwrap();
+    assert_eq!(frozen, 1, "one connection was frozen");
     assert_eq!(status.code, 7);
     assert_numbered(&out);
     client.shutdown().await;
