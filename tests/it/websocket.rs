@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{NUMBERED, assert_numbered, bin, spawn_listening, unb64, ws_lines};
+use crate::support::{
+    NUMBERED, assert_numbered, bin, eventually, pid_gone, spawn_listening, unb64, ws_lines,
+};
 
 struct WsServer {
     child: Child,
@@ -449,4 +451,50 @@ async fn the_client_over_ws_notices_a_half_open_connection_and_resumes() {
     assert_eq!(status.code, 7);
     assert_numbered(&out);
     client.shutdown().await;
+}
+
+#[test]
+fn a_session_left_by_a_cut_ws_connection_expires_with_its_descendants() {
+    let server = WsServer::start(&["--detached-session-ttl-ms", "300"]);
+    let (mut writer, lines) = ws_lines(&server.url, None);
+    let answer = request(
+        &mut writer,
+        &lines,
+        1,
+        "initialize",
+        json!({"clientName": "it"}),
+    );
+    let session = answer["result"]["sessionId"].as_str().unwrap().to_string();
+    writeln!(writer, "{}", json!({"method": "initialized"})).unwrap();
+    request(
+        &mut writer,
+        &lines,
+        2,
+        "process/start",
+        json!({"processId": "d", "cwd": "/tmp", "env": {"PATH": "/usr/bin:/bin"},
+               "argv": ["sh", "-c", "setsid sleep 1000 & echo $!; sleep 1000"]}),
+    );
+    let read = request(
+        &mut writer,
+        &lines,
+        3,
+        "process/read",
+        json!({"processId": "d", "afterSeq": 0, "waitMs": 2000}),
+    );
+    let daemon: i32 = String::from_utf8(unb64(&read["result"]["chunks"][0]["chunk"]))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let list = request(&mut writer, &lines, 4, "process/list", json!({}));
+    let leader = list["result"]["processes"][0]["pid"].as_i64().unwrap() as i32;
+    drop(writer); // the TCP connection is cut, no close frame
+    drop(lines);
+    assert!(
+        eventually(Duration::from_secs(5), || pid_gone(daemon)
+            && pid_gone(leader)),
+        "the expired session's processes still run"
+    );
+    let late = try_resume(&server.url, &session);
+    assert_eq!(late["error"]["code"], -32600, "{late}");
 }
