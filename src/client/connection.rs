@@ -429,7 +429,7 @@ async fn ws_lines(
     String,
 > {
     use futures_util::{SinkExt, StreamExt};
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     use tokio_tungstenite::tungstenite::Message;
     use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
@@ -449,10 +449,9 @@ async fn ws_lines(
     let (their_read, mut their_write) = tokio::io::split(theirs);
     let (mut sink, mut source) = socket.split();
     tokio::spawn(async move {
-        let mut lines = tokio::io::BufReader::new(their_read);
-        // Kept across iterations: a read cut short by another branch left
-        // its bytes here and continues.
-        let mut line = Vec::new();
+        // The shared framer keeps a cut-short read in its own buffer, so
+        // it may lose a race with the other branches.
+        let mut lines = crate::lines::LineReader::new(their_read);
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut heard = tokio::time::Instant::now();
@@ -460,12 +459,9 @@ async fn ws_lines(
         let limit = keepalive.saturating_mul(2);
         loop {
             tokio::select! {
-                read = lines.read_until(b'\n', &mut line) => {
-                    if !matches!(read, Ok(n) if n > 0) {
-                        break;
-                    }
+                read = lines.next_line() => {
+                    let Ok(Some(line)) = read else { break };
                     let text = String::from_utf8_lossy(line.trim_ascii_end()).into_owned();
-                    line.clear();
                     let send = sink.send(Message::Text(text.into()));
                     if !matches!(tokio::time::timeout(limit, send).await, Ok(Ok(()))) {
                         break;
