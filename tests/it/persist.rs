@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{NUMBERED, assert_numbered, bin, children_of, eventually, pid_gone, unb64};
+use crate::support::{NUMBERED, assert_numbered, bin, eventually, pid_gone, unb64};
 
 /// A bridge started with `--stdio --persist=NAME`, the daemons' directory
 /// set to `runtime`.
@@ -197,7 +197,7 @@ fn an_idle_daemon_exits_by_itself_and_leaves_nothing() {
 
 #[tokio::test]
 async fn the_client_resumes_by_itself_and_wait_returns_everything() {
-    use exec_server::client::{Client, ServerCommand, StartOptions};
+    use exec_server::client::{Client, ServerCommand};
     let runtime = tempfile::tempdir().unwrap();
     let command = ServerCommand::new(bin())
         .arg("--stdio")
@@ -206,17 +206,7 @@ async fn the_client_resumes_by_itself_and_wait_returns_everything() {
     assert!(command.resumable());
     let client = Client::new(command);
     let mut p = client
-        .start(
-            StartOptions::new(
-                "n",
-                [
-                    "sh",
-                    "-c",
-                    "for i in $(seq 1 150); do echo $i; sleep 0.01; done; exit 7",
-                ],
-            )
-            .cwd("/tmp"),
-        )
+        .start(crate::support::numbered_exit_7())
         .await
         .unwrap();
     let bridge = client.server_pid().unwrap();
@@ -247,29 +237,13 @@ async fn the_client_resumes_by_itself_and_wait_returns_everything() {
 fn exec_server_run_survives_the_loss_of_its_bridge() {
     let runtime = tempfile::tempdir().unwrap();
     let via = format!("{} --stdio --persist=run", bin());
-    let child = Command::new(bin())
-        .args(["run", "--via", &via, "--"])
-        .args([
-            "sh",
-            "-c",
-            "for i in $(seq 1 150); do echo $i; sleep 0.01; done; exit 7",
-        ])
-        .env("XDG_RUNTIME_DIR", runtime.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let runner = child.id();
-    std::thread::sleep(Duration::from_millis(500));
-    // The runner's server command: the bridge. Kill it, as a dropped ssh would.
-    let bridges = children_of(runner);
-    assert!(!bridges.is_empty(), "no bridge under the runner");
-    for b in &bridges {
-        // SAFETY: plain syscall on the runner's child.
-        unsafe { libc::kill(*b, libc::SIGKILL) };
-    }
-    let out = child.wait_with_output().unwrap();
+    // The runner's server command is the bridge: killed as a dropped ssh
+    // would end it.
+    let out = crate::support::run_via_losing_its_server(
+        &via,
+        &[("XDG_RUNTIME_DIR", runtime.path().as_os_str())],
+        Duration::from_millis(500),
+    );
     assert_numbered(&out.stdout);
     assert_eq!(out.status.code(), Some(7));
     let stop = daemon(runtime.path(), &["stop", "--persist", "run"]);

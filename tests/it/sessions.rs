@@ -315,21 +315,15 @@ fn an_unprivileged_server_refuses_a_peer_of_another_uid() {
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
     }
     let path = dir.path().join("theirs.sock");
-    let mut child = Command::new("runuser")
+    let mut command = Command::new("runuser");
+    command
         .args(["-u", "exec-server-ci", "--"])
         .arg(bin())
         .arg("--listen")
         .arg(format!("unix:{}", path.display()))
         .env_remove("XDG_RUNTIME_DIR")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
+        .stderr(Stdio::null());
+    let (mut child, first) = crate::support::listening(command);
     assert!(first.starts_with("unix:"), "{first}");
     let mut stream = UnixStream::connect(&path).unwrap();
     stream

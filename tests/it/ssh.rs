@@ -258,12 +258,7 @@ fn a_killed_ssh_client_loses_nothing_with_persist() {
     }
     crate::support::assert_numbered(&out);
     drop(second);
-    let stop = Command::new(bin())
-        .args(["daemon", "stop", "--persist", &name])
-        .env_remove("XDG_RUNTIME_DIR")
-        .output()
-        .unwrap();
-    assert!(stop.status.success(), "{stop:?}");
+    stop_daemon(&name);
 }
 
 #[test]
@@ -273,32 +268,18 @@ fn exec_server_run_over_ssh_survives_killing_ssh_with_persist() {
     let via = sshd
         .via()
         .replace("--stdio", &format!("--stdio --persist={name}"));
-    let child = Command::new(bin())
-        .args(["run", "--via", &via, "--"])
-        .args([
-            "sh",
-            "-c",
-            "for i in $(seq 1 150); do echo $i; sleep 0.01; done; exit 7",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let runner = child.id();
-    std::thread::sleep(Duration::from_millis(700));
-    // The runner's ssh: kill it, as a network failure would end it.
-    let ssh = crate::support::children_of(runner);
-    assert!(!ssh.is_empty(), "no ssh under the runner");
-    for pid in &ssh {
-        // SAFETY: plain syscall on the runner's child.
-        unsafe { libc::kill(*pid, libc::SIGKILL) };
-    }
-    let out = child.wait_with_output().unwrap();
+    // The runner's server command is ssh: killed as a network failure
+    // would end it.
+    let out = crate::support::run_via_losing_its_server(&via, &[], Duration::from_millis(700));
     crate::support::assert_numbered(&out.stdout);
     assert_eq!(out.status.code(), Some(7));
+    stop_daemon(&name);
+}
+
+/// Stop the `--persist NAME` daemon the test's ssh sessions started.
+fn stop_daemon(name: &str) {
     let stop = Command::new(bin())
-        .args(["daemon", "stop", "--persist", &name])
+        .args(["daemon", "stop", "--persist", name])
         .env_remove("XDG_RUNTIME_DIR")
         .output()
         .unwrap();

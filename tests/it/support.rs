@@ -352,9 +352,50 @@ pub fn available(what: &str, present: bool, why: &str) -> bool {
     false
 }
 
+macro_rules! numbered {
+    () => {
+        "for i in $(seq 1 150); do echo $i; sleep 0.01; done"
+    };
+}
+
 /// A shell script that prints 1 to 150, one a line, 10 ms apart: output
 /// that is still streaming when a test cuts a connection.
-pub const NUMBERED: &str = "for i in $(seq 1 150); do echo $i; sleep 0.01; done";
+pub const NUMBERED: &str = numbered!();
+
+/// [`NUMBERED`], then exit 7: a status a resumed wait must still report.
+pub const NUMBERED_EXIT_7: &str = concat!(numbered!(), "; exit 7");
+
+/// `exec-server run --via VIA -- sh -c NUMBERED_EXIT_7` with `env` added,
+/// whose server command (the runner's children: a bridge, an ssh) is
+/// SIGKILLed after `after`, as a dropped connection would end it; what the
+/// runner printed and its status once it is done.
+pub fn run_via_losing_its_server(
+    via: &str,
+    env: &[(&str, &std::ffi::OsStr)],
+    after: Duration,
+) -> std::process::Output {
+    let child = Command::new(bin())
+        .args(["run", "--via", via, "--", "sh", "-c", NUMBERED_EXIT_7])
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(after);
+    let server = children_of(child.id());
+    assert!(!server.is_empty(), "no server command under the runner");
+    for pid in &server {
+        // SAFETY: plain syscall on the runner's child.
+        unsafe { libc::kill(*pid, libc::SIGKILL) };
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// The library's options to start [`NUMBERED_EXIT_7`] as process `n`.
+pub fn numbered_exit_7() -> exec_server::client::StartOptions {
+    exec_server::client::StartOptions::new("n", ["sh", "-c", NUMBERED_EXIT_7]).cwd("/tmp")
+}
 
 /// Assert that `output` is exactly what [`NUMBERED`] prints: every line
 /// once, in order.
@@ -385,11 +426,17 @@ pub fn children_of(pid: u32) -> Vec<i32> {
 /// wait until it says where it listens: the child and its first stdout
 /// line.
 pub fn spawn_listening(args: &[&str]) -> (Child, String) {
-    let mut child = Command::new(bin())
-        .args(args)
+    let mut command = Command::new(bin());
+    command.args(args).stderr(Stdio::inherit());
+    listening(command)
+}
+
+/// Start `command` (a server with a `--listen` address) and wait until it
+/// says where it listens: the child and its first stdout line.
+pub fn listening(mut command: Command) -> (Child, String) {
+    let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn exec-server");
     let mut first = String::new();

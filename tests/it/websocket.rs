@@ -116,17 +116,11 @@ fn a_non_loopback_address_needs_a_token_or_insecure_listen() {
         .unwrap();
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("connection token"));
-    let mut allowed = Command::new(bin())
+    let mut command = Command::new(bin());
+    command
         .args(["--listen", "ws://0.0.0.0:0", "--insecure-listen"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    BufReader::new(allowed.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
+        .stderr(Stdio::null());
+    let (mut allowed, first) = crate::support::listening(command);
     assert!(first.starts_with("ws://0.0.0.0:"), "{first}");
     let _ = allowed.kill();
     let _ = allowed.wait();
@@ -157,19 +151,39 @@ fn request(
     }
 }
 
+/// A new ws connection to `url` that has sent `initialize` (resuming
+/// `resume` when given) and, when that succeeded, `initialized`: its ends
+/// and the answer to `initialize`.
+fn connect(
+    url: &str,
+    resume: Option<&str>,
+) -> (
+    crate::support::WsWriter,
+    std::sync::mpsc::Receiver<String>,
+    Value,
+) {
+    let (mut writer, lines) = ws_lines(url, None);
+    let mut params = json!({"clientName": "it"});
+    if let Some(session) = resume {
+        params["resumeSessionId"] = json!(session);
+    }
+    let answer = request(&mut writer, &lines, 1, "initialize", params);
+    if answer.get("result").is_some() {
+        writeln!(writer, "{}", json!({"method": "initialized"})).unwrap();
+    }
+    (writer, lines, answer)
+}
+
+/// Resume `session` from a new connection: the answer to its initialize.
+fn try_resume(url: &str, session: &str) -> Value {
+    connect(url, Some(session)).2
+}
+
 #[test]
 fn a_cut_tcp_connection_resumes_with_every_line_once() {
     let server = WsServer::start(&[]);
-    let (mut writer, lines) = ws_lines(&server.url, None);
-    let answer = request(
-        &mut writer,
-        &lines,
-        1,
-        "initialize",
-        json!({"clientName": "it"}),
-    );
+    let (mut writer, lines, answer) = connect(&server.url, None);
     let session = answer["result"]["sessionId"].as_str().unwrap().to_string();
-    writeln!(writer, "{}", json!({"method": "initialized"})).unwrap();
     request(
         &mut writer,
         &lines,
@@ -182,16 +196,8 @@ fn a_cut_tcp_connection_resumes_with_every_line_once() {
     drop(writer); // the TCP connection is cut, no close frame
     drop(lines);
     std::thread::sleep(Duration::from_secs(1));
-    let (mut writer, lines) = ws_lines(&server.url, None);
-    let answer = request(
-        &mut writer,
-        &lines,
-        1,
-        "initialize",
-        json!({"clientName": "it", "resumeSessionId": session}),
-    );
+    let (mut writer, lines, answer) = connect(&server.url, Some(&session));
     assert_eq!(answer["result"]["sessionId"], session.as_str(), "{answer}");
-    writeln!(writer, "{}", json!({"method": "initialized"})).unwrap();
     let list = request(&mut writer, &lines, 2, "process/list", json!({}));
     assert_eq!(list["result"]["processes"][0]["processId"], "n");
     let (mut after, mut out, mut id) = (0, Vec::new(), 10);
@@ -218,34 +224,14 @@ fn a_cut_tcp_connection_resumes_with_every_line_once() {
     assert_numbered(&out);
 }
 
-/// Resume `session` from a new connection: the answer to its initialize.
-fn try_resume(url: &str, session: &str) -> Value {
-    let (mut writer, lines) = ws_lines(url, None);
-    request(
-        &mut writer,
-        &lines,
-        1,
-        "initialize",
-        json!({"clientName": "it", "resumeSessionId": session}),
-    )
-}
-
 #[test]
 fn a_peer_that_answers_no_ping_is_dropped_and_one_that_does_is_kept() {
     use tokio_tungstenite::tungstenite::{self, Message};
     let server = WsServer::start(&["--ws-ping-interval-ms", "200"]);
 
     // A peer that answers pings (tungstenite answers them as it reads).
-    let (mut writer, lines) = ws_lines(&server.url, None);
-    let answer = request(
-        &mut writer,
-        &lines,
-        1,
-        "initialize",
-        json!({"clientName": "it"}),
-    );
+    let (mut writer, lines, answer) = connect(&server.url, None);
     let kept = answer["result"]["sessionId"].as_str().unwrap().to_string();
-    writeln!(writer, "{}", json!({"method": "initialized"})).unwrap();
 
     // A peer that goes silent after initialize: it never reads again, so
     // never answers a ping, but its TCP connection stays open.
@@ -361,7 +347,7 @@ impl CuttableProxy {
 
 #[tokio::test]
 async fn the_client_over_ws_answers_pings_and_resumes_after_a_cut() {
-    use exec_server::client::{Client, ServerCommand, StartOptions};
+    use exec_server::client::{Client, ServerCommand};
     let server = WsServer::start(&["--ws-ping-interval-ms", "200"]);
     let proxy = CuttableProxy::start(server.url.trim_start_matches("ws://"));
     let command = ServerCommand::parse(&format!("ws://{}", proxy.address)).unwrap();
@@ -379,17 +365,7 @@ async fn the_client_over_ws_answers_pings_and_resumes_after_a_cut() {
     assert_eq!(other["error"]["code"], -32010, "{other}");
 
     let mut p = client
-        .start(
-            StartOptions::new(
-                "n",
-                [
-                    "sh",
-                    "-c",
-                    "for i in $(seq 1 150); do echo $i; sleep 0.01; done; exit 7",
-                ],
-            )
-            .cwd("/tmp"),
-        )
+        .start(crate::support::numbered_exit_7())
         .await
         .unwrap();
     let cutter = tokio::spawn(async move {
@@ -411,7 +387,7 @@ async fn the_client_over_ws_answers_pings_and_resumes_after_a_cut() {
 
 #[tokio::test]
 async fn the_client_over_ws_notices_a_half_open_connection_and_resumes() {
-    use exec_server::client::{Client, ServerCommand, StartOptions};
+    use exec_server::client::{Client, ServerCommand};
     let server = WsServer::start(&["--ws-ping-interval-ms", "200"]);
     let proxy = CuttableProxy::start(server.url.trim_start_matches("ws://"));
     let command = ServerCommand::parse(&format!("ws://{}", proxy.address))
@@ -419,17 +395,7 @@ async fn the_client_over_ws_notices_a_half_open_connection_and_resumes() {
         .keepalive(Duration::from_millis(200));
     let client = Client::new(command);
     let mut p = client
-        .start(
-            StartOptions::new(
-                "n",
-                [
-                    "sh",
-                    "-c",
-                    "for i in $(seq 1 150); do echo $i; sleep 0.01; done; exit 7",
-                ],
-            )
-            .cwd("/tmp"),
-        )
+        .start(crate::support::numbered_exit_7())
         .await
         .unwrap();
     // The connection dies silently mid-stream; neither end hears a close,
@@ -456,16 +422,8 @@ async fn the_client_over_ws_notices_a_half_open_connection_and_resumes() {
 #[test]
 fn a_session_left_by_a_cut_ws_connection_expires_with_its_descendants() {
     let server = WsServer::start(&["--detached-session-ttl-ms", "300"]);
-    let (mut writer, lines) = ws_lines(&server.url, None);
-    let answer = request(
-        &mut writer,
-        &lines,
-        1,
-        "initialize",
-        json!({"clientName": "it"}),
-    );
+    let (mut writer, lines, answer) = connect(&server.url, None);
     let session = answer["result"]["sessionId"].as_str().unwrap().to_string();
-    writeln!(writer, "{}", json!({"method": "initialized"})).unwrap();
     request(
         &mut writer,
         &lines,
