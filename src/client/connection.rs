@@ -319,15 +319,15 @@ fn resume_patience(failure: Option<&ClientError>) -> Duration {
     match failure {
         None => Duration::ZERO,
         // An unknown or expired session won't come back.
-        Some(ClientError::Handshake { message, .. }) if message.contains("(-32600)") => {
-            Duration::ZERO
-        }
+        Some(ClientError::Handshake {
+            code: Some(-32600), ..
+        }) => Duration::ZERO,
         // The session lives, held by a connection the server has not yet
         // seen die (a half-open TCP connection ends at the ping limit, 60 s
         // by default).
-        Some(ClientError::Handshake { message, .. }) if message.contains("(-32010)") => {
-            ATTACHED_PATIENCE
-        }
+        Some(ClientError::Handshake {
+            code: Some(-32010), ..
+        }) => ATTACHED_PATIENCE,
         // A bridge or daemon may still be starting.
         Some(_) => RESUME_PATIENCE,
     }
@@ -619,18 +619,24 @@ async fn handshake(
         );
         Ok::<Value, ClientError>(result)
     };
-    let failure = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+    let (failure, code) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
         Ok(Ok(result)) => {
             let session = result["sessionId"].as_str().unwrap_or("").to_string();
             *lock(&conn.session_id) = session;
             return Ok(conn);
         }
-        Ok(Err(ClientError::ConnectionLost { .. })) => {
-            "the server exited before answering initialize".to_string()
+        Ok(Err(ClientError::ConnectionLost { .. })) => (
+            "the server exited before answering initialize".to_string(),
+            None,
+        ),
+        Ok(Err(ClientError::Rpc { code, message, .. })) => {
+            (format!("{message} ({code})"), Some(code))
         }
-        Ok(Err(ClientError::Rpc { code, message, .. })) => format!("{message} ({code})"),
-        Ok(Err(err)) => err.to_string(),
-        Err(_) => format!("no answer within {} s", HANDSHAKE_TIMEOUT.as_secs()),
+        Ok(Err(err)) => (err.to_string(), None),
+        Err(_) => (
+            format!("no answer within {} s", HANDSHAKE_TIMEOUT.as_secs()),
+            None,
+        ),
     };
     // Give the stderr reader a moment to catch the server's last words.
     let _ = tokio::time::timeout(Duration::from_millis(500), stderr_done.notified()).await;
@@ -639,6 +645,7 @@ async fn handshake(
     Err(ClientError::Handshake {
         command: shown,
         message: failure,
+        code,
         stderr: conn.stderr_tail(),
     })
 }
@@ -649,13 +656,17 @@ mod tests {
 
     #[test]
     fn a_resume_waits_longest_for_a_session_still_attached() {
-        let refused = |message: &str| ClientError::Handshake {
+        let refused = |message: &str, code: i64| ClientError::Handshake {
             command: "x".into(),
             message: message.into(),
+            code: Some(code),
             stderr: String::new(),
         };
-        let attached = refused("session s is already attached to another connection (-32010)");
-        let unknown = refused("unknown session id s (-32600)");
+        let attached = refused(
+            "session s is already attached to another connection (-32010)",
+            -32010,
+        );
+        let unknown = refused("unknown session id s (-32600)", -32600);
         let gone = ClientError::Spawn {
             command: "x".into(),
             message: "connection refused".into(),

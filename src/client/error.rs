@@ -24,6 +24,10 @@ pub enum ClientError {
         command: String,
         /// What went wrong.
         message: String,
+        /// The JSON-RPC error code when the server refused `initialize`
+        /// (`-32010`: the session is still attached elsewhere; `-32600`:
+        /// unknown or expired).
+        code: Option<i64>,
         /// The last 4 KiB the server wrote on stderr.
         stderr: String,
     },
