@@ -30,12 +30,25 @@ pub fn info(workspace_roots: &[PathBuf], containment: &str) -> Value {
         .unwrap_or_else(|| "sh".into());
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
     let tmp = std::env::temp_dir();
+    // `:tmpdir` binds to TMPDIR when it is set (relative to the server's
+    // cwd if relative), and to nothing otherwise, as in the reference.
+    let temporary: Vec<String> = std::env::var_os("TMPDIR")
+        .filter(|v| !v.is_empty())
+        .map(|v| path_to_uri(&cwd.join(v)))
+        .into_iter()
+        .collect();
     json!({
         "shell": { "name": shell_name, "path": shell.to_string_lossy() },
         "cwd": path_to_uri(&cwd),
         "tempDir": path_to_uri(&tmp),
-        "temporaryDirectories": [path_to_uri(&tmp)],
+        "temporaryDirectories": temporary,
         "capabilities": {
+            // The reference's feature gates: true only for what this
+            // server really does.
+            "networkProxyLaunch": crate::net::PROXY_LAUNCH,
+            "sandboxedFileStreaming": true,
+            "environmentConfigRead": false,
+            "capabilityDiscoverySandbox": false,
             "tty": true,
             "pipeStdin": true,
             "closeStdin": true,

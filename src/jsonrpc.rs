@@ -200,6 +200,17 @@ pub enum Outgoing {
         process_id: std::sync::Arc<str>,
         seq: u64,
     },
+    /// Any other notification (`http/request/bodyDelta`,
+    /// `network/policyDecision`).
+    Notification { method: &'static str, params: Value },
+    /// A call from the server to the client (`network/policyRequest`):
+    /// ids are integers from 1 per connection.
+    #[allow(dead_code)]
+    Request {
+        id: u64,
+        method: &'static str,
+        params: Value,
+    },
 }
 
 /// The line codec: `message` as one line of compact JSON, newline
@@ -240,6 +251,13 @@ pub fn encode_line(message: &Outgoing) -> Vec<u8> {
                 seq: *seq,
             },
         ),
+        Outgoing::Notification { method, params } => notification_line(method, params),
+        Outgoing::Request { id, method, params } => Request {
+            id: RequestId::Number((*id).into()),
+            method: method.to_string(),
+            params: params.clone(),
+        }
+        .to_line(),
     }
 }
 

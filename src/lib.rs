@@ -55,8 +55,12 @@ mod environment;
 mod error;
 #[cfg(feature = "server")]
 mod fs;
+#[cfg(feature = "server")]
+mod http;
 mod jsonrpc;
 mod lines;
+#[cfg(feature = "server")]
+mod net;
 #[cfg(feature = "server")]
 mod process;
 mod protocol;

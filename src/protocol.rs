@@ -42,6 +42,12 @@ pub mod method {
     pub const FS_OPEN: &str = "fs/open";
     pub const FS_READ_BLOCK: &str = "fs/readBlock";
     pub const FS_CLOSE: &str = "fs/close";
+    pub const HTTP_REQUEST: &str = "http/request";
+    pub const HTTP_BODY_DELTA: &str = "http/request/bodyDelta";
+    #[allow(dead_code)]
+    pub const NETWORK_POLICY_REQUEST: &str = "network/policyRequest";
+    #[allow(dead_code)]
+    pub const NETWORK_POLICY_DECISION: &str = "network/policyDecision";
 }
 
 /// Bytes that travel as standard base64.

@@ -21,7 +21,9 @@ enum Pending {
     Ready(Response),
     /// Ready; run the hook once the response is queued.
     ReadyThen(Response, Box<dyn FnOnce() + Send>),
-    Later(Pin<Box<dyn Future<Output = Response> + Send>>),
+    /// Ready later; then, once the response is queued, the follow-up
+    /// (a streamed body) runs as long as the connection lasts.
+    Later(Pin<Box<dyn Future<Output = (Response, Option<dispatch::FollowUp>)> + Send>>),
 }
 
 struct Connection {
@@ -45,10 +47,10 @@ pub async fn serve(server: Arc<Server>, transport: Transport) {
     let mut conn = Connection {
         id: server.next_connection_id(),
         server,
-        outgoing,
+        outgoing: outgoing.clone(),
         session: None,
         initialized: false,
-        state: Arc::new(ConnState::start()),
+        state: Arc::new(ConnState::start(outgoing.clone())),
         tasks: tokio::task::JoinSet::new(),
     };
     let mut shutdown = conn.server.shutdown.subscribe();
@@ -67,6 +69,9 @@ pub async fn serve(server: Arc<Server>, transport: Transport) {
     // A read still waiting has nothing to answer to; what it would have
     // returned stays retained for a resumed session.
     conn.tasks.abort_all();
+    // Calls to this client (policy questions) get no answer now: they
+    // deny.
+    conn.outgoing.close_calls();
     if let Some(session) = &conn.session {
         conn.server.sessions.detach(session, conn.id);
     }
@@ -102,7 +107,12 @@ impl Connection {
                 Some(Pending::Later(future)) => {
                     let out = self.outgoing.clone();
                     self.tasks.spawn(async move {
-                        out.send(Outgoing::Response(future.await)).await;
+                        let (response, follow_up) = future.await;
+                        if out.send(Outgoing::Response(response)).await
+                            && let Some(follow_up) = follow_up
+                        {
+                            follow_up.await;
+                        }
                     });
                 }
             },
@@ -131,18 +141,22 @@ impl Connection {
                     });
                 }
                 let out = self.outgoing.clone();
-                let batch = async move {
+                self.tasks.spawn(async move {
                     let mut responses = Vec::with_capacity(answers.len());
+                    let mut follow_ups = Vec::new();
                     for answer in answers {
                         responses.push(match answer {
                             Ok(r) => r,
-                            Err(f) => f.await,
+                            Err(f) => {
+                                let (r, follow_up) = f.await;
+                                follow_ups.extend(follow_up);
+                                r
+                            }
                         });
                     }
-                    Outgoing::Batch(responses)
-                };
-                self.tasks.spawn(async move {
-                    out.send(batch.await).await;
+                    if out.send(Outgoing::Batch(responses)).await {
+                        futures_util::future::join_all(follow_ups).await;
+                    }
                 });
             }
         }
@@ -150,8 +164,16 @@ impl Connection {
 
     fn handle(&mut self, message: Message) -> Option<Pending> {
         match message {
-            Message::Reply(_) => {
-                tracing::debug!("ignoring a response from the client");
+            Message::Reply(reply) => {
+                let id = match &reply.id {
+                    Some(jsonrpc::RequestId::Number(n)) => n.as_u64(),
+                    _ => None,
+                };
+                // An answer to no call of ours (or to one given up on) is
+                // dropped; the connection keeps serving.
+                if !id.is_some_and(|id| self.outgoing.answer(id, reply.outcome)) {
+                    tracing::debug!("ignoring a response that answers no waiting call");
+                }
                 None
             }
             Message::Notification(n) if n.method == method::INITIALIZED => {
@@ -212,10 +234,20 @@ impl Connection {
             Reply::Later(future) => Pending::Later(Box::pin(async move {
                 let outcome = future.await;
                 log_request(&method, &id, started, &outcome);
-                Response {
+                let response = Response {
                     id: Some(id),
                     outcome,
-                }
+                };
+                (response, None)
+            })),
+            Reply::LaterThen(future) => Pending::Later(Box::pin(async move {
+                let (outcome, follow_up) = future.await;
+                log_request(&method, &id, started, &outcome);
+                let response = Response {
+                    id: Some(id),
+                    outcome,
+                };
+                (response, follow_up)
             })),
         }
     }

@@ -20,7 +20,8 @@ use crate::protocol::{
     StartResponse, TerminateResponse, TtySize, WriteParams, WriteResponse, method,
 };
 use crate::sandbox::policy::Rules;
-use crate::{environment, fs, sandbox};
+use crate::transport::Outbound;
+use crate::{environment, fs, http, sandbox};
 
 /// What a handler needs: the server, the caller's session, and state that
 /// lives as long as the caller's connection.
@@ -36,18 +37,32 @@ pub struct Ctx {
 pub struct ConnState {
     pub handles: fs::Handles,
     pub lane: Lane,
+    /// The connection's own sender: streamed bodies go to the connection
+    /// that asked for them, not to whichever the session is attached to.
+    pub outbound: Outbound,
+    /// `requestId`s of streamed `http/request`s still sending their body.
+    pub http_streams: crate::http::ActiveStreams,
 }
 
 impl ConnState {
-    pub fn start() -> Self {
+    pub fn start(outbound: Outbound) -> Self {
         ConnState {
             handles: fs::Handles::default(),
             lane: Lane::start(),
+            outbound,
+            http_streams: Default::default(),
         }
     }
 }
 
 pub type BoxFuture = Pin<Box<dyn Future<Output = Result<Value>> + Send>>;
+
+/// Work that runs after a response is queued, for as long as the
+/// connection lasts.
+pub type FollowUp = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// An answer later, and what follows it.
+pub type ThenFuture = Pin<Box<dyn Future<Output = (Result<Value>, Option<FollowUp>)> + Send>>;
 
 /// A handler's answer: ready now, or after waiting (a long-poll). Ready
 /// answers are sent in arrival order; waiting ones never hold up others.
@@ -56,6 +71,9 @@ pub enum Reply {
     /// Ready, with work to run once the response is queued.
     ReadyThen(Result<Value>, Box<dyn FnOnce() + Send>),
     Later(BoxFuture),
+    /// Later, with work to run once the response is queued (the
+    /// notifications of a streamed body, which must come after it).
+    LaterThen(ThenFuture),
 }
 
 /// A method's entry in the table.
@@ -95,6 +113,7 @@ pub fn route(name: &str) -> Option<Route> {
         method::FS_OPEN => ("filesystem", fs_open),
         method::FS_READ_BLOCK => ("filesystem", fs_read_block),
         method::FS_CLOSE => ("filesystem", fs_close),
+        method::HTTP_REQUEST => ("http", http_request),
         _ => return None,
     };
     Some(Route { family, handler })
@@ -354,4 +373,14 @@ fn fs_close(ctx: &Ctx, name: &str, params: Value) -> Reply {
     on_lane(ctx, name, params, |ctx, name, _, params| {
         ctx.conn.handles.close(decode(name, params)?)
     })
+}
+
+fn http_request(ctx: &Ctx, name: &str, params: Value) -> Reply {
+    match decode(name, params).and_then(|p| http::Request::check(p, &ctx.conn.http_streams)) {
+        Ok(request) => {
+            let outbound = ctx.conn.outbound.clone();
+            Reply::LaterThen(Box::pin(request.send(outbound)))
+        }
+        Err(err) => Reply::Ready(Err(err)),
+    }
 }

@@ -1,8 +1,16 @@
+#![allow(dead_code)] // calls to the client: used by the network policy callbacks, next
 //! Transports turn a byte stream into frames (one incoming line each) and
 //! encode outgoing messages into bytes. They know nothing of JSON-RPC
 //! methods.
 
-use tokio::sync::mpsc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::sync::lock;
 
 pub use crate::jsonrpc::Outgoing;
 
@@ -35,6 +43,38 @@ pub const OUTBOUND_CAPACITY: usize = 32;
 pub struct Outbound {
     tx: mpsc::Sender<Vec<u8>>,
     encode: fn(&Outgoing) -> Vec<u8>,
+    /// Calls made to this peer and not yet answered.
+    calls: Arc<Calls>,
+}
+
+/// At most this many calls to one peer wait for answers; more fail at once.
+pub const MAX_CALLS_IN_FLIGHT: usize = 256;
+
+/// The server's calls to one peer: ids from 1, the answers awaited.
+#[derive(Default)]
+struct Calls {
+    state: Mutex<CallState>,
+}
+
+#[derive(Default)]
+struct CallState {
+    next: u64,
+    pending: HashMap<u64, oneshot::Sender<Result<Value, Value>>>,
+    /// The connection ended: no call waits, none starts.
+    closed: bool,
+}
+
+/// Why a call to the peer got no answer.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CallFailed {
+    #[error("the connection ended")]
+    Closed,
+    #[error("too many calls are waiting for answers")]
+    Busy,
+    #[error("no answer within the time allowed")]
+    TimedOut,
+    #[error("the client answered with an error: {0}")]
+    Refused(Value),
 }
 
 /// Room for one message on a connection, reserved ahead.
@@ -46,7 +86,87 @@ pub struct Permit {
 impl Outbound {
     /// A sender into `tx` whose messages `encode` turns into bytes.
     pub fn new(tx: mpsc::Sender<Vec<u8>>, encode: fn(&Outgoing) -> Vec<u8>) -> Outbound {
-        Outbound { tx, encode }
+        Outbound {
+            tx,
+            encode,
+            calls: Arc::default(),
+        }
+    }
+
+    /// Queue `message` only if at least `keep_free` other messages would
+    /// still fit: for best-effort messages (audit records) that must never
+    /// hold up output. False when it was dropped.
+    pub fn send_if_room(&self, message: Outgoing, keep_free: usize) -> bool {
+        if self.tx.capacity() <= keep_free {
+            return false;
+        }
+        self.tx.try_send((self.encode)(&message)).is_ok()
+    }
+
+    /// Call `method` on the peer and wait for its answer, at most
+    /// `timeout`.
+    pub async fn call(
+        &self,
+        method: &'static str,
+        params: Value,
+        timeout: Duration,
+    ) -> Result<Value, CallFailed> {
+        let (tx, rx) = oneshot::channel();
+        let id = {
+            let mut state = lock(&self.calls.state);
+            if state.closed {
+                return Err(CallFailed::Closed);
+            }
+            if state.pending.len() >= MAX_CALLS_IN_FLIGHT {
+                return Err(CallFailed::Busy);
+            }
+            state.next += 1;
+            let id = state.next;
+            state.pending.insert(id, tx);
+            id
+        };
+        // Forget the call however this ends (a timeout, or the caller
+        // dropping the future).
+        struct Forget<'a>(&'a Calls, u64);
+        impl Drop for Forget<'_> {
+            fn drop(&mut self) {
+                lock(&self.0.state).pending.remove(&self.1);
+            }
+        }
+        let _forget = Forget(&self.calls, id);
+        let asked = async {
+            if !self.send(Outgoing::Request { id, method, params }).await {
+                return Err(CallFailed::Closed);
+            }
+            match rx.await {
+                Ok(Ok(result)) => Ok(result),
+                Ok(Err(error)) => Err(CallFailed::Refused(error)),
+                Err(_) => Err(CallFailed::Closed),
+            }
+        };
+        tokio::time::timeout(timeout, asked)
+            .await
+            .unwrap_or(Err(CallFailed::TimedOut))
+    }
+
+    /// The peer answered call `id`; false when no call of that id waits
+    /// (unknown, or already given up).
+    pub fn answer(&self, id: u64, outcome: Result<Value, Value>) -> bool {
+        match lock(&self.calls.state).pending.remove(&id) {
+            Some(waiting) => {
+                let _ = waiting.send(outcome);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The connection ended: every waiting call fails now, later ones at
+    /// once.
+    pub fn close_calls(&self) {
+        let mut state = lock(&self.calls.state);
+        state.closed = true;
+        state.pending.clear();
     }
 
     /// Queue `message`, waiting for room; false once the writer is gone.

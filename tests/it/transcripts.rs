@@ -27,7 +27,10 @@
 //! are wildcards: `"$any"`, `"$int"`, `"$string"`, `"$bool"`, `"$uuid"`,
 //! `"$absent"` (the key must be missing), `"$b64:TEXT"` (base64 of TEXT),
 //! `"$save:NAME"` (anything; remembered), `"$var:NAME"` (equal to the
-//! remembered value; also substituted inside `send`).
+//! remembered value; also substituted inside `send`, where
+//! `"$var:NAME/REST"` appends REST to a remembered string). `web` is
+//! remembered from the start: `http://127.0.0.1:PORT` of a test web server
+//! (routes in `web.rs`).
 //!
 //! After the last step no unexpected line may be pending; then closing
 //! stdin must make a stdio server (or a bridge) exit with status 0, and a
@@ -184,7 +187,7 @@ fn run(path: &Path, via: Via) -> Result<(), String> {
             path.file_name().unwrap().to_string_lossy()
         ),
         history: Vec::new(),
-        vars: HashMap::new(),
+        vars: HashMap::from([("web".to_string(), Value::String(web_base()))]),
     };
 
     for (line, step) in &steps {
@@ -327,9 +330,25 @@ fn shorten(text: &str) -> String {
     }
 }
 
+/// `http://127.0.0.1:PORT` of a test web server shared by every
+/// transcript (`$var:web/PATH` in a `send`).
+fn web_base() -> String {
+    static WEB: std::sync::OnceLock<crate::web::Web> = std::sync::OnceLock::new();
+    WEB.get_or_init(|| crate::web::Web::start("127.0.0.1"))
+        .url("")
+}
+
 fn substitute(value: &Value, vars: &HashMap<String, Value>) -> Value {
     match value {
         Value::String(s) => match s.strip_prefix("$var:") {
+            // `$var:NAME/REST`: a remembered string with REST appended.
+            Some(name) if name.contains('/') => {
+                let (name, rest) = name.split_at(name.find('/').unwrap_or(0));
+                match vars.get(name) {
+                    Some(Value::String(base)) => Value::String(format!("{base}{rest}")),
+                    _ => Value::Null,
+                }
+            }
             Some(name) => vars.get(name).cloned().unwrap_or(Value::Null),
             None => value.clone(),
         },
