@@ -205,7 +205,6 @@ pub enum Outgoing {
     Notification { method: &'static str, params: Value },
     /// A call from the server to the client (`network/policyRequest`):
     /// ids are integers from 1 per connection.
-    #[allow(dead_code)]
     Request {
         id: u64,
         method: &'static str,

@@ -44,9 +44,7 @@ pub mod method {
     pub const FS_CLOSE: &str = "fs/close";
     pub const HTTP_REQUEST: &str = "http/request";
     pub const HTTP_BODY_DELTA: &str = "http/request/bodyDelta";
-    #[allow(dead_code)]
     pub const NETWORK_POLICY_REQUEST: &str = "network/policyRequest";
-    #[allow(dead_code)]
     pub const NETWORK_POLICY_DECISION: &str = "network/policyDecision";
 }
 
@@ -201,6 +199,15 @@ pub struct StartParams {
     /// Parsed by the sandbox layer; kept raw here.
     #[serde(default)]
     pub sandbox: Option<serde_json::Value>,
+    /// Managed networking must be enforced (with `sandbox` only).
+    #[serde(default)]
+    pub enforce_managed_network: bool,
+    /// `{loopbackPorts, allowLocalBinding}`; parsed by the network layer.
+    #[serde(default)]
+    pub managed_network: Option<serde_json::Value>,
+    /// The executor-local proxy to start; parsed by the network layer.
+    #[serde(default)]
+    pub network_proxy: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]

@@ -449,12 +449,12 @@ fn plan<'a>(exec: &Exec<'a>) -> io::Result<Plan<'a>> {
             // for, the program's argv (as it should see it), then its
             // environment: the init itself runs with none, so that nothing
             // of the command's (LD_PRELOAD, ...) runs before confinement.
-            let (ruleset, listener, network_restricted) = sandbox.for_init();
+            let (ruleset, listener, net) = sandbox.for_init();
             let mut args = vec![
                 c_string("exec-server-init")?,
                 c_string(super::init::ARG)?,
                 c_string(super::init::flags(
-                    network_restricted,
+                    net,
                     exec.controlling_tty,
                     listener.is_some(),
                 ))?,

@@ -26,6 +26,7 @@ use std::ffi::OsString;
 use std::os::unix::ffi::OsStringExt;
 
 use super::exec::Program;
+use crate::sandbox::seccomp::Net;
 
 /// The hidden first argument that makes the binary the init.
 pub const ARG: &str = "__init";
@@ -48,11 +49,24 @@ const FORWARDED: &[libc::c_int] = &[
     libc::SIGWINCH,
 ];
 
-/// The flags argument: `n` network restricted, `t` the program takes the
-/// terminal on fd 0, `l` a seccomp listener goes back over fd 4.
-pub fn flags(network_restricted: bool, tty: bool, listener: bool) -> String {
+/// The flags argument: `n` network restricted (Unix sockets only), `m`
+/// managed networking (IPv4 and IPv6 only) with `b` local binding, `t` the
+/// program takes the terminal on fd 0, `l` a seccomp listener goes back
+/// over fd 4.
+pub fn flags(net: Net, tty: bool, listener: bool) -> String {
     let mut flags = String::from("-");
-    for (on, c) in [(network_restricted, 'n'), (tty, 't'), (listener, 'l')] {
+    let (restricted, managed, binding) = match net {
+        Net::Open => (false, false, false),
+        Net::UnixOnly => (true, false, false),
+        Net::Managed { local_binding } => (false, true, local_binding),
+    };
+    for (on, c) in [
+        (restricted, 'n'),
+        (managed, 'm'),
+        (binding, 'b'),
+        (tty, 't'),
+        (listener, 'l'),
+    ] {
         if on {
             flags.push(c);
         }
@@ -116,7 +130,16 @@ fn run(args: &[Vec<u8>]) -> Result<Never, i32> {
         })
         .collect();
     let listener = flags.contains('l');
-    let filter = crate::sandbox::seccomp::build(flags.contains('n'), listener);
+    let net = if flags.contains('m') {
+        Net::Managed {
+            local_binding: flags.contains('b'),
+        }
+    } else if flags.contains('n') {
+        Net::UnixOnly
+    } else {
+        Net::Open
+    };
+    let filter = crate::sandbox::seccomp::build(net, listener);
     crate::sandbox::confine(RULESET_FD, &filter, listener.then_some(LISTENER_FD))
         .map_err(|e| e.raw_os_error().unwrap_or(libc::EPERM))?;
     let program = Program::new(

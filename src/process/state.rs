@@ -54,6 +54,9 @@ pub struct Process {
     pub(super) container: Arc<Container>,
     /// For a sandboxed process: what `sandboxDenied` is judged from.
     pub(super) sandbox: Option<crate::sandbox::Watch>,
+    /// Its proxy and bridges: stopped when it closes (not at exit, so that
+    /// what it left running keeps them until then).
+    pub(super) network: std::sync::Mutex<Option<crate::net::Guard>>,
 }
 
 #[derive(Debug)]
@@ -201,6 +204,7 @@ impl Process {
                 });
             }
         }
+        crate::sync::lock(&self.network).take();
         self.changed.notify_waiters();
     }
 

@@ -36,6 +36,8 @@ pub struct ProcessTable {
 pub struct StartRequest<'a> {
     pub id: String,
     pub spec: spawn::Spec<'a>,
+    /// The process's proxy, kept until it closes.
+    pub network: Option<crate::net::Guard>,
 }
 
 /// The first answer to a `process/read`.
@@ -137,6 +139,13 @@ impl ProcessTable {
             &spawned.io.output_fds(),
             starting,
         );
+        let mut network = req.network;
+        if let Some(prepared) = &spec.sandbox {
+            let bridges = prepared.take_bridges();
+            if !bridges.is_empty() {
+                network.get_or_insert_with(Default::default).bridge(bridges);
+            }
+        }
         let sandbox = spec.sandbox.as_ref().map(|prepared| {
             let refused = Arc::new(std::sync::atomic::AtomicBool::new(false));
             if let Some(listener) = prepared.take_listener() {
@@ -144,7 +153,7 @@ impl ProcessTable {
             }
             crate::sandbox::Watch {
                 refused,
-                network_restricted: prepared.network_restricted,
+                network_restricted: prepared.network_limited(),
                 program: std::path::Path::new(&spec.argv[0])
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
@@ -188,6 +197,7 @@ impl ProcessTable {
             pty,
             container,
             sandbox,
+            network: Mutex::new(network),
         });
         processes.insert(req.id, process.clone());
         drop(processes);
@@ -256,6 +266,9 @@ impl ProcessTable {
         match self.find(id) {
             Some(process) => {
                 let running = lock(&process.state).exit.is_none();
+                if let Some(network) = lock(&process.network).as_ref() {
+                    network.stop_asking();
+                }
                 let containment = self.containment.clone();
                 (
                     running,

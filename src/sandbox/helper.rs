@@ -123,7 +123,7 @@ fn serve() -> Result<Value> {
         .map_err(|e| Error::io("failed to read the request", &e))?;
     let request: Request = serde_json::from_slice(&input)
         .map_err(|e| Error::InvalidParams(format!("invalid sandboxed request: {e}")))?;
-    let prepared = super::prepare(&request.rules, false, None)?;
+    let prepared = super::prepare(&request.rules, false, None, None)?;
     prepared
         .enter()
         .map_err(|e| Error::SandboxUnavailable(format!("failed to enter the sandbox: {e}")))?;

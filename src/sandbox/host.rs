@@ -50,7 +50,7 @@ pub fn host() -> &'static Host {
             ),
             Err(e) => (false, format!("probe failed: {e}")),
         };
-        let filter = seccomp::build(false, true);
+        let filter = seccomp::build(seccomp::Net::Open, true);
         let seccomp_listener = probe_in_child(|| {
             // SAFETY: prctl in a throwaway child.
             let nnp = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0 };

@@ -32,6 +32,7 @@ pub mod helper;
 mod host;
 pub mod landlock;
 mod mounts;
+mod netns;
 pub mod policy;
 pub mod seccomp;
 
@@ -72,14 +73,35 @@ pub struct Prepared {
     /// The process's own terminal (`/dev/pts/N`), the one terminal its
     /// `/dev/pts` shows; set once the pty is open.
     terminal: std::sync::OnceLock<CString>,
-    pub network_restricted: bool,
+    /// What the filter allows of sockets.
+    pub net: seccomp::Net,
+    /// Managed networking: the namespace the child builds.
+    netns: Option<netns::Plan>,
+}
+
+/// Managed networking for a sandboxed process: its own network namespace,
+/// into which only these host loopback ports are bridged.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Managed {
+    pub ports: Vec<u16>,
+    /// The SOCKS5 UDP relay's port, bridged as a UDP socket.
+    pub udp_port: Option<u16>,
+    /// The command may bind and listen (on its own loopback).
+    pub local_binding: bool,
 }
 
 /// Build the sandbox for `rules`, or say why this host can't enforce it.
 /// `notify`: hear of refused calls through a seccomp listener.
 /// `cwd`: the directory the child runs in, entered again once the mounts
 /// are made (the old one would still see the tree below them).
-pub fn prepare(rules: &Rules, notify: bool, cwd: Option<&Path>) -> Result<Prepared> {
+/// `managed`: run in a network namespace of its own with only those ports
+/// bridged in.
+pub fn prepare(
+    rules: &Rules,
+    notify: bool,
+    cwd: Option<&Path>,
+    managed: Option<&Managed>,
+) -> Result<Prepared> {
     let unavailable = |why: String| Error::SandboxUnavailable(why);
     let set = landlock::Ruleset::new(rules.fs.is_some()).map_err(|e| unavailable(e.to_string()))?;
     let mut plan = MountPlan::open(cwd)?;
@@ -117,13 +139,28 @@ pub fn prepare(rules: &Rules, notify: bool, cwd: Option<&Path>) -> Result<Prepar
     } else {
         None
     };
+    let net = match managed {
+        Some(m) => seccomp::Net::Managed {
+            local_binding: m.local_binding,
+        },
+        None if rules.network_restricted => seccomp::Net::UnixOnly,
+        None => seccomp::Net::Open,
+    };
+    let netns = match managed {
+        Some(m) => Some(
+            netns::Plan::new(&m.ports, m.udp_port)
+                .map_err(|e| unavailable(format!("managed networking: {e}")))?,
+        ),
+        None => None,
+    };
     Ok(Prepared {
         ruleset: set,
         mounts: plan,
-        filter: seccomp::build(rules.network_restricted, notify),
+        filter: seccomp::build(net, notify),
         listener_channel,
         terminal: std::sync::OnceLock::new(),
-        network_restricted: rules.network_restricted,
+        net,
+        netns,
     })
 }
 
@@ -150,17 +187,36 @@ impl Prepared {
         self.mounts.apply(
             self.terminal.get().map(CString::as_c_str),
             Some(user_namespace_made),
-        )
+        )?;
+        match &self.netns {
+            Some(plan) => plan.enter(),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether the network is closed to the process (restricted, or only
+    /// the proxy): a network failure is then probably the sandbox's doing.
+    pub fn network_limited(&self) -> bool {
+        self.net != seccomp::Net::Open
+    }
+
+    /// After a successful spawn: the bridge listeners of managed
+    /// networking the child made, by port.
+    pub fn take_bridges(&self) -> Vec<(u16, OwnedFd)> {
+        self.netns
+            .as_ref()
+            .map(netns::Plan::take_listeners)
+            .unwrap_or_default()
     }
 
     /// What the init needs to confine itself: the Landlock ruleset, the
-    /// child's end of the listener channel (when listening), and whether
-    /// the network is restricted.
-    pub fn for_init(&self) -> (RawFd, Option<RawFd>, bool) {
+    /// child's end of the listener channel (when listening), and what the
+    /// filter allows of sockets.
+    pub fn for_init(&self) -> (RawFd, Option<RawFd>, seccomp::Net) {
         (
             self.ruleset.raw_fd(),
             self.listener_channel.as_ref().map(|(c, _)| c.as_raw_fd()),
-            self.network_restricted,
+            self.net,
         )
     }
 

@@ -3,7 +3,9 @@
 //! learns, for sure, that the filter refused something.
 //!
 //! Refused: sockets of any family but Unix (when the network is
-//! restricted); new namespaces, mounts, ptrace and reading or writing
+//! restricted); in managed networking, Unix sockets (so no daemon of the
+//! host can relay traffic out) and any family but IPv4 and IPv6, and
+//! `bind`/`listen` unless local binding is allowed; new namespaces, mounts, ptrace and reading or writing
 //! other processes' memory, io_uring (which could bypass this filter),
 //! userfaultfd, BPF, perf, keyrings, kernel modules and kexec; setting the
 //! set-user-id or set-group-id bit, by the chmod family or by creating a
@@ -117,6 +119,7 @@ enum Label {
     NoSys,
     Kill,
     Socket,
+    InetSocket,
     Namespaces,
     /// Refuse when argument N has a set-id bit.
     SetIdMode(u8),
@@ -137,6 +140,18 @@ enum Insn {
 }
 
 /// A finished filter program.
+/// What the filter lets a process do with sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Net {
+    /// Any socket.
+    Open,
+    /// Unix sockets only (the network is restricted).
+    UnixOnly,
+    /// IPv4 and IPv6 sockets only, in a network namespace whose only way
+    /// out is the proxy; `bind` and `listen` only with local binding.
+    Managed { local_binding: bool },
+}
+
 pub struct Filter {
     program: Vec<sock_filter>,
     notify: bool,
@@ -144,7 +159,7 @@ pub struct Filter {
 
 /// Build the filter. `notify`: refusals go through a listener the server
 /// reads (the listener answers EPERM); otherwise they fail with EPERM.
-pub fn build(network_restricted: bool, notify: bool) -> Filter {
+pub fn build(net: Net, notify: bool) -> Filter {
     use Insn::*;
     use Label::*;
     let refuse = if notify {
@@ -157,8 +172,16 @@ pub fn build(network_restricted: bool, notify: bool) -> Filter {
     code.push(Jge(0x4000_0000, Kill, Next));
     code.push(Jeq(libc::SYS_clone3 as u32, NoSys, Next));
     code.push(Jeq(libc::SYS_openat2 as u32, NoSys, Next));
-    if network_restricted {
-        code.push(Jeq(libc::SYS_socket as u32, Socket, Next));
+    match net {
+        Net::Open => {}
+        Net::UnixOnly => code.push(Jeq(libc::SYS_socket as u32, Socket, Next)),
+        Net::Managed { local_binding } => {
+            code.push(Jeq(libc::SYS_socket as u32, InetSocket, Next));
+            if !local_binding {
+                code.push(Jeq(libc::SYS_bind as u32, Refuse, Next));
+                code.push(Jeq(libc::SYS_listen as u32, Refuse, Next));
+            }
+        }
     }
     code.push(Jeq(libc::SYS_clone as u32, Namespaces, Next));
     code.push(Jeq(libc::SYS_unshare as u32, Namespaces, Next));
@@ -198,6 +221,10 @@ pub fn build(network_restricted: bool, notify: bool) -> Filter {
         Mark(Socket),
         Load(16), // args[0], low half: the address family
         Jeq(libc::AF_UNIX as u32, Allow, Refuse),
+        Mark(InetSocket),
+        Load(16),
+        Jeq(libc::AF_INET as u32, Allow, Next),
+        Jeq(libc::AF_INET6 as u32, Allow, Refuse),
         Mark(Namespaces),
         Load(16), // args[0], low half: the flags
         Jset(NAMESPACE_FLAGS, Refuse, Allow),
@@ -352,9 +379,19 @@ mod tests {
 
     #[test]
     fn every_filter_assembles_with_forward_jumps_in_range() {
-        for network_restricted in [false, true] {
+        let nets = [
+            Net::Open,
+            Net::UnixOnly,
+            Net::Managed {
+                local_binding: false,
+            },
+            Net::Managed {
+                local_binding: true,
+            },
+        ];
+        for net in nets {
             for notify in [false, true] {
-                let filter = build(network_restricted, notify);
+                let filter = build(net, notify);
                 assert!(filter.program.len() < 256);
                 let last = filter.program.last().unwrap();
                 assert_eq!(last.code as u32, libc::BPF_RET | libc::BPF_K);

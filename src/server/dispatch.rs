@@ -21,7 +21,7 @@ use crate::protocol::{
 };
 use crate::sandbox::policy::Rules;
 use crate::transport::Outbound;
-use crate::{environment, fs, http, sandbox};
+use crate::{environment, fs, http, net, sandbox};
 
 /// What a handler needs: the server, the caller's session, and state that
 /// lives as long as the caller's connection.
@@ -144,13 +144,39 @@ fn start(ctx: &Ctx, name: &str, params: Value) -> Reply {
         if p.argv.is_empty() {
             return Err(Error::InvalidParams("argv must not be empty".into()));
         }
-        let rules = sandbox::rules(
+        let mut rules = sandbox::rules(
             p.sandbox.as_ref(),
             Some(&p.cwd.0),
             &ctx.server.workspace_roots,
         )?;
+        let mut env = child_env(p.env_policy.as_ref(), &p.env, std::env::vars());
+        let launched = match p.network_proxy.as_ref().filter(|v| !v.is_null()) {
+            Some(config) => Some(net::launch(config, &p.process_id, ctx.session.peer())?),
+            None => None,
+        };
+        if let Some(launched) = &launched {
+            launched.apply_env(&mut env);
+        }
+        let sandboxed = p.sandbox.as_ref().is_some_and(|v| !v.is_null());
+        let managed = if sandboxed && (p.enforce_managed_network || launched.is_some()) {
+            Some(managed_network(&p, launched.as_ref(), &env)?)
+        } else {
+            None
+        };
+        if managed.is_some() && rules.is_none() {
+            // Open filesystem, but still the network namespace.
+            rules = Some(Rules {
+                fs: None,
+                network_restricted: false,
+            });
+        }
         let prepared = match &rules {
-            Some(rules) => Some(Arc::new(sandbox::prepare(rules, true, Some(&p.cwd.0))?)),
+            Some(rules) => Some(Arc::new(sandbox::prepare(
+                rules,
+                true,
+                Some(&p.cwd.0),
+                managed.as_ref(),
+            )?)),
             None => None,
         };
         let sandbox_type = if prepared.is_some() {
@@ -158,7 +184,6 @@ fn start(ctx: &Ctx, name: &str, params: Value) -> Reply {
         } else {
             "none"
         };
-        let env = child_env(p.env_policy.as_ref(), &p.env, std::env::vars());
         let tty = p.tty.then(|| p.tty_size.unwrap_or_default());
         let launch = ctx.session.processes.start(StartRequest {
             id: p.process_id.clone(),
@@ -172,6 +197,7 @@ fn start(ctx: &Ctx, name: &str, params: Value) -> Reply {
                 container: Default::default(),
                 sandbox: prepared,
             },
+            network: launched.map(|l| l.guard),
         })?;
         let response = StartResponse {
             process_id: p.process_id,
@@ -183,6 +209,43 @@ fn start(ctx: &Ctx, name: &str, params: Value) -> Reply {
         Ok((response, launch)) => then(to_value(response), Some(Box::new(move || drop(launch)))),
         Err(err) => Reply::Ready(Err(err)),
     }
+}
+
+/// What managed networking enforces for a sandboxed start: the launched
+/// proxy's ports, or else the client's `managedNetwork.loopbackPorts` and
+/// the loopback endpoints of the child's proxy variables. None at all
+/// fails closed.
+fn managed_network(
+    p: &StartParams,
+    launched: Option<&net::Launched>,
+    env: &std::collections::BTreeMap<String, String>,
+) -> Result<sandbox::Managed> {
+    if let Some(l) = launched {
+        return Ok(sandbox::Managed {
+            ports: l.ports(),
+            udp_port: l.socks_port.filter(|_| l.udp),
+            local_binding: l.allow_local_binding,
+        });
+    }
+    let given: net::ManagedNetwork = match p.managed_network.as_ref().filter(|v| !v.is_null()) {
+        Some(v) => decode("managedNetwork", v.clone())?,
+        None => net::ManagedNetwork::default(),
+    };
+    let mut ports = given.loopback_ports;
+    ports.extend(net::loopback_ports_in(env));
+    ports.retain(|&port| port != 0);
+    ports.sort_unstable();
+    ports.dedup();
+    if ports.is_empty() {
+        return Err(Error::SandboxUnavailable(
+            "managed networking requires proxy endpoints".into(),
+        ));
+    }
+    Ok(sandbox::Managed {
+        ports,
+        udp_port: None,
+        local_binding: given.allow_local_binding,
+    })
 }
 
 fn read(ctx: &Ctx, name: &str, params: Value) -> Reply {

@@ -27,6 +27,18 @@ impl Session {
             .is_some_and(|(id, _)| *id == conn)
     }
 
+    /// The connection attached now, whoever it is when asked (for the
+    /// network proxy's questions and audit records).
+    pub fn peer(&self) -> crate::net::Peer {
+        let attachment = self.attachment.clone();
+        Arc::new(move || {
+            lock(&attachment)
+                .connection
+                .as_ref()
+                .map(|(_, outbound)| outbound.clone())
+        })
+    }
+
     fn attach(&self, conn: u64, outbound: Outbound) {
         let mut attached = lock(&self.attachment);
         attached.connection = Some((conn, outbound));

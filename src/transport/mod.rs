@@ -1,4 +1,3 @@
-#![allow(dead_code)] // calls to the client: used by the network policy callbacks, next
 //! Transports turn a byte stream into frames (one incoming line each) and
 //! encode outgoing messages into bytes. They know nothing of JSON-RPC
 //! methods.

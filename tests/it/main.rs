@@ -8,6 +8,7 @@ mod errors;
 mod fs;
 mod http;
 mod hygiene;
+mod network;
 mod persist;
 mod process;
 mod sandbox;

@@ -145,6 +145,23 @@ impl Server {
         server
     }
 
+    /// A server started with [`Server::start_unix`]: drop this connection
+    /// and open a new one to the same socket (messages not yet taken are
+    /// forgotten).
+    pub fn reconnect_unix(&mut self) {
+        let path = self
+            ._socket_dir
+            .as_ref()
+            .expect("a unix server")
+            .path()
+            .join("exec.sock");
+        self.stdin = None;
+        let stream = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        self.lines = read_lines(stream.try_clone().unwrap());
+        self.stdin = Some(Box::new(SocketEnd(stream)));
+        self.backlog.clear();
+    }
+
     /// Close our end: stdin of a stdio server, the connection of a
     /// socket one.
     pub fn close_stdin(&mut self) {
@@ -183,6 +200,14 @@ impl Server {
         self.take(
             |m| m.get("id").is_none() && pred(m),
             "a matching notification",
+        )
+    }
+
+    /// Wait for a request from the server (`network/policyRequest`).
+    pub fn server_request(&mut self, method: &str) -> Value {
+        self.take(
+            |m| m.get("id").is_some() && m["method"] == method,
+            &format!("a {method} request from the server"),
         )
     }
 
