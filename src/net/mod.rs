@@ -133,6 +133,9 @@ async fn forward(listener: tokio::net::TcpListener, port: u16) {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 };
+                if connections.len() >= proxy::MAX_CONNECTIONS {
+                    continue;
+                }
                 connections.spawn(async move {
                     if let Ok(mut outside) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
                         let _ = tokio::io::copy_bidirectional(&mut inside, &mut outside).await;

@@ -15,6 +15,9 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use super::gate::{Ask, Gate, Protocol};
 use super::policy::{Reason, Target, normalize_host};
 
+/// Connections one proxy (or one bridge) serves at once; more are closed
+/// as they arrive, so a child can't grow the server without bound.
+pub const MAX_CONNECTIONS: usize = 256;
 /// A request head larger than this is refused.
 const MAX_HEAD: usize = 64 * 1024;
 /// How long a dial may take.
@@ -45,6 +48,10 @@ where
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    if connections.len() >= MAX_CONNECTIONS {
+                        tracing::debug!("proxy connection refused: {MAX_CONNECTIONS} already open");
+                        continue;
+                    }
                     connections.spawn(serve(gate.clone(), stream, peer));
                 }
                 Err(err) => {
@@ -294,6 +301,14 @@ pub async fn serve_http(gate: Arc<Gate>, mut client: TcpStream, peer: SocketAddr
         method: Some(&method),
         client: Some(peer),
     };
+    // In limited mode only one read-only request may reach the host: a
+    // chunked body could carry a second request behind the first.
+    if gate.policy.mode == super::policy::Mode::Limited && header("transfer-encoding").is_some() {
+        gate.refuse_state(&ask, Reason::MethodNotAllowed);
+        let why = "request bodies must have a Content-Length in limited mode";
+        respond(&mut client, "400 Bad Request", &[], why).await;
+        return;
+    }
     if header("x-unix-socket").is_some() {
         gate.refuse_state(&ask, Reason::UnixSocketUnsupported);
         respond(

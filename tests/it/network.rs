@@ -553,3 +553,70 @@ fn with_upstream_forwarding_allowed_requests_go_through_the_executors_proxy() {
     assert_eq!(out.lines().next(), Some("403"), "{out}");
     assert_eq!(upstream.seen().len(), 1);
 }
+
+#[test]
+fn socks5_udp_datagrams_go_only_where_the_policy_allows() {
+    if !tools() {
+        return;
+    }
+    let echo = std::net::UdpSocket::bind("127.0.0.2:0").unwrap();
+    let echo_port = echo.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = echo.recv_from(&mut buf) {
+            let mut reply = b"echo:".to_vec();
+            reply.extend_from_slice(&buf[..n]);
+            let _ = echo.send_to(&reply, from);
+        }
+    });
+    let denied = std::net::UdpSocket::bind("127.0.0.3:0").unwrap();
+    denied.set_nonblocking(true).unwrap();
+    let denied_port = denied.local_addr().unwrap().port();
+    let script = format!(
+        r#"
+import os, socket, struct
+port = int(os.environ["ALL_PROXY"].rsplit(":", 1)[1])
+t = socket.create_connection(("127.0.0.1", port), 5)
+t.sendall(b"\x05\x01\x00"); assert t.recv(2) == b"\x05\x00"
+t.sendall(b"\x05\x03\x00\x01\x00\x00\x00\x00\x00\x00")
+r = t.recv(10); print("associate", r[1])
+relay = (socket.inet_ntoa(r[4:8]), struct.unpack(">H", r[8:10])[0])
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(3)
+def send(host, p, data):
+    u.sendto(b"\x00\x00\x00\x01" + socket.inet_aton(host) + struct.pack(">H", p) + data, relay)
+send("127.0.0.3", {denied_port}, b"leak")
+send("127.0.0.2", {echo_port}, b"ping")
+d, _ = u.recvfrom(2048); print("reply", d[10:].decode())
+"#
+    );
+    let mut s = Server::started(&[]);
+    let (out, code) = run(
+        &mut s,
+        "d1",
+        &format!("python3 -c '{script}'"),
+        json!({"sandbox": sandbox(),
+        "enforceManagedNetwork": true,
+        "networkProxy": {"proxy": proxy(json!({"127.0.0.2": "allow"}), json!({"enableSocks5Udp": true}))}}),
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        ["associate 0", "reply echo:ping"],
+        "{out}"
+    );
+    let mut buf = [0u8; 64];
+    assert!(
+        denied.recv_from(&mut buf).is_err(),
+        "a refused datagram got out"
+    );
+    let d = decisions(&mut s, "d1", 2);
+    let udp: Vec<(&Value, &Value)> = d.iter().map(|d| (&d["protocol"], &d["decision"])).collect();
+    assert!(
+        udp.contains(&(&json!("socks5_udp"), &json!("allow"))),
+        "{d:?}"
+    );
+    assert!(
+        udp.contains(&(&json!("socks5_udp"), &json!("deny"))),
+        "{d:?}"
+    );
+}

@@ -10,6 +10,9 @@
 //! comments. Steps:
 //!
 //! - `{"args": [..]}`: extra server flags (first step only).
+//! - `{"requires": [TOOL, ..]}`: programs the transcript runs; without
+//!   them it is skipped with a notice (mandatory when
+//!   `EXEC_SERVER_TEST_REQUIRE` names them, as in CI).
 //! - `{"send": VALUE}`: the client writes VALUE as one compact line.
 //! - `{"sendRaw": "TEXT"}`: the client writes TEXT as a line, verbatim.
 //! - `{"expect": PATTERN}`: the next server line matches PATTERN.
@@ -174,6 +177,25 @@ fn run(path: &Path, via: Via) -> Result<(), String> {
                 .collect()
         })
         .unwrap_or_default();
+    // `{"requires": [TOOL, ..]}` steps: programs the transcript runs.
+    for (_, step) in &steps {
+        for tool in step
+            .get("requires")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let tool = tool.as_str().unwrap_or_default();
+            let present = std::process::Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            let why = format!("{} needs {tool}", path.display());
+            if !crate::support::available(tool, present, &why) {
+                return Ok(());
+            }
+        }
+    }
     let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut server = match via {
         Via::Stdio => Server::start(&arg_refs),
@@ -192,7 +214,7 @@ fn run(path: &Path, via: Via) -> Result<(), String> {
 
     for (line, step) in &steps {
         let line = *line;
-        if step.get("args").is_some() {
+        if step.get("args").is_some() || step.get("requires").is_some() {
             continue;
         } else if let Some(value) = step.get("send") {
             let value = substitute(value, &run.vars);
