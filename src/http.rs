@@ -31,9 +31,33 @@ pub const MAX_DELTA: usize = 1 << 20;
 /// make one message of more than 85 MiB); `streamResponse` has no limit.
 pub const MAX_BUFFERED_BODY: usize = 64 << 20;
 
-/// The `requestId`s of a connection's streamed requests whose body is still
-/// being sent.
-pub type ActiveStreams = Arc<Mutex<HashSet<String>>>;
+/// Buffered requests of one connection that may hold a body at once; more
+/// wait their turn, so a client can't make the server hold more than
+/// `MAX_BUFFERED_AT_ONCE * MAX_BUFFERED_BODY` for it.
+pub const MAX_BUFFERED_AT_ONCE: usize = 4;
+
+/// A connection's `http/request` state.
+pub struct ConnHttp {
+    /// The `requestId`s of streamed requests whose body is still being
+    /// sent.
+    streams: Mutex<HashSet<String>>,
+    /// Turns for buffered requests.
+    buffered: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for ConnHttp {
+    fn default() -> Self {
+        ConnHttp {
+            streams: Mutex::default(),
+            buffered: Arc::new(tokio::sync::Semaphore::new(MAX_BUFFERED_AT_ONCE)),
+        }
+    }
+}
+
+pub type ActiveStreams = Arc<ConnHttp>;
+
+/// Streamed requests one connection may have active at once.
+pub const MAX_STREAMS: usize = 128;
 
 /// `http/request` params.
 #[derive(Deserialize)]
@@ -78,6 +102,8 @@ pub struct Request {
     redirects: Redirects,
     /// The reserved `requestId` of a streamed request.
     stream: Option<Reservation>,
+    /// A buffered request's turn comes from here.
+    turns: Arc<tokio::sync::Semaphore>,
 }
 
 /// A streamed request's `requestId`, held from acceptance until its last
@@ -89,7 +115,7 @@ struct Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        lock(&self.active).remove(&self.id);
+        lock(&self.active.streams).remove(&self.id);
     }
 }
 
@@ -125,11 +151,19 @@ impl Request {
         }
         let stream = if params.stream_response {
             let id = params.request_id;
-            if !lock(active).insert(id.clone()) {
+            let mut streams = lock(&active.streams);
+            if streams.contains(&id) {
                 return Err(invalid(format!(
                     "http/request streamResponse requestId `{id}` is already active"
                 )));
             }
+            if streams.len() >= MAX_STREAMS {
+                return Err(Error::InvalidRequest(format!(
+                    "at most {MAX_STREAMS} streamed http/requests may be active per connection"
+                )));
+            }
+            streams.insert(id.clone());
+            drop(streams);
             Some(Reservation {
                 id,
                 active: active.clone(),
@@ -145,6 +179,7 @@ impl Request {
             timeout: params.timeout_ms.map(Duration::from_millis),
             redirects: params.redirect_policy,
             stream,
+            turns: active.buffered.clone(),
         })
     }
 
@@ -159,6 +194,11 @@ impl Request {
 
     async fn exchange(self, outbound: Outbound) -> Result<(Value, Option<FollowUp>)> {
         let client = client(self.redirects)?;
+        // Held until the whole body is read (dropped with this future).
+        let _turn = match self.stream {
+            Some(_) => None,
+            None => self.turns.clone().acquire_owned().await.ok(),
+        };
         let mut request = client.request(self.method, self.url).headers(self.headers);
         if let Some(body) = self.body {
             request = request.body(body);

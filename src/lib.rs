@@ -31,6 +31,10 @@
 //!   tree per process), the sandbox's init, and the watchdog that kills
 //!   everything when the server dies.
 //! - `fs`: the filesystem methods and per-connection streaming handles.
+//! - `http`: `http/request`, an HTTP(S) client on the executor.
+//! - `net`: managed networking: the per-process policy proxy (HTTP,
+//!   SOCKS5), its decisions and the questions put to the client, and the
+//!   bridges into a sandboxed command's network namespace.
 //! - `env_policy`: deriving a child's environment from a policy.
 //! - `environment`: the `environment/info` result.
 //! - `sandbox`: the executor's own sandbox (Landlock, PID and mount

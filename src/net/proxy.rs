@@ -191,6 +191,24 @@ async fn refuse(stream: &mut TcpStream, reason: &Reason, ask: &Ask<'_>) {
     }
 }
 
+/// The gate's decision on an HTTP proxy request, and the connection to
+/// its destination; `None` when the child has been answered instead (a
+/// refusal, or 502 when the destination can't be reached).
+async fn admit(gate: &Gate, ask: &Ask<'_>, client: &mut TcpStream) -> Option<(TcpStream, bool)> {
+    let plain_http = ask.protocol == Protocol::Http;
+    let connected = match gate.check(ask).await {
+        Ok(target) => connect(gate, &target, ask.host, ask.port, plain_http).await,
+        Err(reason) => {
+            refuse(client, &reason, ask).await;
+            return None;
+        }
+    };
+    if connected.is_err() {
+        respond(client, "502 Bad Gateway", &[], "upstream failure").await;
+    }
+    connected.ok()
+}
+
 /// `host[:port]` (IPv6 in brackets) into a normalized host and a port.
 fn authority(text: &str, default_port: u16) -> Option<(String, u16)> {
     let text = text.rsplit_once('@').map_or(text, |(_, h)| h);
@@ -244,12 +262,7 @@ pub async fn serve_http(gate: Arc<Gate>, mut client: TcpStream, peer: SocketAddr
             method: Some("CONNECT"),
             client: Some(peer),
         };
-        let upstream = match gate.check(&ask).await {
-            Ok(target) => connect(&gate, &target, &host, port, false).await,
-            Err(reason) => return refuse(&mut client, &reason, &ask).await,
-        };
-        let Ok((mut upstream, _)) = upstream else {
-            respond(&mut client, "502 Bad Gateway", &[], "upstream failure").await;
+        let Some((mut upstream, _)) = admit(&gate, &ask, &mut client).await else {
             return;
         };
         if client
@@ -320,12 +333,7 @@ pub async fn serve_http(gate: Arc<Gate>, mut client: TcpStream, peer: SocketAddr
         .await;
         return;
     }
-    let upstream = match gate.check(&ask).await {
-        Ok(target) => connect(&gate, &target, &host, port, true).await,
-        Err(reason) => return refuse(&mut client, &reason, &ask).await,
-    };
-    let Ok((mut upstream, via_proxy)) = upstream else {
-        respond(&mut client, "502 Bad Gateway", &[], "upstream failure").await;
+    let Some((mut upstream, via_proxy)) = admit(&gate, &ask, &mut client).await else {
         return;
     };
     // The request in origin form, hop-by-hop headers (and those the

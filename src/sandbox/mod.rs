@@ -13,6 +13,8 @@
 //! - `landlock`, `seccomp`: the two kernel mechanisms, built in the server.
 //! - `mounts`: the private mount namespace the child builds (masks, pins,
 //!   read-only binds, `/dev/pts`, `/proc`).
+//! - `netns`: managed networking's namespace: only `lo`, and a listener
+//!   per allowed proxy port handed back to the server.
 //! - `host`: what this host can enforce, probed once.
 //! - `denial`: the `sandboxDenied` rule.
 //! - `helper`: filesystem methods in a self-confining helper process.

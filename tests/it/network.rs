@@ -27,6 +27,12 @@ fn tools() -> bool {
         )
 }
 
+/// The tools, a test web server on 127.0.0.2 (standing in for a public
+/// host) and a started server; `None` (skipped) without the tools.
+fn ready() -> Option<(Web, Server)> {
+    tools().then(|| (Web::start("127.0.0.2"), Server::started(&[])))
+}
+
 /// A sandbox that leaves the filesystem open: the network is the point.
 fn sandbox() -> Value {
     json!({"permissions": {"type": "managed", "network": "restricted",
@@ -41,6 +47,13 @@ fn proxy(domains: Value, extra: Value) -> Value {
         proxy[k] = v.clone();
     }
     proxy
+}
+
+/// Start params for a sandboxed, managed start with a proxy of `proxy`'s
+/// making.
+fn managed(domains: Value, extra: Value) -> Value {
+    json!({"sandbox": sandbox(), "enforceManagedNetwork": true,
+        "networkProxy": {"proxy": proxy(domains, extra)}})
 }
 
 fn env() -> Value {
@@ -192,11 +205,9 @@ fn only_the_proxy_gets_out_of_a_managed_sandbox() {
 
 #[test]
 fn limited_mode_lets_get_through_and_refuses_post_and_connect() {
-    if !tools() {
+    let Some((web, mut s)) = ready() else {
         return;
-    }
-    let web = Web::start("127.0.0.2");
-    let mut s = Server::started(&[]);
+    };
     let script = [
         curl(&web.url("/hello"), ""),
         curl(&web.url("/echo"), "-X POST -d x=1"),
@@ -209,9 +220,7 @@ fn limited_mode_lets_get_through_and_refuses_post_and_connect() {
         &mut s,
         "l1",
         &script,
-        json!({"sandbox": sandbox(),
-        "enforceManagedNetwork": true,
-        "networkProxy": {"proxy": proxy(json!({"127.0.0.2": "allow"}), json!({"mode": "limited"}))}}),
+        managed(json!({"127.0.0.2": "allow"}), json!({"mode": "limited"})),
     );
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0..2], ["200", "exit=0"], "{out}");
@@ -254,9 +263,10 @@ fn socks5_tcp_goes_through_or_is_refused_by_the_policy() {
         &mut s,
         "s1",
         &script,
-        json!({"sandbox": sandbox(),
-        "enforceManagedNetwork": true,
-        "networkProxy": {"proxy": proxy(json!({"127.0.0.2": "allow", "127.0.0.3": "deny"}), json!({}))}}),
+        managed(
+            json!({"127.0.0.2": "allow", "127.0.0.3": "deny"}),
+            json!({}),
+        ),
     );
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0..2], ["200", "exit=0"], "{out}");
@@ -313,8 +323,7 @@ fn a_name_resolving_to_a_private_address_is_refused_unless_local_binding() {
         &mut s,
         "n1",
         &curl(&url, ""),
-        json!({"sandbox": sandbox(),
-        "enforceManagedNetwork": true, "networkProxy": {"proxy": proxy(domains.clone(), json!({}))}}),
+        managed(domains.clone(), json!({})),
     );
     assert_eq!(out.lines().next(), Some("403"), "even allowlisted: {out}");
     assert!(web.seen().is_empty());
@@ -323,9 +332,7 @@ fn a_name_resolving_to_a_private_address_is_refused_unless_local_binding() {
         &mut s,
         "n2",
         &curl(&url, ""),
-        json!({"sandbox": sandbox(),
-        "enforceManagedNetwork": true,
-        "networkProxy": {"proxy": proxy(domains, json!({"allowLocalBinding": true}))}}),
+        managed(domains, json!({"allowLocalBinding": true})),
     );
     assert_eq!(out.lines().next(), Some("200"), "{out}");
     assert_eq!(web.seen().len(), 1);
@@ -333,11 +340,9 @@ fn a_name_resolving_to_a_private_address_is_refused_unless_local_binding() {
 
 #[test]
 fn allowlist_misses_are_put_to_the_client_which_allows_denies_or_says_nothing() {
-    if !tools() {
+    let Some((web, mut s)) = ready() else {
         return;
-    }
-    let web = Web::start("127.0.0.2");
-    let mut s = Server::started(&[]);
+    };
     let script = [
         curl(&web.url("/hello"), ""),
         curl(&web.url("/echo"), ""),
@@ -486,11 +491,9 @@ fn enforcement_without_endpoints_fails_closed_and_given_ports_are_bridged() {
 
 #[test]
 fn without_a_sandbox_the_proxy_variables_are_advice_only() {
-    if !tools() {
+    let Some((web, mut s)) = ready() else {
         return;
-    }
-    let web = Web::start("127.0.0.2");
-    let mut s = Server::started(&[]);
+    };
     let script = [
         curl(&web.url("/hello"), ""),
         curl(&web.url("/hello"), "--noproxy '*'"),
@@ -532,9 +535,10 @@ fn with_upstream_forwarding_allowed_requests_go_through_the_executors_proxy() {
         &mut s,
         "u1",
         &curl(&web.url("/hello"), ""),
-        json!({"sandbox": sandbox(),
-        "enforceManagedNetwork": true,
-        "networkProxy": {"proxy": proxy(json!({"127.0.0.2": "allow"}), json!({"allowUpstreamProxy": true}))}}),
+        managed(
+            json!({"127.0.0.2": "allow"}),
+            json!({"allowUpstreamProxy": true}),
+        ),
     );
     assert_eq!(out.lines().next(), Some("404"), "{out}");
     let seen = upstream.seen();
@@ -546,9 +550,10 @@ fn with_upstream_forwarding_allowed_requests_go_through_the_executors_proxy() {
         &mut s,
         "u2",
         &curl("http://127.0.0.3:1/", ""),
-        json!({"sandbox": sandbox(),
-        "enforceManagedNetwork": true,
-        "networkProxy": {"proxy": proxy(json!({"127.0.0.2": "allow"}), json!({"allowUpstreamProxy": true}))}}),
+        managed(
+            json!({"127.0.0.2": "allow"}),
+            json!({"allowUpstreamProxy": true}),
+        ),
     );
     assert_eq!(out.lines().next(), Some("403"), "{out}");
     assert_eq!(upstream.seen().len(), 1);
@@ -594,9 +599,10 @@ d, _ = u.recvfrom(2048); print("reply", d[10:].decode())
         &mut s,
         "d1",
         &format!("python3 -c '{script}'"),
-        json!({"sandbox": sandbox(),
-        "enforceManagedNetwork": true,
-        "networkProxy": {"proxy": proxy(json!({"127.0.0.2": "allow"}), json!({"enableSocks5Udp": true}))}}),
+        managed(
+            json!({"127.0.0.2": "allow"}),
+            json!({"enableSocks5Udp": true}),
+        ),
     );
     assert_eq!(code, 0, "{out}");
     assert_eq!(
