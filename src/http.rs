@@ -17,9 +17,11 @@ use serde_json::{Value, json};
 
 use crate::error::{Error, Result};
 use crate::protocol::{Bytes, method};
-use crate::server::dispatch::FollowUp;
 use crate::sync::lock;
 use crate::transport::{Outbound, Outgoing};
+
+/// The sending of a streamed body, run once the result is queued.
+pub type FollowUp = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// Redirects followed at most, as browsers and the reference do.
 const MAX_REDIRECTS: usize = 10;
