@@ -386,3 +386,78 @@ fn an_active_stream_id_is_refused_and_a_failed_body_ends_with_an_error_delta() {
         "{last}"
     );
 }
+
+#[test]
+fn the_executors_proxy_variables_apply() {
+    let target = Web::start("127.0.0.2");
+    // The executor's proxy: a test server that records the absolute-form
+    // request it is sent.
+    let proxy = Web::start("127.0.0.1");
+    let proxy_url = format!("http://{}", proxy.addr);
+    let mut s = server(&[("HTTP_PROXY", proxy_url.as_str()), ("NO_PROXY", "")]);
+    let r = s.call(
+        "http/request",
+        json!({"method": "GET", "url": target.url("/hello"), "requestId": "p"}),
+    );
+    assert_eq!(r["status"], 404, "the proxy answered: {r}");
+    let seen = proxy.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].path, target.url("/hello"));
+    assert!(target.seen().is_empty());
+    // NO_PROXY sends it straight there.
+    let mut direct = server(&[
+        ("HTTP_PROXY", proxy_url.as_str()),
+        ("NO_PROXY", "127.0.0.2"),
+    ]);
+    let r = direct.call(
+        "http/request",
+        json!({"method": "GET", "url": target.url("/hello"), "requestId": "p"}),
+    );
+    assert_eq!(r["status"], 200, "{r}");
+    assert_eq!(proxy.seen().len(), 1);
+}
+
+#[test]
+fn urls_header_values_and_bodies_stay_out_of_the_log() {
+    let web = Web::start("127.0.0.1");
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("server.log");
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        "exec \"$0\" --stdio 2>\"$1\"",
+        bin(),
+        log.to_str().unwrap(),
+    ])
+    .env("EXEC_SERVER_LOG", "trace")
+    .env_remove("HTTP_PROXY")
+    .env_remove("http_proxy");
+    let mut s = Server::from_command(cmd);
+    s.call("initialize", json!({"clientName": "it"}));
+    s.send(&json!({"method": "initialized"}));
+    let secret_headers = json!([{"name": "Authorization", "value": "Bearer SECRET-H"},
+        {"name": "Cookie", "value": "SECRET-C"}]);
+    for stream in [false, true] {
+        let r = s.call(
+            "http/request",
+            json!({"method": "POST", "url": web.url("/echo?token=SECRET-Q"),
+            "headers": secret_headers, "bodyBase64": crate::support::b64(b"SECRET-B"),
+            "requestId": "x", "streamResponse": stream}),
+        );
+        assert_eq!(r["status"], 200);
+    }
+    let refused = format!("http://127.0.0.1:{}/SECRET-P?SECRET-Q", closed_port());
+    let r = s.request(
+        "http/request",
+        json!({"method": "GET", "url": refused, "requestId": "y"}),
+    );
+    assert!(r.get("error").is_some());
+    s.call("environment/status", json!({}));
+    drop(s);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("http/request"), "trace logging is on: {text}");
+    assert!(
+        !text.contains("SECRET"),
+        "a secret reached the log:\n{text}"
+    );
+}
