@@ -57,6 +57,7 @@ mod env_policy;
 #[cfg(feature = "server")]
 mod environment;
 mod error;
+mod frame;
 #[cfg(feature = "server")]
 mod fs;
 #[cfg(feature = "server")]

@@ -27,12 +27,15 @@ pub(crate) struct LineReader<R> {
     max: Option<usize>,
     /// Bytes of an over-long line discarded so far.
     discarded: Option<usize>,
+    /// Binary frames ([`crate::frame`]) may come between lines.
+    frames: bool,
 }
 
 /// A piece found in the buffer.
 enum Span {
     Line(std::ops::Range<usize>),
     TooLong(usize),
+    Frame(std::ops::Range<usize>),
 }
 
 /// One unit of input.
@@ -42,6 +45,8 @@ pub(crate) enum Piece<'a> {
     Line(&'a [u8]),
     /// A line over the limit, discarded: its size without the newline.
     TooLong(usize),
+    /// A whole binary frame (only from a reader made [`LineReader::with_frames`]).
+    Frame(&'a [u8]),
 }
 
 impl<R: AsyncRead + Unpin> LineReader<R> {
@@ -53,6 +58,16 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
             scanned: 0,
             max: None,
             discarded: None,
+            frames: false,
+        }
+    }
+
+    /// A reader of a server's output that may hold binary frames (the
+    /// client's side only: a server never takes a frame from a client).
+    pub(crate) fn with_frames(inner: R) -> Self {
+        LineReader {
+            frames: true,
+            ..LineReader::new(inner)
         }
     }
 
@@ -71,7 +86,7 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
         loop {
             match self.next_span().await? {
                 Some(Span::Line(range)) => return Ok(Some(&self.buf[range])),
-                Some(Span::TooLong(_)) => continue,
+                Some(Span::TooLong(_) | Span::Frame(_)) => continue,
                 None => return Ok(None),
             }
         }
@@ -82,13 +97,28 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
         Ok(match self.next_span().await? {
             Some(Span::Line(range)) => Some(Piece::Line(&self.buf[range])),
             Some(Span::TooLong(size)) => Some(Piece::TooLong(size)),
+            Some(Span::Frame(range)) => Some(Piece::Frame(&self.buf[range])),
             None => None,
         })
     }
 
     async fn next_span(&mut self) -> io::Result<Option<Span>> {
         loop {
-            if let Some(i) = find_newline(&self.buf[self.scanned..]) {
+            if self.frames && self.buf.get(self.start) == Some(&crate::frame::MARK) {
+                // A frame says its length: take it whole, or read on.
+                let have = self.buf.len() - self.start;
+                if have >= crate::frame::HEADER {
+                    let total = crate::frame::total_len(&self.buf[self.start..]);
+                    if have >= total {
+                        let frame = self.start..self.start + total;
+                        self.start = frame.end;
+                        self.scanned = frame.end;
+                        return Ok(Some(Span::Frame(frame)));
+                    }
+                    self.buf.reserve(total - have);
+                }
+                self.scanned = self.buf.len();
+            } else if let Some(i) = find_newline(&self.buf[self.scanned..]) {
                 let line = self.start..self.scanned + i + 1;
                 self.start = line.end;
                 self.scanned = line.end;
@@ -99,8 +129,9 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
                     return Ok(Some(Span::TooLong(line.len() - 1)));
                 }
                 return Ok(Some(Span::Line(line)));
+            } else {
+                self.scanned = self.buf.len();
             }
-            self.scanned = self.buf.len();
             // Over the limit with no newline yet: drop what is held and
             // count the rest as it comes.
             if let Some(max) = self.max {
@@ -159,6 +190,7 @@ mod tests {
             out.push(match piece {
                 Piece::Line(line) => String::from_utf8_lossy(line).into_owned(),
                 Piece::TooLong(size) => format!("<too long: {size}>"),
+                Piece::Frame(frame) => format!("<frame of {}>", frame.len()),
             });
         }
         out
@@ -208,6 +240,42 @@ mod tests {
             out.push(line.to_vec());
         }
         out
+    }
+
+    #[tokio::test]
+    async fn frames_between_lines_come_out_whole_however_the_input_is_cut() {
+        use crate::protocol::Stream;
+        let frames: Vec<Vec<u8>> = (0..30)
+            .map(|i| {
+                crate::frame::encode_output("p", i, Stream::Stdout, &vec![b'\n'; i as usize * 9973])
+            })
+            .collect();
+        let mut all = Vec::new();
+        for f in &frames {
+            all.extend_from_slice(b"{\"a\":1}\n");
+            all.extend_from_slice(f);
+        }
+        all.extend_from_slice(b"last\n");
+        let (mut tx, rx) = tokio::io::duplex(4093);
+        let writer = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            tx.write_all(&all).await.unwrap();
+        });
+        let mut reader = LineReader::with_frames(rx);
+        for f in &frames {
+            assert_eq!(
+                reader.next_piece().await.unwrap(),
+                Some(Piece::Line(b"{\"a\":1}\n"))
+            );
+            assert!(reader.next_piece().await.unwrap() == Some(Piece::Frame(f)));
+        }
+        assert_eq!(
+            reader.next_piece().await.unwrap(),
+            Some(Piece::Line(b"last\n"))
+        );
+        writer.await.unwrap();
+        // Without frames, a NUL is just a byte of a line.
+        assert_eq!(lines_of(b"\x00x\n").await, vec![b"\x00x\n".to_vec()]);
     }
 
     #[tokio::test]

@@ -226,6 +226,11 @@ struct ServeArgs {
           value_parser = clap::value_parser!(u64).range(1..))]
     ws_ping_interval_ms: u64,
 
+    /// Never send binary frames, even to a client that asks for them
+    /// (output stays base64 JSON).
+    #[arg(long)]
+    no_binary_frames: bool,
+
     /// A root that `:workspace_roots` binds to (repeatable; default: the
     /// server's current directory).
     #[arg(long = "workspace-root", value_name = "DIR")]
@@ -401,6 +406,9 @@ fn serve(cli: ServeArgs) -> ExitCode {
         for root in &cli.workspace_roots {
             args.push(format!("--workspace-root={}", root.display()));
         }
+        if cli.no_binary_frames {
+            args.push("--no-binary-frames".into());
+        }
         return match server::bridge(name, &args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
@@ -434,6 +442,7 @@ fn serve(cli: ServeArgs) -> ExitCode {
         connection_token,
         insecure_listen: cli.insecure_listen,
         ws_ping_every: Duration::from_millis(cli.ws_ping_interval_ms),
+        binary_frames: !cli.no_binary_frames,
         workspace_roots: cli.workspace_roots,
     };
     match server::run(config, &listen) {

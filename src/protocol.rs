@@ -161,6 +161,9 @@ pub struct InitializeParams {
     pub client_name: String,
     #[serde(default)]
     pub resume_session_id: Option<String>,
+    /// (ext) What the client can take: `{binaryFrames: {version}}`.
+    #[serde(default)]
+    pub capabilities: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -168,6 +171,10 @@ pub struct InitializeParams {
 pub struct InitializeResponse {
     pub session_id: String,
     pub server_info: ServerInfo,
+    /// (ext) What of the client's `capabilities` the server accepted;
+    /// present when the client sent some.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use tokio::io::AsyncReadExt;
 
 /// Benchmarks a server of the exec-server protocol against direct baselines.
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(name = "exec-bench")]
 struct Args {
     /// The server command (default: this build's exec-server --stdio).
@@ -32,6 +32,23 @@ struct Args {
     /// Run only this case (repeatable; default: all).
     #[arg(long = "case", value_name = "NAME", value_enum)]
     cases: Vec<Case>,
+    /// How output travels: `json` (base64 notifications), `binary`
+    /// (binary frames, when the server offers them); repeatable; default:
+    /// both, side by side.
+    #[arg(long = "wire", value_name = "WIRE", value_enum)]
+    wires: Vec<Wire>,
+    /// The wire of the current pass.
+    #[arg(skip)]
+    wire: Wire,
+}
+
+/// How output travels from the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Wire {
+    #[default]
+    Json,
+    Binary,
 }
 
 /// The cases, in the order they run.
@@ -126,6 +143,8 @@ impl Summary {
 #[derive(Debug, Serialize)]
 struct Row {
     case: String,
+    /// How output travelled.
+    wire: Wire,
     unit: &'static str,
     server: Summary,
     baseline: Option<Summary>,
@@ -145,6 +164,7 @@ fn row(
     let baseline = baseline.map(Summary::of);
     Row {
         case: case.to_string(),
+        wire: Wire::Json,
         unit,
         server,
         baseline,
@@ -242,7 +262,7 @@ async fn next_output(process: &mut exec_server::client::Process) -> Result<(), B
 /// The server command: `--via`, or the exec-server beside this binary.
 fn server_command(args: &Args, extra: &[&str]) -> Result<ServerCommand, BoxError> {
     if let Some(via) = &args.via {
-        return Ok(ServerCommand::parse(via)?);
+        return Ok(wired(args, ServerCommand::parse(via)?));
     }
     let exe = std::env::current_exe()?;
     let server = exe.with_file_name("exec-server");
@@ -257,7 +277,15 @@ fn server_command(args: &Args, extra: &[&str]) -> Result<ServerCommand, BoxError
     for a in extra {
         cmd = cmd.arg(*a);
     }
-    Ok(cmd)
+    Ok(wired(args, cmd))
+}
+
+/// The command asking for frames or not, as the pass wants.
+fn wired(args: &Args, cmd: ServerCommand) -> ServerCommand {
+    match args.wire {
+        Wire::Json => cmd.json_only(),
+        Wire::Binary => cmd,
+    }
 }
 
 /// Kibibytes of a /proc/PID/status field (VmRSS, VmHWM).
@@ -672,8 +700,8 @@ async fn idle(args: &Args, plan: &Plan) -> Result<Vec<Row>, BoxError> {
 
 fn print_table(rows: &[Row]) {
     println!(
-        "{:<58} {:>6} {:>10} {:>10} {:>10} {:>10} {:>7}  note",
-        "case", "unit", "median", "p95", "base med", "base p95", "ratio"
+        "{:<58} {:>6} {:>6} {:>10} {:>10} {:>10} {:>10} {:>7}  note",
+        "case", "wire", "unit", "median", "p95", "base med", "base p95", "ratio"
     );
     for r in rows {
         let (bm, bp) = match r.baseline {
@@ -684,9 +712,13 @@ fn print_table(rows: &[Row]) {
             .ratio
             .map(|x| format!("{x:.2}"))
             .unwrap_or_else(|| "-".into());
+        let wire = match r.wire {
+            Wire::Json => "json",
+            Wire::Binary => "binary",
+        };
         println!(
-            "{:<58} {:>6} {:>10.2} {:>10.2} {:>10} {:>10} {:>7}  {}",
-            r.case, r.unit, r.server.median, r.server.p95, bm, bp, ratio, r.note
+            "{:<58} {:>6} {:>6} {:>10.2} {:>10.2} {:>10} {:>10} {:>7}  {}",
+            r.case, wire, r.unit, r.server.median, r.server.p95, bm, bp, ratio, r.note
         );
     }
 }
@@ -707,19 +739,35 @@ async fn run(args: &Args) -> Result<(), BoxError> {
     let plan = Plan::new(args.quick);
     let started = Instant::now();
     let mut rows = Vec::new();
+    let wires = if args.wires.is_empty() {
+        vec![Wire::Json, Wire::Binary]
+    } else {
+        args.wires.clone()
+    };
     for &case in <Case as clap::ValueEnum>::value_variants() {
         if !args.runs(case) {
             continue;
         }
-        match case {
-            Case::ColdStart => rows.push(cold_start(args, &plan).await?),
-            Case::RoundTrip => rows.push(round_trip(args, &plan).await?),
-            Case::SandboxedRoundTrip => rows.push(sandboxed_round_trip(args, &plan).await?),
-            Case::Throughput => rows.extend(throughput(args, &plan).await?),
-            Case::FanOut => rows.push(fan_out(args, &plan).await?),
-            Case::Interference => rows.push(interference(args, &plan).await?),
-            Case::Idle => rows.extend(idle(args, &plan).await?),
-            Case::Reconnect => rows.extend(reconnect(args, &plan).await?),
+        // Each case with each wire, one after the other.
+        for &wire in &wires {
+            let args = &Args {
+                wire,
+                ..args.clone()
+            };
+            let mut case_rows = match case {
+                Case::ColdStart => vec![cold_start(args, &plan).await?],
+                Case::RoundTrip => vec![round_trip(args, &plan).await?],
+                Case::SandboxedRoundTrip => vec![sandboxed_round_trip(args, &plan).await?],
+                Case::Throughput => throughput(args, &plan).await?,
+                Case::FanOut => vec![fan_out(args, &plan).await?],
+                Case::Interference => vec![interference(args, &plan).await?],
+                Case::Idle => idle(args, &plan).await?,
+                Case::Reconnect => reconnect(args, &plan).await?,
+            };
+            for row in &mut case_rows {
+                row.wire = wire;
+            }
+            rows.extend(case_rows);
         }
     }
     print_table(&rows);

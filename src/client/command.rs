@@ -28,6 +28,9 @@ pub struct ServerCommand {
     /// that answers nothing for two of these is taken as lost (default
     /// 30 s). This notices a connection that died without a word.
     pub keepalive: Option<std::time::Duration>,
+    /// Ask the server for output as binary frames (default true; a server
+    /// that does not offer them sends base64 JSON as always).
+    pub binary_frames: bool,
 }
 
 impl ServerCommand {
@@ -41,7 +44,15 @@ impl ServerCommand {
             socket: None,
             url: None,
             keepalive: None,
+            binary_frames: true,
         }
+    }
+
+    /// Never ask for binary frames: output comes as base64 JSON
+    /// notifications (for comparing the two, or a proxy that wants text).
+    pub fn json_only(mut self) -> Self {
+        self.binary_frames = false;
+        self
     }
 
     /// Add an argument.

@@ -49,6 +49,8 @@ pub(crate) struct Conn {
     pub(super) exited: Arc<AtomicBool>,
     pub(super) exit_notify: Arc<tokio::sync::Notify>,
     pub(super) session_id: Mutex<String>,
+    /// The server granted binary frames.
+    pub(super) frames: AtomicBool,
 }
 
 #[derive(Default)]
@@ -159,6 +161,22 @@ impl Conn {
             let _ = tx.send(Err(error.clone()));
         }
         drop(subscribers);
+    }
+
+    /// A binary frame: output, as the notification would have said it.
+    fn dispatch_frame(&self, frame: &[u8]) {
+        let Some(output) = crate::frame::decode(frame) else {
+            tracing::warn!("the server sent a binary frame this client can't read");
+            return;
+        };
+        let state = lock(&self.state);
+        if let Some(tx) = state.subscribers.get(output.process_id) {
+            let _ = tx.send(Note::Output {
+                seq: output.seq,
+                stream: output.stream,
+                data: output.data.to_vec(),
+            });
+        }
     }
 
     fn dispatch(&self, line: &[u8]) {
@@ -358,7 +376,7 @@ pub(super) async fn connect(
             stderr: None,
             child: None,
         };
-        return handshake(shown, client_name, resume, io).await;
+        return handshake(shown, client_name, resume, command.binary_frames, io).await;
     }
     if let Some(path) = &command.socket {
         let stream =
@@ -373,6 +391,7 @@ pub(super) async fn connect(
             shown,
             client_name,
             resume,
+            command.binary_frames,
             Io {
                 stdin: Box::new(write),
                 stdout: Box::new(read),
@@ -403,7 +422,7 @@ pub(super) async fn connect(
         stderr: Some(child.stderr.take().expect("piped stderr")),
         child: Some(child),
     };
-    handshake(shown, client_name, resume, io).await
+    handshake(shown, client_name, resume, command.binary_frames, io).await
 }
 
 /// How often a WebSocket server is pinged by default.
@@ -470,14 +489,15 @@ async fn ws_lines(
                 message = source.next() => {
                     let Some(Ok(message)) = message else { break };
                     heard = tokio::time::Instant::now();
-                    let data = match message {
-                        Message::Text(text) => text.as_bytes().to_vec(),
-                        Message::Binary(data) => data.to_vec(),
+                    let (data, newline) = match &message {
+                        Message::Text(text) => (text.as_bytes(), true),
+                        // A binary frame says its own length.
+                        Message::Binary(data) => (&data[..], data.first() != Some(&crate::frame::MARK)),
                         Message::Close(_) => break,
                         _ => continue,
                     };
-                    if their_write.write_all(&data).await.is_err()
-                        || their_write.write_all(b"\n").await.is_err()
+                    if their_write.write_all(data).await.is_err()
+                        || (newline && their_write.write_all(b"\n").await.is_err())
                     {
                         break;
                     }
@@ -515,6 +535,7 @@ async fn handshake(
     shown: String,
     client_name: &str,
     resume: Option<&str>,
+    frames: bool,
     io: Io,
 ) -> Result<Arc<Conn>, ClientError> {
     let Io {
@@ -539,6 +560,7 @@ async fn handshake(
         exited: Arc::new(AtomicBool::new(false)),
         exit_notify: Arc::new(tokio::sync::Notify::new()),
         session_id: Mutex::new(String::new()),
+        frames: AtomicBool::new(false),
     });
 
     tokio::spawn(async move {
@@ -576,11 +598,14 @@ async fn handshake(
     {
         let conn = Arc::downgrade(&conn);
         tokio::spawn(async move {
-            let mut reader = crate::lines::LineReader::new(stdout);
-            while let Ok(Some(line)) = reader.next_line().await {
-                match conn.upgrade() {
-                    Some(conn) => conn.dispatch(line),
-                    None => return,
+            use crate::lines::Piece;
+            let mut reader = crate::lines::LineReader::with_frames(stdout);
+            while let Ok(Some(piece)) = reader.next_piece().await {
+                let Some(conn) = conn.upgrade() else { return };
+                match piece {
+                    Piece::Line(line) => conn.dispatch(line),
+                    Piece::Frame(frame) => conn.dispatch_frame(frame),
+                    Piece::TooLong(_) => {}
                 }
             }
             if let Some(conn) = conn.upgrade() {
@@ -605,7 +630,12 @@ async fn handshake(
     }
 
     let handshake = async {
+        // Output as raw bytes when the server offers it (servers that
+        // don't ignore the member and send base64 JSON).
         let mut params = json!({ "clientName": client_name });
+        if frames {
+            params["capabilities"] = json!({"binaryFrames": {"version": crate::frame::VERSION}});
+        }
         if let Some(id) = resume {
             params["resumeSessionId"] = json!(id);
         }
@@ -623,6 +653,8 @@ async fn handshake(
         Ok(Ok(result)) => {
             let session = result["sessionId"].as_str().unwrap_or("").to_string();
             *lock(&conn.session_id) = session;
+            let granted = result["capabilities"]["binaryFrames"]["version"].as_u64();
+            conn.frames.store(granted.is_some(), Ordering::SeqCst);
             return Ok(conn);
         }
         Ok(Err(ClientError::ConnectionLost { .. })) => (

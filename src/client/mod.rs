@@ -133,6 +133,14 @@ impl Client {
         result
     }
 
+    /// Whether the server sends this client output as binary frames
+    /// (false until connected, and with a server that does not offer them).
+    pub fn binary_frames(&self) -> bool {
+        lock(&self.shared.current)
+            .as_ref()
+            .is_some_and(|conn| conn.frames.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
     /// The session id the server gave this client.
     pub async fn session_id(&self) -> Result<String, ClientError> {
         let conn = self.conn().await?;

@@ -275,11 +275,28 @@ impl Connection {
             return Err(Error::AlreadyInitialized);
         }
         let params: InitializeParams = crate::protocol::decode(method::INITIALIZE, params)?;
+        // Frames are on before the session is attached, so that every
+        // output the client is sent after this is a frame.
+        let frames = self.server.config.binary_frames
+            && params
+                .capabilities
+                .as_ref()
+                .and_then(|c| c["binaryFrames"]["version"].as_u64())
+                .is_some_and(|v| v >= crate::frame::VERSION);
+        self.outgoing.use_frames(frames);
         let sessions = &self.server.sessions;
-        let session = match &params.resume_session_id {
-            Some(id) => sessions.resume(id, self.id, self.outgoing.clone())?,
-            None => sessions.create(self.id, self.outgoing.clone()),
+        let attached = match &params.resume_session_id {
+            Some(id) => sessions.resume(id, self.id, self.outgoing.clone()),
+            None => Ok(sessions.create(self.id, self.outgoing.clone())),
         };
+        let session = attached.inspect_err(|_| self.outgoing.use_frames(false))?;
+        let capabilities = params.capabilities.as_ref().map(|_| {
+            let mut granted = serde_json::json!({});
+            if frames {
+                granted["binaryFrames"] = serde_json::json!({"version": crate::frame::VERSION});
+            }
+            granted
+        });
         tracing::info!(client = %params.client_name, session = %session.id, "initialized");
         let response = InitializeResponse {
             session_id: session.id.clone(),
@@ -287,6 +304,7 @@ impl Connection {
                 name: "exec-server",
                 version: env!("CARGO_PKG_VERSION"),
             },
+            capabilities,
         };
         self.session = Some(session);
         Ok(serde_json::to_value(response).unwrap_or(Value::Null))

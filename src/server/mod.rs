@@ -44,6 +44,9 @@ pub struct Config {
     /// `--ws-ping-interval-ms`: how often WebSocket peers are pinged; a
     /// peer that answers no ping for two intervals is dropped.
     pub ws_ping_every: Duration,
+    /// Binary frames are granted to clients that ask (not with
+    /// `--no-binary-frames`).
+    pub binary_frames: bool,
 }
 
 impl Default for Config {
@@ -60,6 +63,7 @@ impl Default for Config {
             connection_token: None,
             insecure_listen: false,
             ws_ping_every: Duration::from_secs(30),
+            binary_frames: true,
         }
     }
 }

@@ -3,6 +3,7 @@
 //! methods.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -44,6 +45,8 @@ pub struct Outbound {
     encode: fn(&Outgoing) -> Vec<u8>,
     /// Calls made to this peer and not yet answered.
     calls: Arc<Calls>,
+    /// The peer asked for binary frames: output goes as frames.
+    frames: Arc<AtomicBool>,
 }
 
 /// At most this many calls to one peer wait for answers; more fail at once.
@@ -80,6 +83,21 @@ pub enum CallFailed {
 pub struct Permit {
     permit: mpsc::OwnedPermit<Vec<u8>>,
     encode: fn(&Outgoing) -> Vec<u8>,
+    frames: bool,
+}
+
+/// `message` as bytes: output as a binary frame when the peer asked for
+/// frames, everything else by the transport's codec.
+fn encode(message: &Outgoing, codec: fn(&Outgoing) -> Vec<u8>, frames: bool) -> Vec<u8> {
+    match message {
+        Outgoing::Output {
+            process_id,
+            seq,
+            stream,
+            chunk,
+        } if frames => crate::frame::encode_output(process_id, *seq, *stream, chunk),
+        _ => codec(message),
+    }
 }
 
 impl Outbound {
@@ -89,7 +107,17 @@ impl Outbound {
             tx,
             encode,
             calls: Arc::default(),
+            frames: Arc::default(),
         }
+    }
+
+    /// From now on, send output as binary frames (or stop).
+    pub fn use_frames(&self, on: bool) {
+        self.frames.store(on, Ordering::SeqCst);
+    }
+
+    fn encode(&self, message: &Outgoing) -> Vec<u8> {
+        encode(message, self.encode, self.frames.load(Ordering::Relaxed))
     }
 
     /// Queue `message` only if at least `keep_free` other messages would
@@ -99,7 +127,7 @@ impl Outbound {
         if self.tx.capacity() <= keep_free {
             return false;
         }
-        self.tx.try_send((self.encode)(&message)).is_ok()
+        self.tx.try_send(self.encode(&message)).is_ok()
     }
 
     /// Call `method` on the peer and wait for its answer, at most
@@ -170,7 +198,7 @@ impl Outbound {
 
     /// Queue `message`, waiting for room; false once the writer is gone.
     pub async fn send(&self, message: Outgoing) -> bool {
-        self.tx.send((self.encode)(&message)).await.is_ok()
+        self.tx.send(self.encode(&message)).await.is_ok()
     }
 
     /// Wait for room for one message; `None` once the writer is gone.
@@ -179,6 +207,7 @@ impl Outbound {
         Some(Permit {
             permit,
             encode: self.encode,
+            frames: self.frames.load(Ordering::Relaxed),
         })
     }
 }
@@ -186,7 +215,7 @@ impl Outbound {
 impl Permit {
     /// Queue `message` in the reserved room.
     pub fn send(self, message: Outgoing) {
-        self.permit.send((self.encode)(&message));
+        self.permit.send(encode(&message, self.encode, self.frames));
     }
 }
 

@@ -77,6 +77,8 @@ pub fn read_frames(
                     None => continue,
                 },
                 Piece::TooLong(size) => Frame::TooLong { size },
+                // Not made with frames: none comes.
+                Piece::Frame(_) => continue,
             };
             if !emit(frame) {
                 break;

@@ -162,8 +162,16 @@ fn serve(socket: tokio_tungstenite::WebSocketStream<Replay>, limits: Limits) -> 
             let sent = tokio::select! {
                 line = out_rx.recv() => {
                     let Some(line) = line else { break };
-                    let text = String::from_utf8_lossy(&line).into_owned();
-                    tokio::time::timeout(pong_timeout, sink.send(Message::Text(text.into()))).await
+                    // A binary frame goes as a binary message; JSON is
+                    // always UTF-8 (the lossy pass is never taken).
+                    let message = if line.first() == Some(&crate::frame::MARK) {
+                        Message::Binary(line.into())
+                    } else {
+                        let text = String::from_utf8(line)
+                            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+                        Message::Text(text.into())
+                    };
+                    tokio::time::timeout(pong_timeout, sink.send(message)).await
                 }
                 _ = ping.tick() => {
                     if last_pong.elapsed() >= pong_timeout {

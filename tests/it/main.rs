@@ -5,6 +5,7 @@ mod cli;
 mod client;
 mod containment;
 mod errors;
+mod frames;
 mod fs;
 mod http;
 mod hygiene;

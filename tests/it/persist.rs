@@ -227,6 +227,9 @@ async fn the_client_resumes_by_itself_and_wait_returns_everything() {
         "the client did not resume"
     );
     assert_eq!(status.code, 7);
+    // Through binary frames, before and after the resume: no gap, no
+    // duplicate.
+    assert!(client.binary_frames(), "the resumed connection uses frames");
     assert_numbered(&out);
     client.shutdown().await;
     let stop = daemon(runtime.path(), &["stop", "--persist", "lib"]);
