@@ -96,6 +96,10 @@ impl Notification {
 pub struct Response {
     pub id: Option<RequestId>,
     pub outcome: Result<Value, Error>,
+    /// The result already written as JSON text (then `outcome` is
+    /// `Ok(Null)` and not sent): a `process/read` answer rendered straight
+    /// from the retained chunks, without a `Value` in between.
+    pub rendered: Option<Vec<u8>>,
 }
 
 /// What one incoming line holds.
@@ -110,16 +114,30 @@ pub enum Incoming {
 impl Response {
     #[cfg(test)]
     pub fn ok(id: RequestId, result: Value) -> Self {
-        Response {
-            id: Some(id),
-            outcome: Ok(result),
-        }
+        Response::new(Some(id), Ok(result))
     }
 
     pub fn err(id: Option<RequestId>, error: Error) -> Self {
+        Response::new(id, Err(error))
+    }
+
+    pub fn new(id: Option<RequestId>, outcome: Result<Value, Error>) -> Self {
         Response {
             id,
-            outcome: Err(error),
+            outcome,
+            rendered: None,
+        }
+    }
+
+    /// A result already rendered as JSON text, or the error.
+    pub fn rendered(id: Option<RequestId>, outcome: Result<Vec<u8>, Error>) -> Self {
+        match outcome {
+            Ok(json) => Response {
+                id,
+                outcome: Ok(Value::Null),
+                rendered: Some(json),
+            },
+            Err(error) => Response::err(id, error),
         }
     }
 
@@ -135,6 +153,13 @@ impl Response {
             },
         );
         match &self.outcome {
+            Ok(_) if self.rendered.is_some() => {
+                let text = self.rendered.as_deref().unwrap_or_default();
+                map.insert(
+                    "result".into(),
+                    serde_json::from_slice(text).unwrap_or(Value::Null),
+                )
+            }
             Ok(result) => map.insert("result".into(), result.clone()),
             Err(error) => map.insert("error".into(), error.to_json()),
         };
@@ -145,6 +170,15 @@ impl Response {
     /// [`Response::to_value`], written without copying the result first
     /// (a `process/read` result can be megabytes).
     pub fn to_line(&self) -> Vec<u8> {
+        if let (Ok(_), Some(result)) = (&self.outcome, &self.rendered) {
+            let mut line = Vec::with_capacity(result.len() + 64);
+            line.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"id\":");
+            let _ = serde_json::to_writer(&mut line, &self.id);
+            line.extend_from_slice(b",\"result\":");
+            line.extend_from_slice(result);
+            line.extend_from_slice(b"}\n");
+            return line;
+        }
         #[derive(Serialize)]
         struct Out<'a> {
             jsonrpc: &'static str,

@@ -215,6 +215,14 @@ pub struct StartParams {
     /// The executor-local proxy to start; parsed by the network layer.
     #[serde(default)]
     pub network_proxy: Option<serde_json::Value>,
+    /// (ext) Push `process/output` (default true); false for a client
+    /// that only polls.
+    #[serde(default)]
+    pub notify_output: Option<bool>,
+    /// (ext) When retention is full, stop reading the child's output
+    /// until `process/read` takes some, instead of evicting.
+    #[serde(default)]
+    pub hold_output: bool,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
@@ -301,6 +309,45 @@ pub struct ReadResponse {
     pub failure: Option<String>,
     pub sandbox_denied: bool,
     pub truncated: bool,
+}
+
+impl ReadResponse {
+    /// The result as JSON text, equal to what the serializer writes, with
+    /// each chunk's base64 encoded (SIMD) straight into it: no `Value`, no
+    /// escaper pass over the base64.
+    pub fn render(&self) -> Vec<u8> {
+        use std::io::Write;
+        let data: usize = self.chunks.iter().map(|c| c.chunk.0.len()).sum();
+        let mut out = Vec::with_capacity(data.div_ceil(3) * 4 + 64 * self.chunks.len() + 160);
+        out.extend_from_slice(b"{\"chunks\":[");
+        for (i, c) in self.chunks.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            let _ = write!(
+                out,
+                "{{\"seq\":{},\"stream\":\"{}\",\"chunk\":\"",
+                c.seq,
+                c.stream.as_str()
+            );
+            base64_simd::STANDARD.encode_append(&c.chunk.0, &mut out);
+            out.extend_from_slice(b"\"}");
+        }
+        let _ = write!(
+            out,
+            "],\"nextSeq\":{},\"exited\":{},\"exitCode\":",
+            self.next_seq, self.exited
+        );
+        let _ = serde_json::to_writer(&mut out, &self.exit_code);
+        let _ = write!(out, ",\"closed\":{},\"failure\":", self.closed);
+        let _ = serde_json::to_writer(&mut out, &self.failure);
+        let _ = write!(
+            out,
+            ",\"sandboxDenied\":{},\"truncated\":{}}}",
+            self.sandbox_denied, self.truncated
+        );
+        out
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -457,6 +504,43 @@ pub fn decode<T: serde::de::DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rendered_read_is_what_the_serializer_writes() {
+        for (chunks, exit_code, failure) in [
+            (vec![], None, None),
+            (
+                vec![
+                    (1, Stream::Stdout, &b"hello\n"[..]),
+                    (2, Stream::Stderr, b"\x00\xff"),
+                ],
+                Some(-3),
+                Some("x\"y".to_string()),
+            ),
+        ] {
+            let response = ReadResponse {
+                chunks: chunks
+                    .into_iter()
+                    .map(|(seq, stream, data)| OutputChunk {
+                        seq,
+                        stream,
+                        chunk: SharedBytes(bytes::Bytes::copy_from_slice(data)),
+                    })
+                    .collect(),
+                next_seq: 3,
+                exited: exit_code.is_some(),
+                exit_code,
+                closed: false,
+                failure,
+                sandbox_denied: true,
+                truncated: false,
+            };
+            assert_eq!(
+                String::from_utf8(response.render()).unwrap(),
+                serde_json::to_string(&response).unwrap()
+            );
+        }
+    }
 
     #[test]
     fn file_uri_is_percent_decoded() {

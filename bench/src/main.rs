@@ -489,30 +489,22 @@ async fn throughput(args: &Args, plan: &Plan) -> Result<Vec<Row>, BoxError> {
 }
 
 /// Read a process's output by `process/read` polls of 1 MiB; (bytes
-/// read, bytes that fell out of retention first).
+/// read, bytes that fell out of retention first). Started poll-only: the
+/// server pushes nothing (the bytes are not sent twice) and holds the
+/// child rather than dropping what is not read yet (a server that does
+/// not know these members ignores them, and may drop some).
 async fn poll(client: &Client, id: &str, argv: &[String]) -> Result<(u64, u64), BoxError> {
-    client
-        .call(
-            "process/start",
-            json!({"processId": id, "argv": argv, "cwd": "/"}),
-        )
-        .await?;
+    let options = StartOptions::new(id, argv.to_vec()).cwd("/").poll_only();
+    let _process = client.start(options).await?;
     let mut after = 0u64;
     let mut bytes = 0u64;
     loop {
         let r = client
-            .call(
-                "process/read",
-                json!({"processId": id, "afterSeq": after, "maxBytes": 1 << 20, "waitMs": 1000}),
-            )
+            .read_output(id, after, Some(1 << 20), Some(1000))
             .await?;
-        for chunk in r["chunks"].as_array().into_iter().flatten() {
-            let text = chunk["chunk"].as_str().unwrap_or("");
-            let data = base64_simd::STANDARD.decode_type::<Vec<u8>>(text.as_bytes())?;
-            bytes += data.len() as u64;
-        }
-        after = r["nextSeq"].as_u64().unwrap_or(after + 1).saturating_sub(1);
-        if r["closed"] == true && r["chunks"].as_array().is_none_or(|c| c.is_empty()) {
+        bytes += r.chunks.iter().map(|c| c.data.len() as u64).sum::<u64>();
+        after = r.next_seq.saturating_sub(1).max(after);
+        if r.closed && r.chunks.is_empty() {
             break;
         }
     }
@@ -571,21 +563,17 @@ async fn fan_out(args: &Args, plan: &Plan) -> Result<Row, BoxError> {
 async fn interference(args: &Args, plan: &Plan) -> Result<Row, BoxError> {
     let client = Client::new(server_command(args, &[])?);
     client.session_id().await?;
+    // Started as the library starts them (file: URIs, every member the
+    // reference requires), so that --via measures any server.
     client
-        .call(
-            "process/start",
-            json!({"processId": "idle", "argv": ["sleep", "600"], "cwd": "/"}),
-        )
+        .start(StartOptions::new("idle", ["sleep", "600"]).cwd("/"))
         .await?;
     let start_latency = |i: usize, tag: &'static str| {
         let client = client.clone();
         async move {
             let t = Instant::now();
             client
-                .call(
-                    "process/start",
-                    json!({"processId": format!("{tag}{i}"), "argv": ["true"], "cwd": "/"}),
-                )
+                .start(StartOptions::new(format!("{tag}{i}"), ["true"]).cwd("/"))
                 .await?;
             Ok::<f64, BoxError>(ms(t.elapsed()))
         }

@@ -53,9 +53,22 @@ pub(crate) struct Conn {
     pub(super) frames: AtomicBool,
 }
 
+/// A call's answer: parsed, or (for a raw call) the result's JSON text.
+pub(crate) enum Answer {
+    Value(Value),
+    Raw(Vec<u8>),
+}
+
+/// A call waiting for its answer.
+struct Waiter {
+    tx: oneshot::Sender<Result<Answer, ClientError>>,
+    /// Wants the result's JSON text, not a `Value`.
+    raw: bool,
+}
+
 #[derive(Default)]
 struct ConnState {
-    pending: HashMap<i64, oneshot::Sender<Result<Value, ClientError>>>,
+    pending: HashMap<i64, Waiter>,
     subscribers: HashMap<String, mpsc::UnboundedSender<Note>>,
     lost: Option<ClientError>,
 }
@@ -90,6 +103,26 @@ impl Conn {
     /// before the connection state is checked, under one lock, so a call
     /// can never slip past a connection loss and wait forever.
     pub(crate) async fn call(&self, method: &str, params: Value) -> Result<Value, ClientError> {
+        match self.call_as(method, params, false).await? {
+            Answer::Value(value) => Ok(value),
+            Answer::Raw(text) => Ok(serde_json::from_slice(&text).unwrap_or(Value::Null)),
+        }
+    }
+
+    /// A call whose result comes back as its JSON text, for a caller that
+    /// parses it without a `Value` (`process/read`: megabytes of base64).
+    pub(crate) async fn call_raw(
+        &self,
+        method: &str,
+        params: Value,
+    ) -> Result<Vec<u8>, ClientError> {
+        match self.call_as(method, params, true).await? {
+            Answer::Raw(text) => Ok(text),
+            Answer::Value(value) => Ok(serde_json::to_vec(&value).unwrap_or_default()),
+        }
+    }
+
+    async fn call_as(&self, method: &str, params: Value, raw: bool) -> Result<Answer, ClientError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
@@ -97,7 +130,7 @@ impl Conn {
             if let Some(lost) = &state.lost {
                 return Err(lost.clone());
             }
-            state.pending.insert(id, tx);
+            state.pending.insert(id, Waiter { tx, raw });
         }
         let line = jsonrpc::Request {
             id: jsonrpc::RequestId::Number(id.into()),
@@ -157,8 +190,8 @@ impl Conn {
                 std::mem::take(&mut state.subscribers),
             )
         };
-        for (_, tx) in pending {
-            let _ = tx.send(Err(error.clone()));
+        for (_, waiter) in pending {
+            let _ = waiter.tx.send(Err(error.clone()));
         }
         drop(subscribers);
     }
@@ -180,6 +213,17 @@ impl Conn {
     }
 
     fn dispatch(&self, line: &[u8]) {
+        // A raw call's result, in the shape this server writes: handed over
+        // as text, unparsed.
+        if let Some((id, result)) = result_text(line) {
+            let mut state = lock(&self.state);
+            if state.pending.get(&id).is_some_and(|w| w.raw) {
+                if let Some(waiter) = state.pending.remove(&id) {
+                    let _ = waiter.tx.send(Ok(Answer::Raw(result.to_vec())));
+                }
+                return;
+            }
+        }
         if let Some(output) = OutputLine::parse(line) {
             // The common case, a chunk of output, skips building a Value.
             let state = lock(&self.state);
@@ -219,8 +263,10 @@ impl Conn {
                     return;
                 };
                 let Some(id) = id.as_i64() else { return };
-                let tx = lock(&self.state).pending.remove(&id);
-                let Some(tx) = tx else { return };
+                let waiter = lock(&self.state).pending.remove(&id);
+                let Some(Waiter { tx, .. }) = waiter else {
+                    return;
+                };
                 let outcome = reply.outcome.map_err(|err| ClientError::Rpc {
                     method: String::new(),
                     code: err["code"].as_i64().unwrap_or(0),
@@ -228,7 +274,7 @@ impl Conn {
                     message: err["message"].as_str().unwrap_or("").to_string(),
                     errno: err["data"]["errno"].as_i64(),
                 });
-                let _ = tx.send(outcome);
+                let _ = tx.send(outcome.map(Answer::Value));
             }
             jsonrpc::Message::Request(request) => {
                 tracing::debug!(method = %request.method, "the server asked something; ignored");
@@ -294,6 +340,18 @@ impl<'a> OutputLine<'a> {
             data: base64_simd::STANDARD.decode_type(chunk).ok()?,
         })
     }
+}
+
+/// A response line in the exact shape this server writes a result
+/// (`{"jsonrpc":"2.0","id":N,"result":...}`): its id and the result's JSON
+/// text. Errors and other shapes are left to the general path.
+fn result_text(line: &[u8]) -> Option<(i64, &[u8])> {
+    let rest = line.strip_prefix(b"{\"jsonrpc\":\"2.0\",\"id\":")?;
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    let id = std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()?;
+    let rest = rest[digits..].strip_prefix(b",\"result\":")?;
+    let rest = rest.strip_suffix(b"\n").unwrap_or(rest);
+    Some((id, rest.strip_suffix(b"}")?))
 }
 
 /// The bytes before the next `"`, and the rest from that quote on; `None`

@@ -47,7 +47,8 @@ pub use error::ClientError;
 pub use crate::protocol::Stream;
 pub use process::{Event, ExitStatus, Process, StartOptions};
 pub use types::{
-    DirectoryEntry, EnvironmentInfo, Metadata, ProcessSummary, Shell, Walk, WalkEntry, WalkError,
+    DirectoryEntry, EnvironmentInfo, Metadata, OutputChunk, ProcessSummary, ReadOutput, Shell,
+    Walk, WalkEntry, WalkError,
 };
 
 /// How long shutdown waits for the server to exit after its stdin closes.
@@ -139,6 +140,31 @@ impl Client {
         lock(&self.shared.current)
             .as_ref()
             .is_some_and(|conn| conn.frames.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    /// `process/read`: the retained output of `process_id` after
+    /// `after_seq` (at most about `max_bytes`), waiting up to `wait_ms`
+    /// for some. The answer is parsed without building a JSON value (its
+    /// base64 is decoded straight from the text): the fast way to poll.
+    pub async fn read_output(
+        &self,
+        process_id: &str,
+        after_seq: u64,
+        max_bytes: Option<usize>,
+        wait_ms: Option<u64>,
+    ) -> Result<ReadOutput, ClientError> {
+        let mut params = serde_json::json!({"processId": process_id, "afterSeq": after_seq});
+        if let Some(max) = max_bytes {
+            params["maxBytes"] = max.into();
+        }
+        if let Some(wait) = wait_ms {
+            params["waitMs"] = wait.into();
+        }
+        let text = self.conn().await?.call_raw("process/read", params).await?;
+        types::parse_read(&text).map_err(|message| ClientError::Decode {
+            method: "process/read".into(),
+            message,
+        })
     }
 
     /// The session id the server gave this client.

@@ -34,6 +34,13 @@ pub struct StartOptions {
     pub arg0: Option<String>,
     /// A `FileSystemSandboxContext` (`docs/PROTOCOL.md` section 6), passed as is.
     pub sandbox: Option<Value>,
+    /// Ask the server not to push output (`notifyOutput: false`), for a
+    /// caller that reads it with [`Client::read_output`] only.
+    pub notify_output: bool,
+    /// Ask the server to hold the child instead of evicting output when
+    /// retention is full (`holdOutput`): nothing is lost, the child waits
+    /// for the reads.
+    pub hold_output: bool,
 }
 
 impl StartOptions {
@@ -53,6 +60,8 @@ impl StartOptions {
             pipe_stdin: false,
             arg0: None,
             sandbox: None,
+            notify_output: true,
+            hold_output: false,
         }
     }
 
@@ -92,6 +101,16 @@ impl StartOptions {
     /// [`crate::client::run::sandbox_intent`] builds the presets.
     pub fn sandbox(mut self, sandbox: Value) -> Self {
         self.sandbox = Some(sandbox);
+        self
+    }
+
+    /// Only poll: the server pushes no output (read it with
+    /// [`Client::read_output`]), and holds the child when retention is
+    /// full instead of dropping output. Events of the started [`Process`]
+    /// then carry no output.
+    pub fn poll_only(mut self) -> Self {
+        self.notify_output = false;
+        self.hold_output = true;
         self
     }
 }
@@ -167,6 +186,12 @@ impl Process {
         }
         if let Some(sandbox) = o.sandbox {
             params["sandbox"] = sandbox;
+        }
+        if !o.notify_output {
+            params["notifyOutput"] = json!(false);
+        }
+        if o.hold_output {
+            params["holdOutput"] = json!(true);
         }
         if let Err(err) = conn.call("process/start", params).await {
             conn.unsubscribe(&o.process_id);

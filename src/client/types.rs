@@ -135,3 +135,87 @@ pub(super) struct ProcessList {
 pub(super) struct DirectoryListing {
     pub entries: Vec<DirectoryEntry>,
 }
+
+/// `process/read`: retained output after a seq, and where the process is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReadOutput {
+    /// The chunks, in seq order.
+    pub chunks: Vec<OutputChunk>,
+    /// The seq to read after next time, minus one (`afterSeq` of the next
+    /// read is `next_seq - 1`).
+    pub next_seq: u64,
+    /// The process has exited.
+    pub exited: bool,
+    /// Its exit code, once exited.
+    pub exit_code: Option<i32>,
+    /// Exited, and every stream has ended: nothing more will come.
+    pub closed: bool,
+    /// The server thinks the sandbox probably caused the failure.
+    pub sandbox_denied: bool,
+    /// Output after `afterSeq` fell out of retention before this read.
+    pub truncated: bool,
+}
+
+/// One chunk of output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputChunk {
+    /// Its sequence number.
+    pub seq: u64,
+    /// The stream it came from.
+    pub stream: crate::protocol::Stream,
+    /// The bytes.
+    pub data: Vec<u8>,
+}
+
+/// The result of `process/read` as JSON text, parsed without a `Value`:
+/// each chunk's base64 is borrowed from the text, then decoded (SIMD).
+pub(crate) fn parse_read(text: &[u8]) -> Result<ReadOutput, String> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Raw<'a> {
+        #[serde(borrow)]
+        chunks: Vec<RawChunk<'a>>,
+        next_seq: u64,
+        #[serde(default)]
+        exited: bool,
+        #[serde(default)]
+        exit_code: Option<i32>,
+        #[serde(default)]
+        closed: bool,
+        #[serde(default)]
+        sandbox_denied: bool,
+        #[serde(default)]
+        truncated: bool,
+    }
+    #[derive(Deserialize)]
+    struct RawChunk<'a> {
+        seq: u64,
+        stream: crate::protocol::Stream,
+        #[serde(borrow)]
+        chunk: std::borrow::Cow<'a, str>,
+    }
+    let raw: Raw<'_> = serde_json::from_slice(text).map_err(|e| e.to_string())?;
+    let chunks = raw
+        .chunks
+        .into_iter()
+        .map(|c| {
+            let data = base64_simd::STANDARD
+                .decode_type::<Vec<u8>>(c.chunk.as_bytes())
+                .map_err(|e| format!("chunk {} is not base64: {e}", c.seq))?;
+            Ok(OutputChunk {
+                seq: c.seq,
+                stream: c.stream,
+                data,
+            })
+        })
+        .collect::<Result<_, String>>()?;
+    Ok(ReadOutput {
+        chunks,
+        next_seq: raw.next_seq,
+        exited: raw.exited,
+        exit_code: raw.exit_code,
+        closed: raw.closed,
+        sandbox_denied: raw.sandbox_denied,
+        truncated: raw.truncated,
+    })
+}

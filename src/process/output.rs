@@ -51,17 +51,36 @@ impl OutputLog {
         }
     }
 
-    /// Append a chunk, then evict the oldest chunks beyond the limits. The
-    /// newest chunk is always kept so that a reader can make progress.
-    pub fn push(&mut self, seq: u64, stream: Stream, data: Bytes) {
+    /// Append a chunk, then (with `evict`) evict the oldest chunks beyond
+    /// the limits. The newest chunk is always kept so that a reader can
+    /// make progress. Without `evict` (a held process, which waits for
+    /// room before it pushes) the log goes over its limit by one chunk at
+    /// most.
+    pub fn push(&mut self, seq: u64, stream: Stream, data: Bytes, evict: bool) {
         self.bytes += data.len();
         self.chunks.push_back(Retained { seq, stream, data });
-        while self.chunks.len() > 1
+        while evict
+            && self.chunks.len() > 1
             && (self.bytes > self.limits.max_bytes || self.chunks.len() > self.limits.max_chunks)
         {
             if let Some(old) = self.chunks.pop_front() {
                 self.bytes -= old.data.len();
                 self.evicted_through = old.seq;
+            }
+        }
+    }
+
+    /// Whether the log is at its limits (a held process waits for room).
+    pub fn is_full(&self) -> bool {
+        self.bytes >= self.limits.max_bytes || self.chunks.len() >= self.limits.max_chunks
+    }
+
+    /// The reader has everything through `seq`: drop it (for a held
+    /// process, whose log is drained by reads rather than evicted).
+    pub fn forget_through(&mut self, seq: u64) {
+        while self.chunks.front().is_some_and(|c| c.seq <= seq) {
+            if let Some(old) = self.chunks.pop_front() {
+                self.bytes -= old.data.len();
             }
         }
     }
@@ -114,10 +133,27 @@ mod tests {
     }
 
     #[test]
+    fn a_held_log_keeps_everything_until_read() {
+        let mut log = OutputLog::new(Retention {
+            max_bytes: 8,
+            max_chunks: 100,
+        });
+        for seq in 1..=3 {
+            log.push(seq, Stream::Stdout, vec![0; 5].into(), false);
+        }
+        assert!(log.is_full());
+        assert_eq!(log.read(0, None).chunks.len(), 3, "nothing evicted");
+        log.forget_through(2);
+        assert!(!log.is_full());
+        let left = log.read(2, None);
+        assert_eq!((left.chunks.len(), left.truncated), (1, false));
+    }
+
+    #[test]
     fn eviction_by_bytes_marks_truncation_for_earlier_readers() {
         let mut log = log(10, 100);
         for seq in 1..=4 {
-            log.push(seq, Stream::Stdout, vec![b'a'; 4].into());
+            log.push(seq, Stream::Stdout, vec![b'a'; 4].into(), true);
         }
         let slice = log.read(0, None);
         assert!(slice.truncated);
@@ -129,7 +165,7 @@ mod tests {
     fn eviction_by_count() {
         let mut log = log(1 << 20, 2);
         for seq in 1..=5 {
-            log.push(seq, Stream::Stderr, vec![1].into());
+            log.push(seq, Stream::Stderr, vec![1].into(), true);
         }
         let seqs: Vec<u64> = log.read(0, None).chunks.iter().map(|c| c.seq).collect();
         assert_eq!(seqs, vec![4, 5]);
@@ -138,9 +174,9 @@ mod tests {
     #[test]
     fn max_bytes_stops_before_overflow_but_returns_one_chunk() {
         let mut log = log(1 << 20, 100);
-        log.push(1, Stream::Stdout, vec![0; 5].into());
-        log.push(2, Stream::Stdout, vec![0; 5].into());
-        log.push(3, Stream::Stdout, vec![0; 5].into());
+        log.push(1, Stream::Stdout, vec![0; 5].into(), true);
+        log.push(2, Stream::Stdout, vec![0; 5].into(), true);
+        log.push(3, Stream::Stdout, vec![0; 5].into(), true);
         assert_eq!(log.read(0, Some(10)).last_seq, Some(2));
         assert_eq!(log.read(0, Some(1)).last_seq, Some(1));
         assert_eq!(log.read(3, Some(1)).last_seq, None);

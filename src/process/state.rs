@@ -57,6 +57,12 @@ pub struct Process {
     /// Its proxy and bridges: stopped when it closes (not at exit, so that
     /// what it left running keeps them until then).
     pub(super) network: std::sync::Mutex<Option<crate::net::Guard>>,
+    /// Output is pushed as notifications (`notifyOutput`, default true).
+    pub(super) notify: bool,
+    /// `holdOutput`: while the log is full, stop reading the child's
+    /// output (it blocks on write) until a read takes some; nothing is
+    /// evicted. Released for good by terminate and the end of the session.
+    pub(super) hold: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug)]
@@ -124,8 +130,34 @@ impl Process {
         tx.reserve().await
     }
 
+    /// Stop holding the child's output: evict as usual from now on.
+    pub(super) fn release_hold(&self) {
+        self.hold.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+
+    /// For a held process: wait until the log has room (or the hold is
+    /// released).
+    async fn room_in_log(&self) {
+        use std::sync::atomic::Ordering;
+        while self.hold.load(Ordering::SeqCst) {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if !self.hold.load(Ordering::SeqCst) || !self.lock().log.is_full() {
+                return;
+            }
+            changed.await;
+        }
+    }
+
     pub(super) async fn push_output(&self, stream: Stream, data: Vec<u8>) {
-        let permit = self.reserve().await;
+        self.room_in_log().await;
+        let permit = if self.notify {
+            self.reserve().await
+        } else {
+            None
+        };
         let chunk = bytes::Bytes::from(data);
         {
             let mut state = self.lock();
@@ -139,7 +171,8 @@ impl Process {
                     chunk: chunk.clone(),
                 });
             }
-            state.log.push(seq, stream, chunk);
+            let evict = !self.hold.load(std::sync::atomic::Ordering::SeqCst);
+            state.log.push(seq, stream, chunk, evict);
         }
         self.changed.notify_waiters();
     }
@@ -212,8 +245,13 @@ impl Process {
     /// returned without waiting: there are chunks, the process is closed,
     /// or its exit is after `afterSeq`. One lock, so both agree.
     pub(super) fn snapshot(&self, params: &ReadParams) -> (ReadResponse, bool) {
-        let state = self.lock();
+        let mut state = self.lock();
         let after = params.after_seq.unwrap_or(0);
+        if self.hold.load(std::sync::atomic::Ordering::SeqCst) {
+            // The reader has everything through `after`: room for more.
+            state.log.forget_through(after);
+            self.changed.notify_waiters();
+        }
         let slice = state.log.read(after, params.max_bytes);
         let next_seq = match (params.max_bytes, slice.last_seq) {
             (Some(_), Some(last)) => last + 1,

@@ -38,6 +38,10 @@ pub struct StartRequest<'a> {
     pub spec: spawn::Spec<'a>,
     /// The process's proxy, kept until it closes.
     pub network: Option<crate::net::Guard>,
+    /// Push output as notifications.
+    pub notify_output: bool,
+    /// Hold the child instead of evicting when retention is full.
+    pub hold_output: bool,
 }
 
 /// The first answer to a `process/read`.
@@ -198,6 +202,8 @@ impl ProcessTable {
             container,
             sandbox,
             network: Mutex::new(network),
+            notify: req.notify_output,
+            hold: std::sync::atomic::AtomicBool::new(req.hold_output),
         });
         processes.insert(req.id, process.clone());
         drop(processes);
@@ -269,6 +275,7 @@ impl ProcessTable {
                 if let Some(network) = lock(&process.network).as_ref() {
                     network.stop_asking();
                 }
+                process.release_hold();
                 let containment = self.containment.clone();
                 (
                     running,
@@ -316,6 +323,7 @@ impl ProcessTable {
     pub fn kill_all(&self) {
         let all: Vec<Arc<Process>> = lock(&self.processes).values().cloned().collect();
         for process in all {
+            process.release_hold();
             self.containment.kill(&process.container);
         }
         for container in lock(&self.lingering).iter() {

@@ -195,10 +195,7 @@ impl Connection {
     fn request(&mut self, request: Request) -> Pending {
         let Request { id, method, params } = request;
         if method == method::INITIALIZE {
-            return Pending::Ready(Response {
-                id: Some(id),
-                outcome: self.initialize(params),
-            });
+            return Pending::Ready(Response::new(Some(id), self.initialize(params)));
         }
         let Some(route) = dispatch::route(&method) else {
             return Pending::Ready(Response::err(Some(id), Error::MethodNotFound(method)));
@@ -215,39 +212,31 @@ impl Connection {
         let started = std::time::Instant::now();
         match (route.handler)(&ctx, &method, params) {
             Reply::Ready(outcome) => {
-                log_request(&method, &id, started, &outcome);
-                Pending::Ready(Response {
-                    id: Some(id),
-                    outcome,
-                })
+                log_request(&method, &id, started, outcome.as_ref().err());
+                Pending::Ready(Response::new(Some(id), outcome))
+            }
+            Reply::Rendered(outcome) => {
+                log_request(&method, &id, started, outcome.as_ref().err());
+                Pending::Ready(Response::rendered(Some(id), outcome))
             }
             Reply::ReadyThen(outcome, hook) => {
-                log_request(&method, &id, started, &outcome);
-                Pending::ReadyThen(
-                    Response {
-                        id: Some(id),
-                        outcome,
-                    },
-                    hook,
-                )
+                log_request(&method, &id, started, outcome.as_ref().err());
+                Pending::ReadyThen(Response::new(Some(id), outcome), hook)
             }
             Reply::Later(future) => Pending::Later(Box::pin(async move {
                 let outcome = future.await;
-                log_request(&method, &id, started, &outcome);
-                let response = Response {
-                    id: Some(id),
-                    outcome,
-                };
-                (response, None)
+                log_request(&method, &id, started, outcome.as_ref().err());
+                (Response::new(Some(id), outcome), None)
+            })),
+            Reply::LaterRendered(future) => Pending::Later(Box::pin(async move {
+                let outcome = future.await;
+                log_request(&method, &id, started, outcome.as_ref().err());
+                (Response::rendered(Some(id), outcome), None)
             })),
             Reply::LaterThen(future) => Pending::Later(Box::pin(async move {
                 let (outcome, follow_up) = future.await;
-                log_request(&method, &id, started, &outcome);
-                let response = Response {
-                    id: Some(id),
-                    outcome,
-                };
-                (response, follow_up)
+                log_request(&method, &id, started, outcome.as_ref().err());
+                (Response::new(Some(id), outcome), follow_up)
             })),
         }
     }
@@ -318,12 +307,12 @@ fn log_request(
     method: &str,
     id: &jsonrpc::RequestId,
     started: std::time::Instant,
-    outcome: &Result<Value, Error>,
+    failure: Option<&Error>,
 ) {
     let micros = started.elapsed().as_micros();
-    match outcome {
-        Ok(_) => tracing::debug!(method, %id, micros, "ok"),
-        Err(err) => {
+    match failure {
+        None => tracing::debug!(method, %id, micros, "ok"),
+        Some(err) => {
             tracing::debug!(method, %id, micros, code = err.code(), kind = err.kind(), "{err}")
         }
     }

@@ -74,6 +74,10 @@ pub enum Reply {
     /// Later, with work to run once the response is queued (the
     /// notifications of a streamed body, which must come after it).
     LaterThen(ThenFuture),
+    /// Ready, the result already written as JSON text.
+    Rendered(Result<Vec<u8>>),
+    /// Later, the result written as JSON text.
+    LaterRendered(Pin<Box<dyn Future<Output = Result<Vec<u8>>> + Send>>),
 }
 
 /// A method's entry in the table.
@@ -198,6 +202,8 @@ fn start(ctx: &Ctx, name: &str, params: Value) -> Reply {
                 sandbox: prepared,
             },
             network: launched.map(|l| l.guard),
+            notify_output: p.notify_output.unwrap_or(true),
+            hold_output: p.hold_output,
         })?;
         let response = StartResponse {
             process_id: p.process_id,
@@ -253,10 +259,14 @@ fn read(ctx: &Ctx, name: &str, params: Value) -> Reply {
         Ok(p) => p,
         Err(err) => return Reply::Ready(Err(err)),
     };
+    // Rendered straight from the retained chunks: no `Value`, and base64
+    // written into the line once.
     match ctx.session.processes.read(&p) {
-        Ok(ReadNow::Ready(response)) => ready(Ok(response)),
+        Ok(ReadNow::Ready(response)) => Reply::Rendered(Ok(response.render())),
         Ok(ReadNow::Wait(process)) => {
-            Reply::Later(Box::pin(async move { to_value(process.read(&p).await?) }))
+            Reply::LaterRendered(Box::pin(
+                async move { Ok(process.read(&p).await?.render()) },
+            ))
         }
         Err(err) => Reply::Ready(Err(err)),
     }

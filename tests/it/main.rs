@@ -11,6 +11,7 @@ mod http;
 mod hygiene;
 mod network;
 mod persist;
+mod polling;
 mod process;
 mod sandbox;
 mod sessions;
