@@ -30,14 +30,22 @@ pub const VERSION: u64 = 1;
 const KIND_OUTPUT: u8 = 1;
 
 /// A frame of `process/output`: the same facts as the notification.
+#[cfg(test)]
 pub fn encode_output(process_id: &str, seq: u64, stream: Stream, data: &[u8]) -> Vec<u8> {
-    let mut frame = Vec::with_capacity(HEADER + process_id.len() + data.len());
+    let mut frame = output_header(process_id, seq, stream, data.len());
+    frame.extend_from_slice(data);
+    frame
+}
+
+/// Everything of an output frame but its data (which the writer sends
+/// from where it is, without copying it in).
+pub fn output_header(process_id: &str, seq: u64, stream: Stream, len: usize) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(HEADER + process_id.len());
     frame.extend_from_slice(&[MARK, KIND_OUTPUT, stream_code(stream)]);
     frame.extend_from_slice(&(process_id.len() as u16).to_le_bytes());
     frame.extend_from_slice(&seq.to_le_bytes());
-    frame.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&(len as u32).to_le_bytes());
     frame.extend_from_slice(process_id.as_bytes());
-    frame.extend_from_slice(data);
     frame
 }
 

@@ -11,6 +11,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+
+mod plot;
 use exec_server::client::{Client, Event, ServerCommand, StartOptions};
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -37,6 +39,9 @@ struct Args {
     /// both, side by side.
     #[arg(long = "wire", value_name = "WIRE", value_enum)]
     wires: Vec<Wire>,
+    /// Draw the scaling cases as an SVG chart into FILE.
+    #[arg(long, value_name = "FILE")]
+    plot: Option<PathBuf>,
     /// The wire of the current pass.
     #[arg(skip)]
     wire: Wire,
@@ -62,6 +67,12 @@ enum Case {
     Interference,
     Idle,
     Reconnect,
+    /// Fan-out at 1, 4, 16, 64 and 256 processes.
+    ScaleFanOut,
+    /// One process writing 1 MiB to 1 GiB.
+    ScaleOutput,
+    /// One process writing in chunks of 4 KiB to 1 MiB.
+    ScaleChunks,
 }
 
 impl Args {
@@ -145,6 +156,9 @@ struct Row {
     case: String,
     /// How output travelled.
     wire: Wire,
+    /// For a scaling case: its chart and where on the x axis it sits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scale: Option<(&'static str, f64)>,
     unit: &'static str,
     server: Summary,
     baseline: Option<Summary>,
@@ -165,6 +179,7 @@ fn row(
     Row {
         case: case.to_string(),
         wire: Wire::Json,
+        scale: None,
         unit,
         server,
         baseline,
@@ -512,7 +527,102 @@ async fn poll(client: &Client, id: &str, argv: &[String]) -> Result<(u64, u64), 
     Ok((bytes, expected.saturating_sub(bytes)))
 }
 
+/// How cost grows with the number of processes streaming at once.
+async fn scale_fan_out(args: &Args, plan: &Plan) -> Result<Vec<Row>, BoxError> {
+    let counts: &[usize] = if args.quick {
+        &[1, 4, 16]
+    } else {
+        &[1, 4, 16, 64, 256]
+    };
+    let mut rows = Vec::new();
+    for &n in counts {
+        let mut row = fan_out_of(args, n, plan.fan_out_bytes).await?;
+        row.scale = Some(("fan-out", n as f64));
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+/// How throughput grows with the size of one process's output.
+async fn scale_output(args: &Args, plan: &Plan) -> Result<Vec<Row>, BoxError> {
+    let sizes: &[u64] = if args.quick {
+        &[1, 16]
+    } else {
+        &[1, 16, 256, 1024]
+    };
+    let _ = plan;
+    let mut rows = Vec::new();
+    for &mib in sizes {
+        let argv = head(mib << 20);
+        let client = Client::new(server_command(args, &[])?);
+        client.session_id().await?;
+        let t = Instant::now();
+        let got = drain(&client, format!("o{mib}"), argv.clone()).await?;
+        let served = mb_per_s(got, t.elapsed());
+        client.shutdown().await;
+        let t = Instant::now();
+        let got = direct(&argv).await?;
+        let piped = mb_per_s(got, t.elapsed());
+        let mut row = row(
+            &format!("output of one process, {mib} MiB"),
+            "MB/s",
+            vec![served],
+            Some(vec![piped]),
+            "baseline: a plain pipe".into(),
+        );
+        row.scale = Some(("output size (MiB)", mib as f64));
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+/// How throughput depends on the size of the child's writes.
+async fn scale_chunks(args: &Args, plan: &Plan) -> Result<Vec<Row>, BoxError> {
+    let total: u64 = if args.quick { 16 << 20 } else { 256 << 20 };
+    let _ = plan;
+    let mut rows = Vec::new();
+    for kib in [4u64, 64, 1024] {
+        let argv: Vec<String> = vec![
+            "dd".into(),
+            "if=/dev/zero".into(),
+            format!("bs={}", kib << 10),
+            format!("count={}", total / (kib << 10)),
+            "status=none".into(),
+        ];
+        let client = Client::new(server_command(args, &[])?);
+        client.session_id().await?;
+        let t = Instant::now();
+        let got = drain(&client, format!("k{kib}"), argv.clone()).await?;
+        let served = mb_per_s(got, t.elapsed());
+        client.shutdown().await;
+        let t = Instant::now();
+        let got = direct(&argv).await?;
+        let piped = mb_per_s(got, t.elapsed());
+        let mut row = row(
+            &format!("writes of {kib} KiB ({} MiB)", total >> 20),
+            "MB/s",
+            vec![served],
+            Some(vec![piped]),
+            "baseline: a plain pipe".into(),
+        );
+        row.scale = Some(("write size (KiB)", kib as f64));
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
 async fn fan_out(args: &Args, plan: &Plan) -> Result<Row, BoxError> {
+    fan_out_of(args, plan.fan_out, plan.fan_out_bytes).await
+}
+
+/// `n` processes writing `bytes` each at once, through the server and
+/// directly.
+async fn fan_out_of(args: &Args, n: usize, bytes: u64) -> Result<Row, BoxError> {
+    let plan = &Plan {
+        fan_out: n,
+        fan_out_bytes: bytes,
+        ..Plan::new(true)
+    };
     let client = Client::new(server_command(args, &[])?);
     client.session_id().await?;
     let pid = client.server_pid().unwrap_or(0);
@@ -751,6 +861,9 @@ async fn run(args: &Args) -> Result<(), BoxError> {
                 Case::Interference => vec![interference(args, &plan).await?],
                 Case::Idle => idle(args, &plan).await?,
                 Case::Reconnect => reconnect(args, &plan).await?,
+                Case::ScaleFanOut => scale_fan_out(args, &plan).await?,
+                Case::ScaleOutput => scale_output(args, &plan).await?,
+                Case::ScaleChunks => scale_chunks(args, &plan).await?,
             };
             for row in &mut case_rows {
                 row.wire = wire;
@@ -759,6 +872,10 @@ async fn run(args: &Args) -> Result<(), BoxError> {
         }
     }
     print_table(&rows);
+    if let Some(path) = &args.plot {
+        plot::draw(path, &rows)?;
+        println!("chart: {}", path.display());
+    }
     println!("({:.1} s in all)", started.elapsed().as_secs_f64());
     if let Some(path) = &args.json {
         let doc: Value = json!({

@@ -9,7 +9,7 @@ use crate::jsonrpc::encode_line;
 /// The peer's end: lines to send, lines received (newline included).
 pub struct Peer {
     pub send: mpsc::Sender<Frame>,
-    pub receive: mpsc::Receiver<Vec<u8>>,
+    pub receive: mpsc::Receiver<super::Encoded>,
 }
 
 /// A connected pair: the server's transport and the peer's end.
@@ -37,7 +37,7 @@ impl Peer {
 
     /// The next message, parsed.
     pub async fn next_json(&mut self) -> Option<serde_json::Value> {
-        let line = self.receive.recv().await?;
+        let line = self.receive.recv().await?.into_vec();
         serde_json::from_slice(&line).ok()
     }
 }

@@ -41,7 +41,7 @@ pub const OUTBOUND_CAPACITY: usize = 32;
 /// (measured: one encoding writer halved notification throughput).
 #[derive(Clone)]
 pub struct Outbound {
-    tx: mpsc::Sender<Vec<u8>>,
+    tx: mpsc::Sender<Encoded>,
     encode: fn(&Outgoing) -> Vec<u8>,
     /// Calls made to this peer and not yet answered.
     calls: Arc<Calls>,
@@ -81,28 +81,32 @@ pub enum CallFailed {
 
 /// Room for one message on a connection, reserved ahead.
 pub struct Permit {
-    permit: mpsc::OwnedPermit<Vec<u8>>,
+    permit: mpsc::OwnedPermit<Encoded>,
     encode: fn(&Outgoing) -> Vec<u8>,
     frames: bool,
 }
 
-/// `message` as bytes: output as a binary frame when the peer asked for
-/// frames, everything else by the transport's codec.
-fn encode(message: &Outgoing, codec: fn(&Outgoing) -> Vec<u8>, frames: bool) -> Vec<u8> {
+/// `message` as bytes: output as a binary frame (its header, and the
+/// chunk itself, not copied) when the peer asked for frames, everything
+/// else by the transport's codec.
+fn encode(message: &Outgoing, codec: fn(&Outgoing) -> Vec<u8>, frames: bool) -> Encoded {
     match message {
         Outgoing::Output {
             process_id,
             seq,
             stream,
             chunk,
-        } if frames => crate::frame::encode_output(process_id, *seq, *stream, chunk),
-        _ => codec(message),
+        } if frames => Encoded {
+            head: crate::frame::output_header(process_id, *seq, *stream, chunk.len()),
+            body: Some(chunk.clone()),
+        },
+        _ => codec(message).into(),
     }
 }
 
 impl Outbound {
     /// A sender into `tx` whose messages `encode` turns into bytes.
-    pub fn new(tx: mpsc::Sender<Vec<u8>>, encode: fn(&Outgoing) -> Vec<u8>) -> Outbound {
+    pub fn new(tx: mpsc::Sender<Encoded>, encode: fn(&Outgoing) -> Vec<u8>) -> Outbound {
         Outbound {
             tx,
             encode,
@@ -116,7 +120,7 @@ impl Outbound {
         self.frames.store(on, Ordering::SeqCst);
     }
 
-    fn encode(&self, message: &Outgoing) -> Vec<u8> {
+    fn encode(&self, message: &Outgoing) -> Encoded {
         encode(message, self.encode, self.frames.load(Ordering::Relaxed))
     }
 
@@ -216,6 +220,38 @@ impl Permit {
     /// Queue `message` in the reserved room.
     pub fn send(self, message: Outgoing) {
         self.permit.send(encode(&message, self.encode, self.frames));
+    }
+}
+
+/// One message for a writer: its bytes, and for a binary frame the output
+/// it carries, shared with the retained log rather than copied in.
+#[derive(Debug)]
+pub struct Encoded {
+    pub head: Vec<u8>,
+    pub body: Option<bytes::Bytes>,
+}
+
+impl Encoded {
+    /// The message as one buffer (for a transport that needs one).
+    pub fn into_vec(self) -> Vec<u8> {
+        match self.body {
+            None => self.head,
+            Some(body) => {
+                let mut all = self.head;
+                all.extend_from_slice(&body);
+                all
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.head.len() + self.body.as_ref().map_or(0, |b| b.len())
+    }
+}
+
+impl From<Vec<u8>> for Encoded {
+    fn from(head: Vec<u8>) -> Self {
+        Encoded { head, body: None }
     }
 }
 

@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 
 use tokio::sync::mpsc;
 
-use super::{Frame, OUTBOUND_CAPACITY, Outbound, Transport};
+use super::{Encoded, Frame, OUTBOUND_CAPACITY, Outbound, Transport};
 use crate::jsonrpc::encode_line;
 
 /// The running stdio transport; `writer` finishes once every sender is gone.
@@ -143,8 +143,8 @@ const BATCH_BYTES: usize = 1 << 20;
 /// Write every line from `rx` to `out`: whatever is queued goes out in one
 /// vectored write, so large output lines are never copied into a buffer
 /// and small ones still share a system call.
-pub fn write_lines(mut out: impl Write, mut rx: mpsc::Receiver<Vec<u8>>) -> io::Result<()> {
-    let mut batch: Vec<Vec<u8>> = Vec::with_capacity(BATCH_LINES);
+pub fn write_lines(mut out: impl Write, mut rx: mpsc::Receiver<Encoded>) -> io::Result<()> {
+    let mut batch: Vec<Encoded> = Vec::with_capacity(BATCH_LINES);
     while let Some(line) = rx.blocking_recv() {
         let mut bytes = line.len();
         batch.push(line);
@@ -159,9 +159,15 @@ pub fn write_lines(mut out: impl Write, mut rx: mpsc::Receiver<Vec<u8>>) -> io::
     out.flush()
 }
 
-/// `write_all` for a list of buffers.
-fn write_all_vectored(out: &mut impl Write, lines: &[Vec<u8>]) -> io::Result<()> {
-    let mut slices: Vec<IoSlice<'_>> = lines.iter().map(|l| IoSlice::new(l)).collect();
+/// `write_all` for a list of messages (a frame's body from where it is).
+fn write_all_vectored(out: &mut impl Write, lines: &[Encoded]) -> io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(lines.len() * 2);
+    for line in lines {
+        slices.push(IoSlice::new(&line.head));
+        if let Some(body) = &line.body {
+            slices.push(IoSlice::new(body));
+        }
+    }
     let mut rest = &mut slices[..];
     IoSlice::advance_slices(&mut rest, 0);
     while !rest.is_empty() {
@@ -238,7 +244,7 @@ mod tests {
         for step in [1, 3, 4096, 1 << 30] {
             let (tx, rx) = mpsc::channel(lines.len());
             for i in 0..lines.len() {
-                tx.try_send(encode_line(&message(i))).unwrap();
+                tx.try_send(encode_line(&message(i)).into()).unwrap();
             }
             drop(tx);
             let mut out = Trickle {

@@ -124,7 +124,7 @@ fn serve(socket: tokio_tungstenite::WebSocketStream<Replay>, limits: Limits) -> 
     let pong_timeout = ping_every.saturating_mul(2);
     let (mut sink, mut source) = socket.split();
     let (in_tx, in_rx) = mpsc::channel(64);
-    let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(OUTBOUND_CAPACITY);
+    let (out_tx, mut out_rx) = mpsc::channel::<super::Encoded>(OUTBOUND_CAPACITY);
     let (pong_tx, mut pong_rx) = mpsc::unbounded_channel::<()>();
     let reader = tokio::spawn(async move {
         while let Some(message) = source.next().await {
@@ -162,6 +162,7 @@ fn serve(socket: tokio_tungstenite::WebSocketStream<Replay>, limits: Limits) -> 
             let sent = tokio::select! {
                 line = out_rx.recv() => {
                     let Some(line) = line else { break };
+                    let line = line.into_vec();
                     // A binary frame goes as a binary message; JSON is
                     // always UTF-8 (the lossy pass is never taken).
                     let message = if line.first() == Some(&crate::frame::MARK) {
