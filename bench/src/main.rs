@@ -115,7 +115,7 @@ impl Plan {
                 cold_starts: 30,
                 round_trips: 200,
                 stream_bytes: 512 << 20,
-                stream_runs: 3,
+                stream_runs: 5,
                 fan_out: 256,
                 fan_out_bytes: 4 << 20,
                 interference_reads: 200,
