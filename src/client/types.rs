@@ -168,8 +168,93 @@ pub struct OutputChunk {
 }
 
 /// The result of `process/read` as JSON text, parsed without a `Value`:
-/// each chunk's base64 is borrowed from the text, then decoded (SIMD).
+/// in the exact shape this server writes it, by hand (each chunk's base64
+/// found by its closing quote and decoded with SIMD, which rejects anything
+/// that is not base64); any other shape by serde, borrowing the chunks.
 pub(crate) fn parse_read(text: &[u8]) -> Result<ReadOutput, String> {
+    if let Some(read) = parse_read_fast(text) {
+        return Ok(read);
+    }
+    parse_read_general(text)
+}
+
+/// This server's shape: `{"chunks":[{"seq":N,"stream":"S","chunk":"B"},..],
+/// "nextSeq":N,"exited":B,"exitCode":N|null,"closed":B,"failure":null,
+/// "sandboxDenied":B,"truncated":B}`.
+fn parse_read_fast(text: &[u8]) -> Option<ReadOutput> {
+    fn number(rest: &[u8]) -> Option<(u64, &[u8])> {
+        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+        let n = std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()?;
+        Some((n, &rest[digits..]))
+    }
+    fn boolean<'a>(rest: &'a [u8], key: &[u8]) -> Option<(bool, &'a [u8])> {
+        let rest = rest.strip_prefix(key)?;
+        if let Some(r) = rest.strip_prefix(b"true") {
+            Some((true, r))
+        } else {
+            Some((false, rest.strip_prefix(b"false")?))
+        }
+    }
+    let mut rest = text.strip_prefix(b"{\"chunks\":[")?;
+    let mut chunks = Vec::new();
+    while let Some(r) = rest.strip_prefix(b"{\"seq\":") {
+        let (seq, r) = number(r)?;
+        let r = r.strip_prefix(b",\"stream\":\"")?;
+        let end = r.iter().position(|&b| b == b'"')?;
+        let stream = match &r[..end] {
+            b"stdout" => crate::protocol::Stream::Stdout,
+            b"stderr" => crate::protocol::Stream::Stderr,
+            b"pty" => crate::protocol::Stream::Pty,
+            _ => return None,
+        };
+        let r = r[end..].strip_prefix(b"\",\"chunk\":\"")?;
+        let end = memchr_quote(r)?;
+        let data = base64_simd::STANDARD
+            .decode_type::<Vec<u8>>(&r[..end])
+            .ok()?;
+        chunks.push(OutputChunk { seq, stream, data });
+        let r = r[end..].strip_prefix(b"\"}")?;
+        rest = r.strip_prefix(b",").unwrap_or(r);
+    }
+    let rest = rest.strip_prefix(b"],\"nextSeq\":")?;
+    let (next_seq, rest) = number(rest)?;
+    let (exited, rest) = boolean(rest, b",\"exited\":")?;
+    let rest = rest.strip_prefix(b",\"exitCode\":")?;
+    let (exit_code, rest) = match rest.strip_prefix(b"null") {
+        Some(r) => (None, r),
+        None => {
+            let (negative, r) = match rest.strip_prefix(b"-") {
+                Some(r) => (true, r),
+                None => (false, rest),
+            };
+            let (n, r) = number(r)?;
+            let n = i32::try_from(n).ok()?;
+            (Some(if negative { -n } else { n }), r)
+        }
+    };
+    let (closed, rest) = boolean(rest, b",\"closed\":")?;
+    let rest = rest.strip_prefix(b",\"failure\":null")?;
+    let (sandbox_denied, rest) = boolean(rest, b",\"sandboxDenied\":")?;
+    let (truncated, rest) = boolean(rest, b",\"truncated\":")?;
+    (rest == b"}").then_some(ReadOutput {
+        chunks,
+        next_seq,
+        exited,
+        exit_code,
+        closed,
+        sandbox_denied,
+        truncated,
+    })
+}
+
+/// The index of the first `"` (libc's vectorised `memchr`).
+fn memchr_quote(bytes: &[u8]) -> Option<usize> {
+    // SAFETY: searches within the slice's bounds.
+    let found = unsafe { libc::memchr(bytes.as_ptr().cast(), b'"' as i32, bytes.len()) };
+    (!found.is_null()).then(|| found as usize - bytes.as_ptr() as usize)
+}
+
+fn parse_read_general(text: &[u8]) -> Result<ReadOutput, String> {
     #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
     struct Raw<'a> {
@@ -218,4 +303,52 @@ pub(crate) fn parse_read(text: &[u8]) -> Result<ReadOutput, String> {
         sandbox_denied: raw.sandbox_denied,
         truncated: raw.truncated,
     })
+}
+
+#[cfg(all(test, feature = "server"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fast_read_parser_agrees_with_serde_on_what_the_server_renders() {
+        use crate::protocol::{OutputChunk as Wire, ReadResponse, SharedBytes, Stream};
+        for (chunks, exit_code, closed) in [
+            (vec![], None, false),
+            (
+                vec![
+                    (1, Stream::Stdout, &b"hello\n"[..]),
+                    (7, Stream::Stderr, b"\x00\xff\""),
+                ],
+                Some(-9),
+                true,
+            ),
+        ] {
+            let response = ReadResponse {
+                chunks: chunks
+                    .into_iter()
+                    .map(|(seq, stream, data)| Wire {
+                        seq,
+                        stream,
+                        chunk: SharedBytes(bytes::Bytes::copy_from_slice(data)),
+                    })
+                    .collect(),
+                next_seq: 9,
+                exited: exit_code.is_some(),
+                exit_code,
+                closed,
+                failure: None,
+                sandbox_denied: false,
+                truncated: true,
+            };
+            let text = response.render();
+            let fast = parse_read_fast(&text).expect("the server's shape");
+            assert_eq!(fast, parse_read_general(&text).unwrap());
+            assert_eq!(fast.exit_code, exit_code);
+        }
+        // Another shape (spaces, another member order) takes serde's path.
+        let other =
+            br#"{"nextSeq": 2, "chunks": [{"chunk": "aGk=", "stream": "stdout", "seq": 1}]}"#;
+        assert!(parse_read_fast(other).is_none());
+        assert_eq!(parse_read(other).unwrap().chunks[0].data, b"hi");
+    }
 }

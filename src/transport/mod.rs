@@ -87,9 +87,11 @@ pub struct Permit {
 }
 
 /// `message` as bytes: output as a binary frame (its header, and the
-/// chunk itself, not copied) when the peer asked for frames, everything
-/// else by the transport's codec.
-fn encode(message: &Outgoing, codec: fn(&Outgoing) -> Vec<u8>, frames: bool) -> Encoded {
+/// chunk itself, not copied) when the peer asked for frames; a result
+/// already rendered as JSON text (a `process/read` answer) behind its
+/// envelope without being copied again; everything else by the
+/// transport's codec.
+fn encode(message: Outgoing, codec: fn(&Outgoing) -> Vec<u8>, frames: bool) -> Encoded {
     match message {
         Outgoing::Output {
             process_id,
@@ -97,10 +99,24 @@ fn encode(message: &Outgoing, codec: fn(&Outgoing) -> Vec<u8>, frames: bool) -> 
             stream,
             chunk,
         } if frames => Encoded {
-            head: crate::frame::output_header(process_id, *seq, *stream, chunk.len()),
-            body: Some(chunk.clone()),
+            head: crate::frame::output_header(&process_id, seq, stream, chunk.len()),
+            body: Some(chunk),
         },
-        _ => codec(message).into(),
+        Outgoing::Response(crate::jsonrpc::Response {
+            id,
+            outcome: Ok(_),
+            rendered: Some(mut result),
+        }) => {
+            let mut head = b"{\"jsonrpc\":\"2.0\",\"id\":".to_vec();
+            let _ = serde_json::to_writer(&mut head, &id);
+            head.extend_from_slice(b",\"result\":");
+            result.extend_from_slice(b"}\n");
+            Encoded {
+                head,
+                body: Some(result.into()),
+            }
+        }
+        other => codec(&other).into(),
     }
 }
 
@@ -120,7 +136,7 @@ impl Outbound {
         self.frames.store(on, Ordering::SeqCst);
     }
 
-    fn encode(&self, message: &Outgoing) -> Encoded {
+    fn encode(&self, message: Outgoing) -> Encoded {
         encode(message, self.encode, self.frames.load(Ordering::Relaxed))
     }
 
@@ -131,7 +147,7 @@ impl Outbound {
         if self.tx.capacity() <= keep_free {
             return false;
         }
-        self.tx.try_send(self.encode(&message)).is_ok()
+        self.tx.try_send(self.encode(message)).is_ok()
     }
 
     /// Call `method` on the peer and wait for its answer, at most
@@ -202,7 +218,7 @@ impl Outbound {
 
     /// Queue `message`, waiting for room; false once the writer is gone.
     pub async fn send(&self, message: Outgoing) -> bool {
-        self.tx.send(self.encode(&message)).await.is_ok()
+        self.tx.send(self.encode(message)).await.is_ok()
     }
 
     /// Wait for room for one message; `None` once the writer is gone.
@@ -219,7 +235,7 @@ impl Outbound {
 impl Permit {
     /// Queue `message` in the reserved room.
     pub fn send(self, message: Outgoing) {
-        self.permit.send(encode(&message, self.encode, self.frames));
+        self.permit.send(encode(message, self.encode, self.frames));
     }
 }
 

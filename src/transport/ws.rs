@@ -162,7 +162,12 @@ fn serve(socket: tokio_tungstenite::WebSocketStream<Replay>, limits: Limits) -> 
             let sent = tokio::select! {
                 line = out_rx.recv() => {
                     let Some(line) = line else { break };
-                    let line = line.into_vec();
+                    let mut line = line.into_vec();
+                    // A pre-rendered answer comes with the line codec's
+                    // newline: one message needs none.
+                    if line.first() != Some(&crate::frame::MARK) && line.last() == Some(&b'\n') {
+                        line.pop();
+                    }
                     // A binary frame goes as a binary message; JSON is
                     // always UTF-8 (the lossy pass is never taken).
                     let message = if line.first() == Some(&crate::frame::MARK) {
