@@ -553,27 +553,32 @@ async fn scale_output(args: &Args, plan: &Plan) -> Result<Vec<Row>, BoxError> {
     let _ = plan;
     let mut rows = Vec::new();
     for &mib in sizes {
-        let argv = head(mib << 20);
-        let client = Client::new(server_command(args, &[])?);
-        client.session_id().await?;
-        let t = Instant::now();
-        let got = drain(&client, format!("o{mib}"), argv.clone()).await?;
-        let served = mb_per_s(got, t.elapsed());
-        client.shutdown().await;
-        let t = Instant::now();
-        let got = direct(&argv).await?;
-        let piped = mb_per_s(got, t.elapsed());
-        let mut row = row(
-            &format!("output of one process, {mib} MiB"),
-            "MB/s",
-            vec![served],
-            Some(vec![piped]),
-            "baseline: a plain pipe".into(),
-        );
+        let name = format!("output of one process, {mib} MiB");
+        let mut row = one_stream(args, &name, head(mib << 20)).await?;
         row.scale = Some(("output size (MiB)", mib as f64));
         rows.push(row);
     }
     Ok(rows)
+}
+
+/// `argv` through a fresh server and through a plain pipe: MB/s of each.
+async fn one_stream(args: &Args, name: &str, argv: Vec<String>) -> Result<Row, BoxError> {
+    let client = Client::new(server_command(args, &[])?);
+    client.session_id().await?;
+    let t = Instant::now();
+    let got = drain(&client, "one".into(), argv.clone()).await?;
+    let served = mb_per_s(got, t.elapsed());
+    client.shutdown().await;
+    let t = Instant::now();
+    let got = direct(&argv).await?;
+    let piped = mb_per_s(got, t.elapsed());
+    Ok(row(
+        name,
+        "MB/s",
+        vec![served],
+        Some(vec![piped]),
+        "baseline: a plain pipe".into(),
+    ))
 }
 
 /// How throughput depends on the size of the child's writes.
@@ -589,22 +594,8 @@ async fn scale_chunks(args: &Args, plan: &Plan) -> Result<Vec<Row>, BoxError> {
             format!("count={}", total / (kib << 10)),
             "status=none".into(),
         ];
-        let client = Client::new(server_command(args, &[])?);
-        client.session_id().await?;
-        let t = Instant::now();
-        let got = drain(&client, format!("k{kib}"), argv.clone()).await?;
-        let served = mb_per_s(got, t.elapsed());
-        client.shutdown().await;
-        let t = Instant::now();
-        let got = direct(&argv).await?;
-        let piped = mb_per_s(got, t.elapsed());
-        let mut row = row(
-            &format!("writes of {kib} KiB ({} MiB)", total >> 20),
-            "MB/s",
-            vec![served],
-            Some(vec![piped]),
-            "baseline: a plain pipe".into(),
-        );
+        let name = format!("writes of {kib} KiB ({} MiB)", total >> 20);
+        let mut row = one_stream(args, &name, argv).await?;
         row.scale = Some(("write size (KiB)", kib as f64));
         rows.push(row);
     }
