@@ -10,7 +10,7 @@
 //! ```text
 //! offset size
 //!  0     1    0x00, the frame mark
-//!  1     1    kind: 1 = process output
+//!  1     1    kind: 1 = process output, 2 = a response with bytes
 //!  2     1    stream: 0 stdout, 1 stderr, 2 pty
 //!  3     2    length of the process id (little-endian)
 //!  5     8    seq (little-endian)
@@ -18,6 +18,10 @@
 //! 17     P    the process id (UTF-8)
 //! 17+P   N    the data
 //! ```
+//!
+//! A response with bytes (`fs/readBlock`) uses the same layout: stream and
+//! seq are 0, the "process id" is the response's JSON text (whose
+//! `result.chunk` is `null`), and the data is the chunk.
 
 use crate::protocol::Stream;
 
@@ -28,6 +32,45 @@ pub const HEADER: usize = 17;
 /// The frame format this build speaks.
 pub const VERSION: u64 = 1;
 const KIND_OUTPUT: u8 = 1;
+const KIND_RESULT: u8 = 2;
+
+/// The header and JSON text of a response frame: `json` is the response
+/// (without a newline) whose `result.chunk` is the frame's `len` bytes.
+pub fn result_header(json: &[u8], len: usize) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(HEADER + json.len());
+    frame.extend_from_slice(&[MARK, KIND_RESULT, 0]);
+    frame.extend_from_slice(&(json.len() as u16).to_le_bytes());
+    frame.extend_from_slice(&0u64.to_le_bytes());
+    frame.extend_from_slice(&(len as u32).to_le_bytes());
+    frame.extend_from_slice(json);
+    frame
+}
+
+/// A decoded frame of either kind.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded<'a> {
+    Output(Output<'a>),
+    /// A response's JSON text and its `result.chunk` bytes.
+    Result {
+        json: &'a [u8],
+        data: &'a [u8],
+    },
+}
+
+/// Take any frame apart; `None` when malformed or of an unknown kind.
+pub fn decode_any(frame: &[u8]) -> Option<Decoded<'_>> {
+    if frame.len() >= HEADER && frame[0] == MARK && frame[1] == KIND_RESULT {
+        if total_len(frame) != frame.len() {
+            return None;
+        }
+        let json_len = u16::from_le_bytes([frame[3], frame[4]]) as usize;
+        return Some(Decoded::Result {
+            json: &frame[HEADER..HEADER + json_len],
+            data: &frame[HEADER + json_len..],
+        });
+    }
+    decode(frame).map(Decoded::Output)
+}
 
 /// A frame of `process/output`: the same facts as the notification.
 #[cfg(test)]
@@ -122,5 +165,22 @@ mod tests {
         let mut bad = frame.clone();
         bad[1] = 9;
         assert_eq!(decode(&bad), None);
+        assert_eq!(decode_any(&bad), None);
+    }
+
+    #[test]
+    fn a_response_frame_carries_its_json_and_bytes() {
+        let json = br#"{"jsonrpc":"2.0","id":7,"result":{"chunk":null,"eof":true}}"#;
+        let mut frame = result_header(json, 3);
+        frame.extend_from_slice(b"a\nb");
+        assert_eq!(total_len(&frame), frame.len());
+        assert_eq!(
+            decode_any(&frame),
+            Some(Decoded::Result {
+                json,
+                data: b"a\nb"
+            })
+        );
+        assert_eq!(decode(&frame), None, "not output");
     }
 }

@@ -703,7 +703,8 @@ impl Handles {
 
     /// `fs/readBlock`: up to `len` bytes at `offset`; `eof` once the end of
     /// the file is reached.
-    pub fn read_block(&self, p: ReadBlockParams) -> Result<Value> {
+    /// The bytes at `offset`, and whether they reach the end of the file.
+    pub fn read_block(&self, p: ReadBlockParams) -> Result<(Vec<u8>, bool)> {
         let file = self.get(&p.handle_id)?;
         let len = p.len.min(MAX_BLOCK);
         let mut buf = vec![0u8; len];
@@ -727,7 +728,7 @@ impl Handles {
             .map_err(|e| fs_error(format!("failed to stat handle {}", p.handle_id), &e))?
             .len();
         let eof = p.offset + filled as u64 >= size;
-        Ok(json!({ "chunk": b64(&buf), "eof": eof }))
+        Ok((buf, eof))
     }
 
     /// `fs/close`.

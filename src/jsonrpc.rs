@@ -96,10 +96,20 @@ impl Notification {
 pub struct Response {
     pub id: Option<RequestId>,
     pub outcome: Result<Value, Error>,
+    /// More of the result than `outcome` says (boxed: rarely there).
+    pub payload: Option<Box<Payload>>,
+}
+
+/// The part of a result that is not a plain `Value`.
+#[derive(Debug)]
+pub enum Payload {
     /// The result already written as JSON text (then `outcome` is
     /// `Ok(Null)` and not sent): a `process/read` answer rendered straight
     /// from the retained chunks, without a `Value` in between.
-    pub rendered: Option<Vec<u8>>,
+    Rendered(Vec<u8>),
+    /// Bytes that are the result's `chunk` (`fs/readBlock`): base64 in
+    /// JSON, raw in a binary frame.
+    Bytes(bytes::Bytes),
 }
 
 /// What one incoming line holds.
@@ -125,17 +135,33 @@ impl Response {
         Response {
             id,
             outcome,
-            rendered: None,
+            payload: None,
         }
+    }
+
+    /// A result whose `chunk` member is `bytes`.
+    pub fn with_bytes(id: Option<RequestId>, result: Value, bytes: Vec<u8>) -> Self {
+        Response {
+            payload: Some(Box::new(Payload::Bytes(bytes.into()))),
+            ..Response::new(id, Ok(result))
+        }
+    }
+
+    /// The result with its bytes put in as base64 (the JSON form).
+    fn result_value(&self) -> Option<Value> {
+        let mut result = self.outcome.as_ref().ok()?.clone();
+        if let Some(Payload::Bytes(bytes)) = self.payload.as_deref() {
+            result["chunk"] = Value::String(base64_simd::STANDARD.encode_type(&bytes[..]));
+        }
+        Some(result)
     }
 
     /// A result already rendered as JSON text, or the error.
     pub fn rendered(id: Option<RequestId>, outcome: Result<Vec<u8>, Error>) -> Self {
         match outcome {
             Ok(json) => Response {
-                id,
-                outcome: Ok(Value::Null),
-                rendered: Some(json),
+                payload: Some(Box::new(Payload::Rendered(json))),
+                ..Response::new(id, Ok(Value::Null))
             },
             Err(error) => Response::err(id, error),
         }
@@ -153,12 +179,12 @@ impl Response {
             },
         );
         match &self.outcome {
-            Ok(_) if self.rendered.is_some() => {
-                let text = self.rendered.as_deref().unwrap_or_default();
-                map.insert(
-                    "result".into(),
-                    serde_json::from_slice(text).unwrap_or(Value::Null),
-                )
+            Ok(_) if self.payload.is_some() => {
+                let result = match self.payload.as_deref() {
+                    Some(Payload::Rendered(text)) => serde_json::from_slice(text).ok(),
+                    _ => self.result_value(),
+                };
+                map.insert("result".into(), result.unwrap_or(Value::Null))
             }
             Ok(result) => map.insert("result".into(), result.clone()),
             Err(error) => map.insert("error".into(), error.to_json()),
@@ -170,7 +196,7 @@ impl Response {
     /// [`Response::to_value`], written without copying the result first
     /// (a `process/read` result can be megabytes).
     pub fn to_line(&self) -> Vec<u8> {
-        if let (Ok(_), Some(result)) = (&self.outcome, &self.rendered) {
+        if let (Ok(_), Some(Payload::Rendered(result))) = (&self.outcome, self.payload.as_deref()) {
             let mut line = Vec::with_capacity(result.len() + 64);
             line.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"id\":");
             let _ = serde_json::to_writer(&mut line, &self.id);
@@ -178,6 +204,13 @@ impl Response {
             line.extend_from_slice(result);
             line.extend_from_slice(b"}\n");
             return line;
+        }
+        if let Some(Payload::Bytes(_)) = self.payload.as_deref() {
+            return Response::new(
+                self.id.clone(),
+                Ok(self.result_value().unwrap_or(Value::Null)),
+            )
+            .to_line();
         }
         #[derive(Serialize)]
         struct Out<'a> {

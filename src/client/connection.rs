@@ -57,6 +57,22 @@ pub(crate) struct Conn {
 pub(crate) enum Answer {
     Value(Value),
     Raw(Vec<u8>),
+    /// A result whose `chunk` came as raw bytes (a binary frame).
+    Bytes(Value, Vec<u8>),
+}
+
+impl Answer {
+    /// The result as JSON, `chunk` put back as base64.
+    fn into_value(self) -> Value {
+        match self {
+            Answer::Value(value) => value,
+            Answer::Raw(text) => serde_json::from_slice(&text).unwrap_or(Value::Null),
+            Answer::Bytes(mut value, bytes) => {
+                value["chunk"] = Value::String(base64_simd::STANDARD.encode_type(&bytes[..]));
+                value
+            }
+        }
+    }
 }
 
 /// A call waiting for its answer.
@@ -103,10 +119,20 @@ impl Conn {
     /// before the connection state is checked, under one lock, so a call
     /// can never slip past a connection loss and wait forever.
     pub(crate) async fn call(&self, method: &str, params: Value) -> Result<Value, ClientError> {
-        match self.call_as(method, params, false).await? {
-            Answer::Value(value) => Ok(value),
-            Answer::Raw(text) => Ok(serde_json::from_slice(&text).unwrap_or(Value::Null)),
-        }
+        Ok(self.call_as(method, params, false).await?.into_value())
+    }
+
+    /// A call whose result may carry its `chunk` as raw bytes (then
+    /// returned beside the result, whose `chunk` is `null`).
+    pub(crate) async fn call_bytes(
+        &self,
+        method: &str,
+        params: Value,
+    ) -> Result<(Value, Option<Vec<u8>>), ClientError> {
+        Ok(match self.call_as(method, params, false).await? {
+            Answer::Bytes(value, bytes) => (value, Some(bytes)),
+            other => (other.into_value(), None),
+        })
     }
 
     /// A call whose result comes back as its JSON text, for a caller that
@@ -118,7 +144,7 @@ impl Conn {
     ) -> Result<Vec<u8>, ClientError> {
         match self.call_as(method, params, true).await? {
             Answer::Raw(text) => Ok(text),
-            Answer::Value(value) => Ok(serde_json::to_vec(&value).unwrap_or_default()),
+            other => Ok(serde_json::to_vec(&other.into_value()).unwrap_or_default()),
         }
     }
 
@@ -198,9 +224,25 @@ impl Conn {
 
     /// A binary frame: output, as the notification would have said it.
     fn dispatch_frame(&self, frame: &[u8]) {
-        let Some(output) = crate::frame::decode(frame) else {
-            tracing::warn!("the server sent a binary frame this client can't read");
-            return;
+        let output = match crate::frame::decode_any(frame) {
+            Some(crate::frame::Decoded::Output(output)) => output,
+            Some(crate::frame::Decoded::Result { json, data }) => {
+                let Some((id, outcome)) = reply_of(json) else {
+                    tracing::warn!("the server sent a response frame this client can't read");
+                    return;
+                };
+                let waiter = lock(&self.state).pending.remove(&id);
+                if let Some(waiter) = waiter {
+                    let _ = waiter
+                        .tx
+                        .send(outcome.map(|v| Answer::Bytes(v, data.to_vec())));
+                }
+                return;
+            }
+            None => {
+                tracing::warn!("the server sent a binary frame this client can't read");
+                return;
+            }
         };
         let state = lock(&self.state);
         if let Some(tx) = state.subscribers.get(output.process_id) {
@@ -259,21 +301,13 @@ impl Conn {
                 }
             }
             jsonrpc::Message::Reply(reply) => {
-                let Some(jsonrpc::RequestId::Number(id)) = &reply.id else {
+                let Some((id, outcome)) = reply_outcome(reply) else {
                     return;
                 };
-                let Some(id) = id.as_i64() else { return };
                 let waiter = lock(&self.state).pending.remove(&id);
                 let Some(Waiter { tx, .. }) = waiter else {
                     return;
                 };
-                let outcome = reply.outcome.map_err(|err| ClientError::Rpc {
-                    method: String::new(),
-                    code: err["code"].as_i64().unwrap_or(0),
-                    kind: err["data"]["kind"].as_str().unwrap_or("").to_string(),
-                    message: err["message"].as_str().unwrap_or("").to_string(),
-                    errno: err["data"]["errno"].as_i64(),
-                });
                 let _ = tx.send(outcome.map(Answer::Value));
             }
             jsonrpc::Message::Request(request) => {
@@ -339,6 +373,30 @@ impl<'a> OutputLine<'a> {
             stream,
             data: base64_simd::STANDARD.decode_type(chunk).ok()?,
         })
+    }
+}
+
+/// A reply's call id and its outcome as the client reports it.
+fn reply_outcome(reply: jsonrpc::Reply) -> Option<(i64, Result<Value, ClientError>)> {
+    let Some(jsonrpc::RequestId::Number(id)) = &reply.id else {
+        return None;
+    };
+    let id = id.as_i64()?;
+    let outcome = reply.outcome.map_err(|err| ClientError::Rpc {
+        method: String::new(),
+        code: err["code"].as_i64().unwrap_or(0),
+        kind: err["data"]["kind"].as_str().unwrap_or("").to_string(),
+        message: err["message"].as_str().unwrap_or("").to_string(),
+        errno: err["data"]["errno"].as_i64(),
+    });
+    Some((id, outcome))
+}
+
+/// The reply a response frame's JSON text holds.
+fn reply_of(json: &[u8]) -> Option<(i64, Result<Value, ClientError>)> {
+    match jsonrpc::parse(json) {
+        jsonrpc::Incoming::Single(Ok(jsonrpc::Message::Reply(reply))) => reply_outcome(reply),
+        _ => None,
     }
 }
 

@@ -329,13 +329,18 @@ impl Client {
         offset: u64,
         len: usize,
     ) -> Result<(Vec<u8>, bool), ClientError> {
-        let r = self
-            .call(
-                "fs/readBlock",
-                json!({ "handleId": handle_id, "offset": offset, "len": len }),
-            )
+        let params = json!({ "handleId": handle_id, "offset": offset, "len": len });
+        let (r, bytes) = self
+            .conn()
+            .await?
+            .call_bytes("fs/readBlock", params)
             .await?;
-        Ok((decode_b64("fs/readBlock", &r["chunk"])?, r["eof"] == true))
+        let data = match bytes {
+            // With binary frames, the block came as raw bytes.
+            Some(bytes) => bytes,
+            None => decode_b64("fs/readBlock", &r["chunk"])?,
+        };
+        Ok((data, r["eof"] == true))
     }
 
     /// `fs/close`.

@@ -233,6 +233,15 @@ impl Connection {
                 log_request(&method, &id, started, outcome.as_ref().err());
                 (Response::rendered(Some(id), outcome), None)
             })),
+            Reply::LaterWithBytes(future) => Pending::Later(Box::pin(async move {
+                let outcome = future.await;
+                log_request(&method, &id, started, outcome.as_ref().err());
+                let response = match outcome {
+                    Ok((result, bytes)) => Response::with_bytes(Some(id), result, bytes),
+                    Err(err) => Response::err(Some(id), err),
+                };
+                (response, None)
+            })),
             Reply::LaterThen(future) => Pending::Later(Box::pin(async move {
                 let (outcome, follow_up) = future.await;
                 log_request(&method, &id, started, outcome.as_ref().err());

@@ -61,6 +61,9 @@ pub type BoxFuture = Pin<Box<dyn Future<Output = Result<Value>> + Send>>;
 /// connection lasts.
 pub type FollowUp = Pin<Box<dyn Future<Output = ()> + Send>>;
 
+/// A result later, with the bytes of its `chunk`.
+pub type BytesFuture = Pin<Box<dyn Future<Output = Result<(Value, Vec<u8>)>> + Send>>;
+
 /// An answer later, and what follows it.
 pub type ThenFuture = Pin<Box<dyn Future<Output = (Result<Value>, Option<FollowUp>)> + Send>>;
 
@@ -78,6 +81,8 @@ pub enum Reply {
     Rendered(Result<Vec<u8>>),
     /// Later, the result written as JSON text.
     LaterRendered(Pin<Box<dyn Future<Output = Result<Vec<u8>>> + Send>>),
+    /// Later, a result whose `chunk` is these bytes (`fs/readBlock`).
+    LaterWithBytes(BytesFuture),
 }
 
 /// A method's entry in the table.
@@ -437,9 +442,22 @@ fn fs_open(ctx: &Ctx, name: &str, params: Value) -> Reply {
 }
 
 fn fs_read_block(ctx: &Ctx, name: &str, params: Value) -> Reply {
-    on_lane(ctx, name, params, |ctx, name, _, params| {
-        ctx.conn.handles.read_block(decode(name, params)?)
-    })
+    // The block travels beside its result (`chunk` is filled in by the
+    // codec: base64 in JSON, raw in a binary frame).
+    let job_ctx = ctx.clone();
+    let name = name.to_string();
+    let done = ctx.conn.lane.run(move || {
+        let (data, eof) = job_ctx.conn.handles.read_block(decode(&name, params)?)?;
+        Ok((serde_json::json!({"chunk": null, "eof": eof}), data))
+    });
+    Reply::LaterWithBytes(Box::pin(async move {
+        done.await.unwrap_or_else(|| {
+            Err(Error::Internal {
+                message: "the filesystem worker stopped".into(),
+                errno: None,
+            })
+        })
+    }))
 }
 
 fn fs_close(ctx: &Ctx, name: &str, params: Value) -> Reply {

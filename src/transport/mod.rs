@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::jsonrpc::{Payload, Response};
 use crate::sync::lock;
 
 pub use crate::jsonrpc::Outgoing;
@@ -104,18 +105,40 @@ fn encode(message: Outgoing, codec: fn(&Outgoing) -> Vec<u8>, frames: bool) -> E
         },
         Outgoing::Response(crate::jsonrpc::Response {
             id,
-            outcome: Ok(_),
-            rendered: Some(mut result),
-        }) => {
-            let mut head = b"{\"jsonrpc\":\"2.0\",\"id\":".to_vec();
-            let _ = serde_json::to_writer(&mut head, &id);
-            head.extend_from_slice(b",\"result\":");
-            result.extend_from_slice(b"}\n");
-            Encoded {
-                head,
-                body: Some(result.into()),
+            outcome: Ok(result),
+            payload: Some(payload),
+        }) => match *payload {
+            Payload::Bytes(bytes) if frames => {
+                // The response with `chunk: null`, the bytes as the frame's
+                // data (as JSON if the response is too long for a frame: a
+                // client's id can be long).
+                let json = Response::new(id.clone(), Ok(result.clone())).to_line();
+                if json.len() > usize::from(u16::MAX) {
+                    let response = Response::with_bytes(id, result, bytes.to_vec());
+                    return codec(&Outgoing::Response(response)).into();
+                }
+                Encoded {
+                    head: crate::frame::result_header(&json[..json.len() - 1], bytes.len()),
+                    body: Some(bytes),
+                }
             }
-        }
+            Payload::Rendered(mut text) => {
+                let mut head = b"{\"jsonrpc\":\"2.0\",\"id\":".to_vec();
+                let _ = serde_json::to_writer(&mut head, &id);
+                head.extend_from_slice(b",\"result\":");
+                text.extend_from_slice(b"}\n");
+                Encoded {
+                    head,
+                    body: Some(text.into()),
+                }
+            }
+            payload => codec(&Outgoing::Response(Response {
+                id,
+                outcome: Ok(result),
+                payload: Some(Box::new(payload)),
+            }))
+            .into(),
+        },
         other => codec(&other).into(),
     }
 }

@@ -18,6 +18,8 @@ enum Msg {
     Json(Value),
     /// (process id, seq, stream code, data)
     Frame(String, u64, u8, Vec<u8>),
+    /// A response frame: its JSON and the bytes of `result.chunk`.
+    Result(Value, Vec<u8>),
 }
 
 /// A raw stdio server and a thread splitting its output by the protocol's
@@ -49,7 +51,7 @@ impl Raw {
                 let msg = if first == 0 {
                     let mut head = [0u8; 17];
                     out.read_exact(&mut head).unwrap();
-                    assert_eq!(head[1], 1, "frame kind");
+                    assert!(matches!(head[1], 1 | 2), "frame kind {}", head[1]);
                     let pid_len = u16::from_le_bytes([head[3], head[4]]) as usize;
                     let seq = u64::from_le_bytes(head[5..13].try_into().unwrap());
                     let len = u32::from_le_bytes(head[13..17].try_into().unwrap()) as usize;
@@ -57,7 +59,11 @@ impl Raw {
                     out.read_exact(&mut pid).unwrap();
                     let mut data = vec![0u8; len];
                     out.read_exact(&mut data).unwrap();
-                    Msg::Frame(String::from_utf8(pid).unwrap(), seq, head[2], data)
+                    if head[1] == 2 {
+                        Msg::Result(serde_json::from_slice(&pid).unwrap(), data)
+                    } else {
+                        Msg::Frame(String::from_utf8(pid).unwrap(), seq, head[2], data)
+                    }
                 } else {
                     let mut line = String::new();
                     out.read_line(&mut line).unwrap();
@@ -154,7 +160,7 @@ fn granted_frames_carry_all_output_between_json_lines_under_load() {
                 assert!(v.get("error").is_none(), "{v}");
                 answered += 1;
             }
-            Msg::Json(_) => {}
+            Msg::Json(_) | Msg::Result(..) => {}
         }
     }
     assert!(
@@ -199,9 +205,71 @@ fn no_frame_reaches_a_client_that_did_not_ask_or_a_server_that_does_not_offer_th
                 }
                 Msg::Json(v) if v["method"] == "process/closed" => break,
                 Msg::Json(_) => {}
+                Msg::Result(..) => panic!("a response frame for {args:?}"),
             }
         }
         assert!(data == numbers(20000));
+    }
+}
+
+#[test]
+fn read_blocks_come_as_response_frames_to_a_framed_client_and_as_base64_to_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("data");
+    let content: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    std::fs::write(&file, &content).unwrap();
+    for framed in [true, false] {
+        let mut s = Raw::start(&[]);
+        s.handshake(framed.then(|| serde_json::from_str(ASK).unwrap()));
+        s.send(json!({"id": 2, "method": "fs/open", "params": {"handleId": "h", "path": file.to_str().unwrap()}}));
+        assert!(s.response(2, &mut Vec::new()).get("error").is_none());
+        s.send(json!({"id": 3, "method": "fs/readBlock", "params": {"handleId": "h", "offset": 1000, "len": 200000}}));
+        let (result, data) = match s.next() {
+            Msg::Result(v, data) => {
+                assert!(framed, "a frame for a client that did not ask");
+                assert_eq!(
+                    (v["id"].as_i64(), &v["result"]["chunk"]),
+                    (Some(3), &Value::Null),
+                    "{v}"
+                );
+                (v["result"].clone(), data)
+            }
+            Msg::Json(v) => {
+                assert!(!framed, "JSON to a framed client: {v}");
+                let data = unb64(&v["result"]["chunk"]);
+                (v["result"].clone(), data)
+            }
+            other => panic!("{other:?}"),
+        };
+        assert!(data == content[1000..201000], "block differs");
+        assert_eq!(result["eof"], false);
+        // Errors stay JSON.
+        s.send(json!({"id": 4, "method": "fs/readBlock", "params": {"handleId": "nope", "offset": 0, "len": 1}}));
+        match s.next() {
+            Msg::Json(v) => assert!(v["error"]["code"].is_i64(), "{v}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_client_reads_blocks_with_and_without_frames() {
+    use exec_server::client::{Client, ServerCommand};
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("data");
+    let content: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&file, &content).unwrap();
+    for command in [
+        ServerCommand::new(bin()).arg("--stdio"),
+        ServerCommand::new(bin()).arg("--stdio").json_only(),
+    ] {
+        let client = Client::new(command);
+        client.open("h", &file).await.unwrap();
+        let (head, eof) = client.read_block("h", 0, 60_000).await.unwrap();
+        let (tail, last) = client.read_block("h", 60_000, 60_000).await.unwrap();
+        assert!(!eof && last);
+        assert!([head, tail].concat() == content);
+        client.shutdown().await;
     }
 }
 

@@ -104,7 +104,9 @@ async fn the_library_polls_without_notifications() {
             .unwrap();
         assert!(!r.truncated);
         for c in &r.chunks {
-            assert_eq!(c.seq, after + 1, "in order, no gap");
+            // In order (the exit's own seq may come between chunks: it is
+            // recorded while the pipes still drain).
+            assert!(c.seq > after, "in order");
             after = c.seq;
             out.extend_from_slice(&c.data);
         }
