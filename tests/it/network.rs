@@ -117,6 +117,10 @@ fn only_the_proxy_gets_out_of_a_managed_sandbox() {
         // No Unix socket can be made, so no daemon of the host can relay.
         "python3 -c 'import socket; socket.socket(socket.AF_UNIX)' 2>/dev/null; echo \"unix=$?\"".to_string(),
         "echo \"HTTP_PROXY=$HTTP_PROXY\"".to_string(),
+        // Without local binding, nothing can listen, even on its own lo.
+        "python3 -c 'import socket; s = socket.socket(); s.bind((\"127.0.0.1\", 0)); s.listen()' 2>/dev/null; echo \"listen=$?\"".to_string(),
+        // The refusal as the reference words it.
+        format!("curl -s '{}'; echo", denied.url("/hello")),
     ]
     .join("; ");
     let (out, code) = run(
@@ -140,6 +144,27 @@ fn only_the_proxy_gets_out_of_a_managed_sandbox() {
     assert!(
         lines[11].starts_with("HTTP_PROXY=http://127.0.0.1:"),
         "{out}"
+    );
+    assert_ne!(lines[12], "listen=0", "{out}");
+    let refusal: Value = serde_json::from_str(lines[13]).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(
+        (
+            &refusal["status"],
+            &refusal["reason"],
+            &refusal["host"],
+            &refusal["protocol"]
+        ),
+        (
+            &json!("blocked"),
+            &json!("not_allowed_local"),
+            &json!("127.0.0.3"),
+            &json!("http")
+        ),
+        "{refusal}"
+    );
+    assert_eq!(
+        refusal["message"],
+        "Sandbox policy blocks local/private network addresses."
     );
     // What reached the listeners: the one proxied request, nothing else.
     let seen = allowed.seen();
@@ -625,4 +650,26 @@ d, _ = u.recvfrom(2048); print("reply", d[10:].decode())
         udp.contains(&(&json!("socks5_udp"), &json!("deny"))),
         "{d:?}"
     );
+}
+
+#[test]
+fn local_binding_lets_the_command_talk_on_its_own_loopback_only() {
+    let Some((web, mut s)) = ready() else {
+        return;
+    };
+    // A server and a client inside the namespace: allowed with local
+    // binding; the host's listeners stay out of reach all the same.
+    let script = format!(
+        "python3 -c 'import socket; s = socket.socket(); s.bind((\"127.0.0.1\", 0)); s.listen(); c = socket.create_connection(s.getsockname(), 3); a, _ = s.accept(); c.sendall(b\"ping\"); print(a.recv(4).decode())'; {}",
+        curl(&web.url("/hello"), "--noproxy '*'")
+    );
+    let (out, _) = run(
+        &mut s,
+        "b1",
+        &script,
+        managed(json!({}), json!({"allowLocalBinding": true})),
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines, ["ping", "000", "exit=7"], "{out}");
+    assert!(web.seen().is_empty());
 }
