@@ -70,6 +70,8 @@ enum Kind {
         dir: PathBuf,
         /// `cgroup.procs` of `dir`, for the child to move itself in.
         procs: OwnedFd,
+        /// `dir` itself, for a child made inside it (`CLONE_INTO_CGROUP`).
+        dir_fd: OwnedFd,
     },
     Tree {
         /// The process's own pid, once started.
@@ -86,6 +88,10 @@ enum Kind {
 pub struct ChildSetup {
     /// Write "0" here: move into the process's cgroup.
     pub cgroup_procs: Option<RawFd>,
+    /// The process's cgroup directory: a child made straight inside it
+    /// (`clone3` with `CLONE_INTO_CGROUP`) has no move to make, and a move
+    /// can wait for an RCU grace period (about 10 ms after a quiet spell).
+    pub cgroup_dir: Option<RawFd>,
     /// Become a child subreaper (kept across `exec`).
     pub subreaper: bool,
     /// Register with the watchdog through this pipe.
@@ -185,14 +191,18 @@ impl Containment {
                 let id = self.next_id.fetch_add(1, Ordering::Relaxed);
                 let dir = root.join(format!("p{id}"));
                 std::fs::create_dir(&dir)?;
-                let procs = match open_write(&dir.join("cgroup.procs")) {
-                    Ok(fd) => fd,
+                let opened = open_write(&dir.join("cgroup.procs")).and_then(|procs| {
+                    let dir_fd = std::fs::File::open(&dir)?;
+                    Ok((procs, OwnedFd::from(dir_fd)))
+                });
+                let (procs, dir_fd) = match opened {
+                    Ok(fds) => fds,
                     Err(err) => {
                         let _ = std::fs::remove_dir(&dir);
                         return Err(err);
                     }
                 };
-                Kind::Cgroup { dir, procs }
+                Kind::Cgroup { dir, procs, dir_fd }
             }
             Mode::Subreaper => Kind::Tree {
                 leader: Mutex::new(None),
@@ -205,8 +215,9 @@ impl Containment {
     /// What a child of `container` does before exec.
     pub fn child_setup(&self, container: &Container) -> ChildSetup {
         match &container.kind {
-            Kind::Cgroup { procs, .. } => ChildSetup {
+            Kind::Cgroup { procs, dir_fd, .. } => ChildSetup {
                 cgroup_procs: Some(procs.as_raw_fd()),
+                cgroup_dir: Some(dir_fd.as_raw_fd()),
                 ..ChildSetup::default()
             },
             Kind::Tree { .. } => ChildSetup {

@@ -357,14 +357,29 @@ pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
         let mut old: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
-        let pid = libc::clone(
-            child_main,
-            stack.top(),
-            flags,
-            (&raw const plan).cast_mut().cast::<c_void>(),
-            &mut pidfd as *mut c_int,
-        );
-        let clone_error = io::Error::last_os_error();
+        // Made straight inside its cgroup when the kernel can (then the
+        // child has no move to make), else moved by the child.
+        let mut made = None;
+        if let Some(cgroup) = plan.container.cgroup_dir {
+            plan.container.cgroup_procs = None;
+            made = clone_into_cgroup(&plan, &stack, flags, cgroup, &mut pidfd);
+            if made.is_none() {
+                plan.container.cgroup_procs = exec.container.cgroup_procs;
+            }
+        }
+        let (pid, clone_error) = match made {
+            Some(result) => result,
+            None => {
+                let pid = libc::clone(
+                    child_main,
+                    stack.top(),
+                    flags,
+                    (&raw const plan).cast_mut().cast::<c_void>(),
+                    &mut pidfd as *mut c_int,
+                );
+                (pid, io::Error::last_os_error())
+            }
+        };
         libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
         if pid == -1 {
             return Err(clone_error);
@@ -421,6 +436,117 @@ pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
         status,
         reaped: false,
     })
+}
+
+/// `clone3`'s arguments (`struct clone_args`, as of Linux 5.7).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// `CLONE_INTO_CGROUP` (not in every libc yet).
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// Whether `clone3` with `CLONE_INTO_CGROUP` works here; cleared for good
+/// the first time the kernel (or a seccomp policy around the server)
+/// refuses it.
+static CLONE3_INTO_CGROUP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Start the child with `clone3` straight inside `cgroup`: `(pid, error)`
+/// as `clone` gives them, or `None` when this way is not available (then
+/// the caller uses `clone`, and the child moves itself).
+///
+/// # Safety
+/// As for `clone` in [`spawn`]: signals blocked, the plan and the stack
+/// outliving the child's use of them (`CLONE_VFORK`).
+#[cfg(target_arch = "x86_64")]
+unsafe fn clone_into_cgroup(
+    plan: &Plan<'_>,
+    stack: &Stack,
+    flags: c_int,
+    cgroup: RawFd,
+    pidfd: &mut c_int,
+) -> Option<(c_int, io::Error)> {
+    if !CLONE3_INTO_CGROUP.load(Ordering::Relaxed) {
+        return None;
+    }
+    let exit_signal = (flags & 0xff) as u64;
+    let (low, size) = stack.usable();
+    let mut args = CloneArgs {
+        flags: (flags as u32 as u64 & !0xff) | CLONE_INTO_CGROUP,
+        pidfd: (pidfd as *mut c_int) as u64,
+        exit_signal,
+        stack: low as u64,
+        stack_size: size as u64,
+        cgroup: cgroup as u64,
+        ..CloneArgs::default()
+    };
+    let arg = (plan as *const Plan<'_>).cast_mut().cast::<c_void>();
+    let ret: libc::c_long;
+    // SAFETY: the child starts on its own stack and only calls
+    // `child_main`, then exits with what it returns; the parent's
+    // registers are as the syscall left them.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            "test rax, rax",
+            "jnz 2f",
+            "xor ebp, ebp",
+            "mov rdi, r12",
+            "call r13",
+            "mov edi, eax",
+            "mov eax, {exit}",
+            "syscall",
+            "ud2",
+            "2:",
+            exit = const libc::SYS_exit,
+            inlateout("rax") libc::SYS_clone3 => ret,
+            in("rdi") &raw mut args,
+            in("rsi") std::mem::size_of::<CloneArgs>(),
+            in("r12") arg,
+            in("r13") child_main as extern "C" fn(*mut c_void) -> c_int,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    if ret >= 0 {
+        return Some((ret as c_int, io::Error::from_raw_os_error(0)));
+    }
+    let errno = -ret as i32;
+    if matches!(
+        errno,
+        libc::ENOSYS | libc::E2BIG | libc::EINVAL | libc::EPERM | libc::EOPNOTSUPP | libc::EBADF
+    ) {
+        CLONE3_INTO_CGROUP.store(false, Ordering::Relaxed);
+        tracing::debug!(
+            "clone3 into a cgroup is not available here (errno {errno}); moving children instead"
+        );
+        return None;
+    }
+    Some((-1, io::Error::from_raw_os_error(errno)))
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn clone_into_cgroup(
+    _: &Plan<'_>,
+    _: &Stack,
+    _: c_int,
+    _: RawFd,
+    _: &mut c_int,
+) -> Option<(c_int, io::Error)> {
+    None
 }
 
 fn set_nonblocking(fd: RawFd) -> io::Result<()> {
@@ -710,6 +836,18 @@ impl Stack {
             }
             Ok(stack)
         }
+    }
+
+    /// The usable part (above the guard page): its lowest address and
+    /// size, as `clone3` takes them.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    fn usable(&self) -> (*mut c_void, usize) {
+        let page = self.len - STACK_BYTES;
+        // SAFETY: within our mapping.
+        (
+            unsafe { self.base.cast::<u8>().add(page).cast() },
+            STACK_BYTES,
+        )
     }
 
     /// The initial stack pointer (stacks grow down).
