@@ -463,9 +463,9 @@ const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 /// refuses it.
 static CLONE3_INTO_CGROUP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
-/// Start the child with `clone3` straight inside `cgroup`: `(pid, error)`
-/// as `clone` gives them, or `None` when this way is not available (then
-/// the caller uses `clone`, and the child moves itself).
+/// Start the child with `clone3` straight inside `cgroup`: its pid, or
+/// `None` when this way did not work (then the caller uses `clone`, and
+/// the child moves itself).
 ///
 /// # Safety
 /// As for `clone` in [`spawn`]: signals blocked, the plan and the stack
@@ -524,18 +524,20 @@ unsafe fn clone_into_cgroup(
     if ret >= 0 {
         return Some((ret as c_int, io::Error::from_raw_os_error(0)));
     }
+    // Refused: this start goes the old way (which reports any real
+    // error), and when the kernel or a policy does not offer the call at
+    // all, every later one too.
     let errno = -ret as i32;
     if matches!(
         errno,
-        libc::ENOSYS | libc::E2BIG | libc::EINVAL | libc::EPERM | libc::EOPNOTSUPP | libc::EBADF
+        libc::ENOSYS | libc::E2BIG | libc::EINVAL | libc::EPERM | libc::EOPNOTSUPP
     ) {
         CLONE3_INTO_CGROUP.store(false, Ordering::Relaxed);
         tracing::debug!(
             "clone3 into a cgroup is not available here (errno {errno}); moving children instead"
         );
-        return None;
     }
-    Some((-1, io::Error::from_raw_os_error(errno)))
+    None
 }
 
 #[cfg(not(target_arch = "x86_64"))]
