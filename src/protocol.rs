@@ -424,15 +424,24 @@ pub struct TerminateResponse {
     pub running: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
+/// One process of `process/list` (the server writes it, the client
+/// library reads it: members a server leaves out take their defaults).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
 pub struct ProcessSummary {
+    /// The process id the client chose.
     pub process_id: String,
+    /// Its pid on the executor.
     pub pid: i32,
+    /// What it runs.
     pub argv: Vec<String>,
+    /// Under a pseudo-terminal.
     pub tty: bool,
+    /// It has exited.
     pub exited: bool,
+    /// Its exit code, once exited.
     pub exit_code: Option<i32>,
+    /// Exited and every stream ended.
     pub closed: bool,
 }
 

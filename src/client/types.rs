@@ -102,25 +102,7 @@ pub struct WalkError {
     pub message: String,
 }
 
-/// One process of `process/list`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
-pub struct ProcessSummary {
-    /// The process id the client chose.
-    pub process_id: String,
-    /// Its pid on the executor.
-    pub pid: i32,
-    /// What it runs.
-    pub argv: Vec<String>,
-    /// Under a pseudo-terminal.
-    pub tty: bool,
-    /// It has exited.
-    pub exited: bool,
-    /// Its exit code, once exited.
-    pub exit_code: Option<i32>,
-    /// Exited and every stream ended.
-    pub closed: bool,
-}
+pub use crate::protocol::ProcessSummary;
 
 /// The result of `process/list`.
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -9,7 +9,7 @@
 //! `/stall` (headers, then nothing for 30 s), anything else 404.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -233,14 +233,4 @@ pub fn closed_port() -> u16 {
     let port = listener.local_addr().unwrap().port();
     drop(listener);
     port
-}
-
-/// Connect to `addr` and send a raw request; the whole answer.
-#[allow(dead_code)]
-pub fn raw(addr: SocketAddr, request: &str) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.write_all(request.as_bytes()).unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
 }
