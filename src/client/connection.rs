@@ -244,13 +244,19 @@ impl Conn {
                 return;
             }
         };
+        self.deliver(
+            output.process_id,
+            output.seq,
+            output.stream,
+            output.data.to_vec(),
+        );
+    }
+
+    /// A chunk of output to its process's subscriber, if any.
+    fn deliver(&self, process_id: &str, seq: u64, stream: Stream, data: Vec<u8>) {
         let state = lock(&self.state);
-        if let Some(tx) = state.subscribers.get(output.process_id) {
-            let _ = tx.send(Note::Output {
-                seq: output.seq,
-                stream: output.stream,
-                data: output.data.to_vec(),
-            });
+        if let Some(tx) = state.subscribers.get(process_id) {
+            let _ = tx.send(Note::Output { seq, stream, data });
         }
     }
 
@@ -268,14 +274,7 @@ impl Conn {
         }
         if let Some(output) = OutputLine::parse(line) {
             // The common case, a chunk of output, skips building a Value.
-            let state = lock(&self.state);
-            if let Some(tx) = state.subscribers.get(output.process_id) {
-                let _ = tx.send(Note::Output {
-                    seq: output.seq,
-                    stream: output.stream,
-                    data: output.data,
-                });
-            }
+            self.deliver(output.process_id, output.seq, output.stream, output.data);
             return;
         }
         // Everything else goes through the parser the server uses too.

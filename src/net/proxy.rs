@@ -64,14 +64,25 @@ where
     }
 }
 
+/// A TCP connection to `addr`, given at most [`CONNECT_TIMEOUT`].
+async fn connect_within(addr: impl tokio::net::ToSocketAddrs) -> std::io::Result<TcpStream> {
+    tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connect timed out",
+            ))
+        })
+}
+
 /// Dial the first address of `target` that answers.
 async fn dial(target: &Target) -> std::io::Result<TcpStream> {
     let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address to connect to");
     for addr in &target.addrs {
-        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-            Ok(Ok(stream)) => return Ok(stream),
-            Ok(Err(err)) => last = err,
-            Err(_) => last = std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
+        match connect_within(addr).await {
+            Ok(stream) => return Ok(stream),
+            Err(err) => last = err,
         }
     }
     Err(last)
@@ -81,9 +92,9 @@ async fn dial(target: &Target) -> std::io::Result<TcpStream> {
 /// 2xx answer.
 async fn tunnel_via(proxy: &str, host: &str, port: u16) -> std::io::Result<TcpStream> {
     let failed = |why: &str| std::io::Error::other(format!("upstream proxy: {why}"));
-    let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(proxy))
+    let mut stream = connect_within(proxy)
         .await
-        .map_err(|_| failed("connect timed out"))??;
+        .map_err(|e| failed(&e.to_string()))?;
     let authority = if host.contains(':') {
         format!("[{host}]:{port}")
     } else {
@@ -116,12 +127,9 @@ async fn connect(
     if let Some(upstream) = gate.policy.upstream.as_ref().filter(|u| !u.bypassed(host)) {
         if plain_http {
             if let Some(proxy) = &upstream.http {
-                let stream =
-                    tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(proxy.as_str()))
-                        .await
-                        .map_err(|_| {
-                            std::io::Error::other("upstream proxy: connect timed out")
-                        })??;
+                let stream = connect_within(proxy.as_str())
+                    .await
+                    .map_err(|e| std::io::Error::other(format!("upstream proxy: {e}")))?;
                 return Ok((stream, true));
             }
         } else if let Some(proxy) = &upstream.tunnel {

@@ -393,24 +393,35 @@ fn on_lane(
     params: Value,
     op: impl FnOnce(&Ctx, &str, Option<Rules>, Value) -> Result<Value> + Send + 'static,
 ) -> Reply {
-    let rules = match sandbox::rules(params.get("sandbox"), None, &ctx.server.workspace_roots) {
-        Ok(rules) => rules,
-        Err(err) => return Reply::Ready(Err(err)),
-    };
+    match lane_job(ctx, name, params, op) {
+        Ok(job) => Reply::Later(Box::pin(job)),
+        Err(err) => Reply::Ready(Err(err)),
+    }
+}
+
+/// `op` queued on the connection's lane, with the sandbox rules its
+/// `sandbox` param binds to; its result once done.
+fn lane_job<T: Send + 'static>(
+    ctx: &Ctx,
+    name: &str,
+    params: Value,
+    op: impl FnOnce(&Ctx, &str, Option<Rules>, Value) -> Result<T> + Send + 'static,
+) -> Result<impl Future<Output = Result<T>> + Send + 'static> {
+    let rules = sandbox::rules(params.get("sandbox"), None, &ctx.server.workspace_roots)?;
     let job_ctx = ctx.clone();
     let name = name.to_string();
     let done = ctx
         .conn
         .lane
         .run(move || op(&job_ctx, &name, rules, params));
-    Reply::Later(Box::pin(async move {
+    Ok(async move {
         done.await.unwrap_or_else(|| {
             Err(Error::Internal {
                 message: "the filesystem worker stopped".into(),
                 errno: None,
             })
         })
-    }))
+    })
 }
 
 /// Every path-based `fs/*` method: here, or in a sandboxed helper.
@@ -444,20 +455,14 @@ fn fs_open(ctx: &Ctx, name: &str, params: Value) -> Reply {
 fn fs_read_block(ctx: &Ctx, name: &str, params: Value) -> Reply {
     // The block travels beside its result (`chunk` is filled in by the
     // codec: base64 in JSON, raw in a binary frame).
-    let job_ctx = ctx.clone();
-    let name = name.to_string();
-    let done = ctx.conn.lane.run(move || {
-        let (data, eof) = job_ctx.conn.handles.read_block(decode(&name, params)?)?;
+    let job = lane_job(ctx, name, params, |ctx, name, _, params| {
+        let (data, eof) = ctx.conn.handles.read_block(decode(name, params)?)?;
         Ok((serde_json::json!({"chunk": null, "eof": eof}), data))
     });
-    Reply::LaterWithBytes(Box::pin(async move {
-        done.await.unwrap_or_else(|| {
-            Err(Error::Internal {
-                message: "the filesystem worker stopped".into(),
-                errno: None,
-            })
-        })
-    }))
+    match job {
+        Ok(job) => Reply::LaterWithBytes(Box::pin(job)),
+        Err(err) => Reply::Ready(Err(err)),
+    }
 }
 
 fn fs_close(ctx: &Ctx, name: &str, params: Value) -> Reply {
