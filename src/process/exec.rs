@@ -368,7 +368,7 @@ pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
             }
         }
         let (pid, clone_error) = match made {
-            Some(result) => result,
+            Some(pid) => (pid, io::Error::from_raw_os_error(0)),
             None => {
                 let pid = libc::clone(
                     child_main,
@@ -477,7 +477,7 @@ unsafe fn clone_into_cgroup(
     flags: c_int,
     cgroup: RawFd,
     pidfd: &mut c_int,
-) -> Option<(c_int, io::Error)> {
+) -> Option<c_int> {
     if !CLONE3_INTO_CGROUP.load(Ordering::Relaxed) {
         return None;
     }
@@ -522,7 +522,7 @@ unsafe fn clone_into_cgroup(
         );
     }
     if ret >= 0 {
-        return Some((ret as c_int, io::Error::from_raw_os_error(0)));
+        return Some(ret as c_int);
     }
     // Refused: this start goes the old way (which reports any real
     // error), and when the kernel or a policy does not offer the call at
@@ -547,7 +547,7 @@ unsafe fn clone_into_cgroup(
     _: c_int,
     _: RawFd,
     _: &mut c_int,
-) -> Option<(c_int, io::Error)> {
+) -> Option<c_int> {
     None
 }
 
