@@ -53,6 +53,8 @@
 #[cfg(feature = "client")]
 pub mod client;
 #[cfg(feature = "server")]
+mod endpoints;
+#[cfg(feature = "server")]
 mod env_policy;
 #[cfg(feature = "server")]
 mod environment;

@@ -494,13 +494,16 @@ pub(super) async fn connect(
         return handshake(shown, client_name, resume, command.binary_frames, io).await;
     }
     if let Some(path) = &command.socket {
-        let stream =
-            tokio::net::UnixStream::connect(path)
-                .await
-                .map_err(|e| ClientError::Spawn {
-                    command: shown.clone(),
-                    message: crate::error::lower_io(&e),
-                })?;
+        let refused = |message: String| ClientError::Spawn {
+            command: shown.clone(),
+            message,
+        };
+        trusted_socket(path).map_err(refused)?;
+        let stream = tokio::net::UnixStream::connect(path)
+            .await
+            .map_err(|e| refused(crate::error::lower_io(&e)))?;
+        // The one answer that can't be raced: who listens on it.
+        trusted_listener(&stream).map_err(refused)?;
         let (read, write) = stream.into_split();
         return handshake(
             shown,
@@ -868,4 +871,61 @@ mod tests {
             assert_eq!(OutputLine::parse(line), None, "{}", String::from_utf8_lossy(line));
         }
     }
+}
+
+/// Refuse a socket another user could have put (or could replace) at
+/// `path` before anything is sent to it: it must be owned by us or root,
+/// and its directory must not be writable by others (unless sticky, where
+/// only an entry's owner may rename or remove it).
+fn trusted_socket(path: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    // SAFETY: getter without failure modes.
+    let ours = unsafe { libc::geteuid() };
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        // Connecting says what is wrong.
+        Err(_) => return Ok(()),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(format!("{} is not a socket", path.display()));
+    }
+    if meta.uid() != ours && meta.uid() != 0 {
+        return Err(format!(
+            "refusing {}: it belongs to uid {}, not to us ({ours}) or root",
+            path.display(),
+            meta.uid()
+        ));
+    }
+    let dir = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => dir.to_path_buf(),
+        None => std::path::PathBuf::from("."),
+    };
+    let dir_meta = std::fs::metadata(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mode = dir_meta.mode();
+    let others_write = mode & 0o022 != 0;
+    let sticky = mode & 0o1000 != 0;
+    if (dir_meta.uid() != ours && dir_meta.uid() != 0) || (others_write && !sticky) {
+        return Err(format!(
+            "refusing {}: its directory {} can be changed by other users",
+            path.display(),
+            dir.display()
+        ));
+    }
+    Ok(())
+}
+
+/// The process listening on `stream`'s socket must run as us or root.
+fn trusted_listener(stream: &tokio::net::UnixStream) -> Result<(), String> {
+    let cred = stream
+        .peer_cred()
+        .map_err(|e| format!("the server's credentials could not be read: {e}"))?;
+    // SAFETY: getter without failure modes.
+    let ours = unsafe { libc::geteuid() };
+    if cred.uid() != ours && cred.uid() != 0 {
+        return Err(format!(
+            "refusing the server: it runs as uid {}, not as us ({ours}) or root",
+            cred.uid()
+        ));
+    }
+    Ok(())
 }

@@ -460,6 +460,11 @@ impl Policy {
                 addrs
             }
         };
+        // The server's own listeners are never a child's destination,
+        // whatever the policy allows: they would run it unsandboxed.
+        if addrs.iter().any(|a| crate::endpoints::is_own_tcp(*a)) {
+            return Err((Reason::NotAllowedLocal, None));
+        }
         if !self.allow.iter().any(|p| matches_host(p, host)) {
             return Err((Reason::NotAllowed, Some(Target { addrs })));
         }

@@ -56,10 +56,14 @@ pub fn rules(
     start_cwd: Option<&Path>,
     server_roots: &[PathBuf],
 ) -> Result<Option<Rules>> {
-    match policy::parse(sandbox)? {
-        Some(context) => policy::resolve(&context, start_cwd, server_roots),
-        None => Ok(None),
+    let Some(context) = policy::parse(sandbox)? else {
+        return Ok(None);
+    };
+    let mut rules = policy::resolve(&context, start_cwd, server_roots)?;
+    if let Some(rules) = &mut rules {
+        rules.hidden = crate::endpoints::paths();
     }
+    Ok(rules)
 }
 
 /// A sandbox ready for children to enter.
@@ -127,6 +131,7 @@ pub fn prepare(
         }
         plan = MountPlan::new(fs, cwd)?;
     }
+    plan.hide(&rules.hidden, rules.fs.as_ref())?;
     let host = host();
     if !host.mount_namespace {
         return Err(unavailable(format!(

@@ -4,6 +4,7 @@
 
 use std::ffi::CString;
 use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
@@ -159,6 +160,74 @@ impl MountPlan {
             read_only_root: true,
             cwd: cwd.map(cstring).transpose()?,
         })
+    }
+
+    /// Mask the server's own endpoints (`paths`: sockets, the persist
+    /// directory) whatever the policy grants: Landlock does not govern
+    /// `connect` to a named socket, so a readable (or even an unlisted)
+    /// socket would let the child ask its own server for an unsandboxed
+    /// process. The directories above each that the child may write are
+    /// pinned, as for a denied path. `fs`: the policy's rules, `None` when
+    /// the filesystem is open (everything writable).
+    pub(super) fn hide(
+        &mut self,
+        paths: &[PathBuf],
+        fs: Option<&std::collections::BTreeMap<PathBuf, Grant>>,
+    ) -> Result<()> {
+        let mut pins = std::collections::BTreeSet::new();
+        let mut masks: Vec<MountOp> = Vec::new();
+        // Parents first, so that what lies inside a masked directory is
+        // known to be hidden already.
+        let mut paths = paths.to_vec();
+        paths.sort();
+        for path in &paths {
+            let masked_already = self.ops.iter().chain(&masks).any(|op| {
+                matches!(op.kind, MountKind::MaskDirectory)
+                    && path
+                        .starts_with(Path::new(std::ffi::OsStr::from_bytes(op.target.as_bytes())))
+            });
+            let Ok(meta) = path.symlink_metadata() else {
+                continue;
+            };
+            if masked_already || path == Path::new("/") {
+                continue;
+            }
+            // Writable above: from the nearest writable root (or `/` when
+            // the filesystem is open) down to the path's parent.
+            let root = match fs {
+                Some(fs) => path
+                    .ancestors()
+                    .skip(1)
+                    .find(|a| fs.get(*a) == Some(&Grant::Write)),
+                None => Some(Path::new("/")),
+            };
+            if let Some(root) = root {
+                for dir in path.ancestors().skip(1) {
+                    if dir == root {
+                        break;
+                    }
+                    pins.insert(dir.to_path_buf());
+                }
+            }
+            let kind = if meta.is_dir() {
+                MountKind::MaskDirectory
+            } else {
+                self.file_masks.push(std::sync::atomic::AtomicI32::new(-1));
+                MountKind::MaskFile(self.file_masks.len() - 1)
+            };
+            masks.push(MountOp {
+                target: cstring(path)?,
+                kind,
+            });
+        }
+        for pin in pins {
+            self.ops.push(MountOp {
+                target: cstring(&pin)?,
+                kind: MountKind::Pin,
+            });
+        }
+        self.ops.extend(masks);
+        Ok(())
     }
 
     /// What the namespaces are needed for, to say when they are refused.

@@ -138,6 +138,10 @@ pub enum Grant {
 pub struct Rules {
     pub fs: Option<BTreeMap<PathBuf, Grant>>,
     pub network_restricted: bool,
+    /// The server's own endpoints (sockets, the persist directory),
+    /// masked in the child whatever the policy says.
+    #[serde(default)]
+    pub hidden: Vec<PathBuf>,
 }
 
 /// Parse a `sandbox` value; `Ok(None)` when it asks for no sandbox.
@@ -190,6 +194,7 @@ pub fn resolve(
             return Ok(Some(Rules {
                 fs: None,
                 network_restricted,
+                hidden: Vec::new(),
             }));
         }
         FileSystem::Restricted {
@@ -321,6 +326,7 @@ pub fn resolve(
     Ok(Some(Rules {
         fs: Some(fs),
         network_restricted,
+        hidden: Vec::new(),
     }))
 }
 

@@ -177,6 +177,7 @@ fn start(ctx: &Ctx, name: &str, params: Value) -> Reply {
             rules = Some(Rules {
                 fs: None,
                 network_restricted: false,
+                hidden: crate::endpoints::paths(),
             });
         }
         let prepared = match &rules {

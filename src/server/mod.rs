@@ -13,6 +13,7 @@ use crate::transport::{self, stdio};
 
 pub mod connection;
 pub mod dispatch;
+mod files;
 pub mod lane;
 pub mod persist;
 pub mod session;
@@ -177,10 +178,16 @@ pub fn run(config: Config, listen: &[Listen]) -> std::io::Result<()> {
         let mut terminating = Terminating::catch();
         let mut listeners = Vec::new();
         let mut ws_listeners = Vec::new();
+        // Whatever this server listens on, the persist daemons of its user
+        // are out of a sandboxed child's reach too.
+        for dir in persist::directories() {
+            crate::endpoints::add_path(&dir);
+        }
         for address in listen {
             match address {
                 Listen::Unix(path) => {
                     let bound = transport::unix::bind(path)?;
+                    crate::endpoints::add_path(path);
                     tracing::info!("listening on unix:{}", path.display());
                     listeners.push(bound);
                 }
@@ -201,6 +208,7 @@ pub fn run(config: Config, listen: &[Listen]) -> std::io::Result<()> {
                         );
                     }
                     let bound = tokio::net::TcpListener::bind(address).await?;
+                    crate::endpoints::add_tcp(bound.local_addr()?);
                     tracing::info!("listening on ws://{}", bound.local_addr()?);
                     ws_listeners.push(bound);
                 }
@@ -292,8 +300,21 @@ pub fn run(config: Config, listen: &[Listen]) -> std::io::Result<()> {
 struct PidFile(PathBuf);
 
 impl PidFile {
+    /// Made anew (never through a link, never over someone else's file);
+    /// nothing is left behind when it can't be written whole.
     fn write(path: &std::path::Path) -> std::io::Result<PidFile> {
-        std::fs::write(path, format!("{}\n", std::process::id()))?;
+        use std::io::Write;
+        let mut file = files::create_new(path, 0o644)?;
+        let written = file
+            .write_all(format!("{}\n", std::process::id()).as_bytes())
+            .and_then(|()| file.flush());
+        if let Err(err) = written {
+            let _ = std::fs::remove_file(path);
+            return Err(std::io::Error::new(
+                err.kind(),
+                format!("{}: {err}", path.display()),
+            ));
+        }
         Ok(PidFile(path.to_path_buf()))
     }
 }
@@ -413,6 +434,13 @@ async fn accept_ws(server: Arc<Server>, bound: tokio::net::TcpListener) {
         let _ = stream.set_nodelay(true);
         let server = server.clone();
         connections.spawn(async move {
+            if let Some(why) =
+                refuse_tcp_peer(&stream, peer, server.config.connection_token.is_some()).await
+            {
+                tracing::warn!("refused a websocket connection from {peer}: {why}");
+                transport::ws::refuse(stream).await;
+                return;
+            }
             let token = server.config.connection_token.clone();
             let limits = transport::ws::Limits {
                 max_message_bytes: server.config.max_message_bytes,
@@ -426,6 +454,43 @@ async fn accept_ws(server: Arc<Server>, bound: tokio::net::TcpListener) {
                 Err(err) => tracing::debug!("a websocket request from {peer} failed: {err}"),
             }
         });
+    }
+}
+
+/// Why a TCP peer may not use this server, if so. A peer on this host is
+/// found in the socket table: one of the server's sandboxed children (or
+/// the server itself, dialing for a child through its proxy) is refused
+/// whatever it shows; without a token, so is a peer of another uid
+/// (root included, as on the Unix socket).
+async fn refuse_tcp_peer(
+    stream: &tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    token: bool,
+) -> Option<String> {
+    let local = stream.local_addr().ok()?;
+    let found = tokio::task::spawn_blocking(move || {
+        let found = transport::peer::tcp_peer(local, peer)?;
+        let holder = found.and_then(|f| transport::peer::refuse_holder(f.inode));
+        Ok::<_, std::io::Error>((found, holder))
+    })
+    .await;
+    let (found, holder) = match found {
+        Ok(Ok(found)) => found,
+        // Unknown: only a token can vouch for it.
+        Ok(Err(err)) if !token => return Some(format!("its owner could not be found: {err}")),
+        _ => return None,
+    };
+    if let Some(why) = holder {
+        return Some(why);
+    }
+    // SAFETY: getter without failure modes.
+    let ours = unsafe { libc::geteuid() };
+    match found {
+        Some(f) if !token && f.uid != ours => Some(format!(
+            "uid {} is not the server's ({ours}), and no connection token is set",
+            f.uid
+        )),
+        _ => None,
     }
 }
 

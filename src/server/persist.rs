@@ -9,10 +9,9 @@
 //! 0700 that must belong to us and not be a link). The daemon's log, lock
 //! and pid files lie beside it.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -21,6 +20,8 @@ use std::time::{Duration, Instant};
 
 /// How long a bridge waits for a daemon it started to listen.
 const DAEMON_START: Duration = Duration::from_secs(10);
+/// How long a bridge waits for the start lock another process holds.
+const LOCK_WAIT: Duration = Duration::from_secs(5);
 
 /// Where one named daemon lives.
 #[derive(Debug, Clone)]
@@ -54,14 +55,36 @@ impl Place {
     }
 }
 
+/// Where this user's daemons live: `$XDG_RUNTIME_DIR/exec-server`, or
+/// `/tmp/exec-server-UID` without it.
+fn directory_path() -> PathBuf {
+    // SAFETY: getter without failure modes.
+    let uid = unsafe { libc::geteuid() };
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        Some(runtime) => PathBuf::from(runtime).join("exec-server"),
+        None => PathBuf::from(format!("/tmp/exec-server-{uid}")),
+    }
+}
+
+/// Every directory a daemon of this user may live in (whichever
+/// `XDG_RUNTIME_DIR` a bridge has): what sandboxed children must not see.
+pub fn directories() -> Vec<PathBuf> {
+    // SAFETY: getter without failure modes.
+    let uid = unsafe { libc::geteuid() };
+    let mut all = vec![
+        directory_path(),
+        PathBuf::from(format!("/tmp/exec-server-{uid}")),
+        PathBuf::from(format!("/run/user/{uid}/exec-server")),
+    ];
+    all.dedup();
+    all
+}
+
 /// The daemons' directory: private to this user.
 fn directory() -> io::Result<PathBuf> {
     // SAFETY: getter without failure modes.
     let uid = unsafe { libc::geteuid() };
-    let dir = match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
-        Some(runtime) => PathBuf::from(runtime).join("exec-server"),
-        None => PathBuf::from(format!("/tmp/exec-server-{uid}")),
-    };
+    let dir = directory_path();
     match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
         Ok(()) => {}
         Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {}
@@ -127,32 +150,33 @@ fn connect_or_start(place: &Place, daemon_args: &[String]) -> io::Result<UnixStr
     if let Ok(stream) = UnixStream::connect(&place.socket) {
         return Ok(stream);
     }
-    let lock = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(&place.lock)?;
-    // SAFETY: flock on an fd we own; released when it closes.
-    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let lock = super::files::open_lock(&place.lock)?;
+    super::files::lock_within(&lock, &place.lock, LOCK_WAIT)?;
     // Someone else may have started it while we waited for the lock.
     if let Ok(stream) = UnixStream::connect(&place.socket) {
         return Ok(stream);
     }
-    start_daemon(place, daemon_args)?;
+    let mut daemon = start_daemon(place, daemon_args)?;
     let deadline = Instant::now() + DAEMON_START;
     loop {
         match UnixStream::connect(&place.socket) {
             Ok(stream) => return Ok(stream),
+            Err(_) if matches!(daemon.try_wait(), Ok(Some(_))) => {
+                let status = daemon.try_wait().ok().flatten();
+                return Err(io::Error::other(format!(
+                    "the daemon exited ({}) before it listened on {}: {}",
+                    status.map_or_else(|| "?".into(), |s| s.to_string()),
+                    place.socket.display(),
+                    why_it_died(place)
+                )));
+            }
             Err(err) if Instant::now() > deadline => {
                 return Err(io::Error::new(
                     err.kind(),
                     format!(
-                        "the daemon did not listen on {} in time (its log: {})",
+                        "the daemon did not listen on {} in time: {}",
                         place.socket.display(),
-                        place.log.display()
+                        why_it_died(place)
                     ),
                 ));
             }
@@ -161,14 +185,29 @@ fn connect_or_start(place: &Place, daemon_args: &[String]) -> io::Result<UnixStr
     }
 }
 
+/// What the daemon's log says of its end (its last lines), or, with an
+/// empty log, what can be seen from here (a full filesystem).
+fn why_it_died(place: &Place) -> String {
+    let log = std::fs::read(&place.log).unwrap_or_default();
+    let tail = String::from_utf8_lossy(&log[log.len().saturating_sub(2048)..]);
+    let tail = tail.trim();
+    let dir = place.log.parent().unwrap_or(Path::new("/"));
+    let full = super::files::free_bytes(dir).is_some_and(|free| free < 64 * 1024);
+    match (tail.is_empty(), full) {
+        (false, _) => format!("its log {} ends with: {tail}", place.log.display()),
+        (true, true) => format!(
+            "the filesystem of {} is full (its log {} is empty)",
+            dir.display(),
+            place.log.display()
+        ),
+        (true, false) => format!("its log {} is empty", place.log.display()),
+    }
+}
+
 /// Start the daemon detached from us and from the SSH session: a session
 /// of its own, stdin and stdout on /dev/null, stderr to its log.
-fn start_daemon(place: &Place, daemon_args: &[String]) -> io::Result<()> {
-    let log: File = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(&place.log)?;
+fn start_daemon(place: &Place, daemon_args: &[String]) -> io::Result<std::process::Child> {
+    let log: File = super::files::open_append(&place.log)?;
     let exe = std::env::current_exe()?;
     let mut cmd = Command::new(exe);
     cmd.arg("--listen")
@@ -188,9 +227,9 @@ fn start_daemon(place: &Place, daemon_args: &[String]) -> io::Result<()> {
             Ok(())
         });
     }
-    // Not waited for: it outlives us by design. Its parent becomes init
-    // (or the nearest subreaper) when we exit.
-    cmd.spawn().map(drop)
+    // Waited for only while it starts: it outlives us by design. Its
+    // parent becomes init (or the nearest subreaper) when we exit.
+    cmd.spawn()
 }
 
 /// The daemon's pid, if its pid file names a live exec-server.

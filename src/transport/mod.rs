@@ -17,6 +17,7 @@ pub use crate::jsonrpc::Outgoing;
 
 #[cfg(test)]
 pub mod memory;
+pub mod peer;
 pub mod stdio;
 pub mod unix;
 pub mod ws;

@@ -7,7 +7,6 @@
 //! gone is replaced, one something still listens on is not.
 
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
@@ -67,35 +66,27 @@ pub fn bind(path: &Path) -> io::Result<Listener> {
     })
 }
 
-/// Why a peer may not use this server, if so: another uid than ours,
-/// unless we are root.
+/// Why a peer may not use this server, if so: another uid than ours
+/// (unless we are root), or one of the server's own sandboxed children
+/// (whatever reached the socket: its path is masked in their namespaces).
 pub fn refuse_peer(stream: &tokio::net::UnixStream) -> Option<String> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
+    use std::os::fd::AsFd;
+    let cred = match super::peer::unix_peer(stream.as_fd()) {
+        Ok(cred) => cred,
+        Err(err) => return Some(format!("its credentials could not be read: {err}")),
     };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: SO_PEERCRED fills a ucred of the given length.
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&raw mut cred).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Some(format!(
-            "its credentials could not be read: {}",
-            io::Error::last_os_error()
-        ));
-    }
     // SAFETY: getter without failure modes.
     let ours = unsafe { libc::geteuid() };
-    (ours != 0 && cred.uid != ours)
-        .then(|| format!("uid {} is not the server's ({ours})", cred.uid))
+    if ours != 0 && cred.uid != ours {
+        return Some(format!("uid {} is not the server's ({ours})", cred.uid));
+    }
+    if cred.pid > 0 && super::peer::is_confined(cred.pid) {
+        return Some(format!(
+            "pid {} is a sandboxed process of this server",
+            cred.pid
+        ));
+    }
+    None
 }
 
 /// The transport of one accepted connection.

@@ -242,6 +242,11 @@ async fn read_head(stream: &mut TcpStream) -> io::Result<Vec<u8>> {
     Ok(head)
 }
 
+/// Refuse a connection before reading anything of it: 403 and close.
+pub async fn refuse(mut stream: TcpStream) {
+    let _ = tokio::time::timeout(HEAD_TIMEOUT, respond(&mut stream, "403 Forbidden")).await;
+}
+
 async fn respond(stream: &mut TcpStream, status: &str) -> io::Result<()> {
     let body = status.split_once(' ').map_or(status, |(_, text)| text);
     let response = format!(

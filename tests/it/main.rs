@@ -4,6 +4,7 @@
 mod cli;
 mod client;
 mod containment;
+mod doors;
 mod errors;
 mod frames;
 mod fs;

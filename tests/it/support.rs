@@ -80,12 +80,19 @@ impl Server {
         let listen = format!("unix:{}", path.display());
         let (child, first) = spawn_listening(&[&["--listen", &listen], args].concat());
         assert_eq!(first, listen);
-        let stream = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        let mut server = Server::attach_unix(child, &path);
+        server._socket_dir = Some(dir);
+        server
+    }
+
+    /// A connection to the Unix socket `path` of the running server `child`.
+    pub fn attach_unix(child: Child, path: &std::path::Path) -> Server {
+        let stream = std::os::unix::net::UnixStream::connect(path).unwrap();
         let reader = stream.try_clone().unwrap();
         Server {
             stdin: Some(Box::new(SocketEnd(stream))),
             child,
-            _socket_dir: Some(dir),
+            _socket_dir: None,
             persist: false,
             lines: read_lines(reader),
             backlog: VecDeque::new(),
@@ -93,12 +100,17 @@ impl Server {
         }
     }
 
+    /// Complete the handshake on a connection made with [`Server::attach_unix`].
+    pub fn handshake(&mut self) {
+        let init = self.request("initialize", json!({"clientName": "it"}));
+        assert!(init["result"]["sessionId"].is_string(), "{init}");
+        self.send(&json!({"method": "initialized"}));
+    }
+
     /// Start and complete the handshake.
     pub fn started(args: &[&str]) -> Server {
         let mut server = Server::start(args);
-        let init = server.request("initialize", json!({"clientName": "it"}));
-        assert!(init["result"]["sessionId"].is_string(), "{init}");
-        server.send(&json!({"method": "initialized"}));
+        server.handshake();
         server
     }
 

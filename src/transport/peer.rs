@@ -1,0 +1,291 @@
+//! Who is at the other end of an accepted connection, when it is a
+//! process on this host: its uid, and whether it is one of the server's
+//! own sandboxed children (or the server itself, through its proxy).
+//!
+//! A Unix peer is known from `SO_PEERCRED`. A TCP peer on this host is
+//! found in the kernel's socket table (`sock_diag`: the socket whose local
+//! address is the peer's and whose remote address is ours), which gives
+//! its owner's uid and inode; the processes holding that inode are then
+//! looked for among the server's own descendants.
+
+use std::collections::HashSet;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+/// The local socket at the other end of a TCP connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpPeer {
+    /// The uid that owns the peer's socket.
+    pub uid: u32,
+    /// Its inode (0 while it waits in a listener's queue).
+    pub inode: u64,
+}
+
+/// The peer's socket of the TCP connection from `peer` to `local`, when
+/// the peer is a process of this host (of this network namespace);
+/// `Ok(None)` when no such socket is here (a remote peer).
+pub fn tcp_peer(local: SocketAddr, peer: SocketAddr) -> io::Result<Option<TcpPeer>> {
+    let (local, peer) = (canonical(local), canonical(peer));
+    let family = match (local.ip(), peer.ip()) {
+        (IpAddr::V4(_), IpAddr::V4(_)) => libc::AF_INET,
+        (IpAddr::V6(_), IpAddr::V6(_)) => libc::AF_INET6,
+        // One of each never meets on one socket.
+        _ => return Ok(None),
+    };
+    // SAFETY: a netlink socket, owned below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            libc::NETLINK_SOCK_DIAG,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: just made, ours.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut request = [0u8; 16 + 56];
+    let len = request.len() as u32;
+    request[0..4].copy_from_slice(&len.to_ne_bytes());
+    request[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    request[6..8].copy_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
+    request[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    // inet_diag_req_v2
+    let body = &mut request[16..];
+    body[0] = family as u8;
+    body[1] = libc::IPPROTO_TCP as u8;
+    body[4..8].copy_from_slice(&u32::MAX.to_ne_bytes());
+    // inet_diag_sockid: the peer's socket has the peer's address as its
+    // source and ours as its destination.
+    let id = &mut body[8..];
+    id[0..2].copy_from_slice(&peer.port().to_be_bytes());
+    id[2..4].copy_from_slice(&local.port().to_be_bytes());
+    id[4..20].copy_from_slice(&address_bytes(peer.ip()));
+    id[20..36].copy_from_slice(&address_bytes(local.ip()));
+    id[40..48].copy_from_slice(&[0xff; 8]);
+    // SAFETY: a buffer of the length given.
+    let sent = unsafe { libc::send(fd.as_raw_fd(), request.as_ptr().cast(), request.len(), 0) };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut answer = [0u8; 512];
+    // SAFETY: a buffer of the length given.
+    let got = unsafe { libc::recv(fd.as_raw_fd(), answer.as_mut_ptr().cast(), answer.len(), 0) };
+    if got < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let answer = &answer[..got as usize];
+    if answer.len() < 16 {
+        return Err(io::Error::other("short sock_diag answer"));
+    }
+    let kind = u16::from_ne_bytes([answer[4], answer[5]]);
+    if kind == libc::NLMSG_ERROR as u16 {
+        let errno = i32::from_ne_bytes(answer[16..20].try_into().unwrap_or_default());
+        return match -errno {
+            libc::ENOENT => Ok(None),
+            0 => Ok(None),
+            e => Err(io::Error::from_raw_os_error(e)),
+        };
+    }
+    // inet_diag_msg: family, state, timer, retrans, sockid (48), expires,
+    // rqueue, wqueue, uid, inode.
+    let msg = &answer[16..];
+    if msg.len() < 72 {
+        return Err(io::Error::other("short inet_diag_msg"));
+    }
+    let uid = u32::from_ne_bytes(msg[64..68].try_into().unwrap_or_default());
+    let inode = u32::from_ne_bytes(msg[68..72].try_into().unwrap_or_default());
+    Ok(Some(TcpPeer {
+        uid,
+        inode: u64::from(inode),
+    }))
+}
+
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+
+fn canonical(address: SocketAddr) -> SocketAddr {
+    match address {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
+            None => address,
+        },
+        v4 => v4,
+    }
+}
+
+/// An address as `inet_diag_sockid` holds it (16 bytes, network order).
+fn address_bytes(ip: IpAddr) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    match ip {
+        IpAddr::V4(v4) => out[..4].copy_from_slice(&v4.octets()),
+        IpAddr::V6(v6) => out.copy_from_slice(&v6.octets()),
+    }
+    out
+}
+
+/// Why a peer holding the socket `inode` may not use the server, if so:
+/// the socket is held by the server itself (something it dialed for a
+/// child: the proxy) or by one of its sandboxed children.
+pub fn refuse_holder(inode: u64) -> Option<String> {
+    if inode == 0 {
+        return None;
+    }
+    let own = std::process::id() as i32;
+    let needle = format!("socket:[{inode}]");
+    for pid in descendants(own) {
+        if holds(pid, &needle) {
+            if pid == own {
+                return Some("the server itself dialed it (for a child)".into());
+            }
+            if is_confined(pid) {
+                return Some(format!("pid {pid} is a sandboxed process of this server"));
+            }
+        }
+    }
+    None
+}
+
+/// Whether `pid` runs in a sandbox of this server: it descends from the
+/// server, and lives in another PID namespace (every sandboxed process is
+/// in one of its own).
+pub fn is_confined(pid: i32) -> bool {
+    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/pid")).ok();
+    let theirs = ns(&pid.to_string());
+    let ours = ns("self");
+    if theirs.is_none() || theirs == ours {
+        return false;
+    }
+    // Walk up: a sandboxed process's ancestors lead to this server (its
+    // namespace's init, our child, reaps its orphans).
+    let own = std::process::id() as i32;
+    let mut at = pid;
+    for _ in 0..4096 {
+        if at == own {
+            return true;
+        }
+        match parent(at) {
+            Some(p) if p > 1 => at = p,
+            _ => return false,
+        }
+    }
+    false
+}
+
+fn parent(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// `root` and every process below it.
+fn descendants(root: i32) -> Vec<i32> {
+    let mut children: std::collections::HashMap<i32, Vec<i32>> = Default::default();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+                continue;
+            };
+            if let Some(ppid) = parent(pid) {
+                children.entry(ppid).or_default().push(pid);
+            }
+        }
+    }
+    let mut found = vec![root];
+    let mut seen: HashSet<i32> = found.iter().copied().collect();
+    let mut i = 0;
+    while i < found.len() {
+        for &child in children.get(&found[i]).map(Vec::as_slice).unwrap_or(&[]) {
+            if seen.insert(child) {
+                found.push(child);
+            }
+        }
+        i += 1;
+    }
+    found
+}
+
+/// Whether `pid` has an fd open on `needle` (`socket:[N]`).
+fn holds(pid: i32, needle: &str) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .is_ok_and(|target| target.as_os_str().as_encoded_bytes() == needle.as_bytes())
+    })
+}
+
+/// The credentials of a Unix socket's peer.
+pub fn unix_peer(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<libc::ucred> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED fills a ucred of the given length.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_loopback_peer_is_found_with_our_uid_and_its_inode() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, from) = listener.accept().unwrap();
+        let found = tcp_peer(accepted.local_addr().unwrap(), from)
+            .unwrap()
+            .unwrap();
+        // SAFETY: getter.
+        assert_eq!(found.uid, unsafe { libc::geteuid() });
+        let inode = std::fs::metadata(format!("/proc/self/fd/{}", client.as_raw_fd()))
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .unwrap();
+        assert_eq!(found.inode, inode);
+        // The server's own socket is the holder: refused as "the server
+        // itself".
+        assert!(refuse_holder(found.inode).is_some());
+        // Nobody at an address nothing connected from.
+        let nobody: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        assert_eq!(
+            tcp_peer(accepted.local_addr().unwrap(), nobody).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn ipv6_loopback_peers_are_found_too() {
+        let Ok(listener) = std::net::TcpListener::bind("[::1]:0") else {
+            return; // no IPv6 here
+        };
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, from) = listener.accept().unwrap();
+        assert!(
+            tcp_peer(accepted.local_addr().unwrap(), from)
+                .unwrap()
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn the_server_is_not_confined() {
+        assert!(!is_confined(std::process::id() as i32));
+    }
+}
