@@ -113,11 +113,13 @@ impl Gate {
         {
             return self.blocked(ask, Reason::MethodNotAllowed, Source::ModeGuard);
         }
-        let (target, source, overridden) = match self.policy.decide(ask.host, ask.port).await {
-            Ok(target) => (target, Source::Baseline, false),
-            Err((Reason::NotAllowed, Some(target))) if self.callback.is_some() => {
+        // The name is judged before anything is looked up: a name the
+        // policy refuses is never resolved (its labels could carry data).
+        let (source, overridden) = match self.policy.judge_name(ask.host) {
+            Ok(()) => (Source::Baseline, false),
+            Err(Reason::NotAllowed) if self.callback.is_some() => {
                 match self.ask_client(ask).await {
-                    Verdict::Allow => (target, Source::Decider, true),
+                    Verdict::Allow => (Source::Decider, true),
                     Verdict::Deny(reason) => return self.blocked(ask, reason, Source::Decider),
                     Verdict::Ask(reason) => {
                         self.audit(ask, "ask", Source::Decider, reason.as_str(), false, true);
@@ -125,7 +127,11 @@ impl Gate {
                     }
                 }
             }
-            Err((reason, _)) => return self.blocked(ask, reason, Source::Baseline),
+            Err(reason) => return self.blocked(ask, reason, Source::Baseline),
+        };
+        let target = match self.policy.resolve_system(ask.host, ask.port).await {
+            Ok(target) => target,
+            Err(reason) => return self.blocked(ask, reason, Source::Baseline),
         };
         if limited {
             let guard = match ask.protocol {

@@ -140,7 +140,25 @@ enum Pattern {
 impl Pattern {
     fn parse(raw: &str) -> Result<Pattern> {
         let invalid = || config_error(format!("invalid glob pattern: {raw}"));
-        let text = normalize_host(raw).ok_or_else(invalid)?;
+        let trimmed = raw.trim();
+        if trimmed.chars().any(|c| "[]{}\\".contains(c)) && !trimmed.starts_with('[') {
+            return Err(invalid());
+        }
+        // The host part in the canonical form hosts are matched in; a
+        // glob other than a leading `*.`/`**.` is matched as written
+        // (lower case).
+        let text = if trimmed == "*" || trimmed == "**" {
+            trimmed.to_string()
+        } else if let Some(rest) = trimmed.strip_prefix("**.").filter(|r| !has_glob(r)) {
+            format!("**.{}", normalize_host(rest).ok_or_else(invalid)?)
+        } else if let Some(rest) = trimmed.strip_prefix("*.").filter(|r| !has_glob(r)) {
+            format!("*.{}", normalize_host(rest).ok_or_else(invalid)?)
+        } else if has_glob(trimmed) {
+            let lower = trimmed.to_lowercase();
+            lower.strip_suffix('.').unwrap_or(&lower).to_string()
+        } else {
+            normalize_host(trimmed).ok_or_else(invalid)?
+        };
         if text.chars().any(|c| "[]{}\\".contains(c)) {
             return Err(invalid());
         }
@@ -183,28 +201,73 @@ fn config_error(why: String) -> Error {
     Error::InvalidParams(format!("invalid network proxy config: {why}"))
 }
 
-/// Normalize a host as the reference does: trimmed, lower-case, one
-/// trailing dot and IPv6 brackets removed, a `:port` removed when there is
-/// exactly one colon, a `%25` zone written `%`. `None` when empty.
+/// A host in the one canonical form every policy match uses, whatever
+/// spelling the child chose: trimmed; a `:port` removed when there is
+/// exactly one colon; IPv6 brackets and a zone id (`%eth0`, `%25eth0`)
+/// removed; IPv4 in any base and any number of parts (`0177.0.0.1`,
+/// `0x7f.1`, `127.1`, `2130706433`) as its dotted quad; IPv6 in its
+/// shortest form, and an IPv4-mapped one as the IPv4 address; names
+/// through UTS 46 (lower case, full-width letters, digits and dots folded,
+/// IDN labels in `xn--` form) with one trailing dot removed. `None` for
+/// what is no host at all (forbidden characters, a bad IDN label, an
+/// address that does not parse): the proxy answers 400.
 pub fn normalize_host(raw: &str) -> Option<String> {
-    let mut host = raw.trim().to_ascii_lowercase();
-    if host.starts_with('[') {
-        let end = host.find(']')?;
-        host = host[1..end].to_string();
+    let mut host = raw.trim().to_string();
+    // Full-width and ideographic forms of `[`, `]`, `:` and `%` would
+    // otherwise survive to the name parser.
+    host = host
+        .chars()
+        .map(|c| match c {
+            '\u{FF3B}' => '[',
+            '\u{FF3D}' => ']',
+            '\u{FF1A}' => ':',
+            '\u{FF05}' => '%',
+            c => c,
+        })
+        .collect();
+    if let Some(rest) = host.strip_prefix('[') {
+        let end = rest.find(']')?;
+        if !rest[end + 1..].is_empty() && !rest[end + 1..].starts_with(':') {
+            return None;
+        }
+        host = rest[..end].to_string();
     } else if host.matches(':').count() == 1 {
         host.truncate(host.find(':').unwrap_or(host.len()));
     }
-    if let Some(stripped) = host.strip_suffix('.') {
-        host = stripped.to_string();
+    if host.is_empty() {
+        return None;
     }
-    host = host.replace("%25", "%");
-    (!host.is_empty()).then_some(host)
+    if host.contains(':') {
+        // IPv6, with a zone id dropped.
+        let bare = host.split('%').next().unwrap_or(&host);
+        let ip: std::net::Ipv6Addr = bare.parse().ok()?;
+        return Some(canonical_ip(IpAddr::V6(ip)).to_string());
+    }
+    if host.contains('%') {
+        // A percent sign is never part of a name or an IPv4 address.
+        return None;
+    }
+    match url::Host::parse(&host).ok()? {
+        url::Host::Ipv4(v4) => Some(v4.to_string()),
+        url::Host::Ipv6(v6) => Some(canonical_ip(IpAddr::V6(v6)).to_string()),
+        url::Host::Domain(name) => {
+            let name = name.strip_suffix('.').unwrap_or(&name).to_string();
+            (!name.is_empty() && !name.ends_with('.')).then_some(name)
+        }
+    }
 }
 
-/// The host as an IP address, zone id dropped.
+/// An IPv4-mapped IPv6 address as the IPv4 address it is.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// The host as an IP address (already canonical).
 fn ip_literal(host: &str) -> Option<IpAddr> {
-    let bare = host.split('%').next().unwrap_or(host);
-    bare.parse().ok()
+    host.parse().ok()
 }
 
 /// Whether `ip` is an address of the public internet (the reference's
@@ -215,7 +278,23 @@ pub fn is_public(ip: IpAddr) -> bool {
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => is_public_v4(v4),
             None => {
-                let first = v6.segments()[0];
+                let seg = v6.segments();
+                let first = seg[0];
+                // IPv4-compatible (::a.b.c.d) and NAT64 (64:ff9b::/96,
+                // 64:ff9b:1::/48) addresses carry an IPv4 one: judged as
+                // that, never as public on their own.
+                let embedded = Ipv4Addr::new(
+                    (seg[6] >> 8) as u8,
+                    seg[6] as u8,
+                    (seg[7] >> 8) as u8,
+                    seg[7] as u8,
+                );
+                if seg[..6] == [0; 6] || (seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0]) {
+                    return seg[..6] != [0; 6] && is_public_v4(embedded);
+                }
+                if seg[..3] == [0x64, 0xff9b, 1] {
+                    return false;
+                }
                 !(v6.is_loopback()
                     || v6.is_unspecified()
                     || v6.is_multicast()
@@ -405,77 +484,135 @@ impl Policy {
         })
     }
 
-    /// The host policy for `host:port` (normalized host): where to
-    /// connect, or why not. Names are resolved here, once, and the
-    /// addresses checked are the ones dialed: a name can't resolve to a
-    /// public address for the check and a private one for the connection.
-    /// An allowlist miss comes with the target, for the client to allow.
-    pub async fn decide(
+    /// The whole decision with the resolver given (what the gate does
+    /// when nobody is asked): the name judged first, without any lookup;
+    /// only a name the policy allows is resolved.
+    #[cfg(test)]
+    pub async fn decide_via<F, Fut>(
         &self,
         host: &str,
         port: u16,
-    ) -> std::result::Result<Target, (Reason, Option<Target>)> {
-        let local = Err((Reason::NotAllowedLocal, None));
-        if self.deny.iter().any(|p| matches_host(p, host)) {
-            return Err((Reason::Denied, None));
+        lookup: F,
+    ) -> std::result::Result<Target, Reason>
+    where
+        F: FnOnce(String, u16) -> Fut,
+        Fut: std::future::Future<Output = Vec<SocketAddr>>,
+    {
+        self.judge_name(host)?;
+        self.resolve(host, port, lookup).await
+    }
+
+    /// What the policy says of the name alone, before anything is looked
+    /// up: deny patterns, then (for an address or `localhost`) the local
+    /// rule, then the allowlist (`NotAllowed`: a miss the client may be
+    /// asked about).
+    pub fn judge_name(&self, host: &str) -> std::result::Result<(), Reason> {
+        if self.deny.iter().any(|p| p.matches(host)) {
+            return Err(Reason::Denied);
         }
-        let exact = |h: &str| {
-            self.allow
-                .iter()
-                .any(|p| *p == Pattern::Exact(h.to_string()))
+        let exact = self
+            .allow
+            .iter()
+            .any(|p| *p == Pattern::Exact(host.to_string()));
+        let local = match ip_literal(host) {
+            Some(ip) => !is_public(ip),
+            None => is_localhost(host),
         };
+        if local && !self.allow_local_binding && !exact {
+            return Err(Reason::NotAllowedLocal);
+        }
+        if !self.allow.iter().any(|p| p.matches(host)) {
+            return Err(Reason::NotAllowed);
+        }
+        Ok(())
+    }
+
+    /// The addresses to dial for a name the policy allows (or the client
+    /// allowed), each judged again as the address it is: deny patterns
+    /// match the address dialed as well as the name; anything local is
+    /// refused without local binding (even when the name was allowlisted:
+    /// it could be a rebinding one), and the server's own listeners
+    /// always are. Names are resolved here, once, and exactly the
+    /// addresses checked are dialed.
+    pub async fn resolve<F, Fut>(
+        &self,
+        host: &str,
+        port: u16,
+        lookup: F,
+    ) -> std::result::Result<Target, Reason>
+    where
+        F: FnOnce(String, u16) -> Fut,
+        Fut: std::future::Future<Output = Vec<SocketAddr>>,
+    {
         let literal = ip_literal(host);
-        let addrs = match literal {
-            Some(ip) => {
-                if !self.allow_local_binding && !is_public(ip) && !exact(host) {
-                    return local;
-                }
-                vec![SocketAddr::new(ip, port)]
-            }
-            None if host == "localhost" => {
-                if !self.allow_local_binding && !exact(host) {
-                    return local;
-                }
-                vec![
-                    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
-                    SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port),
-                ]
-            }
-            None => {
-                let resolved =
-                    tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, port)))
-                        .await;
-                let addrs: Vec<SocketAddr> = match resolved {
-                    Ok(Ok(addrs)) => addrs.collect(),
-                    _ => Vec::new(),
-                };
-                // A name that does not resolve, or resolves to anything
-                // local, is refused without local binding (even if
-                // allowlisted: the name could be a rebinding one).
-                if !self.allow_local_binding
-                    && (addrs.is_empty() || addrs.iter().any(|a| !is_public(a.ip())))
-                {
-                    return local;
-                }
-                addrs
-            }
+        let exact = self
+            .allow
+            .iter()
+            .any(|p| *p == Pattern::Exact(host.to_string()));
+        let addrs: Vec<SocketAddr> = match literal {
+            Some(ip) => vec![SocketAddr::new(ip, port)],
+            None if is_localhost(host) => vec![
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
+                SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port),
+            ],
+            None => lookup(host.to_string(), port)
+                .await
+                .into_iter()
+                .map(|a| SocketAddr::new(canonical_ip(a.ip()), a.port()))
+                .collect(),
         };
-        // The server's own listeners are never a child's destination,
-        // whatever the policy allows: they would run it unsandboxed.
-        if addrs.iter().any(|a| crate::endpoints::is_own_tcp(*a)) {
-            return Err((Reason::NotAllowedLocal, None));
+        if addrs.is_empty() && !self.allow_local_binding {
+            // Nothing to dial: refused as the reference words a name that
+            // does not resolve (with local binding, the dial fails: 502).
+            return Err(Reason::NotAllowedLocal);
         }
-        if !self.allow.iter().any(|p| matches_host(p, host)) {
-            return Err((Reason::NotAllowed, Some(Target { addrs })));
+        for addr in &addrs {
+            let ip = addr.ip().to_string();
+            if self.deny.iter().any(|p| p.matches(&ip)) {
+                return Err(Reason::Denied);
+            }
+            if crate::endpoints::is_own_tcp(*addr) {
+                // The server's own listeners are never a child's
+                // destination: they would run it unsandboxed.
+                return Err(Reason::NotAllowedLocal);
+            }
+        }
+        let local_ok =
+            self.allow_local_binding || ((literal.is_some() || is_localhost(host)) && exact);
+        if !local_ok && addrs.iter().any(|a| !is_public(a.ip())) {
+            return Err(Reason::NotAllowedLocal);
         }
         Ok(Target { addrs })
     }
 }
 
-/// A pattern against a host, also against an IP literal's zone-less form.
-fn matches_host(pattern: &Pattern, host: &str) -> bool {
-    pattern.matches(host)
-        || (host.contains('%') && pattern.matches(host.split('%').next().unwrap_or(host)))
+impl Policy {
+    /// [`Policy::resolve`] with the system's resolver.
+    pub async fn resolve_system(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> std::result::Result<Target, Reason> {
+        self.resolve(host, port, system_lookup).await
+    }
+}
+
+/// `localhost` and names below it (which resolve to loopback).
+fn is_localhost(host: &str) -> bool {
+    host == "localhost" || host.ends_with(".localhost")
+}
+
+/// The system's resolver, given [`RESOLVE_TIMEOUT`].
+async fn system_lookup(host: String, port: u16) -> Vec<SocketAddr> {
+    match tokio::time::timeout(
+        RESOLVE_TIMEOUT,
+        tokio::net::lookup_host((host.as_str(), port)),
+    )
+    .await
+    {
+        Ok(Ok(addrs)) => addrs.collect(),
+        _ => Vec::new(),
+    }
 }
 
 #[cfg(test)]
@@ -497,11 +634,230 @@ mod tests {
             ("example.com:443", Some("example.com")),
             ("[::1]:8080", Some("::1")),
             ("::1", Some("::1")),
-            ("fe80::1%25eth0", Some("fe80::1%eth0")),
+            ("fe80::1%25eth0", Some("fe80::1")),
+            ("[fe80::1%eth0]:80", Some("fe80::1")),
+            ("B\u{fc}cher.example", Some("xn--bcher-kva.example")),
+            (
+                "\u{ff25}\u{ff38}\u{ff21}\u{ff2d}\u{ff30}\u{ff2c}\u{ff25}\u{3002}com",
+                Some("example.com"),
+            ),
             ("", None),
+            ("a b", None),
+            ("a%41", None),
+            ("[::1]x", None),
         ] {
-            assert_eq!(normalize_host(raw).as_deref(), want, "{raw}");
+            assert_eq!(normalize_host(raw).as_deref(), want, "{raw:?}");
         }
+    }
+
+    /// Every way of writing 127.0.0.1 this generator knows: one to four
+    /// parts, each in decimal, octal or hex (any case, extra zeros), with
+    /// and without a trailing dot, in full-width digits and ideographic
+    /// dots, and as IPv4-mapped IPv6 in several forms.
+    pub(crate) fn spellings_of_loopback() -> Vec<String> {
+        let value: u32 = 0x7f00_0001;
+        let forms = |n: u32| {
+            vec![
+                n.to_string(),
+                format!("0{n:o}"),
+                format!("00{n:o}"),
+                format!("0x{n:x}"),
+                format!("0X{n:X}"),
+                format!("0x00{n:x}"),
+            ]
+        };
+        let mut out = Vec::new();
+        // Parts: a.b.c.d, a.b.cd (16 bits), a.bcd (24 bits), abcd (32).
+        let splits: [Vec<u32>; 4] = [
+            vec![127, 0, 0, 1],
+            vec![127, 0, 1],
+            vec![127, 1],
+            vec![value],
+        ];
+        for parts in &splits {
+            let per: Vec<Vec<String>> = parts.iter().map(|&p| forms(p)).collect();
+            // Each part in each form, the others plain, and all parts in
+            // the same form.
+            for (i, choices) in per.iter().enumerate() {
+                for choice in choices {
+                    let mut words: Vec<String> = parts.iter().map(u32::to_string).collect();
+                    words[i] = choice.clone();
+                    out.push(words.join("."));
+                }
+            }
+            for f in 0..per[0].len() {
+                out.push(
+                    per.iter()
+                        .map(|c| c[f].clone())
+                        .collect::<Vec<_>>()
+                        .join("."),
+                );
+            }
+        }
+        let plain: Vec<String> = out.clone();
+        for p in &plain {
+            out.push(format!("{p}."));
+            out.push(format!("{p}:8080"));
+        }
+        let full_width = |t: &str| -> String {
+            t.chars()
+                .map(|c| match c {
+                    '0'..='9' => char::from_u32(c as u32 - '0' as u32 + 0xFF10).unwrap(),
+                    '.' => '\u{3002}',
+                    c => c,
+                })
+                .collect()
+        };
+        out.push(full_width("127.0.0.1"));
+        out.push(full_width("127.1"));
+        out.push("127\u{FF0E}0\u{FF0E}0\u{FF0E}1".into());
+        out.push("127\u{FF61}0\u{FF61}0\u{FF61}1".into());
+        for v6 in [
+            "::ffff:127.0.0.1",
+            "::FFFF:127.0.0.1",
+            "::ffff:7f00:1",
+            "0:0:0:0:0:ffff:7f00:1",
+            "0000:0000:0000:0000:0000:ffff:7f00:0001",
+            "::ffff:7f00:0001",
+            "0::ffff:127.0.0.1",
+        ] {
+            out.push(v6.to_string());
+            out.push(format!("[{v6}]"));
+            out.push(format!("[{v6}]:80"));
+            out.push(format!("[{v6}%25lo]"));
+        }
+        out
+    }
+
+    /// Every way of writing ::1 this generator knows.
+    pub(crate) fn spellings_of_v6_loopback() -> Vec<String> {
+        let mut out = Vec::new();
+        for v6 in [
+            "::1",
+            "::0:1",
+            "0::1",
+            "::0001",
+            "0:0:0:0:0:0:0:1",
+            "0000:0000:0000:0000:0000:0000:0000:0001",
+            "0:0::0:1",
+            "::0.0.0.1",
+        ] {
+            out.push(v6.to_string());
+            out.push(format!("[{v6}]"));
+            out.push(format!("[{v6}]:443"));
+            out.push(format!("[{v6}%25eth0]"));
+            out.push(format!("{v6}%lo"));
+        }
+        out
+    }
+
+    #[test]
+    fn every_spelling_of_an_address_is_the_one_canonical_form() {
+        let v4 = spellings_of_loopback();
+        assert!(v4.len() > 150, "{}", v4.len());
+        for raw in &v4 {
+            assert_eq!(normalize_host(raw).as_deref(), Some("127.0.0.1"), "{raw:?}");
+        }
+        for raw in spellings_of_v6_loopback() {
+            assert_eq!(normalize_host(&raw).as_deref(), Some("::1"), "{raw:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn deny_rules_hold_for_every_spelling_and_for_the_address_dialed() {
+        let p = policy(
+            serde_json::json!({"*": "allow", "127.0.0.1": "deny", "[::1]": "deny",
+                "10.9.8.7": "deny"}),
+            true,
+        );
+        for raw in spellings_of_loopback()
+            .into_iter()
+            .chain(spellings_of_v6_loopback())
+        {
+            let host = normalize_host(&raw).unwrap();
+            assert_eq!(p.judge_name(&host), Err(Reason::Denied), "{raw:?}");
+        }
+        // A name the child chose that resolves to a denied address.
+        let to = |ip: &'static str| {
+            move |_: String, port: u16| async move { vec![SocketAddr::new(ip.parse().unwrap(), port)] }
+        };
+        assert_eq!(
+            p.decide_via("innocent.example", 80, to("10.9.8.7"))
+                .await
+                .unwrap_err(),
+            Reason::Denied
+        );
+        assert_eq!(
+            p.decide_via("innocent.example", 80, to("::ffff:127.0.0.1"))
+                .await
+                .unwrap_err(),
+            Reason::Denied
+        );
+        assert!(
+            p.decide_via("innocent.example", 80, to("10.9.8.6"))
+                .await
+                .is_ok()
+        );
+    }
+
+    #[tokio::test]
+    async fn local_rules_hold_for_every_spelling() {
+        let p = policy(serde_json::json!({"*": "allow"}), false);
+        for raw in spellings_of_loopback()
+            .into_iter()
+            .chain(spellings_of_v6_loopback())
+        {
+            let host = normalize_host(&raw).unwrap();
+            assert_eq!(p.judge_name(&host), Err(Reason::NotAllowedLocal), "{raw:?}");
+        }
+        for local in ["localhost", "a.localhost"] {
+            assert_eq!(p.judge_name(local), Err(Reason::NotAllowedLocal));
+        }
+    }
+
+    #[tokio::test]
+    async fn no_name_the_policy_refuses_is_ever_looked_up() {
+        use std::sync::{Arc, Mutex};
+        let p = policy(
+            serde_json::json!({"*.example.com": "allow", "evil.example.com": "deny"}),
+            false,
+        );
+        let asked: Arc<Mutex<Vec<String>>> = Arc::default();
+        let lookup = |asked: Arc<Mutex<Vec<String>>>| {
+            move |host: String, port: u16| {
+                asked.lock().unwrap().push(host);
+                async move { vec![SocketAddr::new("93.184.216.34".parse().unwrap(), port)] }
+            }
+        };
+        for raw in [
+            "secret-data.attacker.test",
+            "c2VjcmV0.exfil.invalid",
+            "evil.example.com",
+            "EVIL.Example.COM.",
+            "\u{ff45}vil.example.com",
+            "example.com",
+            "example.com.attacker.test",
+        ] {
+            let host = normalize_host(raw).unwrap();
+            assert!(
+                p.decide_via(&host, 443, lookup(asked.clone()))
+                    .await
+                    .is_err(),
+                "{raw}"
+            );
+        }
+        assert!(
+            asked.lock().unwrap().is_empty(),
+            "looked up: {:?}",
+            asked.lock().unwrap()
+        );
+        // An allowed name is looked up, once (the test can fail).
+        assert!(
+            p.decide_via("ok.example.com", 443, lookup(asked.clone()))
+                .await
+                .is_ok()
+        );
+        assert_eq!(*asked.lock().unwrap(), ["ok.example.com"]);
     }
 
     #[test]
@@ -591,11 +947,21 @@ mod tests {
             "fc00::1",
             "fe80::1",
             "::ffff:10.0.0.1",
+            "::127.0.0.1",
+            "64:ff9b::7f00:1",
+            "64:ff9b::a00:1",
+            "64:ff9b:1::1",
             "255.255.255.255",
         ] {
             assert!(!is_public(private.parse().unwrap()), "{private}");
         }
-        for public in ["1.1.1.1", "8.8.8.8", "2606:4700::1111", "::ffff:1.1.1.1"] {
+        for public in [
+            "1.1.1.1",
+            "8.8.8.8",
+            "2606:4700::1111",
+            "::ffff:1.1.1.1",
+            "64:ff9b::101:101",
+        ] {
             assert!(is_public(public.parse().unwrap()), "{public}");
         }
     }
@@ -607,29 +973,30 @@ mod tests {
             "127.0.0.2": "allow", "*.local.test": "allow"}),
             false,
         );
+        let none = |_: String, _: u16| async { Vec::new() };
         assert_eq!(
-            p.decide("bad.example.com", 80).await.unwrap_err().0,
+            p.decide_via("bad.example.com", 80, none).await.unwrap_err(),
             Reason::Denied
         );
         assert_eq!(
-            p.decide("127.0.0.3", 80).await.unwrap_err().0,
+            p.decide_via("127.0.0.3", 80, none).await.unwrap_err(),
             Reason::NotAllowedLocal
         );
         assert_eq!(
-            p.decide("localhost", 80).await.unwrap_err().0,
+            p.decide_via("localhost", 80, none).await.unwrap_err(),
             Reason::NotAllowedLocal
         );
         // An exact entry lets a local literal through.
         assert_eq!(
-            p.decide("127.0.0.2", 80).await.unwrap().addrs[0],
+            p.decide_via("127.0.0.2", 80, none).await.unwrap().addrs[0],
             "127.0.0.2:80".parse().unwrap()
         );
         assert_eq!(
-            p.decide("1.1.1.1", 80).await.unwrap_err().0,
+            p.decide_via("1.1.1.1", 80, none).await.unwrap_err(),
             Reason::NotAllowed
         );
         let open = policy(serde_json::json!({"*": "allow"}), true);
-        assert!(open.decide("127.0.0.3", 80).await.is_ok());
-        assert!(open.decide("localhost", 80).await.is_ok());
+        assert!(open.decide_via("127.0.0.3", 80, none).await.is_ok());
+        assert!(open.decide_via("localhost", 80, none).await.is_ok());
     }
 }

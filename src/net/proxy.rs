@@ -217,6 +217,51 @@ async fn admit(gate: &Gate, ask: &Ask<'_>, client: &mut TcpStream) -> Option<(Tc
     connected.ok()
 }
 
+/// Refuse the request shapes that let two parties read one message two
+/// ways (RFC 9112 section 6.3): more than one `Host`; a `Content-Length`
+/// given twice, signed, or not a plain number; `Content-Length` with
+/// `Transfer-Encoding`; a `Transfer-Encoding` given twice or other than
+/// `chunked`.
+fn framing(headers: &[httparse::Header<'_>]) -> Result<(), &'static str> {
+    let all = |name: &str| -> Vec<&[u8]> {
+        headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+            .collect()
+    };
+    if all("host").len() > 1 {
+        return Err("more than one Host header");
+    }
+    let lengths = all("content-length");
+    let encodings = all("transfer-encoding");
+    if lengths.len() > 1 {
+        return Err("more than one Content-Length header");
+    }
+    if let Some(length) = lengths.first() {
+        let text = std::str::from_utf8(length).unwrap_or("").trim();
+        if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) || text.len() > 19 {
+            return Err("invalid Content-Length");
+        }
+    }
+    if encodings.len() > 1 {
+        return Err("more than one Transfer-Encoding header");
+    }
+    if let Some(encoding) = encodings.first() {
+        if !lengths.is_empty() {
+            return Err("both Content-Length and Transfer-Encoding");
+        }
+        if !std::str::from_utf8(encoding)
+            .unwrap_or("")
+            .trim()
+            .eq_ignore_ascii_case("chunked")
+        {
+            return Err("unsupported Transfer-Encoding");
+        }
+    }
+    Ok(())
+}
+
 /// `host[:port]` (IPv6 in brackets) into a normalized host and a port.
 fn authority(text: &str, default_port: u16) -> Option<(String, u16)> {
     let text = text.rsplit_once('@').map_or(text, |(_, h)| h);
@@ -258,11 +303,22 @@ pub async fn serve_http(gate: Arc<Gate>, mut client: TcpStream, peer: SocketAddr
             .find(|h| h.name.eq_ignore_ascii_case(name))
             .map(|h| String::from_utf8_lossy(h.value).trim().to_string())
     };
+    if let Err(why) = framing(request.headers) {
+        respond(&mut client, "400 Bad Request", &[], why).await;
+        return;
+    }
     if method == "CONNECT" {
         let Some((host, port)) = authority(&target, 443) else {
             respond(&mut client, "400 Bad Request", &[], "missing authority").await;
             return;
         };
+        if let Some(given) = header("host") {
+            if authority(&given, 443) != Some((host.clone(), port)) {
+                let why = "Host header does not match the CONNECT target";
+                respond(&mut client, "400 Bad Request", &[], why).await;
+                return;
+            }
+        }
         let ask = Ask {
             protocol: Protocol::HttpsConnect,
             host: &host,
@@ -327,6 +383,16 @@ pub async fn serve_http(gate: Arc<Gate>, mut client: TcpStream, peer: SocketAddr
     if gate.policy.mode == super::policy::Mode::Limited && header("transfer-encoding").is_some() {
         gate.refuse_state(&ask, Reason::MethodNotAllowed);
         let why = "request bodies must have a Content-Length in limited mode";
+        respond(&mut client, "400 Bad Request", &[], why).await;
+        return;
+    }
+    let declared: u64 = header("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if gate.policy.mode == super::policy::Mode::Limited && rest.len() as u64 > declared {
+        // A second request behind the first would skip the method guard.
+        gate.refuse_state(&ask, Reason::MethodNotAllowed);
+        let why = "nothing may follow the request body in limited mode";
         respond(&mut client, "400 Bad Request", &[], why).await;
         return;
     }
@@ -523,6 +589,18 @@ pub async fn serve_socks(
                     socks_reply(&mut client, code, None).await;
                 }
             }
+        }
+        3 if gate.policy.mode == super::policy::Mode::Limited => {
+            // Limited mode lets no datagram out (the docs say refused).
+            let ask = Ask {
+                protocol: Protocol::Socks5Udp,
+                host: &host,
+                port,
+                method: None,
+                client: Some(peer),
+            };
+            gate.refuse_state(&ask, Reason::MethodNotAllowed);
+            socks_reply(&mut client, SOCKS_NOT_ALLOWED, None).await;
         }
         3 => match socks.udp_relay {
             Some(relay) => {

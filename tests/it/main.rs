@@ -14,6 +14,7 @@ mod network;
 mod persist;
 mod polling;
 mod process;
+mod proxy_policy;
 mod sandbox;
 mod sessions;
 mod ssh;
