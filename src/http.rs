@@ -213,6 +213,16 @@ impl Request {
             .await
             .map_err(|e| failed("http/request failed", e))?;
         let status = response.status().as_u16();
+        if self.redirects == Redirects::Follow && unfollowable_redirect(&response) {
+            // The client follows every http(s) redirect; one it handed
+            // back points somewhere it must not go (`file:`, `data:`,
+            // `unix:`...): that fails, as the reference's does.
+            return Err(Error::Internal {
+                message: "http/request failed: error following redirect: URL scheme is not allowed"
+                    .into(),
+                errno: None,
+            });
+        }
         let headers: Vec<Value> = response
             .headers()
             .iter()
@@ -328,6 +338,13 @@ fn failed(context: &str, err: reqwest::Error) -> Error {
         message: format!("{context}: {err}"),
         errno: None,
     }
+}
+
+/// A redirect the client did not follow (its location is not an http(s)
+/// URL, or not a URL at all).
+fn unfollowable_redirect(response: &reqwest::Response) -> bool {
+    matches!(response.status().as_u16(), 301 | 302 | 303 | 307 | 308)
+        && response.headers().get(reqwest::header::LOCATION).is_some()
 }
 
 /// The two shared clients (redirects followed, redirects returned), built

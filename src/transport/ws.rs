@@ -90,11 +90,24 @@ pub async fn accept(
     if let Some(token) = token {
         let bearer = header("authorization")
             .and_then(|v| v.strip_prefix("Bearer ").map(|t| t.trim().to_string()));
-        let in_query = query
+        // The query's token percent-decoded (a `+` taken as itself or as
+        // a space, as form encoding has it).
+        let in_query: Vec<Vec<u8>> = query
             .split('&')
-            .find_map(|kv| kv.strip_prefix("token=").map(String::from));
-        let given = bearer.or(in_query).unwrap_or_default();
-        if !same(given.as_bytes(), token.as_bytes()) {
+            .filter_map(|kv| kv.strip_prefix("token="))
+            .flat_map(|raw| {
+                let plain = percent_decode(raw.as_bytes());
+                let form = percent_decode(raw.replace('+', " ").as_bytes());
+                [plain, form]
+            })
+            .collect();
+        let matches = match bearer {
+            Some(given) => same(given.as_bytes(), token.as_bytes()),
+            None => in_query
+                .iter()
+                .fold(false, |hit, given| same(given, token.as_bytes()) | hit),
+        };
+        if !matches {
             respond(&mut stream, "401 Unauthorized").await?;
             return Ok(Accepted::Answered);
         }
@@ -257,6 +270,25 @@ async fn respond(stream: &mut TcpStream, status: &str) -> io::Result<()> {
     stream.shutdown().await
 }
 
+/// `%XX` escapes decoded (a malformed one kept as it is).
+fn percent_decode(raw: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        if raw[i] == b'%' && i + 2 < raw.len() {
+            if let (Some(h), Some(l)) = (hex(raw[i + 1]), hex(raw[i + 2])) {
+                out.push(h << 4 | l);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(raw[i]);
+        i += 1;
+    }
+    out
+}
+
 /// Equal, in time that depends on the lengths only.
 fn same(a: &[u8], b: &[u8]) -> bool {
     let mut diff = a.len() ^ b.len();
@@ -309,6 +341,14 @@ impl AsyncWrite for Replay {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn query_tokens_are_percent_decoded() {
+        assert_eq!(super::percent_decode(b"a%2Fb%3d%3D"), b"a/b==");
+        assert_eq!(super::percent_decode(b"100%"), b"100%");
+        assert_eq!(super::percent_decode(b"%zz%4"), b"%zz%4");
+        assert_eq!(super::percent_decode(b"%41"), b"A");
+    }
+
     #[test]
     fn tokens_compare_whole() {
         assert!(super::same(b"secret", b"secret"));

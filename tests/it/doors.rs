@@ -623,7 +623,10 @@ fn a_full_filesystem_under_the_persist_directory_is_named() {
     while filler.write_all(&[0u8; 4096]).is_ok() {}
     let _ = filler.sync_all();
     let (code, err, _) = bridge_once(runtime.path(), "full");
-    let _ = Command::new("umount").arg("-l").arg(runtime.path()).status();
+    let _ = Command::new("umount")
+        .arg("-l")
+        .arg(runtime.path())
+        .status();
     assert_ne!(code, 0, "{err}");
     assert!(
         err.contains("is full") || err.contains("No space left"),

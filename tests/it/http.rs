@@ -461,3 +461,38 @@ fn urls_header_values_and_bodies_stay_out_of_the_log() {
         "a secret reached the log:\n{text}"
     );
 }
+
+/// A redirect to anything but http(s) fails (the notes say so); it came
+/// back as a plain 302 result.
+#[test]
+fn redirects_to_other_schemes_fail() {
+    let web = Web::start("127.0.0.1");
+    let mut s = server(&[]);
+    for to in [
+        "file:///etc/passwd",
+        "data:text/plain,hi",
+        "unix:/run/docker.sock",
+        "ftp://127.0.0.1/x",
+        "gopher://127.0.0.1:70/",
+    ] {
+        let url = web.url(&format!("/redirect?code=302&to={to}"));
+        let r = s.request(
+            "http/request",
+            json!({"method": "GET", "url": url, "requestId": "a"}),
+        );
+        assert_eq!(r["error"]["code"], -32603, "{to}: {r}");
+        assert!(
+            r["error"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("http/request failed"),
+            "{r}"
+        );
+        // With `stop`, the 3xx itself, as asked.
+        let r = s.call(
+            "http/request",
+            json!({"method": "GET", "url": url, "requestId": "a", "redirectPolicy": "stop"}),
+        );
+        assert_eq!(r["status"], 302, "{r}");
+    }
+}

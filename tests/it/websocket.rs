@@ -107,6 +107,37 @@ fn a_connection_token_is_required_when_configured() {
     assert!(answer["result"]["sessionId"].is_string(), "{answer}");
 }
 
+/// A token with characters a URL escapes is compared percent-decoded.
+#[test]
+fn a_query_token_is_percent_decoded() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "a/b=c+d e\n").unwrap();
+    let server = WsServer::start(&["--connection-token-file", token.to_str().unwrap()]);
+    for accepted in [
+        "/?token=a%2Fb%3Dc%2Bd%20e",
+        "/?x=1&token=a%2fb%3dc%2Bd+e",
+        "/?token=a/b=c+d%20e",
+    ] {
+        assert_eq!(
+            server.http(accepted, UPGRADE),
+            "HTTP/1.1 101 Switching Protocols",
+            "{accepted}"
+        );
+    }
+    for refused in [
+        "/?token=a%2Fb%3Dc%2Bd",
+        "/?token=a%2Fb%3Dc%2Bd%20e%00",
+        "/?token=%61",
+    ] {
+        assert_eq!(
+            server.http(refused, UPGRADE),
+            "HTTP/1.1 401 Unauthorized",
+            "{refused}"
+        );
+    }
+}
+
 #[test]
 fn a_non_loopback_address_needs_a_token_or_insecure_listen() {
     let refused = Command::new(bin())
