@@ -124,6 +124,66 @@ pub fn recv_fd(socket: RawFd) -> Option<OwnedFd> {
         .pop()
 }
 
+/// The soft `RLIMIT_NOFILE` the server was started with, given back to
+/// every child (0: never raised).
+static CHILD_NOFILE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Raise this process's soft `RLIMIT_NOFILE` to its hard limit (a server
+/// with many connections and processes needs descriptors; a flood must
+/// not starve it at 1,024); children get the old soft limit back
+/// ([`restore_child_nofile`]), as programs that use `select` expect.
+/// Returns the limit now in force.
+pub fn raise_nofile() -> u64 {
+    // SAFETY: getrlimit/setrlimit on a struct we own.
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 1024;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let old = limit.rlim_cur;
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                CHILD_NOFILE.store(old, std::sync::atomic::Ordering::Relaxed);
+                return raised.rlim_cur;
+            }
+        }
+        limit.rlim_cur
+    }
+}
+
+/// The soft `RLIMIT_NOFILE` in force now.
+pub fn nofile_limit() -> u64 {
+    // SAFETY: getrlimit on a struct we own.
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 1024;
+        }
+        limit.rlim_cur
+    }
+}
+
+/// In a child between clone and exec: the soft `RLIMIT_NOFILE` the server
+/// was started with. System calls only.
+pub fn restore_child_nofile() {
+    let old = CHILD_NOFILE.load(std::sync::atomic::Ordering::Relaxed);
+    if old == 0 {
+        return;
+    }
+    // SAFETY: getrlimit/setrlimit on a struct on the stack.
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = old.min(limit.rlim_max);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

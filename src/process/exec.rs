@@ -697,6 +697,9 @@ impl Plan<'_> {
             if libc::setsid() == -1 {
                 return errno();
             }
+            // The descriptor limit the server was started with, not the
+            // one it raised for itself.
+            crate::sys::restore_child_nofile();
             // Under our init, the program takes the terminal, not the init.
             if self.controlling_tty
                 && self.init.is_none()

@@ -165,6 +165,8 @@ impl Listen {
 /// Call this from a single-threaded process: it forks the watchdog before
 /// starting the async runtime.
 pub fn run(config: Config, listen: &[Listen]) -> std::io::Result<()> {
+    let limit = crate::sys::raise_nofile();
+    tracing::debug!("descriptor limit {limit}");
     let containment = Arc::new(Containment::start());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -418,42 +420,225 @@ fn println_address(address: &str) {
     let _ = out.flush();
 }
 
+/// Request heads a WebSocket listener waits for at once: a new connection
+/// beyond this pushes out the one that has waited longest for the rest of
+/// its head (a flood of heads that never end can't keep a real client
+/// out: its head comes with its first packets, and is read before the
+/// next connection is accepted).
+const MAX_PENDING_HEADS: usize = 64;
+/// Past this many (none of them read from yet), new connections are
+/// turned away.
+const MAX_PENDING_HARD: usize = 192;
+/// Connections one Unix listener serves at once.
+const MAX_UNIX_CONNECTIONS: usize = 128;
+/// WebSocket connections one listener serves at once.
+const MAX_WS_CONNECTIONS: usize = 256;
+/// Of these, from one peer address.
+const MAX_WS_PER_PEER: usize = 128;
+/// Descriptors kept free for the work of clients already served (process
+/// starts, files): a connection accepted past this is turned away.
+const FD_RESERVE: u64 = 128;
+
 /// Accept WebSocket connections until the server shuts down.
 async fn accept_ws(server: Arc<Server>, bound: tokio::net::TcpListener) {
+    use std::collections::{HashMap, VecDeque};
+    use std::os::fd::AsRawFd;
     let mut connections = tokio::task::JoinSet::new();
+    let mut pending = tokio::task::JoinSet::new();
+    let mut waiting: VecDeque<(tokio::task::AbortHandle, Arc<HeadProgress>)> = VecDeque::new();
+    let served = Arc::new(tokio::sync::Semaphore::new(MAX_WS_CONNECTIONS));
+    let per_peer: Arc<std::sync::Mutex<HashMap<std::net::IpAddr, usize>>> = Arc::default();
+    let (upgraded_tx, mut upgraded) = tokio::sync::mpsc::channel::<(
+        transport::Transport,
+        tokio::sync::OwnedSemaphorePermit,
+        PeerSlot,
+    )>(16);
     loop {
-        let (stream, peer) = match bound.accept().await {
+        let accepted = tokio::select! {
+            accepted = bound.accept() => accepted,
+            Some((transport, permit, slot)) = upgraded.recv() => {
+                let server = server.clone();
+                connections.spawn(async move {
+                    connection::serve(server, transport).await;
+                    drop((permit, slot));
+                });
+                continue;
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            Some(_) = pending.join_next(), if !pending.is_empty() => continue,
+        };
+        let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(err) => {
+                // EMFILE and the like: this connection is lost, the
+                // listener is not.
                 tracing::warn!("accepting a websocket connection failed: {err}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
-        while connections.try_join_next().is_some() {}
+        // The kernel hands out the lowest free descriptor: one this high
+        // means the reserve is being eaten.
+        if stream.as_raw_fd() as u64 + FD_RESERVE >= crate::sys::nofile_limit() {
+            tracing::warn!("turned away a websocket connection from {peer}: descriptors are short");
+            transport::ws::turn_away(stream).await;
+            continue;
+        }
+        waiting.retain(|(h, progress)| !h.is_finished() && !progress.complete());
+        if waiting.len() >= MAX_PENDING_HEADS {
+            // The head that has stalled longest goes; one not yet looked
+            // at, or complete, is never pushed out.
+            let stalled = waiting
+                .iter()
+                .enumerate()
+                .filter_map(|(i, (_, p))| p.stalled_for().map(|d| (i, d)))
+                .max_by_key(|(i, d)| (*d, std::cmp::Reverse(*i)))
+                .map(|(i, _)| i);
+            match stalled {
+                Some(i) => {
+                    tracing::debug!("dropped the longest-stalled unfinished request head");
+                    if let Some((handle, _)) = waiting.remove(i) {
+                        handle.abort();
+                    }
+                }
+                None if waiting.len() >= MAX_PENDING_HARD => {
+                    tracing::warn!(
+                        "turned away a websocket connection from {peer}: {MAX_PENDING_HARD} request heads are pending"
+                    );
+                    transport::ws::turn_away(stream).await;
+                    continue;
+                }
+                None => {}
+            }
+        }
+        let progress = Arc::new(HeadProgress::default());
         let _ = stream.set_nodelay(true);
         let server = server.clone();
-        connections.spawn(async move {
-            if let Some(why) =
-                refuse_tcp_peer(&stream, peer, server.config.connection_token.is_some()).await
-            {
-                tracing::warn!("refused a websocket connection from {peer}: {why}");
-                transport::ws::refuse(stream).await;
-                return;
-            }
+        let served = served.clone();
+        let per_peer = per_peer.clone();
+        let upgraded_tx = upgraded_tx.clone();
+        let watched = progress.clone();
+        let handle = pending.spawn(async move {
+            watched.started();
             let token = server.config.connection_token.clone();
             let limits = transport::ws::Limits {
                 max_message_bytes: server.config.max_message_bytes,
                 ping_every: server.config.ws_ping_every,
             };
-            match transport::ws::accept(stream, token.as_deref(), limits).await {
+            let local = stream.local_addr().ok();
+            let has_token = token.is_some();
+            // Room is taken once the head is in (a pending head holds only
+            // its place among the pending ones).
+            let room = Arc::new(std::sync::Mutex::new(None));
+            let taken = room.clone();
+            let vet = move || async move {
+                watched.finished();
+                let Ok(permit) = served.try_acquire_owned() else {
+                    let why = format!("{MAX_WS_CONNECTIONS} connections are open");
+                    return Some(("503 Service Unavailable", why));
+                };
+                let Some(slot) = PeerSlot::take(&per_peer, peer.ip()) else {
+                    let why = format!("{MAX_WS_PER_PEER} connections are open from {}", peer.ip());
+                    return Some(("503 Service Unavailable", why));
+                };
+                *crate::sync::lock(&taken) = Some((permit, slot));
+                let local = local?;
+                refuse_tcp_peer(local, peer, has_token)
+                    .await
+                    .map(|why| ("403 Forbidden", why))
+            };
+            match transport::ws::accept(stream, token.as_deref(), limits, vet).await {
                 Ok(transport::ws::Accepted::Connection(transport)) => {
-                    connection::serve(server, transport).await;
+                    let room = crate::sync::lock(&room).take();
+                    if let Some((permit, slot)) = room {
+                        let _ = upgraded_tx.send((transport, permit, slot)).await;
+                    }
                 }
                 Ok(transport::ws::Accepted::Answered) => {}
                 Err(err) => tracing::debug!("a websocket request from {peer} failed: {err}"),
             }
         });
+        waiting.push_back((handle, progress));
+        // Let it read what it was sent before the next is accepted: a
+        // flood must not keep the heads already in from being looked at.
+        tokio::task::yield_now().await;
+    }
+}
+
+/// How far a pending connection's request head has come: not looked at
+/// yet, being read (since when), or complete.
+#[derive(Default)]
+struct HeadProgress {
+    /// Milliseconds since [`HeadProgress::EPOCH`] when reading began; 0:
+    /// not yet; `u64::MAX`: complete.
+    since: std::sync::atomic::AtomicU64,
+}
+
+impl HeadProgress {
+    fn now_ms() -> u64 {
+        static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        EPOCH
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_millis() as u64
+            + 1
+    }
+
+    fn started(&self) {
+        self.since.store(Self::now_ms(), Ordering::Relaxed);
+    }
+
+    fn finished(&self) {
+        self.since.store(u64::MAX, Ordering::Relaxed);
+    }
+
+    fn complete(&self) -> bool {
+        self.since.load(Ordering::Relaxed) == u64::MAX
+    }
+
+    /// How long its head has been read without coming to an end.
+    fn stalled_for(&self) -> Option<Duration> {
+        match self.since.load(Ordering::Relaxed) {
+            0 | u64::MAX => None,
+            since => Some(Duration::from_millis(Self::now_ms().saturating_sub(since))),
+        }
+    }
+}
+
+/// One connection counted against its peer address's share; given back
+/// when dropped.
+struct PeerSlot {
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    ip: std::net::IpAddr,
+}
+
+impl PeerSlot {
+    fn take(
+        counts: &Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+        ip: std::net::IpAddr,
+    ) -> Option<PeerSlot> {
+        let mut all = crate::sync::lock(counts);
+        let n = all.entry(ip).or_insert(0);
+        if *n >= MAX_WS_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot {
+            counts: counts.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut all = crate::sync::lock(&self.counts);
+        if let Some(n) = all.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                all.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -463,11 +648,10 @@ async fn accept_ws(server: Arc<Server>, bound: tokio::net::TcpListener) {
 /// whatever it shows; without a token, so is a peer of another uid
 /// (root included, as on the Unix socket).
 async fn refuse_tcp_peer(
-    stream: &tokio::net::TcpStream,
+    local: std::net::SocketAddr,
     peer: std::net::SocketAddr,
     token: bool,
 ) -> Option<String> {
-    let local = stream.local_addr().ok()?;
     let found = tokio::task::spawn_blocking(move || {
         let found = transport::peer::tcp_peer(local, peer)?;
         let holder = found.and_then(|f| transport::peer::refuse_holder(f.inode));
@@ -507,6 +691,14 @@ async fn accept_unix(server: Arc<Server>, bound: transport::unix::Listener) {
             }
         };
         while connections.try_join_next().is_some() {}
+        if connections.len() >= MAX_UNIX_CONNECTIONS {
+            // Each costs two threads: bounded, like every listener.
+            tracing::warn!(
+                "refused a connection on {}: {MAX_UNIX_CONNECTIONS} are open",
+                bound.path.display()
+            );
+            continue;
+        }
         if let Some(why) = transport::unix::refuse_peer(&stream) {
             tracing::warn!("refused a connection on {}: {why}", bound.path.display());
             continue;

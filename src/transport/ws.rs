@@ -23,8 +23,9 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use super::{Frame, OUTBOUND_CAPACITY, Outbound, Outgoing, Transport};
 use crate::jsonrpc::encode_line;
 
-/// How long a peer may take to send its request head.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a peer may take to send its request head (it holds a slot of
+/// the few kept for connections not yet authenticated).
+const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest request head accepted.
 const HEAD_BYTES: usize = 16 * 1024;
 
@@ -47,11 +48,19 @@ pub enum Accepted {
 }
 
 /// Serve the HTTP part of one TCP connection: answer it, or upgrade it.
-pub async fn accept(
+/// `vet` runs once a complete request for the WebSocket path is in,
+/// before its token is checked: `Some((status, why))` refuses it with that
+/// status line (`403 Forbidden`, `503 Service Unavailable`).
+pub async fn accept<V, F>(
     mut stream: TcpStream,
     token: Option<&str>,
     limits: Limits,
-) -> io::Result<Accepted> {
+    vet: V,
+) -> io::Result<Accepted>
+where
+    V: FnOnce() -> F,
+    F: std::future::Future<Output = Option<(&'static str, String)>>,
+{
     let max_message_bytes = limits.max_message_bytes;
     let head = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream))
         .await
@@ -86,6 +95,11 @@ pub async fn accept(
             respond(&mut stream, "404 Not Found").await?;
             return Ok(Accepted::Answered);
         }
+    }
+    if let Some((status, why)) = vet().await {
+        tracing::warn!("refused a websocket connection: {why}");
+        respond(&mut stream, status).await?;
+        return Ok(Accepted::Answered);
     }
     if let Some(token) = token {
         let bearer = header("authorization")
@@ -255,9 +269,14 @@ async fn read_head(stream: &mut TcpStream) -> io::Result<Vec<u8>> {
     Ok(head)
 }
 
-/// Refuse a connection before reading anything of it: 403 and close.
-pub async fn refuse(mut stream: TcpStream) {
-    let _ = tokio::time::timeout(HEAD_TIMEOUT, respond(&mut stream, "403 Forbidden")).await;
+/// Turn a connection away before reading anything of it (the server is
+/// full): 503 and close, given at most a second.
+pub async fn turn_away(mut stream: TcpStream) {
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        respond(&mut stream, "503 Service Unavailable"),
+    )
+    .await;
 }
 
 async fn respond(stream: &mut TcpStream, status: &str) -> io::Result<()> {

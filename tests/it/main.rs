@@ -6,6 +6,7 @@ mod client;
 mod containment;
 mod doors;
 mod errors;
+mod flood;
 mod frames;
 mod fs;
 mod http;

@@ -100,6 +100,21 @@ impl Server {
         }
     }
 
+    /// A WebSocket connection to the running server `child` at `url`
+    /// (`header` added to the upgrade request).
+    pub fn attach_ws(child: Child, url: &str, header: Option<(&str, &str)>) -> Server {
+        let (writer, lines) = ws_lines(url, header);
+        Server {
+            stdin: Some(Box::new(writer)),
+            child,
+            _socket_dir: None,
+            persist: false,
+            lines,
+            backlog: VecDeque::new(),
+            next_id: 1000,
+        }
+    }
+
     /// Complete the handshake on a connection made with [`Server::attach_unix`].
     pub fn handshake(&mut self) {
         let init = self.request("initialize", json!({"clientName": "it"}));
