@@ -14,6 +14,8 @@ pub mod code {
     pub const INTERNAL_ERROR: i64 = -32603;
     pub const NOT_FOUND: i64 = -32004;
     pub const SESSION_ATTACHED: i64 = -32010;
+    /// The client is not reading: answers wait; retry once it has.
+    pub const OVERLOADED: i64 = -32011;
 }
 
 /// Everything a request can fail with. Each variant's message is the
@@ -77,6 +79,13 @@ pub enum Error {
         message: String,
         errno: Option<i32>,
     },
+    /// The connection's budget of answers waiting to be sent is spent
+    /// (the client is not reading them): retryable.
+    #[error(
+        "{waiting} bytes of answers are waiting for the client to read them on this connection \
+         (the limit is {limit}); retry once it has"
+    )]
+    Overloaded { waiting: usize, limit: usize },
     /// Anything else, usually an I/O failure.
     #[error("{message}")]
     Internal { message: String, errno: Option<i32> },
@@ -107,6 +116,7 @@ impl Error {
             SpawnFailed { .. } | Internal { .. } => code::INTERNAL_ERROR,
             NotFound { .. } => code::NOT_FOUND,
             SessionAttached(_) => code::SESSION_ATTACHED,
+            Overloaded { .. } => code::OVERLOADED,
             Forwarded(error) => error["code"].as_i64().unwrap_or(code::INTERNAL_ERROR),
         }
     }
@@ -132,6 +142,7 @@ impl Error {
             SessionTakenOver => "sessionTakenOver",
             MessageTooLarge { .. } => "messageTooLarge",
             InvalidInput { kind, .. } => kind,
+            Overloaded { .. } => "overloaded",
             Internal { .. } | Forwarded(_) => "internal",
         }
     }
@@ -156,6 +167,9 @@ impl Error {
         let mut data = json!({ "kind": self.kind() });
         if let Some(errno) = self.errno() {
             data["errno"] = json!(errno);
+        }
+        if matches!(self, Error::Overloaded { .. }) {
+            data["retryable"] = json!(true);
         }
         json!({ "code": self.code(), "message": self.to_string(), "data": data })
     }

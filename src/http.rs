@@ -199,7 +199,12 @@ impl Request {
         // Held until the whole body is read (dropped with this future).
         let _turn = match self.stream {
             Some(_) => None,
-            None => self.turns.clone().acquire_owned().await.ok(),
+            None => {
+                let turn = self.turns.clone().acquire_owned().await.ok();
+                // Nothing is sent while the client leaves answers unread.
+                outbound.budget().check()?;
+                turn
+            }
         };
         let mut request = client.request(self.method, self.url).headers(self.headers);
         if let Some(body) = self.body {

@@ -265,14 +265,21 @@ fn read(ctx: &Ctx, name: &str, params: Value) -> Reply {
         Ok(p) => p,
         Err(err) => return Reply::Ready(Err(err)),
     };
+    // A client that reads none of its answers gets no more of them.
+    if let Err(err) = ctx.conn.outbound.budget().check() {
+        return Reply::Ready(Err(err));
+    }
     // Rendered straight from the retained chunks: no `Value`, and base64
     // written into the line once.
     match ctx.session.processes.read(&p) {
         Ok(ReadNow::Ready(response)) => Reply::Rendered(Ok(response.render())),
         Ok(ReadNow::Wait(process)) => {
-            Reply::LaterRendered(Box::pin(
-                async move { Ok(process.read(&p).await?.render()) },
-            ))
+            let outbound = ctx.conn.outbound.clone();
+            Reply::LaterRendered(Box::pin(async move {
+                let response = process.read(&p).await?;
+                outbound.budget().check()?;
+                Ok(response.render())
+            }))
         }
         Err(err) => Reply::Ready(Err(err)),
     }
@@ -429,6 +436,11 @@ fn lane_job<T: Send + 'static>(
 fn fs_method(ctx: &Ctx, name: &str, params: Value) -> Reply {
     on_lane(ctx, name, params, |ctx, name, rules, params| {
         let max = ctx.server.config.max_message_bytes;
+        if name == method::FS_READ_FILE {
+            // Checked as the job starts: jobs queued behind a client that
+            // reads nothing produce nothing more.
+            ctx.conn.outbound.budget().check()?;
+        }
         match rules {
             None => fs::run_method(name, params, max),
             Some(rules) => sandbox::helper::run(&rules, name, &params, max).map(|(v, _)| v),
@@ -457,6 +469,7 @@ fn fs_read_block(ctx: &Ctx, name: &str, params: Value) -> Reply {
     // The block travels beside its result (`chunk` is filled in by the
     // codec: base64 in JSON, raw in a binary frame).
     let job = lane_job(ctx, name, params, |ctx, name, _, params| {
+        ctx.conn.outbound.budget().check()?;
         let (data, eof) = ctx.conn.handles.read_block(decode(name, params)?)?;
         Ok((serde_json::json!({"chunk": null, "eof": eof}), data))
     });

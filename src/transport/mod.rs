@@ -44,11 +44,68 @@ pub const OUTBOUND_CAPACITY: usize = 32;
 #[derive(Clone)]
 pub struct Outbound {
     tx: mpsc::Sender<Encoded>,
+    /// Bytes of messages queued and not yet written.
+    budget: Arc<Budget>,
     encode: fn(&Outgoing) -> Vec<u8>,
     /// Calls made to this peer and not yet answered.
     calls: Arc<Calls>,
     /// The peer asked for binary frames: output goes as frames.
     frames: Arc<AtomicBool>,
+}
+
+/// Bytes of answers one connection may hold waiting for its peer before
+/// methods that produce large answers (buffered `http/request`,
+/// `process/read`, `fs/readFile`, `fs/readBlock`) are refused with a
+/// retryable `overloaded` error instead of producing more.
+pub const ANSWER_BUDGET: usize = 64 << 20;
+
+/// What one connection holds of encoded messages not yet written: every
+/// message counts from the moment it is encoded until its writer has
+/// written it (or it is dropped).
+#[derive(Debug, Default)]
+pub struct Budget {
+    queued: std::sync::atomic::AtomicUsize,
+}
+
+impl Budget {
+    /// Bytes queued now.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Whether a method may produce another large answer now.
+    pub fn check(&self) -> crate::error::Result<()> {
+        let waiting = self.queued();
+        if waiting >= ANSWER_BUDGET {
+            return Err(crate::error::Error::Overloaded {
+                waiting,
+                limit: ANSWER_BUDGET,
+            });
+        }
+        Ok(())
+    }
+
+    fn charge(self: &Arc<Self>, bytes: usize) -> Charge {
+        self.queued.fetch_add(bytes, Ordering::Relaxed);
+        Charge {
+            budget: self.clone(),
+            bytes,
+        }
+    }
+}
+
+/// A message's share of its connection's [`Budget`], given back when the
+/// message is written or dropped.
+#[derive(Debug)]
+pub struct Charge {
+    budget: Arc<Budget>,
+    bytes: usize,
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.budget.queued.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 /// At most this many calls to one peer wait for answers; more fail at once.
@@ -86,6 +143,7 @@ pub struct Permit {
     permit: mpsc::OwnedPermit<Encoded>,
     encode: fn(&Outgoing) -> Vec<u8>,
     frames: bool,
+    budget: Arc<Budget>,
 }
 
 /// `message` as bytes: output as a binary frame (its header, and the
@@ -103,6 +161,7 @@ fn encode(message: Outgoing, codec: fn(&Outgoing) -> Vec<u8>, frames: bool) -> E
         } if frames => Encoded {
             head: crate::frame::output_header(&process_id, seq, stream, chunk.len()),
             body: Some(chunk),
+            charge: None,
         },
         Outgoing::Response(crate::jsonrpc::Response {
             id,
@@ -121,6 +180,7 @@ fn encode(message: Outgoing, codec: fn(&Outgoing) -> Vec<u8>, frames: bool) -> E
                 Encoded {
                     head: crate::frame::result_header(&json[..json.len() - 1], bytes.len()),
                     body: Some(bytes),
+                    charge: None,
                 }
             }
             Payload::Rendered(mut text) => {
@@ -131,6 +191,7 @@ fn encode(message: Outgoing, codec: fn(&Outgoing) -> Vec<u8>, frames: bool) -> E
                 Encoded {
                     head,
                     body: Some(text.into()),
+                    charge: None,
                 }
             }
             payload => codec(&Outgoing::Response(Response {
@@ -149,10 +210,16 @@ impl Outbound {
     pub fn new(tx: mpsc::Sender<Encoded>, encode: fn(&Outgoing) -> Vec<u8>) -> Outbound {
         Outbound {
             tx,
+            budget: Arc::default(),
             encode,
             calls: Arc::default(),
             frames: Arc::default(),
         }
+    }
+
+    /// What this connection holds of messages not yet written.
+    pub fn budget(&self) -> &Budget {
+        &self.budget
     }
 
     /// From now on, send output as binary frames (or stop).
@@ -161,7 +228,7 @@ impl Outbound {
     }
 
     fn encode(&self, message: Outgoing) -> Encoded {
-        encode(message, self.encode, self.frames.load(Ordering::Relaxed))
+        encode(message, self.encode, self.frames.load(Ordering::Relaxed)).charged(&self.budget)
     }
 
     /// Queue `message` only if at least `keep_free` other messages would
@@ -252,6 +319,7 @@ impl Outbound {
             permit,
             encode: self.encode,
             frames: self.frames.load(Ordering::Relaxed),
+            budget: self.budget.clone(),
         })
     }
 }
@@ -259,7 +327,8 @@ impl Outbound {
 impl Permit {
     /// Queue `message` in the reserved room.
     pub fn send(self, message: Outgoing) {
-        self.permit.send(encode(message, self.encode, self.frames));
+        self.permit
+            .send(encode(message, self.encode, self.frames).charged(&self.budget));
     }
 }
 
@@ -269,9 +338,16 @@ impl Permit {
 pub struct Encoded {
     pub head: Vec<u8>,
     pub body: Option<bytes::Bytes>,
+    /// Its share of the connection's budget, until it is written.
+    pub charge: Option<Charge>,
 }
 
 impl Encoded {
+    fn charged(mut self, budget: &Arc<Budget>) -> Encoded {
+        self.charge = Some(budget.charge(self.len()));
+        self
+    }
+
     /// The message as one buffer (for a transport that needs one).
     pub fn into_vec(self) -> Vec<u8> {
         match self.body {
@@ -291,7 +367,11 @@ impl Encoded {
 
 impl From<Vec<u8>> for Encoded {
     fn from(head: Vec<u8>) -> Self {
-        Encoded { head, body: None }
+        Encoded {
+            head,
+            body: None,
+            charge: None,
+        }
     }
 }
 
