@@ -77,6 +77,10 @@ got = {
     "ws": ws("127.0.0.1"),
     "ws-localhost": ws("localhost"),
     "other": other(),
+    "inherited-socket": any(
+        os.readlink("/proc/self/fd/" + fd).startswith("socket:")
+        for fd in os.listdir("/proc/self/fd") if int(fd) > 2
+        if os.path.exists("/proc/self/fd/" + fd)),
 }
 print(" ".join(k for k, v in got.items() if v) or "none")
 "#;
@@ -341,8 +345,48 @@ fn another_local_user_is_refused_by_a_loopback_listener_without_a_token() {
     if !python() || !second_user() {
         return;
     }
-    let (mut child, url) = crate::support::spawn_listening(&["--listen", "ws://127.0.0.1:0"]);
+    // A socket in a directory the other user may enter.
+    let dir = tempfile::tempdir().unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let sock = dir.path().join("s.sock");
+    let mut command = Command::new(bin());
+    command
+        .args(["--listen", "ws://127.0.0.1:0", "--listen"])
+        .arg(format!("unix:{}", sock.display()));
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut url = String::new();
+    for _ in 0..2 {
+        url.clear();
+        out.read_line(&mut url).unwrap();
+        if url.starts_with("ws://") {
+            break;
+        }
+    }
+    let url = url.trim().to_string();
     let port = url.rsplit(':').next().unwrap().to_string();
+    let unix_try = format!(
+        "import socket\ns = socket.socket(socket.AF_UNIX)\ntry:\n    s.connect({:?})\n    s.sendall(b'{{\"id\":1,\"method\":\"initialize\",\"params\":{{\"clientName\":\"x\"}}}}\\n')\n    s.settimeout(3)\n    print('served' if b'sessionId' in s.recv(4096) else 'refused')\nexcept Exception as e:\n    print('refused', e)",
+        sock.to_str().unwrap()
+    );
+    let theirs = Command::new("runuser")
+        .args(["-u", "exec-server-ci", "--", "python3", "-c", &unix_try])
+        .current_dir("/")
+        .output()
+        .unwrap();
+    let theirs = String::from_utf8_lossy(&theirs.stdout);
+    assert!(
+        theirs.starts_with("refused"),
+        "another user over unix: {theirs}"
+    );
     let as_them = Command::new("runuser")
         .args([
             "-u",
@@ -535,6 +579,32 @@ fn planted_links_make_every_file_writing_path_refuse() {
             .args(["daemon", "stop", "--persist", "links"])
             .env("XDG_RUNTIME_DIR", runtime.path())
             .output();
+    }
+    // --listen unix: at a planted link.
+    {
+        std::fs::write(&victim, "original\n").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let link = dir.path().join("s.sock");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        let out = Command::new(bin())
+            .arg("--listen")
+            .arg(format!("unix:{}", link.display()))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_ne!(out.status.code(), Some(0));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("is not a socket"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "original\n");
+        assert!(
+            std::fs::symlink_metadata(&link)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
     }
     // --pid-file: a link, and a hard link, to the victim.
     for hard in [false, true] {
