@@ -654,7 +654,7 @@ async fn refuse_tcp_peer(
 ) -> Option<String> {
     let found = tokio::task::spawn_blocking(move || {
         let found = transport::peer::tcp_peer(local, peer)?;
-        let holder = found.and_then(|f| transport::peer::refuse_holder(f.inode));
+        let holder = found.and_then(|f| transport::peer::refuse_holder(f.inode, f.uid));
         Ok::<_, std::io::Error>((found, holder))
     })
     .await;

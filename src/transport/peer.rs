@@ -125,52 +125,85 @@ fn address_bytes(ip: IpAddr) -> [u8; 16] {
     out
 }
 
-/// Why a peer holding the socket `inode` may not use the server, if so:
-/// the socket is held by the server itself (something it dialed for a
-/// child: the proxy) or by one of its sandboxed children.
-pub fn refuse_holder(inode: u64) -> Option<String> {
+/// Why a peer holding the socket `inode` (owned by `uid`) may not use the
+/// server, if so: the socket is held by the server itself (something it
+/// dialed for a child: the proxy) or by a process inside a sandbox (of
+/// this server or of any other exec-server). The server's own
+/// descendants are looked at first, then every process of the socket's
+/// owner.
+pub fn refuse_holder(inode: u64, uid: u32) -> Option<String> {
     if inode == 0 {
         return None;
     }
     let own = std::process::id() as i32;
     let needle = format!("socket:[{inode}]");
-    for pid in descendants(own) {
+    let mine = descendants(own);
+    let judge = |pid: i32| -> Option<String> {
+        if pid == own {
+            return Some("the server itself dialed it (for a child)".into());
+        }
+        in_a_sandbox(pid).then(|| format!("pid {pid} runs inside a sandbox"))
+    };
+    let mut found = false;
+    for &pid in &mine {
         if holds(pid, &needle) {
-            if pid == own {
-                return Some("the server itself dialed it (for a child)".into());
+            found = true;
+            if let Some(why) = judge(pid) {
+                return Some(why);
             }
-            if is_confined(pid) {
-                return Some(format!("pid {pid} is a sandboxed process of this server"));
+        }
+    }
+    if found {
+        return None;
+    }
+    // Not ours: any process of the socket's owner (a sandboxed child of
+    // another server of this user must not reach this one either).
+    let mine: HashSet<i32> = mine.into_iter().collect();
+    for pid in processes_of(uid) {
+        if !mine.contains(&pid) && holds(pid, &needle) {
+            if let Some(why) = judge(pid) {
+                return Some(why);
             }
         }
     }
     None
 }
 
-/// Whether `pid` runs in a sandbox of this server: it descends from the
-/// server, and lives in another PID namespace (every sandboxed process is
-/// in one of its own).
-pub fn is_confined(pid: i32) -> bool {
-    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/pid")).ok();
-    let theirs = ns(&pid.to_string());
-    let ours = ns("self");
-    if theirs.is_none() || theirs == ours {
-        return false;
-    }
-    // Walk up: a sandboxed process's ancestors lead to this server (its
-    // namespace's init, our child, reaps its orphans).
-    let own = std::process::id() as i32;
+/// Whether `pid` runs inside a sandbox: one of its ancestors is a
+/// sandbox's init (this binary in its `__init` mode). Every sandboxed
+/// process descends from one (the init leads its PID namespace and reaps
+/// its orphans), and none can change its own ancestry.
+pub fn in_a_sandbox(pid: i32) -> bool {
     let mut at = pid;
-    for _ in 0..4096 {
-        if at == own {
+    for _ in 0..256 {
+        if at <= 1 {
+            return false;
+        }
+        let cmdline = std::fs::read(format!("/proc/{at}/cmdline")).unwrap_or_default();
+        if cmdline.split(|&b| b == 0).nth(1) == Some(crate::process::init::ARG.as_bytes()) {
             return true;
         }
         match parent(at) {
-            Some(p) if p > 1 => at = p,
-            _ => return false,
+            Some(p) => at = p,
+            None => return false,
         }
     }
     false
+}
+
+/// Every process whose `/proc` entry belongs to `uid`.
+fn processes_of(uid: u32) -> Vec<i32> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            (e.metadata().ok()?.uid() == uid).then_some(pid)
+        })
+        .collect()
 }
 
 fn parent(pid: i32) -> Option<i32> {
@@ -261,7 +294,7 @@ mod tests {
         assert_eq!(found.inode, inode);
         // The server's own socket is the holder: refused as "the server
         // itself".
-        assert!(refuse_holder(found.inode).is_some());
+        assert!(refuse_holder(found.inode, found.uid).is_some());
         // Nobody at an address nothing connected from.
         let nobody: SocketAddr = "127.0.0.1:1".parse().unwrap();
         assert_eq!(
@@ -285,7 +318,7 @@ mod tests {
     }
 
     #[test]
-    fn the_server_is_not_confined() {
-        assert!(!is_confined(std::process::id() as i32));
+    fn the_server_is_not_in_a_sandbox() {
+        assert!(!in_a_sandbox(std::process::id() as i32));
     }
 }

@@ -67,8 +67,9 @@ pub fn bind(path: &Path) -> io::Result<Listener> {
 }
 
 /// Why a peer may not use this server, if so: another uid than ours
-/// (unless we are root), or one of the server's own sandboxed children
-/// (whatever reached the socket: its path is masked in their namespaces).
+/// (unless we are root), or a process inside a sandbox, of this server or
+/// another (whatever reached the socket: its path is masked in their
+/// namespaces).
 pub fn refuse_peer(stream: &tokio::net::UnixStream) -> Option<String> {
     use std::os::fd::AsFd;
     let cred = match super::peer::unix_peer(stream.as_fd()) {
@@ -80,11 +81,8 @@ pub fn refuse_peer(stream: &tokio::net::UnixStream) -> Option<String> {
     if ours != 0 && cred.uid != ours {
         return Some(format!("uid {} is not the server's ({ours})", cred.uid));
     }
-    if cred.pid > 0 && super::peer::is_confined(cred.pid) {
-        return Some(format!(
-            "pid {} is a sandboxed process of this server",
-            cred.pid
-        ));
+    if cred.pid > 0 && super::peer::in_a_sandbox(cred.pid) {
+        return Some(format!("pid {} runs inside a sandbox", cred.pid));
     }
     None
 }

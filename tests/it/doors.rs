@@ -45,9 +45,9 @@ def unix(path):
         return b"sessionId" in s.recv(65536)
     except Exception:
         return False
-def ws(host):
+def ws(host, port=None):
     try:
-        s = socket.create_connection((host, int(env["WS_PORT"])), 3)
+        s = socket.create_connection((host, port or int(env["WS_PORT"])), 3)
         s.settimeout(3)
         s.sendall(("GET /?token=%s HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
                    "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
@@ -56,6 +56,8 @@ def ws(host):
         return s.recv(4096).startswith(b"HTTP/1.1 101")
     except Exception:
         return False
+def ws_to(port):
+    return ws("127.0.0.1", port)
 def other():
     try:
         socket.create_connection(("127.0.0.1", int(env["OTHER_PORT"])), 3)
@@ -77,6 +79,8 @@ got = {
     "ws": ws("127.0.0.1"),
     "ws-localhost": ws("localhost"),
     "other": other(),
+    "another-server-unix": unix(env["OTHER_SOCK"]),
+    "another-server-ws": ws_to(int(env["OTHER_WS_PORT"])),
     "inherited-socket": any(
         os.readlink("/proc/self/fd/" + fd).startswith("socket:")
         for fd in os.listdir("/proc/self/fd") if int(fd) > 2
@@ -99,6 +103,11 @@ struct Doors {
     other: TcpListener,
     server: Server,
     bridge: Child,
+    /// Another server of the same user (unix and ws, no token), which
+    /// knows nothing of the first one's children.
+    another: Child,
+    another_sock: PathBuf,
+    another_ws_port: u16,
 }
 
 impl Doors {
@@ -160,7 +169,26 @@ impl Doors {
         let ws_port = ws.rsplit(':').next().unwrap().parse().unwrap();
         let mut server = Server::attach_unix(child, &sock);
         server.handshake();
+        let another_sock = base.path().join("another.sock");
+        let mut another = Command::new(bin())
+            .arg("--listen")
+            .arg(format!("unix:{}", another_sock.display()))
+            .args(["--listen", "ws://127.0.0.1:0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(another.stdout.take().unwrap());
+        let mut lines = [String::new(), String::new()];
+        for line in &mut lines {
+            out.read_line(line).unwrap();
+        }
+        let another_ws_port = lines[1].trim().rsplit(':').next().unwrap().parse().unwrap();
         Doors {
+            another,
+            another_sock,
+            another_ws_port,
             _base: base,
             ws_root,
             sock,
@@ -182,6 +210,8 @@ impl Doors {
             "TOKEN": self.token,
             "SERVER_PID": self.server.child.id().to_string(),
             "OTHER_PORT": self.other.local_addr().unwrap().port().to_string(),
+            "OTHER_SOCK": self.another_sock.to_str().unwrap(),
+            "OTHER_WS_PORT": self.another_ws_port.to_string(),
         })
     }
 
@@ -204,6 +234,8 @@ impl Doors {
 
 impl Drop for Doors {
     fn drop(&mut self) {
+        let _ = self.another.kill();
+        let _ = self.another.wait();
         let _ = self.bridge.kill();
         let _ = self.bridge.wait();
         let _ = Command::new(bin())
