@@ -712,7 +712,7 @@ mod tests {
         out.push(full_width("127.1"));
         out.push("127\u{FF0E}0\u{FF0E}0\u{FF0E}1".into());
         out.push("127\u{FF61}0\u{FF61}0\u{FF61}1".into());
-        for v6 in [
+        out.extend(v6_forms(&[
             "::ffff:127.0.0.1",
             "::FFFF:127.0.0.1",
             "::ffff:7f00:1",
@@ -720,19 +720,30 @@ mod tests {
             "0000:0000:0000:0000:0000:ffff:7f00:0001",
             "::ffff:7f00:0001",
             "0::ffff:127.0.0.1",
-        ] {
-            out.push(v6.to_string());
-            out.push(format!("[{v6}]"));
-            out.push(format!("[{v6}]:80"));
-            out.push(format!("[{v6}%25lo]"));
-        }
+        ]));
         out
+    }
+
+    /// Each IPv6 text bare, bracketed, with a port, and with a zone id
+    /// (escaped and not).
+    fn v6_forms(texts: &[&str]) -> Vec<String> {
+        texts
+            .iter()
+            .flat_map(|v6| {
+                [
+                    v6.to_string(),
+                    format!("[{v6}]"),
+                    format!("[{v6}]:443"),
+                    format!("[{v6}%25eth0]"),
+                    format!("{v6}%lo"),
+                ]
+            })
+            .collect()
     }
 
     /// Every way of writing ::1 this generator knows.
     pub(crate) fn spellings_of_v6_loopback() -> Vec<String> {
-        let mut out = Vec::new();
-        for v6 in [
+        v6_forms(&[
             "::1",
             "::0:1",
             "0::1",
@@ -741,14 +752,7 @@ mod tests {
             "0000:0000:0000:0000:0000:0000:0000:0001",
             "0:0::0:1",
             "::0.0.0.1",
-        ] {
-            out.push(v6.to_string());
-            out.push(format!("[{v6}]"));
-            out.push(format!("[{v6}]:443"));
-            out.push(format!("[{v6}%25eth0]"));
-            out.push(format!("{v6}%lo"));
-        }
-        out
+        ])
     }
 
     #[test]

@@ -80,25 +80,23 @@ pub fn create_new(path: &Path, mode: u32) -> io::Result<File> {
 /// `path` opened for appending (made with mode 0600 when missing), never
 /// through a link.
 pub fn open_append(path: &Path) -> io::Result<File> {
-    let file = OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| explain(e, path))?;
-    check_opened(&file, path)?;
-    Ok(file)
+    open_checked(path, OpenOptions::new().append(true))
 }
 
 /// `path` opened to be locked (made with mode 0600 when missing), never
 /// through a link.
 pub fn open_lock(path: &Path) -> io::Result<File> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
+    open_checked(
+        path,
+        OpenOptions::new().read(true).write(true).truncate(false),
+    )
+}
+
+/// `path` opened with `options`, made with mode 0600 when missing, never
+/// through a link, and only a regular file of ours with one name.
+fn open_checked(path: &Path, options: &mut OpenOptions) -> io::Result<File> {
+    let file = options
         .create(true)
-        .truncate(false)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)

@@ -145,16 +145,7 @@ impl Server {
     /// message, seen here as lines.
     pub fn start_ws(args: &[&str]) -> Server {
         let (child, url) = spawn_listening(&[&["--listen", "ws://127.0.0.1:0"], args].concat());
-        let (writer, lines) = ws_lines(&url, None);
-        Server {
-            stdin: Some(Box::new(writer)),
-            child,
-            _socket_dir: None,
-            persist: false,
-            lines,
-            backlog: VecDeque::new(),
-            next_id: 1000,
-        }
+        Server::attach_ws(child, &url, None)
     }
 
     /// Start `exec-server --stdio --persist=NAME` (plus `args`): a bridge
