@@ -674,6 +674,11 @@ async fn refuse_tcp_peer(
             "uid {} is not the server's ({ours}), and no connection token is set",
             f.uid
         )),
+        // A loopback peer is always in the table while it is connected:
+        // one that can't be found is not vouched for.
+        None if !token && peer.ip().to_canonical().is_loopback() => {
+            Some("its socket is not in this host's socket table".into())
+        }
         _ => None,
     }
 }

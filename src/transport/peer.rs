@@ -26,6 +26,64 @@ pub struct TcpPeer {
 /// the peer is a process of this host (of this network namespace);
 /// `Ok(None)` when no such socket is here (a remote peer).
 pub fn tcp_peer(local: SocketAddr, peer: SocketAddr) -> io::Result<Option<TcpPeer>> {
+    match sock_diag(local, peer) {
+        Ok(found) => Ok(found),
+        // No sock_diag here (no tcp_diag module, say): the same table as
+        // text.
+        Err(err) => proc_net_tcp(local, peer).map_err(|_| err),
+    }
+}
+
+/// The peer's socket from `/proc/net/tcp` and `/proc/net/tcp6`.
+fn proc_net_tcp(local: SocketAddr, peer: SocketAddr) -> io::Result<Option<TcpPeer>> {
+    let (local, peer) = (canonical(local), canonical(peer));
+    // How the kernel prints an address: each 32-bit word in host order.
+    let text = |a: SocketAddr| -> String {
+        let words: Vec<u32> = match a.ip() {
+            IpAddr::V4(v4) => vec![u32::from_ne_bytes(v4.octets())],
+            IpAddr::V6(v6) => v6
+                .octets()
+                .chunks(4)
+                .map(|c| u32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        };
+        let ip: String = words.iter().map(|w| format!("{w:08X}")).collect();
+        format!("{ip}:{:04X}", a.port())
+    };
+    let mapped = |a: SocketAddr| match a.ip() {
+        IpAddr::V4(v4) => SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), a.port()),
+        IpAddr::V6(_) => a,
+    };
+    // An IPv4 peer may hold an IPv6 socket with mapped addresses.
+    let mut tables = vec![(
+        match peer.ip() {
+            IpAddr::V4(_) => "/proc/net/tcp",
+            IpAddr::V6(_) => "/proc/net/tcp6",
+        },
+        text(peer),
+        text(local),
+    )];
+    if peer.is_ipv4() {
+        tables.push(("/proc/net/tcp6", text(mapped(peer)), text(mapped(local))));
+    }
+    for (file, want_local, want_remote) in tables {
+        let Ok(table) = std::fs::read_to_string(file) else {
+            continue;
+        };
+        for line in table.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() > 9 && fields[1] == want_local && fields[2] == want_remote {
+                let uid = fields[7].parse().unwrap_or(u32::MAX);
+                let inode = fields[9].parse().unwrap_or(0);
+                return Ok(Some(TcpPeer { uid, inode }));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// The peer's socket from the kernel's socket table (`sock_diag`).
+fn sock_diag(local: SocketAddr, peer: SocketAddr) -> io::Result<Option<TcpPeer>> {
     let (local, peer) = (canonical(local), canonical(peer));
     let family = match (local.ip(), peer.ip()) {
         (IpAddr::V4(_), IpAddr::V4(_)) => libc::AF_INET,
@@ -301,6 +359,27 @@ mod tests {
             tcp_peer(accepted.local_addr().unwrap(), nobody).unwrap(),
             None
         );
+    }
+
+    #[test]
+    fn the_text_table_finds_what_sock_diag_finds() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, from) = listener.accept().unwrap();
+        let local = accepted.local_addr().unwrap();
+        let by_diag = sock_diag(local, from).unwrap().unwrap();
+        assert_eq!(proc_net_tcp(local, from).unwrap(), Some(by_diag));
+        let nobody: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        assert_eq!(proc_net_tcp(local, nobody).unwrap(), None);
+        if let Ok(listener) = std::net::TcpListener::bind("[::1]:0") {
+            let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (accepted, from) = listener.accept().unwrap();
+            let local = accepted.local_addr().unwrap();
+            assert_eq!(
+                proc_net_tcp(local, from).unwrap(),
+                sock_diag(local, from).unwrap()
+            );
+        }
     }
 
     #[test]
