@@ -57,7 +57,7 @@ pub struct Outbound {
 /// methods that produce large answers (buffered `http/request`,
 /// `process/read`, `fs/readFile`, `fs/readBlock`) are refused with a
 /// retryable `overloaded` error instead of producing more.
-pub const ANSWER_BUDGET: usize = 64 << 20;
+pub const ANSWER_BUDGET: usize = 32 << 20;
 
 /// What one connection holds of encoded messages not yet written: every
 /// message counts from the moment it is encoded until its writer has

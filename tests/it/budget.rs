@@ -1,6 +1,8 @@
 //! Every buffered answer counts against a per-connection budget (issue
-//! 19): a client that sends hundreds of requests with large answers and
-//! reads none of them keeps the server's memory bounded; past the budget
+//! 19): a client that sends hundreds of requests with large answers
+//! (buffered `http/request`, `process/read`, `fs/readFile`,
+//! `fs/readBlock`, mixed) and reads none of them keeps the server's memory
+//! bounded; past the budget
 //! such requests are refused at once with a retryable error, and nothing
 //! already answered is lost.
 
@@ -59,7 +61,29 @@ fn a_client_that_reads_nothing_keeps_the_server_bounded() {
     );
     std::thread::sleep(Duration::from_millis(500));
     let idle = memory(pid, "VmRSS:");
+    // And files: whole reads and block reads of 4 MiB.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("big");
+    std::fs::write(&file, vec![7u8; 4 << 20]).unwrap();
+    let file = file.to_str().unwrap().to_string();
+    send(
+        &mut to,
+        json!({"jsonrpc": "2.0", "id": 2, "method": "fs/open", "params": {
+        "path": file, "handleId": "h"}}),
+    );
     let url = web.url("/bytes?mib=8");
+    for i in 0..50 {
+        send(
+            &mut to,
+            json!({"jsonrpc": "2.0", "id": 3000 + i, "method": "fs/readFile", "params": {
+            "path": file}}),
+        );
+        send(
+            &mut to,
+            json!({"jsonrpc": "2.0", "id": 4000 + i, "method": "fs/readBlock", "params": {
+            "handleId": "h", "offset": 0, "len": 4194304}}),
+        );
+    }
     for i in 0..200 {
         send(
             &mut to,
@@ -87,13 +111,13 @@ fn a_client_that_reads_nothing_keeps_the_server_bounded() {
         idle / 1024
     );
     // Now read: each answer is whole or refused as retryable. (The first
-    // 80 are checked: a debug build takes a minute over all 400.)
+    // 100 are checked: a debug build takes a minute over all 500.)
     let mut from = BufReader::with_capacity(1 << 20, child.stdout.take().unwrap());
     // Lines of 11 MB are told apart by their head (a debug build's JSON
     // parser would take a second over each).
     let mut answered = std::collections::BTreeMap::new();
     let mut line = String::new();
-    while answered.len() < 80 {
+    while answered.len() < 100 {
         line.clear();
         assert!(from.read_line(&mut line).unwrap() > 0, "the server closed");
         let head = &line[..line.len().min(64)];
@@ -117,6 +141,7 @@ fn a_client_that_reads_nothing_keeps_the_server_bounded() {
     let mut refused = 0;
     for (id, (error, len, v)) in &answered {
         if *id < 1000 {
+            assert!(!*error, "{id}: {v}");
             continue;
         }
         if *error {
@@ -128,9 +153,13 @@ fn a_client_that_reads_nothing_keeps_the_server_bounded() {
             // The whole 8 MiB body, base64.
             assert!(*len > (8usize << 20).div_ceil(3) * 4, "{id}: {len}");
             whole += 1;
-        } else {
+        } else if *id < 3000 {
             // The retained MiB, base64.
             assert!(*len > 1 << 20, "{id}: {len}");
+            whole += 1;
+        } else {
+            // The 4 MiB file, base64.
+            assert!(*len > (4usize << 20).div_ceil(3) * 4, "{id}: {len}");
             whole += 1;
         }
     }
