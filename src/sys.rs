@@ -4,6 +4,10 @@
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
+/// The argument that makes this binary a sandbox's init; every sandboxed
+/// process descends from one (how a peer is known to be sandboxed).
+pub const SANDBOX_INIT_ARG: &str = "__init";
+
 /// The most fds one message carries.
 pub const MAX_FDS: usize = 8;
 

@@ -29,7 +29,7 @@ use super::exec::Program;
 use crate::sandbox::seccomp::Net;
 
 /// The hidden first argument that makes the binary the init.
-pub const ARG: &str = "__init";
+pub const ARG: &str = crate::sys::SANDBOX_INIT_ARG;
 
 const RULESET_FD: i32 = 3;
 const LISTENER_FD: i32 = 4;

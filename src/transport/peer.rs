@@ -238,7 +238,7 @@ pub fn in_a_sandbox(pid: i32) -> bool {
             return false;
         }
         let cmdline = std::fs::read(format!("/proc/{at}/cmdline")).unwrap_or_default();
-        if cmdline.split(|&b| b == 0).nth(1) == Some(crate::process::init::ARG.as_bytes()) {
+        if cmdline.split(|&b| b == 0).nth(1) == Some(crate::sys::SANDBOX_INIT_ARG.as_bytes()) {
             return true;
         }
         match parent(at) {
