@@ -101,6 +101,7 @@ async fn futures_join(
                         eprintln!("[{id} {tag}] {}", text.trim_end());
                         output.push_str(&text);
                     }
+                    Event::Lost { bytes } => eprintln!("[{id}] {bytes} bytes of output were lost"),
                     Event::Exited(_) => {}
                     Event::Closed => break,
                 }

@@ -61,7 +61,9 @@ const RUN_HELP: &str = "\
 Exit status:
   the command's own; 128+N when it died of signal N
   125  the runner failed: the server did not start, the connection was lost,
-       the request or the working directory was refused
+       the request or the working directory was refused, or output was lost
+       (it fell out of the server's retention before it was read, e.g. while
+       disconnected; the message says how many bytes)
   126  the program exists but can't be executed
   127  the program was not found
   141  our output was closed (e.g. `| head`): the command is terminated

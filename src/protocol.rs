@@ -309,6 +309,11 @@ pub struct ReadResponse {
     pub failure: Option<String>,
     pub sandbox_denied: bool,
     pub truncated: bool,
+    /// With `truncated` (ext): bytes of all output that has left the
+    /// retained log so far, so a reader knows how much it lost (that
+    /// minus the bytes it had through `afterSeq`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dropped_bytes: Option<u64>,
 }
 
 impl ReadResponse {
@@ -343,9 +348,13 @@ impl ReadResponse {
         let _ = serde_json::to_writer(&mut out, &self.failure);
         let _ = write!(
             out,
-            ",\"sandboxDenied\":{},\"truncated\":{}}}",
+            ",\"sandboxDenied\":{},\"truncated\":{}",
             self.sandbox_denied, self.truncated
         );
+        if let Some(dropped) = self.dropped_bytes {
+            let _ = write!(out, ",\"droppedBytes\":{dropped}");
+        }
+        out.push(b'}');
         out
     }
 }
@@ -543,6 +552,7 @@ mod tests {
                 failure,
                 sandbox_denied: true,
                 truncated: false,
+                dropped_bytes: exit_code.map(|_| 77),
             };
             assert_eq!(
                 String::from_utf8(response.render()).unwrap(),

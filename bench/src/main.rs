@@ -323,6 +323,7 @@ async fn drain_with(client: &Client, options: StartOptions) -> Result<u64, BoxEr
     while let Some(event) = process.next_event().await? {
         match event {
             Event::Output { data, .. } => bytes += data.len() as u64,
+            Event::Lost { bytes: lost } => return Err(format!("{lost} bytes were lost").into()),
             Event::Exited(_) => {}
             Event::Closed => break,
         }

@@ -125,6 +125,14 @@ pub enum Event {
         /// The bytes, as written.
         data: Vec<u8>,
     },
+    /// Output was lost: it fell out of the server's retention before this
+    /// client read it (the connection was down longer than retention
+    /// lasts, or the client read too slowly). `bytes` is how much; the
+    /// events go on after the gap.
+    Lost {
+        /// How many bytes of output are missing here.
+        bytes: u64,
+    },
     /// The process exited (output may still follow, from what it left
     /// running).
     Exited(ExitStatus),
@@ -151,6 +159,11 @@ pub struct Process {
     events: mpsc::UnboundedReceiver<Note>,
     /// The last seq turned into an event.
     seen: u64,
+    /// Bytes of output accounted for through `seen`: delivered, or
+    /// reported lost.
+    accounted: u64,
+    /// Bytes reported lost so far.
+    lost: u64,
     ready: VecDeque<Event>,
     exit: Option<ExitStatus>,
     closed: bool,
@@ -205,6 +218,8 @@ impl Process {
             id: o.process_id,
             events,
             seen: 0,
+            accounted: 0,
+            lost: 0,
             ready: VecDeque::new(),
             exit: None,
             closed: false,
@@ -253,7 +268,7 @@ impl Process {
             self.seen = seq;
             let msg = match note {
                 Note::Output { stream, data, .. } => {
-                    self.ready.push_back(Event::Output { stream, data });
+                    self.deliver(stream, data);
                     continue;
                 }
                 Note::Other(note) => note,
@@ -264,7 +279,7 @@ impl Process {
                     let stream =
                         serde_json::from_value(params["stream"].clone()).unwrap_or(Stream::Stdout);
                     let data = decode_b64("process/output", &params["chunk"])?;
-                    self.ready.push_back(Event::Output { stream, data });
+                    self.deliver(stream, data);
                 }
                 "process/exited" => {
                     let status = ExitStatus {
@@ -294,6 +309,7 @@ impl Process {
                     json!({"processId": self.id, "afterSeq": self.seen}),
                 )
                 .await?;
+            self.note_loss(&r);
             let chunks = r["chunks"].as_array().cloned().unwrap_or_default();
             for chunk in &chunks {
                 let seq = chunk["seq"].as_u64().unwrap_or(0);
@@ -303,7 +319,7 @@ impl Process {
                 let stream =
                     serde_json::from_value(chunk["stream"].clone()).unwrap_or(Stream::Stdout);
                 let data = decode_b64("process/read", &chunk["chunk"])?;
-                self.ready.push_back(Event::Output { stream, data });
+                self.deliver(stream, data);
                 self.seen = seq;
             }
             if !chunks.is_empty() {
@@ -345,35 +361,73 @@ impl Process {
     }
 
     /// Read the output between `self.seen` and `upto` from the server's
-    /// retained log.
+    /// retained log, as many reads as it takes (one answers at most its
+    /// `maxBytes`); what fell out of retention is reported as lost.
     async fn fill_gap(&mut self, upto: u64) -> Result<(), ClientError> {
-        let r = self
-            .call(
-                "process/read",
-                json!({"processId": self.id, "afterSeq": self.seen}),
-            )
-            .await?;
-        for chunk in r["chunks"].as_array().into_iter().flatten() {
-            let seq = chunk["seq"].as_u64().unwrap_or(0);
-            if seq <= self.seen || seq >= upto {
-                continue;
+        loop {
+            let r = self
+                .call(
+                    "process/read",
+                    json!({"processId": self.id, "afterSeq": self.seen}),
+                )
+                .await?;
+            self.note_loss(&r);
+            let mut progressed = false;
+            for chunk in r["chunks"].as_array().into_iter().flatten() {
+                let seq = chunk["seq"].as_u64().unwrap_or(0);
+                if seq <= self.seen || seq >= upto {
+                    continue;
+                }
+                let stream =
+                    serde_json::from_value(chunk["stream"].clone()).unwrap_or(Stream::Stdout);
+                let data = decode_b64("process/read", &chunk["chunk"])?;
+                self.deliver(stream, data);
+                self.seen = seq;
+                progressed = true;
             }
-            let stream = serde_json::from_value(chunk["stream"].clone()).unwrap_or(Stream::Stdout);
-            let data = decode_b64("process/read", &chunk["chunk"])?;
-            self.ready.push_back(Event::Output { stream, data });
-            self.seen = seq;
+            if r["exited"] == true && self.exit.is_none() {
+                let code = r["exitCode"].as_i64().unwrap_or(-1) as i32;
+                let status = ExitStatus {
+                    code,
+                    signal: None,
+                    sandbox_denied: r["sandboxDenied"].as_bool().unwrap_or(false),
+                };
+                self.exit = Some(status.clone());
+                self.ready.push_back(Event::Exited(status));
+            }
+            // Done once the log has nothing more before `upto` (what it
+            // no longer has was reported lost).
+            let next = r["nextSeq"].as_u64().unwrap_or(upto);
+            if !progressed || self.seen + 1 >= upto || next >= upto {
+                return Ok(());
+            }
         }
-        if r["exited"] == true && self.exit.is_none() {
-            let code = r["exitCode"].as_i64().unwrap_or(-1) as i32;
-            let status = ExitStatus {
-                code,
-                signal: None,
-                sandbox_denied: r["sandboxDenied"].as_bool().unwrap_or(false),
-            };
-            self.exit = Some(status.clone());
-            self.ready.push_back(Event::Exited(status));
+    }
+
+    /// An output event, counted.
+    fn deliver(&mut self, stream: Stream, data: Vec<u8>) {
+        self.accounted += data.len() as u64;
+        self.ready.push_back(Event::Output { stream, data });
+    }
+
+    /// A read that says output after `self.seen` fell out of retention:
+    /// an [`Event::Lost`] with how much (the server's count of bytes that
+    /// left its log, less what this client had accounted for).
+    fn note_loss(&mut self, r: &Value) {
+        if r["truncated"] != true {
+            return;
         }
-        Ok(())
+        let dropped = r["droppedBytes"].as_u64().unwrap_or(self.accounted);
+        let bytes = dropped.saturating_sub(self.accounted);
+        self.accounted += bytes;
+        self.lost += bytes;
+        tracing::warn!(process = %self.id, bytes, "output was lost: it fell out of the server's retention");
+        self.ready.push_back(Event::Lost { bytes });
+    }
+
+    /// Bytes of output reported lost so far ([`Event::Lost`]).
+    pub fn lost_bytes(&self) -> u64 {
+        self.lost
     }
 
     /// Wait until the process is closed, handing every output chunk to

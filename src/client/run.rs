@@ -405,6 +405,8 @@ async fn run_inner(
                         }
                     }
                 }
+                // Counted by the process; said once at the end.
+                Some(Event::Lost { .. }) => {}
                 Some(Event::Exited(_)) => {}
                 Some(Event::Closed) | None => break None,
             },
@@ -450,13 +452,26 @@ async fn run_inner(
         return Ok(outcome);
     }
     let status = process.wait().await?;
+    // Output that fell out of the server's retention before we read it.
+    let lost = process.lost_bytes();
+    client.shutdown().await;
+    if lost > 0 {
+        // Never a success code for output that is not all there.
+        return Ok(Outcome::failed(
+            RUNNER_FAILED,
+            format!(
+                "{lost} bytes of output were lost (retention exceeded while disconnected); \
+                 the command exited {}",
+                status.code
+            ),
+        ));
+    }
     let message = status.sandbox_denied.then(|| {
         format!(
             "the sandbox probably denied something this command needed (exit {})",
             status.code
         )
     });
-    client.shutdown().await;
     Ok(Outcome {
         code: status.code,
         message,

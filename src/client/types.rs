@@ -136,6 +136,10 @@ pub struct ReadOutput {
     pub sandbox_denied: bool,
     /// Output after `afterSeq` fell out of retention before this read.
     pub truncated: bool,
+    /// With `truncated`: bytes of all output that left the server's
+    /// retained log so far (what a reader lost is that minus the bytes it
+    /// had through `afterSeq`).
+    pub dropped_bytes: Option<u64>,
 }
 
 /// One chunk of output.
@@ -218,6 +222,13 @@ fn parse_read_fast(text: &[u8]) -> Option<ReadOutput> {
     let rest = rest.strip_prefix(b",\"failure\":null")?;
     let (sandbox_denied, rest) = boolean(rest, b",\"sandboxDenied\":")?;
     let (truncated, rest) = boolean(rest, b",\"truncated\":")?;
+    let (dropped_bytes, rest) = match rest.strip_prefix(b",\"droppedBytes\":") {
+        Some(r) => {
+            let (n, r) = number(r)?;
+            (Some(n), r)
+        }
+        None => (None, rest),
+    };
     (rest == b"}").then_some(ReadOutput {
         chunks,
         next_seq,
@@ -226,6 +237,7 @@ fn parse_read_fast(text: &[u8]) -> Option<ReadOutput> {
         closed,
         sandbox_denied,
         truncated,
+        dropped_bytes,
     })
 }
 
@@ -253,6 +265,8 @@ fn parse_read_general(text: &[u8]) -> Result<ReadOutput, String> {
         sandbox_denied: bool,
         #[serde(default)]
         truncated: bool,
+        #[serde(default)]
+        dropped_bytes: Option<u64>,
     }
     #[derive(Deserialize)]
     struct RawChunk<'a> {
@@ -284,6 +298,7 @@ fn parse_read_general(text: &[u8]) -> Result<ReadOutput, String> {
         closed: raw.closed,
         sandbox_denied: raw.sandbox_denied,
         truncated: raw.truncated,
+        dropped_bytes: raw.dropped_bytes,
     })
 }
 
@@ -321,6 +336,7 @@ mod tests {
                 failure: None,
                 sandbox_denied: false,
                 truncated: true,
+                dropped_bytes: Some(1234),
             };
             let text = response.render();
             let fast = parse_read_fast(&text).expect("the server's shape");

@@ -29,6 +29,10 @@ pub struct OutputLog {
     limits: Retention,
     /// The highest seq evicted so far (0: none).
     evicted_through: u64,
+    /// Bytes of every chunk that left the log so far (evicted, or freed
+    /// by a read of a held process): a reader that has accounted for
+    /// fewer bytes through its position lost the difference.
+    dropped_bytes: u64,
 }
 
 /// What a read of the log found.
@@ -39,6 +43,8 @@ pub struct Slice {
     pub last_seq: Option<u64>,
     /// Output after the reader's position was evicted before this read.
     pub truncated: bool,
+    /// Bytes of all chunks that have left the log so far.
+    pub dropped_bytes: u64,
 }
 
 impl OutputLog {
@@ -48,6 +54,7 @@ impl OutputLog {
             bytes: 0,
             limits,
             evicted_through: 0,
+            dropped_bytes: 0,
         }
     }
 
@@ -65,6 +72,7 @@ impl OutputLog {
         {
             if let Some(old) = self.chunks.pop_front() {
                 self.bytes -= old.data.len();
+                self.dropped_bytes += old.data.len() as u64;
                 self.evicted_through = old.seq;
             }
         }
@@ -81,6 +89,7 @@ impl OutputLog {
         while self.chunks.front().is_some_and(|c| c.seq <= seq) {
             if let Some(old) = self.chunks.pop_front() {
                 self.bytes -= old.data.len();
+                self.dropped_bytes += old.data.len() as u64;
             }
         }
     }
@@ -90,6 +99,7 @@ impl OutputLog {
     pub fn read(&self, after: u64, max_bytes: Option<usize>) -> Slice {
         let mut slice = Slice {
             truncated: self.evicted_through > after,
+            dropped_bytes: self.dropped_bytes,
             ..Slice::default()
         };
         let start = self.chunks.partition_point(|c| c.seq <= after);

@@ -269,6 +269,7 @@ impl Process {
             failure: None,
             sandbox_denied: state.exit.is_some_and(|e| e.sandbox_denied),
             truncated: slice.truncated,
+            dropped_bytes: slice.truncated.then_some(slice.dropped_bytes),
         };
         (response, ready)
     }

@@ -252,3 +252,55 @@ fn exec_server_run_survives_the_loss_of_its_bridge() {
     let stop = daemon(runtime.path(), &["stop", "--persist", "run"]);
     assert!(stop.status.success(), "{stop:?}");
 }
+
+/// A runner that comes back after the output it missed fell out of the
+/// server's retention says how much was lost and never exits 0 (issue
+/// 20): the reconnection is held back 2 s while the command writes 1.3 MB
+/// against 4 KiB of retention.
+#[test]
+fn exec_server_run_says_what_was_lost_and_fails() {
+    let runtime = tempfile::tempdir().unwrap();
+    let flag = runtime.path().join("reconnected");
+    let via = format!(
+        "sh -c 'if [ -e {flag} ]; then sleep 2; fi; touch {flag}; exec {bin} --stdio --persist=gap --retain-bytes 4096'",
+        flag = flag.display(),
+        bin = bin()
+    );
+    let child = Command::new(bin())
+        .args([
+            "run",
+            "--via",
+            &via,
+            "--",
+            "sh",
+            "-c",
+            "sleep 1; seq 1 200000; exit 3",
+        ])
+        .env("XDG_RUNTIME_DIR", runtime.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let bridges = crate::support::children_of(child.id());
+    assert!(!bridges.is_empty(), "no server command under the runner");
+    for pid in bridges {
+        // SAFETY: plain syscall on the runner's child.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{stderr}");
+    let total: usize = (1..=200000).map(|n: u32| n.to_string().len() + 1).sum();
+    let lost = total - out.stdout.len();
+    assert!(lost > 0, "nothing was lost: the test did not force a gap");
+    assert!(
+        stderr.contains(&format!(
+            "exec-server: {lost} bytes of output were lost (retention exceeded while disconnected); the command exited 3"
+        )),
+        "expected {lost} lost: {stderr}"
+    );
+    let stop = daemon(runtime.path(), &["stop", "--persist", "gap"]);
+    assert!(stop.status.success(), "{stop:?}");
+}
