@@ -128,6 +128,12 @@ struct RunArgs {
     #[arg(long = "workspace-root", value_name = "DIR")]
     workspace_roots: Vec<PathBuf>,
 
+    /// With a resumable --via (--persist, unix:, ws://), let the server
+    /// drop output it can't retain while we are disconnected (and say how
+    /// much was lost) instead of pausing the command until we are back.
+    #[arg(long)]
+    no_hold: bool,
+
     /// The command and its arguments (after `--` when they start with `-`).
     #[arg(
         required = true,
@@ -310,6 +316,7 @@ fn main() -> ExitCode {
             }),
             network: args.network,
             workspace_roots: args.workspace_roots,
+            hold: !args.no_hold,
             argv: args.argv,
         });
         if let Some(message) = outcome.message {

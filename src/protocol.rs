@@ -254,6 +254,10 @@ pub struct ReadParams {
     pub max_bytes: Option<usize>,
     #[serde(default)]
     pub wait_ms: Option<u64>,
+    /// (ext) Only say "I have everything through `afterSeq`": no chunks,
+    /// no wait; a held process gets the room back.
+    #[serde(default)]
+    pub acknowledge: bool,
 }
 
 /// Where a chunk of output came from.

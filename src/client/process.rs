@@ -12,6 +12,11 @@ use tokio::sync::mpsc;
 use super::{Client, ClientError, Conn, Note, decode_b64, uri};
 use crate::protocol::{Stream, TtySize};
 
+/// How much output a held process may send before the client tells the
+/// server it arrived (a quarter of the server's default retention, so the
+/// child seldom waits).
+const ACK_EVERY: u64 = 256 * 1024;
+
 /// What to start.
 #[derive(Debug, Clone)]
 pub struct StartOptions {
@@ -104,6 +109,18 @@ impl StartOptions {
         self
     }
 
+    /// Hold the child instead of dropping output the server can no longer
+    /// retain (`holdOutput`): the [`Process`] tells the server what arrived
+    /// as it goes, and the child waits while nobody reads (a connection
+    /// that is down, a caller that stopped calling [`Process::next_event`]).
+    /// Nothing is lost as long as the session lives; but a process whose
+    /// events nobody takes stops once the server's retention (1 MiB by
+    /// default) is full, so don't set it for output you mean to ignore.
+    pub fn hold_output(mut self, yes: bool) -> Self {
+        self.hold_output = yes;
+        self
+    }
+
     /// Only poll: the server pushes no output (read it with
     /// [`Client::read_output`]), and holds the child when retention is
     /// full instead of dropping output. Events of the started [`Process`]
@@ -164,6 +181,13 @@ pub struct Process {
     accounted: u64,
     /// Bytes reported lost so far.
     lost: u64,
+    /// The server holds the child instead of evicting (`holdOutput`): it
+    /// is told what arrived ([`ACK_EVERY`]), or the child stops.
+    hold: bool,
+    /// `accounted` when the server was last told.
+    acked: u64,
+    /// `seen` when the server was last told.
+    acked_seq: u64,
     ready: VecDeque<Event>,
     exit: Option<ExitStatus>,
     closed: bool,
@@ -203,7 +227,8 @@ impl Process {
         if !o.notify_output {
             params["notifyOutput"] = json!(false);
         }
-        if o.hold_output {
+        let hold = o.hold_output;
+        if hold {
             params["holdOutput"] = json!(true);
         }
         if let Err(err) = conn.call("process/start", params).await {
@@ -220,6 +245,9 @@ impl Process {
             seen: 0,
             accounted: 0,
             lost: 0,
+            hold: hold && o.notify_output,
+            acked: 0,
+            acked_seq: 0,
             ready: VecDeque::new(),
             exit: None,
             closed: false,
@@ -236,12 +264,16 @@ impl Process {
     /// notification stream are filled with `process/read`.
     pub async fn next_event(&mut self) -> Result<Option<Event>, ClientError> {
         loop {
+            self.acknowledge(false);
             if let Some(event) = self.ready.pop_front() {
                 return Ok(Some(event));
             }
             if self.closed {
                 return Ok(None);
             }
+            // Caught up: whatever arrived is told before waiting (with a
+            // small retention the child may be waiting for exactly that).
+            self.acknowledge(true);
             let Some(note) = self.events.recv().await else {
                 // The subscription ended with the connection.
                 if !self.client.resumable() {
@@ -402,6 +434,25 @@ impl Process {
                 return Ok(());
             }
         }
+    }
+
+    /// For a held process, tell the server what has arrived once enough
+    /// has since it was last told, or whenever the caller has caught up:
+    /// it frees that much of its retained log, and the child, which waits
+    /// for room, goes on. Sent without waiting for the answer.
+    fn acknowledge(&mut self, caught_up: bool) {
+        let due =
+            self.accounted - self.acked >= ACK_EVERY || (caught_up && self.seen > self.acked_seq);
+        if !self.hold || self.closed || !due {
+            return;
+        }
+        self.acked = self.accounted;
+        self.acked_seq = self.seen;
+        let conn = self.conn.clone();
+        let params = json!({"processId": self.id, "afterSeq": self.seen, "acknowledge": true});
+        tokio::spawn(async move {
+            let _ = conn.call("process/read", params).await;
+        });
     }
 
     /// An output event, counted.

@@ -58,6 +58,9 @@ pub struct RunOptions {
     pub network: bool,
     /// Roots `:workspace_roots` binds to.
     pub workspace_roots: Vec<PathBuf>,
+    /// With a resumable server command, have the server hold the command
+    /// rather than drop output while nobody reads (`--no-hold` clears it).
+    pub hold: bool,
     /// The command and its arguments.
     pub argv: Vec<String>,
 }
@@ -302,6 +305,9 @@ async fn run_inner(
     let mut start = StartOptions::new("run", options.argv.clone())
         .cwd(cwd)
         .pipe_stdin(true)
+        // A drop of any length within the session's life loses nothing:
+        // the child waits instead of its output being evicted.
+        .hold_output(options.hold && client.resumable())
         .env_policy(json!({"inherit": "all", "ignoreDefaultExcludes": false, "exclude": [], "set": {}, "includeOnly": []}));
     let mut env: Vec<(String, String)> = Vec::new();
     if tty {

@@ -252,12 +252,17 @@ impl Process {
             state.log.forget_through(after);
             self.changed.notify_waiters();
         }
-        let slice = state.log.read(after, params.max_bytes);
+        let slice = if params.acknowledge {
+            crate::process::output::Slice::default()
+        } else {
+            state.log.read(after, params.max_bytes)
+        };
         let next_seq = match (params.max_bytes, slice.last_seq) {
             (Some(_), Some(last)) => last + 1,
             _ => state.next_seq,
         };
-        let ready = !slice.chunks.is_empty()
+        let ready = params.acknowledge
+            || !slice.chunks.is_empty()
             || state.closed_seq.is_some()
             || state.exit.is_some_and(|e| after < e.seq);
         let response = ReadResponse {
