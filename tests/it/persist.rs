@@ -354,3 +354,27 @@ fn exec_server_run_holds_the_command_while_disconnected() {
     let stop = daemon(runtime.path(), &["stop", "--persist", "held"]);
     assert!(stop.status.success(), "{stop:?}");
 }
+
+/// The loss test of issue 20 for a `--persist` bridge: killed in the
+/// middle of a 3,000,000-line burst, 20 times at 20 places; every line
+/// arrives once, in order, and the exit code is the command's.
+#[test]
+fn a_bridge_killed_in_a_burst_loses_nothing_20_of_20() {
+    let runtime = tempfile::tempdir().unwrap();
+    let via = format!("{} --stdio --persist=burst", bin());
+    for i in 0..20 {
+        crate::support::burst_survives(
+            &via,
+            &[("XDG_RUNTIME_DIR", runtime.path().as_os_str())],
+            (i + 1) * 1_000_000,
+            |runner| {
+                for pid in crate::support::children_of(runner.id()) {
+                    // SAFETY: plain syscall on the runner's child.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            },
+        );
+    }
+    let stop = daemon(runtime.path(), &["stop", "--persist", "burst"]);
+    assert!(stop.status.success(), "{stop:?}");
+}

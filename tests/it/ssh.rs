@@ -285,3 +285,24 @@ fn stop_daemon(name: &str) {
         .unwrap();
     assert!(stop.status.success(), "{stop:?}");
 }
+
+/// The loss test of issue 20 over a real sshd: the ssh client killed in
+/// the middle of a 3,000,000-line burst, 20 times at 20 places; with
+/// `--persist`, every line arrives once, in order, with the exit code.
+#[test]
+fn a_killed_ssh_client_in_a_burst_loses_nothing_20_of_20() {
+    let Some(sshd) = Sshd::start() else { return };
+    let name = format!("it-burst-{}", std::process::id());
+    let via = sshd
+        .via()
+        .replace("--stdio", &format!("--stdio --persist={name}"));
+    for i in 0..20 {
+        crate::support::burst_survives(&via, &[], (i + 1) * 1_000_000, |runner| {
+            for pid in crate::support::children_of(runner.id()) {
+                // SAFETY: plain syscall on the runner's child (ssh).
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        });
+    }
+    stop_daemon(&name);
+}

@@ -604,3 +604,165 @@ impl Drop for WsWriter {
         let _ = self.out.send(None);
     }
 }
+
+/// `seq 1 3000000`, then exit 7: the burst the loss tests drop a
+/// connection in the middle of.
+pub const BURST: &str = "seq 1 3000000; exit 7";
+
+/// `exec-server run --via VIA -- sh -c BURST`, with `drop` called once the
+/// runner has printed `after` bytes (mid-burst); checks that every line
+/// arrived once, in order, that nothing was said lost, and the exit code.
+pub fn burst_survives(
+    via: &str,
+    env: &[(&str, &std::ffi::OsStr)],
+    after: usize,
+    drop: impl FnOnce(&Child),
+) {
+    use std::io::Read;
+    let mut child = Command::new(bin())
+        .args(["run", "--via", via, "--", "sh", "-c", BURST])
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let errors = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let mut out = Vec::with_capacity(24 << 20);
+    let mut buf = vec![0u8; 1 << 16];
+    let mut dropped = false;
+    let mut drop = Some(drop);
+    loop {
+        let n = stdout.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+        if !dropped && out.len() >= after {
+            dropped = true;
+            if let Some(drop) = drop.take() {
+                drop(&child);
+            }
+        }
+    }
+    let status = child.wait().unwrap();
+    let errors = errors.join().unwrap();
+    assert!(
+        dropped,
+        "the burst ended before {after} bytes: nothing was dropped"
+    );
+    static EXPECTED: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    let expected = EXPECTED.get_or_init(|| {
+        let mut all = Vec::with_capacity(23 << 20);
+        for n in 1..=3_000_000u32 {
+            let _ = writeln!(all, "{n}");
+        }
+        all
+    });
+    if out != *expected {
+        let first = out
+            .iter()
+            .zip(expected.iter())
+            .position(|(a, b)| a != b)
+            .unwrap_or(out.len().min(expected.len()));
+        let at = first.saturating_sub(40);
+        panic!(
+            "after a drop at {after} bytes: {} bytes of {}, first difference at {first}: {:?} instead of {:?}; stderr: {errors}",
+            out.len(),
+            expected.len(),
+            String::from_utf8_lossy(&out[at..(first + 40).min(out.len())]),
+            String::from_utf8_lossy(&expected[at..(first + 40).min(expected.len())]),
+        );
+    }
+    assert_eq!(status.code(), Some(7), "{errors}");
+    assert!(!errors.contains("lost"), "{errors}");
+}
+
+/// A TCP proxy on loopback in front of `upstream` whose connections the
+/// test can cut (no close frame, as a dropped network would) or freeze
+/// (nothing passes on them any more, not even a close: half-open). New
+/// connections always pass.
+pub struct CuttableProxy {
+    pub address: String,
+    live: std::sync::Arc<std::sync::Mutex<Vec<ProxiedConnection>>>,
+}
+
+struct ProxiedConnection {
+    client: std::net::TcpStream,
+    server: std::net::TcpStream,
+    dead: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl CuttableProxy {
+    pub fn start(upstream: &str) -> CuttableProxy {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let live = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let upstream = upstream.to_string();
+        let connections = live.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = std::net::TcpStream::connect(&upstream) else {
+                    return;
+                };
+                let dead = std::sync::Arc::new(AtomicBool::new(false));
+                connections.lock().unwrap().push(ProxiedConnection {
+                    client: client.try_clone().unwrap(),
+                    server: server.try_clone().unwrap(),
+                    dead: dead.clone(),
+                });
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    let dead = dead.clone();
+                    std::thread::spawn(move || {
+                        use std::io::Read;
+                        let mut buf = [0u8; 16 * 1024];
+                        while let Ok(n @ 1..) = from.read(&mut buf) {
+                            if !dead.load(Ordering::SeqCst) && to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        if !dead.load(Ordering::SeqCst) {
+                            let _ = to.shutdown(std::net::Shutdown::Both);
+                        }
+                    });
+                }
+            }
+        });
+        CuttableProxy { address, live }
+    }
+
+    /// Cut every connection through the proxy; how many there were.
+    pub fn cut(&self) -> usize {
+        let mut connections = self.live.lock().unwrap();
+        for c in connections.iter() {
+            let _ = c.client.shutdown(std::net::Shutdown::Both);
+            let _ = c.server.shutdown(std::net::Shutdown::Both);
+        }
+        std::mem::take(&mut *connections).len()
+    }
+
+    /// Let nothing through on every connection open now, and close none of
+    /// them; how many there were.
+    pub fn freeze(&self) -> usize {
+        let mut connections = self.live.lock().unwrap();
+        for c in connections.iter() {
+            c.dead.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        // Keep the sockets open for as long as the test runs.
+        let frozen = std::mem::take(&mut *connections);
+        let count = frozen.len();
+        std::mem::forget(frozen);
+        count
+    }
+}

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::support::{
-    NUMBERED, assert_numbered, bin, eventually, pid_gone, spawn_listening, unb64, ws_lines,
+    CuttableProxy, NUMBERED, assert_numbered, bin, eventually, pid_gone, spawn_listening, unb64,
+    ws_lines,
 };
 
 struct WsServer {
@@ -293,89 +294,6 @@ fn a_peer_that_answers_no_ping_is_dropped_and_one_that_does_is_kept() {
     drop(silent);
 }
 
-/// A TCP proxy on loopback in front of `upstream` whose connections the
-/// test can cut (no close frame, as a dropped network would) or freeze
-/// (nothing passes on them any more, not even a close: half-open). New
-/// connections always pass.
-struct CuttableProxy {
-    address: String,
-    live: std::sync::Arc<std::sync::Mutex<Vec<ProxiedConnection>>>,
-}
-
-struct ProxiedConnection {
-    client: std::net::TcpStream,
-    server: std::net::TcpStream,
-    dead: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl CuttableProxy {
-    fn start(upstream: &str) -> CuttableProxy {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let address = listener.local_addr().unwrap().to_string();
-        let live = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let upstream = upstream.to_string();
-        let connections = live.clone();
-        std::thread::spawn(move || {
-            for client in listener.incoming() {
-                let Ok(client) = client else { return };
-                let Ok(server) = std::net::TcpStream::connect(&upstream) else {
-                    return;
-                };
-                let dead = std::sync::Arc::new(AtomicBool::new(false));
-                connections.lock().unwrap().push(ProxiedConnection {
-                    client: client.try_clone().unwrap(),
-                    server: server.try_clone().unwrap(),
-                    dead: dead.clone(),
-                });
-                for (mut from, mut to) in [
-                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                    (server, client),
-                ] {
-                    let dead = dead.clone();
-                    std::thread::spawn(move || {
-                        use std::io::Read;
-                        let mut buf = [0u8; 16 * 1024];
-                        while let Ok(n @ 1..) = from.read(&mut buf) {
-                            if !dead.load(Ordering::SeqCst) && to.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                        if !dead.load(Ordering::SeqCst) {
-                            let _ = to.shutdown(std::net::Shutdown::Both);
-                        }
-                    });
-                }
-            }
-        });
-        CuttableProxy { address, live }
-    }
-
-    /// Cut every connection through the proxy; how many there were.
-    fn cut(&self) -> usize {
-        let mut connections = self.live.lock().unwrap();
-        for c in connections.iter() {
-            let _ = c.client.shutdown(std::net::Shutdown::Both);
-            let _ = c.server.shutdown(std::net::Shutdown::Both);
-        }
-        std::mem::take(&mut *connections).len()
-    }
-
-    /// Let nothing through on every connection open now, and close none of
-    /// them; how many there were.
-    fn freeze(&self) -> usize {
-        let mut connections = self.live.lock().unwrap();
-        for c in connections.iter() {
-            c.dead.store(true, std::sync::atomic::Ordering::SeqCst);
-        }
-        // Keep the sockets open for as long as the test runs.
-        let frozen = std::mem::take(&mut *connections);
-        let count = frozen.len();
-        std::mem::forget(frozen);
-        count
-    }
-}
-
 #[tokio::test]
 async fn the_client_over_ws_answers_pings_and_resumes_after_a_cut() {
     use exec_server::client::{Client, ServerCommand};
@@ -486,4 +404,19 @@ fn a_session_left_by_a_cut_ws_connection_expires_with_its_descendants() {
     );
     let late = try_resume(&server.url, &session);
     assert_eq!(late["error"]["code"], -32600, "{late}");
+}
+
+/// The loss test of issue 20 for WebSocket: the TCP connection cut (no
+/// close frame) in the middle of a 3,000,000-line burst, 20 times at 20
+/// places; every line arrives once, in order, with the exit code.
+#[test]
+fn a_ws_connection_cut_in_a_burst_loses_nothing_20_of_20() {
+    let server = WsServer::start(&[]);
+    let proxy = CuttableProxy::start(server.url.trim_start_matches("ws://"));
+    let via = format!("ws://{}", proxy.address);
+    for i in 0..20 {
+        crate::support::burst_survives(&via, &[], (i + 1) * 1_000_000, |_| {
+            assert!(proxy.cut() >= 1, "no connection to cut");
+        });
+    }
 }
