@@ -72,7 +72,8 @@ Exit status:
 Environment:
   The command inherits the server's environment (here: this one) except
   variables whose names look secret (*TOKEN*, *KEY*, *SECRET*, *PASSWORD*,
-  ...): pass those with --env-pass NAME or --env NAME=VALUE. With a pty,
+  *PASSWD*, *CREDENTIAL*): pass those with --env-pass NAME or --env
+  NAME=VALUE. With a pty,
   TERM, LANG and LC_* are passed too.
   EXEC_SERVER_LOG (or RUST_LOG) filters the log on stderr, e.g.
   EXEC_SERVER_LOG=debug shows every request and process.

@@ -12,6 +12,20 @@ use serde_json::{Value, json};
 use super::{Client, ClientError, Event, ServerCommand, StartOptions};
 use crate::protocol::Stream;
 
+/// Names of variables that look secret, which `run` does not pass from
+/// the server's environment to the command (`--env-pass NAME` passes one
+/// anyway). The first three are the protocol's default excludes, which the
+/// server applies itself; the rest `run` adds to the policy's `exclude`.
+/// `--help` and README list the same (a test keeps them so).
+pub const SECRET_NAMES: &[&str] = &[
+    "*TOKEN*",
+    "*KEY*",
+    "*SECRET*",
+    "*PASSWORD*",
+    "*PASSWD*",
+    "*CREDENTIAL*",
+];
+
 /// Exit code when the runner itself fails (not the command): the server
 /// did not start, the connection was lost, the request or the working
 /// directory was refused.
@@ -50,7 +64,7 @@ pub struct RunOptions {
     /// Variables to set for the command.
     pub env: Vec<(String, String)>,
     /// Variables to pass from this environment even when their names
-    /// look secret (`*TOKEN*`, `*KEY*`, `*SECRET*`, ...).
+    /// look secret ([`SECRET_NAMES`]).
     pub env_pass: Vec<String>,
     /// Run inside the server's sandbox.
     pub sandbox: Option<SandboxMode>,
@@ -308,7 +322,8 @@ async fn run_inner(
         // A drop of any length within the session's life loses nothing:
         // the child waits instead of its output being evicted.
         .hold_output(options.hold && client.resumable())
-        .env_policy(json!({"inherit": "all", "ignoreDefaultExcludes": false, "exclude": [], "set": {}, "includeOnly": []}));
+        .env_policy(json!({"inherit": "all", "ignoreDefaultExcludes": false,
+            "exclude": SECRET_NAMES, "set": {}, "includeOnly": []}));
     let mut env: Vec<(String, String)> = Vec::new();
     if tty {
         // As ssh does: the terminal type and the locale travel with a pty.

@@ -527,3 +527,44 @@ fn run_help_lists_exit_codes_logging_and_presets() {
         assert!(help.contains(needle), "--help lacks {needle}: {help}");
     }
 }
+
+/// Secret-looking names are one list: the runner drops every one of them
+/// (`DB_PASSWORD` went through), `--env-pass` passes one anyway, and
+/// `--help` and README name each.
+#[test]
+fn every_secret_looking_name_stays_behind_and_help_and_readme_say_which() {
+    let script = r#"echo "[$DB_PASSWORD][$GH_TOKEN][$MY_PASSWD][$AWS_CREDENTIALS][$API_KEY][$APP_SECRET][$PLAIN]""#;
+    let run = |extra: &[&str]| {
+        let out = Command::new(bin())
+            .arg("run")
+            .args(extra)
+            .args(["--", "sh", "-c", script])
+            .env("DB_PASSWORD", "pw")
+            .env("GH_TOKEN", "tok")
+            .env("MY_PASSWD", "pw2")
+            .env("AWS_CREDENTIALS", "cred")
+            .env("API_KEY", "key")
+            .env("APP_SECRET", "sec")
+            .env("PLAIN", "plain")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(run(&[]), "[][][][][][][plain]");
+    assert_eq!(run(&["--env-pass", "DB_PASSWORD"]), "[pw][][][][][][plain]");
+    let help = Command::new(bin())
+        .args(["run", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    for name in exec_server::client::run::SECRET_NAMES {
+        assert!(help.contains(name), "--help does not name {name}");
+        assert!(
+            readme.contains(&format!("`{name}`")),
+            "README does not name {name}"
+        );
+    }
+}
