@@ -76,7 +76,13 @@ pub(super) async fn feed_stdin(
     mut sink: Sink,
     mut rx: mpsc::UnboundedReceiver<StdinCommand>,
 ) {
+    // Held weakly: the process owns the sending half of `rx`, so a strong
+    // reference here would keep both alive for ever (and, with a pty, the
+    // master open) once the process is forgotten.
+    let weak = Arc::downgrade(&process);
+    drop(process);
     while let Some(command) = rx.recv().await {
+        let Some(process) = weak.upgrade() else { break };
         let (result, n) = match (&mut sink, command) {
             (Sink::Pipe(pipe), StdinCommand::Data(data)) => {
                 (pipe.write_all(&data).await, data.len())
@@ -93,6 +99,8 @@ pub(super) async fn feed_stdin(
         process.stdin_took(n);
     }
     // Nothing queued will be written now: no write waits for room.
-    process.lock().stdin_gone = true;
-    process.stdin_taken.notify_waiters();
+    if let Some(process) = weak.upgrade() {
+        process.lock().stdin_gone = true;
+        process.stdin_taken.notify_waiters();
+    }
 }

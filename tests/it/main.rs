@@ -5,6 +5,7 @@ mod budget;
 mod cli;
 mod client;
 mod containment;
+mod descriptors;
 mod doors;
 mod errors;
 mod flood;
