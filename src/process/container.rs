@@ -68,10 +68,10 @@ pub struct Container {
 enum Kind {
     Cgroup {
         dir: PathBuf,
-        /// `cgroup.procs` of `dir`, for the child to move itself in.
-        procs: OwnedFd,
-        /// `dir` itself, for a child made inside it (`CLONE_INTO_CGROUP`).
-        dir_fd: OwnedFd,
+        /// `cgroup.procs` of `dir`, for the child to move itself in, and
+        /// `dir` itself, for a child made inside it (`CLONE_INTO_CGROUP`):
+        /// needed only to start the process, closed once it runs.
+        fds: Mutex<Option<(OwnedFd, OwnedFd)>>,
     },
     Tree {
         /// The process's own pid, once started.
@@ -202,7 +202,10 @@ impl Containment {
                         return Err(err);
                     }
                 };
-                Kind::Cgroup { dir, procs, dir_fd }
+                Kind::Cgroup {
+                    dir,
+                    fds: Mutex::new(Some((procs, dir_fd))),
+                }
             }
             Mode::Subreaper => Kind::Tree {
                 leader: Mutex::new(None),
@@ -215,11 +218,14 @@ impl Containment {
     /// What a child of `container` does before exec.
     pub fn child_setup(&self, container: &Container) -> ChildSetup {
         match &container.kind {
-            Kind::Cgroup { procs, dir_fd, .. } => ChildSetup {
-                cgroup_procs: Some(procs.as_raw_fd()),
-                cgroup_dir: Some(dir_fd.as_raw_fd()),
-                ..ChildSetup::default()
-            },
+            Kind::Cgroup { fds, .. } => {
+                let fds = lock(fds);
+                ChildSetup {
+                    cgroup_procs: fds.as_ref().map(|(procs, _)| procs.as_raw_fd()),
+                    cgroup_dir: fds.as_ref().map(|(_, dir)| dir.as_raw_fd()),
+                    ..ChildSetup::default()
+                }
+            }
             Kind::Tree { .. } => ChildSetup {
                 subreaper: true,
                 watchdog: self.watchdog.as_ref().map(Watchdog::raw_fd),
@@ -249,6 +255,10 @@ impl Containment {
         let mut registry = starting.registry;
         registry.known.insert(pid);
         drop(registry);
+        if let Kind::Cgroup { fds, .. } = &container.kind {
+            // The child is in its cgroup: the fds that put it there go.
+            lock(fds).take();
+        }
         if let Kind::Tree { leader, .. } = &container.kind {
             *lock(leader) = Some(pid);
             if let Some(w) = &self.watchdog {

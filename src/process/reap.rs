@@ -20,6 +20,8 @@ pub(super) async fn reap(table: Arc<ProcessTable>, process: Arc<Process>, mut ch
         table
             .containment
             .leader_reaped(&process.container, process.pid);
+        // Its pidfd goes now, not when the process is forgotten.
+        drop(child);
     } else {
         // A sandbox's init lives on while what the program left does.
         let table = table.clone();

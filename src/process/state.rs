@@ -46,10 +46,13 @@ pub struct Process {
     /// Woken on every state change, for long-polls and the reaper.
     pub(super) changed: Notify,
     pub(super) attachment: Attachment,
-    pub(super) stdin: Option<mpsc::UnboundedSender<StdinCommand>>,
+    /// Dropped when the process closes, so the feeder (and a pty's
+    /// master it holds) goes too.
+    pub(super) stdin: Mutex<Option<mpsc::UnboundedSender<StdinCommand>>>,
     /// Woken when the stdin feeder has written a chunk or stopped.
     pub(super) stdin_taken: Notify,
-    pub(super) pty: Option<Arc<PtyMaster>>,
+    /// Dropped when the process closes (nothing is left to resize).
+    pub(super) pty: Mutex<Option<Arc<PtyMaster>>>,
     /// The process and everything it started.
     pub(super) container: Arc<Container>,
     /// For a sandboxed process: what `sandboxDenied` is judged from.
@@ -230,6 +233,10 @@ impl Process {
             state.next_seq += 1;
             state.closed_seq = Some(seq);
             state.stdin_closed = true;
+            // Nothing more goes to stdin: the feeder ends with the channel;
+            // and the terminal's master goes (nothing reads it any more).
+            crate::sync::lock(&self.stdin).take();
+            crate::sync::lock(&self.pty).take();
             if let Some(permit) = permit {
                 permit.send(Outgoing::Closed {
                     process_id: self.shared_id.clone(),
@@ -304,7 +311,7 @@ impl Process {
                 return WriteOutcome::Now(WriteStatus::Accepted, None);
             }
         }
-        let tx = match &self.stdin {
+        let tx = match crate::sync::lock(&self.stdin).as_ref() {
             Some(tx) if !state.stdin_closed => tx.clone(),
             _ => return WriteOutcome::Now(WriteStatus::StdinClosed, None),
         };
@@ -347,14 +354,13 @@ impl Process {
 
     pub(super) fn close_stdin(&self) -> (WriteStatus, Option<Effect>) {
         let mut state = self.lock();
-        let Some(tx) = &self.stdin else {
+        let Some(tx) = crate::sync::lock(&self.stdin).clone() else {
             return (WriteStatus::StdinClosed, None);
         };
         if state.stdin_closed {
             return (WriteStatus::Accepted, None);
         }
         state.stdin_closed = true;
-        let tx = tx.clone();
         let effect: Effect = Box::new(move || {
             let _ = tx.send(StdinCommand::Close);
         });

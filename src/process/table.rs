@@ -196,9 +196,9 @@ impl ProcessTable {
             }),
             changed: Notify::new(),
             attachment: self.attachment.clone(),
-            stdin: stdin_tx,
+            stdin: Mutex::new(stdin_tx),
             stdin_taken: Notify::new(),
-            pty,
+            pty: Mutex::new(pty),
             container,
             sandbox,
             network: Mutex::new(network),
@@ -289,7 +289,12 @@ impl ProcessTable {
     /// `process/resize`.
     pub fn resize(&self, id: &str, size: TtySize) -> Result<()> {
         let process = self.get(id)?;
-        let Some(pty) = &process.pty else {
+        let pty = crate::sync::lock(&process.pty).clone();
+        let Some(pty) = pty else {
+            if process.tty {
+                // Closed: its terminal is gone, there is nothing to resize.
+                return Ok(());
+            }
             return Err(Error::InvalidRequest(format!(
                 "process {id} has no terminal"
             )));

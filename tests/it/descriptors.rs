@@ -148,3 +148,29 @@ fn a_thousand_failing_starts_of_each_kind_leave_nothing_behind() {
         back_to(&mut s, idle + 1, kind);
     }
 }
+
+/// While a closed process waits to be forgotten (30 s by default), it
+/// holds no descriptor: 40 closed processes cost the server nothing.
+#[test]
+fn closed_processes_waiting_to_be_forgotten_hold_no_descriptor() {
+    let mut s = Server::started(&[]);
+    std::thread::sleep(Duration::from_millis(200));
+    let pid = s.child.id();
+    let idle = fds(pid);
+    for n in 0..40 {
+        let extra = json!({"tty": n % 2 == 0, "pipeStdin": n % 4 < 2});
+        s.start_process(&format!("p{n}"), &["true"], extra);
+    }
+    let closed = eventually(Duration::from_secs(10), || {
+        let list = s.call("process/list", json!({}));
+        let all = list["processes"].as_array().cloned().unwrap_or_default();
+        all.len() == 40 && all.iter().all(|p| p["closed"] == true)
+    });
+    assert!(closed, "the processes did not close");
+    let back = eventually(Duration::from_secs(5), || fds(pid) <= idle);
+    assert!(
+        back,
+        "{} descriptors for 40 closed processes, {idle} idle",
+        fds(pid)
+    );
+}
