@@ -86,6 +86,13 @@ pub enum Error {
          (the limit is {limit}); retry once it has"
     )]
     Overloaded { waiting: usize, limit: usize },
+    /// Too many bytes of this connection's writes wait for their
+    /// processes to take them: retryable.
+    #[error(
+        "{waiting} bytes of earlier process/write calls on this connection are still waiting \
+         for their processes to take them (the limit is {limit}); retry once they have"
+    )]
+    WritesPending { waiting: usize, limit: usize },
     /// Anything else, usually an I/O failure.
     #[error("{message}")]
     Internal { message: String, errno: Option<i32> },
@@ -116,7 +123,7 @@ impl Error {
             SpawnFailed { .. } | Internal { .. } => code::INTERNAL_ERROR,
             NotFound { .. } => code::NOT_FOUND,
             SessionAttached(_) => code::SESSION_ATTACHED,
-            Overloaded { .. } => code::OVERLOADED,
+            Overloaded { .. } | WritesPending { .. } => code::OVERLOADED,
             Forwarded(error) => error["code"].as_i64().unwrap_or(code::INTERNAL_ERROR),
         }
     }
@@ -142,7 +149,7 @@ impl Error {
             SessionTakenOver => "sessionTakenOver",
             MessageTooLarge { .. } => "messageTooLarge",
             InvalidInput { kind, .. } => kind,
-            Overloaded { .. } => "overloaded",
+            Overloaded { .. } | WritesPending { .. } => "overloaded",
             Internal { .. } | Forwarded(_) => "internal",
         }
     }
@@ -168,7 +175,7 @@ impl Error {
         if let Some(errno) = self.errno() {
             data["errno"] = json!(errno);
         }
-        if matches!(self, Error::Overloaded { .. }) {
+        if matches!(self, Error::Overloaded { .. } | Error::WritesPending { .. }) {
             data["retryable"] = json!(true);
         }
         json!({ "code": self.code(), "message": self.to_string(), "data": data })

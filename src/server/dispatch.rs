@@ -42,7 +42,15 @@ pub struct ConnState {
     pub outbound: Outbound,
     /// `requestId`s of streamed `http/request`s still sending their body.
     pub http_streams: crate::http::ActiveStreams,
+    /// Bytes of `process/write`s accepted on this connection whose answer
+    /// waits for the child to take what is queued ahead of them.
+    pub pending_writes: Arc<std::sync::atomic::AtomicUsize>,
 }
+
+/// Bytes of writes one connection may have waiting for room before more
+/// are refused (retryable): a client can't grow the server by writing to
+/// a child that never reads.
+pub const PENDING_WRITE_BUDGET: usize = 64 << 20;
 
 impl ConnState {
     pub fn start(outbound: Outbound) -> Self {
@@ -51,6 +59,7 @@ impl ConnState {
             lane: Lane::start(),
             outbound,
             http_streams: Default::default(),
+            pending_writes: Default::default(),
         }
     }
 }
@@ -291,10 +300,23 @@ fn read(ctx: &Ctx, name: &str, params: Value) -> Reply {
 }
 
 fn write(ctx: &Ctx, name: &str, params: Value) -> Reply {
+    use std::sync::atomic::Ordering;
+    let pending = ctx.conn.pending_writes.clone();
+    let mut size = 0;
     let decoded = decode::<WriteParams>(name, params).and_then(|p| {
         if p.write_id.as_deref() == Some("") {
             return Err(Error::InvalidParams("writeId must not be empty".into()));
         }
+        let waiting = pending.load(Ordering::Relaxed);
+        if waiting >= PENDING_WRITE_BUDGET {
+            // Refused before it is accepted: nothing of it is kept, and
+            // the same write (same id) can be sent again later.
+            return Err(Error::WritesPending {
+                waiting,
+                limit: PENDING_WRITE_BUDGET,
+            });
+        }
+        size = p.chunk.0.len();
         Ok(ctx
             .session
             .processes
@@ -302,11 +324,22 @@ fn write(ctx: &Ctx, name: &str, params: Value) -> Reply {
     });
     match decoded {
         Ok(WriteOutcome::Now(status, effect)) => then(to_value(WriteResponse { status }), effect),
-        Ok(WriteOutcome::WhenRoom(status)) => Reply::Later(Box::pin(async move {
-            to_value(WriteResponse {
-                status: status.await,
-            })
-        })),
+        Ok(WriteOutcome::WhenRoom(status)) => {
+            pending.fetch_add(size, Ordering::Relaxed);
+            Reply::Later(Box::pin(async move {
+                // Counted until answered (or dropped with the connection).
+                struct Counted(Arc<std::sync::atomic::AtomicUsize>, usize);
+                impl Drop for Counted {
+                    fn drop(&mut self) {
+                        self.0.fetch_sub(self.1, Ordering::Relaxed);
+                    }
+                }
+                let _counted = Counted(pending, size);
+                to_value(WriteResponse {
+                    status: status.await,
+                })
+            }))
+        }
         Err(err) => Reply::Ready(Err(err)),
     }
 }

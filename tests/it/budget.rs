@@ -167,3 +167,51 @@ fn a_client_that_reads_nothing_keeps_the_server_bounded() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// Writes to a child that never reads: past 64 MiB waiting on the
+/// connection, `process/write` is refused at once (retryable, nothing of
+/// it kept), so the server's memory is bounded by the budget; terminating
+/// the child answers every write that waited.
+#[test]
+fn writes_a_child_never_takes_are_bounded_and_answered() {
+    use base64::Engine;
+    let mut s = crate::support::Server::started(&[]);
+    let pid = s.child.id();
+    s.start_process("sink", &["sleep", "60"], json!({"pipeStdin": true}));
+    std::thread::sleep(Duration::from_millis(300));
+    let idle = memory(pid, "VmRSS:");
+    let chunk = base64::engine::general_purpose::STANDARD.encode(vec![b'x'; 8 << 20]);
+    for i in 0..14 {
+        s.send(
+            &json!({"id": 100 + i, "method": "process/write", "params": {
+            "processId": "sink", "chunk": chunk, "writeId": format!("w{i}")}}),
+        );
+    }
+    // The first fits the 8 MiB stdin queue and is answered; those behind
+    // it wait; past 64 MiB waiting, the rest are refused at once.
+    let first = s.response(100);
+    assert_eq!(first["result"]["status"], "accepted", "{first}");
+    // Eight wait (64 MiB); the ninth and later are refused.
+    for i in 9..14 {
+        let r = s.response(100 + i);
+        assert_eq!(r["error"]["code"], -32011, "{r}");
+        assert_eq!(r["error"]["data"]["kind"], "overloaded");
+        assert_eq!(r["error"]["data"]["retryable"], true);
+    }
+    let peak = memory(pid, "VmRSS:");
+    s.call("process/terminate", json!({"processId": "sink"}));
+    // Every write that waited is answered (stdin is gone: accepted, and
+    // dropped with the child).
+    for i in 1..9 {
+        let r = s.response(100 + i);
+        assert!(r["result"].is_object(), "{i}: {r}");
+    }
+    // 72 MiB of stdin queued or waiting, each write arriving as an 11 MB
+    // line: bounded by the budget, not by how much the client sends.
+    assert!(
+        peak < idle + 160 * 1024,
+        "RSS {} MiB with writes waiting (idle {} MiB)",
+        peak / 1024,
+        idle / 1024
+    );
+}
