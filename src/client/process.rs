@@ -335,37 +335,11 @@ impl Process {
     /// server's retained log, up to and including the exit and the close.
     async fn catch_up(&mut self) -> Result<(), ClientError> {
         loop {
-            let r = self
-                .call(
-                    "process/read",
-                    json!({"processId": self.id, "afterSeq": self.seen}),
-                )
-                .await?;
-            self.note_loss(&r);
-            let chunks = r["chunks"].as_array().cloned().unwrap_or_default();
-            for chunk in &chunks {
-                let seq = chunk["seq"].as_u64().unwrap_or(0);
-                if seq <= self.seen {
-                    continue;
-                }
-                let stream =
-                    serde_json::from_value(chunk["stream"].clone()).unwrap_or(Stream::Stdout);
-                let data = decode_b64("process/read", &chunk["chunk"])?;
-                self.deliver(stream, data);
-                self.seen = seq;
-            }
-            if !chunks.is_empty() {
+            let r = self.read_retained().await?;
+            if self.take_chunks(&r, u64::MAX)? {
                 continue;
             }
-            if r["exited"] == true && self.exit.is_none() {
-                let status = ExitStatus {
-                    code: r["exitCode"].as_i64().unwrap_or(-1) as i32,
-                    signal: None,
-                    sandbox_denied: r["sandboxDenied"].as_bool().unwrap_or(false),
-                };
-                self.exit = Some(status.clone());
-                self.ready.push_back(Event::Exited(status));
-            }
+            self.take_exit(&r);
             if r["closed"] == true && !self.closed {
                 self.closed = true;
                 self.ready.push_back(Event::Closed);
@@ -375,6 +349,49 @@ impl Process {
                 .seen
                 .max(r["nextSeq"].as_u64().unwrap_or(1).saturating_sub(1));
             return Ok(());
+        }
+    }
+
+    /// One `process/read` after `self.seen`, a loss it reports noted.
+    async fn read_retained(&mut self) -> Result<Value, ClientError> {
+        let r = self
+            .call(
+                "process/read",
+                json!({"processId": self.id, "afterSeq": self.seen}),
+            )
+            .await?;
+        self.note_loss(&r);
+        Ok(r)
+    }
+
+    /// The chunks of read answer `r` after `self.seen` and before `upto`,
+    /// as events; whether there were any.
+    fn take_chunks(&mut self, r: &Value, upto: u64) -> Result<bool, ClientError> {
+        let mut took = false;
+        for chunk in r["chunks"].as_array().into_iter().flatten() {
+            let seq = chunk["seq"].as_u64().unwrap_or(0);
+            if seq <= self.seen || seq >= upto {
+                continue;
+            }
+            let stream = serde_json::from_value(chunk["stream"].clone()).unwrap_or(Stream::Stdout);
+            let data = decode_b64("process/read", &chunk["chunk"])?;
+            self.deliver(stream, data);
+            self.seen = seq;
+            took = true;
+        }
+        Ok(took)
+    }
+
+    /// The exit a read answer reports, as an event, once.
+    fn take_exit(&mut self, r: &Value) {
+        if r["exited"] == true && self.exit.is_none() {
+            let status = ExitStatus {
+                code: r["exitCode"].as_i64().unwrap_or(-1) as i32,
+                signal: None,
+                sandbox_denied: r["sandboxDenied"].as_bool().unwrap_or(false),
+            };
+            self.exit = Some(status.clone());
+            self.ready.push_back(Event::Exited(status));
         }
     }
 
@@ -397,36 +414,9 @@ impl Process {
     /// `maxBytes`); what fell out of retention is reported as lost.
     async fn fill_gap(&mut self, upto: u64) -> Result<(), ClientError> {
         loop {
-            let r = self
-                .call(
-                    "process/read",
-                    json!({"processId": self.id, "afterSeq": self.seen}),
-                )
-                .await?;
-            self.note_loss(&r);
-            let mut progressed = false;
-            for chunk in r["chunks"].as_array().into_iter().flatten() {
-                let seq = chunk["seq"].as_u64().unwrap_or(0);
-                if seq <= self.seen || seq >= upto {
-                    continue;
-                }
-                let stream =
-                    serde_json::from_value(chunk["stream"].clone()).unwrap_or(Stream::Stdout);
-                let data = decode_b64("process/read", &chunk["chunk"])?;
-                self.deliver(stream, data);
-                self.seen = seq;
-                progressed = true;
-            }
-            if r["exited"] == true && self.exit.is_none() {
-                let code = r["exitCode"].as_i64().unwrap_or(-1) as i32;
-                let status = ExitStatus {
-                    code,
-                    signal: None,
-                    sandbox_denied: r["sandboxDenied"].as_bool().unwrap_or(false),
-                };
-                self.exit = Some(status.clone());
-                self.ready.push_back(Event::Exited(status));
-            }
+            let r = self.read_retained().await?;
+            let progressed = self.take_chunks(&r, upto)?;
+            self.take_exit(&r);
             // Done once the log has nothing more before `upto` (what it
             // no longer has was reported lost).
             let next = r["nextSeq"].as_u64().unwrap_or(upto);

@@ -253,24 +253,22 @@ fn exec_server_run_survives_the_loss_of_its_bridge() {
     assert!(stop.status.success(), "{stop:?}");
 }
 
-/// A runner that comes back after the output it missed fell out of the
-/// server's retention says how much was lost and never exits 0 (issue
-/// 20): the reconnection is held back 2 s while the command writes 1.3 MB
-/// against 4 KiB of retention (`--no-hold`; with the hold, the default,
-/// the same run loses nothing: the test after this one).
-#[test]
-fn exec_server_run_says_what_was_lost_and_fails() {
+/// `exec-server run [extra] --via BRIDGE -- sh -c 'sleep 1; seq 1 200000;
+/// exit 3'` whose bridge is killed at 0.5 s and whose reconnection is held
+/// back 2 s (the command writes 1.3 MB meanwhile, against 4 KiB of
+/// retention): its output and stderr.
+fn run_behind_a_held_back_reconnect(name: &str, extra: &[&str]) -> (std::process::Output, String) {
     let runtime = tempfile::tempdir().unwrap();
     let flag = runtime.path().join("reconnected");
     let via = format!(
-        "sh -c 'if [ -e {flag} ]; then sleep 2; fi; touch {flag}; exec {bin} --stdio --persist=gap --retain-bytes 4096'",
+        "sh -c 'if [ -e {flag} ]; then sleep 2; fi; touch {flag}; exec {bin} --stdio --persist={name} --retain-bytes 4096'",
         flag = flag.display(),
         bin = bin()
     );
     let child = Command::new(bin())
+        .arg("run")
+        .args(extra)
         .args([
-            "run",
-            "--no-hold",
             "--via",
             &via,
             "--",
@@ -292,7 +290,19 @@ fn exec_server_run_says_what_was_lost_and_fails() {
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
     let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let stop = daemon(runtime.path(), &["stop", "--persist", name]);
+    assert!(stop.status.success(), "{stop:?}");
+    (out, stderr)
+}
+
+/// A runner that comes back after the output it missed fell out of the
+/// server's retention says how much was lost and never exits 0 (issue
+/// 20), with `--no-hold`; with the hold, the default, the same run loses
+/// nothing (the test after this one).
+#[test]
+fn exec_server_run_says_what_was_lost_and_fails() {
+    let (out, stderr) = run_behind_a_held_back_reconnect("gap", &["--no-hold"]);
     assert_eq!(out.status.code(), Some(125), "{stderr}");
     let total: usize = (1..=200000).map(|n: u32| n.to_string().len() + 1).sum();
     let lost = total - out.stdout.len();
@@ -303,45 +313,14 @@ fn exec_server_run_says_what_was_lost_and_fails() {
         )),
         "expected {lost} lost: {stderr}"
     );
-    let stop = daemon(runtime.path(), &["stop", "--persist", "gap"]);
-    assert!(stop.status.success(), "{stop:?}");
 }
 
-/// The same drop as above, with the hold `run` asks for by default on a
-/// resumable server: the command waits while the runner is away, and every
-/// line arrives once, in order, with its exit code.
+/// The same drop with the hold `run` asks for by default on a resumable
+/// server: the command waits while the runner is away, and every line
+/// arrives once, in order, with its exit code.
 #[test]
 fn exec_server_run_holds_the_command_while_disconnected() {
-    let runtime = tempfile::tempdir().unwrap();
-    let flag = runtime.path().join("reconnected");
-    let via = format!(
-        "sh -c 'if [ -e {flag} ]; then sleep 2; fi; touch {flag}; exec {bin} --stdio --persist=held --retain-bytes 4096'",
-        flag = flag.display(),
-        bin = bin()
-    );
-    let child = Command::new(bin())
-        .args([
-            "run",
-            "--via",
-            &via,
-            "--",
-            "sh",
-            "-c",
-            "sleep 1; seq 1 200000; exit 3",
-        ])
-        .env("XDG_RUNTIME_DIR", runtime.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    for pid in crate::support::children_of(child.id()) {
-        // SAFETY: plain syscall on the runner's child.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    }
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (out, stderr) = run_behind_a_held_back_reconnect("held", &[]);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
     let expected: String = (1..=200000).map(|n| format!("{n}\n")).collect();
     assert!(
@@ -351,8 +330,6 @@ fn exec_server_run_holds_the_command_while_disconnected() {
         expected.len()
     );
     assert!(!stderr.contains("lost"), "{stderr}");
-    let stop = daemon(runtime.path(), &["stop", "--persist", "held"]);
-    assert!(stop.status.success(), "{stop:?}");
 }
 
 /// The loss test of issue 20 for a `--persist` bridge: killed in the
