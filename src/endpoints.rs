@@ -46,27 +46,19 @@ pub fn paths() -> Vec<PathBuf> {
 /// when the listener is bound to all of them.
 pub fn is_own_tcp(to: SocketAddr) -> bool {
     let all = TCP.read().unwrap_or_else(|e| e.into_inner());
-    let to_ip = canonical(to.ip());
+    let to_ip = to.ip().to_canonical();
     all.iter().any(|l| {
         l.port() == to.port()
-            && (canonical(l.ip()) == to_ip
+            && (l.ip().to_canonical() == to_ip
                 || (l.ip().is_unspecified() && is_this_host(to_ip))
                 || (to_ip.is_unspecified()))
     })
 }
 
-/// An IPv4-mapped IPv6 address as the IPv4 address it is.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
-}
-
 /// Whether `ip` is one of this host's own addresses (loopback, or one
 /// assigned to an interface).
 pub fn is_this_host(ip: IpAddr) -> bool {
-    let ip = canonical(ip);
+    let ip = ip.to_canonical();
     if ip.is_loopback() || ip.is_unspecified() {
         return true;
     }
@@ -99,7 +91,7 @@ pub fn is_this_host(ip: IpAddr) -> bool {
                 }
                 _ => None,
             };
-            if addr.map(canonical) == Some(ip) {
+            if addr.map(|a| a.to_canonical()) == Some(ip) {
                 found = true;
                 break;
             }

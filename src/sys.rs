@@ -188,6 +188,61 @@ pub fn restore_child_nofile() {
     }
 }
 
+/// Every process's parent, from `/proc`.
+pub fn parents() -> Vec<(i32, i32)> {
+    let mut all = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return all;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // The command name may hold anything but ends at the last ')'.
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
+        let mut fields = rest.split_whitespace();
+        let state = fields.next();
+        let Some(ppid) = fields.next().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        if state != Some("Z") && state != Some("X") {
+            all.push((pid, ppid));
+        }
+    }
+    all
+}
+
+/// The live processes in the trees rooted at `roots`, roots included.
+pub fn trees(roots: &[i32], parents: &[(i32, i32)]) -> Vec<i32> {
+    let alive: std::collections::HashSet<i32> = parents.iter().map(|&(p, _)| p).collect();
+    let mut found: Vec<i32> = roots
+        .iter()
+        .copied()
+        .filter(|p| alive.contains(p))
+        .collect();
+    let mut seen: std::collections::HashSet<i32> = found.iter().copied().collect();
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        for &(pid, ppid) in parents {
+            if ppid == parent && seen.insert(pid) {
+                found.push(pid);
+            }
+        }
+        i += 1;
+    }
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

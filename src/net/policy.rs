@@ -241,7 +241,7 @@ pub fn normalize_host(raw: &str) -> Option<String> {
         // IPv6, with a zone id dropped.
         let bare = host.split('%').next().unwrap_or(&host);
         let ip: std::net::Ipv6Addr = bare.parse().ok()?;
-        return Some(canonical_ip(IpAddr::V6(ip)).to_string());
+        return Some(IpAddr::V6(ip).to_canonical().to_string());
     }
     if host.contains('%') {
         // A percent sign is never part of a name or an IPv4 address.
@@ -249,19 +249,11 @@ pub fn normalize_host(raw: &str) -> Option<String> {
     }
     match url::Host::parse(&host).ok()? {
         url::Host::Ipv4(v4) => Some(v4.to_string()),
-        url::Host::Ipv6(v6) => Some(canonical_ip(IpAddr::V6(v6)).to_string()),
+        url::Host::Ipv6(v6) => Some(IpAddr::V6(v6).to_canonical().to_string()),
         url::Host::Domain(name) => {
             let name = name.strip_suffix('.').unwrap_or(&name).to_string();
             (!name.is_empty() && !name.ends_with('.')).then_some(name)
         }
-    }
-}
-
-/// An IPv4-mapped IPv6 address as the IPv4 address it is.
-pub fn canonical_ip(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
     }
 }
 
@@ -510,15 +502,11 @@ impl Policy {
         if self.deny.iter().any(|p| p.matches(host)) {
             return Err(Reason::Denied);
         }
-        let exact = self
-            .allow
-            .iter()
-            .any(|p| *p == Pattern::Exact(host.to_string()));
         let local = match ip_literal(host) {
             Some(ip) => !is_public(ip),
             None => is_localhost(host),
         };
-        if local && !self.allow_local_binding && !exact {
+        if local && !self.allow_local_binding && !self.allowed_exactly(host) {
             return Err(Reason::NotAllowedLocal);
         }
         if !self.allow.iter().any(|p| p.matches(host)) {
@@ -545,10 +533,6 @@ impl Policy {
         Fut: std::future::Future<Output = Vec<SocketAddr>>,
     {
         let literal = ip_literal(host);
-        let exact = self
-            .allow
-            .iter()
-            .any(|p| *p == Pattern::Exact(host.to_string()));
         let addrs: Vec<SocketAddr> = match literal {
             Some(ip) => vec![SocketAddr::new(ip, port)],
             None if is_localhost(host) => vec![
@@ -558,7 +542,7 @@ impl Policy {
             None => lookup(host.to_string(), port)
                 .await
                 .into_iter()
-                .map(|a| SocketAddr::new(canonical_ip(a.ip()), a.port()))
+                .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
                 .collect(),
         };
         if addrs.is_empty() && !self.allow_local_binding {
@@ -577,16 +561,22 @@ impl Policy {
                 return Err(Reason::NotAllowedLocal);
             }
         }
-        let local_ok =
-            self.allow_local_binding || ((literal.is_some() || is_localhost(host)) && exact);
+        let local_ok = self.allow_local_binding
+            || ((literal.is_some() || is_localhost(host)) && self.allowed_exactly(host));
         if !local_ok && addrs.iter().any(|a| !is_public(a.ip())) {
             return Err(Reason::NotAllowedLocal);
         }
         Ok(Target { addrs })
     }
-}
 
-impl Policy {
+    /// An `allow` entry names exactly this host (what lets a local
+    /// literal, or `localhost`, through without local binding).
+    fn allowed_exactly(&self, host: &str) -> bool {
+        self.allow
+            .iter()
+            .any(|p| *p == Pattern::Exact(host.to_string()))
+    }
+
     /// [`Policy::resolve`] with the system's resolver.
     pub async fn resolve_system(
         &self,

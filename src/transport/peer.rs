@@ -26,6 +26,7 @@ pub struct TcpPeer {
 /// the peer is a process of this host (of this network namespace);
 /// `Ok(None)` when no such socket is here (a remote peer).
 pub fn tcp_peer(local: SocketAddr, peer: SocketAddr) -> io::Result<Option<TcpPeer>> {
+    let (local, peer) = (canonical(local), canonical(peer));
     match sock_diag(local, peer) {
         Ok(found) => Ok(found),
         // No sock_diag here (no tcp_diag module, say): the same table as
@@ -35,8 +36,8 @@ pub fn tcp_peer(local: SocketAddr, peer: SocketAddr) -> io::Result<Option<TcpPee
 }
 
 /// The peer's socket from `/proc/net/tcp` and `/proc/net/tcp6`.
+/// `local` and `peer` as [`canonical`] makes them.
 fn proc_net_tcp(local: SocketAddr, peer: SocketAddr) -> io::Result<Option<TcpPeer>> {
-    let (local, peer) = (canonical(local), canonical(peer));
     // How the kernel prints an address: each 32-bit word in host order.
     let text = |a: SocketAddr| -> String {
         let words: Vec<u32> = match a.ip() {
@@ -83,8 +84,8 @@ fn proc_net_tcp(local: SocketAddr, peer: SocketAddr) -> io::Result<Option<TcpPee
 }
 
 /// The peer's socket from the kernel's socket table (`sock_diag`).
+/// `local` and `peer` as [`canonical`] makes them.
 fn sock_diag(local: SocketAddr, peer: SocketAddr) -> io::Result<Option<TcpPeer>> {
-    let (local, peer) = (canonical(local), canonical(peer));
     let family = match (local.ip(), peer.ip()) {
         (IpAddr::V4(_), IpAddr::V4(_)) => libc::AF_INET,
         (IpAddr::V6(_), IpAddr::V6(_)) => libc::AF_INET6,
@@ -163,14 +164,10 @@ fn sock_diag(local: SocketAddr, peer: SocketAddr) -> io::Result<Option<TcpPeer>>
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 
+/// An IPv4-mapped address as the IPv4 one (the kernel's table keys an
+/// IPv4 connection by its IPv4 addresses).
 fn canonical(address: SocketAddr) -> SocketAddr {
-    match address {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
-            None => address,
-        },
-        v4 => v4,
-    }
+    SocketAddr::new(address.ip().to_canonical(), address.port())
 }
 
 /// An address as `inet_diag_sockid` holds it (16 bytes, network order).
@@ -195,7 +192,7 @@ pub fn refuse_holder(inode: u64, uid: u32) -> Option<String> {
     }
     let own = std::process::id() as i32;
     let needle = format!("socket:[{inode}]");
-    let mine = descendants(own);
+    let mine = crate::sys::trees(&[own], &crate::sys::parents());
     let judge = |pid: i32| -> Option<String> {
         if pid == own {
             return Some("the server itself dialed it (for a child)".into());
@@ -268,33 +265,6 @@ fn parent(pid: i32) -> Option<i32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &stat[stat.rfind(')')? + 1..];
     rest.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// `root` and every process below it.
-fn descendants(root: i32) -> Vec<i32> {
-    let mut children: std::collections::HashMap<i32, Vec<i32>> = Default::default();
-    if let Ok(entries) = std::fs::read_dir("/proc") {
-        for entry in entries.flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
-                continue;
-            };
-            if let Some(ppid) = parent(pid) {
-                children.entry(ppid).or_default().push(pid);
-            }
-        }
-    }
-    let mut found = vec![root];
-    let mut seen: HashSet<i32> = found.iter().copied().collect();
-    let mut i = 0;
-    while i < found.len() {
-        for &child in children.get(&found[i]).map(Vec::as_slice).unwrap_or(&[]) {
-            if seen.insert(child) {
-                found.push(child);
-            }
-        }
-        i += 1;
-    }
-    found
 }
 
 /// Whether `pid` has an fd open on `needle` (`socket:[N]`).
