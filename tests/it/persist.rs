@@ -283,12 +283,7 @@ fn run_behind_a_held_back_reconnect(name: &str, extra: &[&str]) -> (std::process
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    let bridges = crate::support::children_of(child.id());
-    assert!(!bridges.is_empty(), "no server command under the runner");
-    for pid in bridges {
-        // SAFETY: plain syscall on the runner's child.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    }
+    crate::support::kill_server_command(&child);
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let stop = daemon(runtime.path(), &["stop", "--persist", name]);
@@ -344,12 +339,7 @@ fn a_bridge_killed_in_a_burst_loses_nothing_20_of_20() {
             &via,
             &[("XDG_RUNTIME_DIR", runtime.path().as_os_str())],
             (i + 1) * 1_000_000,
-            |runner| {
-                for pid in crate::support::children_of(runner.id()) {
-                    // SAFETY: plain syscall on the runner's child.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            },
+            crate::support::kill_server_command,
         );
     }
     let stop = daemon(runtime.path(), &["stop", "--persist", "burst"]);

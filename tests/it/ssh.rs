@@ -297,12 +297,12 @@ fn a_killed_ssh_client_in_a_burst_loses_nothing_20_of_20() {
         .via()
         .replace("--stdio", &format!("--stdio --persist={name}"));
     for i in 0..20 {
-        crate::support::burst_survives(&via, &[], (i + 1) * 1_000_000, |runner| {
-            for pid in crate::support::children_of(runner.id()) {
-                // SAFETY: plain syscall on the runner's child (ssh).
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        });
+        crate::support::burst_survives(
+            &via,
+            &[],
+            (i + 1) * 1_000_000,
+            crate::support::kill_server_command,
+        );
     }
     stop_daemon(&name);
 }

@@ -417,22 +417,34 @@ pub fn run_via_losing_its_server(
     env: &[(&str, &std::ffi::OsStr)],
     after: Duration,
 ) -> std::process::Output {
-    let child = Command::new(bin())
-        .args(["run", "--via", via, "--", "sh", "-c", NUMBERED_EXIT_7])
+    let child = run_via(via, env, NUMBERED_EXIT_7);
+    std::thread::sleep(after);
+    kill_server_command(&child);
+    child.wait_with_output().unwrap()
+}
+
+/// `exec-server run --via VIA -- sh -c SCRIPT` with `env`, stdin closed,
+/// stdout and stderr piped.
+pub fn run_via(via: &str, env: &[(&str, &std::ffi::OsStr)], script: &str) -> Child {
+    Command::new(bin())
+        .args(["run", "--via", via, "--", "sh", "-c", script])
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
-    std::thread::sleep(after);
-    let server = children_of(child.id());
+        .unwrap()
+}
+
+/// SIGKILL the server command under an `exec-server run` (its bridge, its
+/// ssh): as a dropped connection would end it.
+pub fn kill_server_command(runner: &Child) {
+    let server = children_of(runner.id());
     assert!(!server.is_empty(), "no server command under the runner");
-    for pid in &server {
+    for pid in server {
         // SAFETY: plain syscall on the runner's child.
-        unsafe { libc::kill(*pid, libc::SIGKILL) };
+        unsafe { libc::kill(pid, libc::SIGKILL) };
     }
-    child.wait_with_output().unwrap()
 }
 
 /// The library's options to start [`NUMBERED_EXIT_7`] as process `n`.
@@ -619,14 +631,7 @@ pub fn burst_survives(
     drop: impl FnOnce(&Child),
 ) {
     use std::io::Read;
-    let mut child = Command::new(bin())
-        .args(["run", "--via", via, "--", "sh", "-c", BURST])
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = run_via(via, env, BURST);
     let mut stdout = child.stdout.take().unwrap();
     let mut stderr = child.stderr.take().unwrap();
     let errors = std::thread::spawn(move || {
