@@ -188,13 +188,58 @@ pub fn restore_child_nofile() {
     }
 }
 
+/// Whether an error is the descriptor table (or the system's) being full.
+pub fn out_of_descriptors(err: &std::io::Error) -> bool {
+    matches!(err.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+/// One descriptor held back (`/dev/null`) for the operations that must
+/// not fail at the descriptor limit: killing a container, looking for
+/// what to kill. [`reserve_spare_descriptor`] takes it at start.
+static SPARE: std::sync::Mutex<Option<std::fs::File>> = std::sync::Mutex::new(None);
+
+/// Hold the spare descriptor (again).
+pub fn reserve_spare_descriptor() {
+    let mut spare = crate::sync::lock(&SPARE);
+    if spare.is_none() {
+        *spare = std::fs::File::open("/dev/null").ok();
+    }
+}
+
+/// Run `op`; when it fails for want of a descriptor, again with the spare
+/// let go, then a few more times while others come back (20 ms apart, up
+/// to about 200 ms). Killing must work exactly when a client has used up
+/// every descriptor.
+pub fn at_descriptor_limit<T>(mut op: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+    let mut result = op();
+    for attempt in 0..10 {
+        match &result {
+            Err(err) if out_of_descriptors(err) => {}
+            _ => break,
+        }
+        if attempt == 0 {
+            let mut spare = crate::sync::lock(&SPARE);
+            if spare.take().is_some() {
+                result = op();
+                *spare = std::fs::File::open("/dev/null").ok();
+                continue;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        result = op();
+    }
+    result
+}
+
 /// Every process's parent, from `/proc`.
-pub fn parents() -> Vec<(i32, i32)> {
+pub fn parents() -> std::io::Result<Vec<(i32, i32)>> {
+    // Out of descriptors (or memory) is a failure of the walk, never a
+    // process taken for gone: the callers kill or judge by this list.
+    let exhausted =
+        |e: &std::io::Error| out_of_descriptors(e) || e.raw_os_error() == Some(libc::ENOMEM);
     let mut all = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return all;
-    };
-    for entry in entries.flatten() {
+    for entry in std::fs::read_dir("/proc")? {
+        let entry = entry?;
         let Some(pid) = entry
             .file_name()
             .to_str()
@@ -202,8 +247,11 @@ pub fn parents() -> Vec<(i32, i32)> {
         else {
             continue;
         };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
+        let stat = match std::fs::read_to_string(entry.path().join("stat")) {
+            Ok(stat) => stat,
+            Err(e) if exhausted(&e) => return Err(e),
+            // Gone since the directory was read.
+            Err(_) => continue,
         };
         // The command name may hold anything but ends at the last ')'.
         let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
@@ -218,7 +266,7 @@ pub fn parents() -> Vec<(i32, i32)> {
             all.push((pid, ppid));
         }
     }
-    all
+    Ok(all)
 }
 
 /// The live processes in the trees rooted at `roots`, roots included.

@@ -357,7 +357,8 @@ impl Containment {
     pub fn kill(&self, container: &Container) {
         match &container.kind {
             Kind::Cgroup { dir, .. } => {
-                if let Err(err) = std::fs::write(dir.join("cgroup.kill"), "1") {
+                let kill = dir.join("cgroup.kill");
+                if let Err(err) = crate::sys::at_descriptor_limit(|| std::fs::write(&kill, "1")) {
                     tracing::warn!("failed to kill cgroup {}: {err}", dir.display());
                 }
             }
@@ -559,8 +560,26 @@ pub fn stop_and_kill(roots: &[i32]) {
     }
     let mut stopped: HashSet<i32> = HashSet::new();
     for _ in 0..64 {
-        let found = trees(&roots, &parents());
-        let new: Vec<i32> = found.into_iter().filter(|p| !stopped.contains(p)).collect();
+        let parents = match crate::sys::at_descriptor_limit(parents) {
+            Ok(parents) => parents,
+            Err(err) => {
+                // No descriptor to look with: the roots and their process
+                // groups at least.
+                tracing::warn!("could not look for the descendants to kill: {err}");
+                for &pid in &roots {
+                    // SAFETY: plain syscalls.
+                    unsafe {
+                        libc::kill(pid, libc::SIGKILL);
+                        libc::kill(-pid, libc::SIGKILL);
+                    }
+                }
+                break;
+            }
+        };
+        let new: Vec<i32> = trees(&roots, &parents)
+            .into_iter()
+            .filter(|p| !stopped.contains(p))
+            .collect();
         if new.is_empty() {
             break;
         }

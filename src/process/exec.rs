@@ -389,13 +389,27 @@ pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
     drop(stack);
     // SAFETY: CLONE_PIDFD stored a fresh close-on-exec fd for the child.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    // A child that failed, for whatever reason, is killed (if it still
+    // runs), reaped, and withdrawn from the watchdog it registered with:
+    // else the watchdog would kill, when the server ends, whatever
+    // process has its pid by then.
+    let registered = plan.container.watchdog.filter(|_| plan.init.is_none());
+    let fail = |err: io::Error| {
+        let mut wait_status = 0;
+        // SAFETY: our own, unreaped child.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, &mut wait_status, 0);
+        }
+        if let Some(fd) = registered {
+            super::watchdog::withdraw(fd, pid);
+        }
+        err
+    };
     let errno = plan.errno.load(Ordering::Acquire);
     if errno != 0 {
-        // The child has exited (that is what resumed us); reap it.
-        let mut status = 0;
-        // SAFETY: waits for our own child.
-        unsafe { libc::waitpid(pid, &mut status, 0) };
-        return Err(io::Error::from_raw_os_error(errno));
+        // The child has exited (that is what resumed us).
+        return Err(fail(io::Error::from_raw_os_error(errno)));
     }
     let mut status = None;
     if let Some(init) = plan.init.take() {
@@ -418,18 +432,18 @@ pub fn spawn(exec: &Exec<'_>) -> io::Result<Child> {
             }
         };
         if n == 4 {
-            let mut wait_status = 0;
-            // SAFETY: the init exits once its program has; reap it.
-            unsafe { libc::waitpid(pid, &mut wait_status, 0) };
-            return Err(io::Error::from_raw_os_error(i32::from_le_bytes(errno)));
+            // The init exits once its program has.
+            return Err(fail(io::Error::from_raw_os_error(i32::from_le_bytes(
+                errno,
+            ))));
         }
-        set_nonblocking(status_end.as_raw_fd())?;
+        set_nonblocking(status_end.as_raw_fd()).map_err(fail)?;
         // SAFETY: the OwnedFd moves into the AsyncFd.
-        status = Some(unsafe { AsyncFd::register(status_end) }?);
+        status = Some(unsafe { AsyncFd::register(status_end) }.map_err(|e| fail(e.into()))?);
     }
     // SAFETY: the OwnedFd moves into the AsyncFd, so it stays open for as
     // long as it is registered.
-    let pidfd = unsafe { AsyncFd::register(pidfd) }?;
+    let pidfd = unsafe { AsyncFd::register(pidfd) }.map_err(|e| fail(e.into()))?;
     Ok(Child {
         pid,
         pidfd,

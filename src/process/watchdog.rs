@@ -123,6 +123,12 @@ pub fn register_self(fd: RawFd) -> io::Result<()> {
     }
 }
 
+/// Withdraw `pid` (reaped after a failed start) through the watchdog's
+/// socket `fd`.
+pub fn withdraw(fd: RawFd, pid: i32) {
+    send(fd, UNREGISTER, pid);
+}
+
 fn record(op: u8, pid: i32) -> [u8; 5] {
     let mut record = [0u8; 5];
     record[0] = op;
@@ -203,6 +209,8 @@ fn watch(socket: OwnedFd, cgroup_root: Option<PathBuf>) -> ! {
             _ => {}
         }
     }
+    // What the server left registered: after a clean exit, nothing.
+    tracing::debug!("the server is gone; {} trees left to kill", roots.len());
     match cgroup_root {
         Some(root) => container::kill_cgroup_tree(&root, CGROUP_DRAIN),
         None => {

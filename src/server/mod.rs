@@ -166,6 +166,7 @@ impl Listen {
 /// starting the async runtime.
 pub fn run(config: Config, listen: &[Listen]) -> std::io::Result<()> {
     let limit = crate::sys::raise_nofile();
+    crate::sys::reserve_spare_descriptor();
     tracing::debug!("descriptor limit {limit}");
     let containment = Arc::new(Containment::start());
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -192,7 +192,11 @@ pub fn refuse_holder(inode: u64, uid: u32) -> Option<String> {
     }
     let own = std::process::id() as i32;
     let needle = format!("socket:[{inode}]");
-    let mine = crate::sys::trees(&[own], &crate::sys::parents());
+    let parents = match crate::sys::parents() {
+        Ok(parents) => parents,
+        Err(err) => return Some(format!("its processes could not be looked at: {err}")),
+    };
+    let mine = crate::sys::trees(&[own], &parents);
     let judge = |pid: i32| -> Option<String> {
         if pid == own {
             return Some("the server itself dialed it (for a child)".into());

@@ -94,7 +94,16 @@ fn starts_that_fail_at_the_descriptor_limit_leave_nothing_behind() {
         }
     }
     assert!(failed > 50, "the limit was not reached: {failed} failed");
-    for n in 0..100 {
+    // Then the starts that need fewest descriptors, to leave as few free
+    // as can be: killing must not need one the server has not got.
+    for n in 100..150 {
+        s.request(
+            "process/start",
+            json!({"processId": format!("p{n}"), "argv": ["sleep", "30"], "cwd": "/",
+                   "env": {}, "tty": false, "pipeStdin": false}),
+        );
+    }
+    for n in 0..150 {
         s.request("process/terminate", json!({"processId": format!("p{n}")}));
     }
     back_to(&mut s, idle, "after terminating everything");
@@ -142,7 +151,13 @@ fn a_thousand_failing_starts_of_each_kind_leave_nothing_behind() {
         }
         for n in 0..1000 {
             let r = s.response(id + n);
-            assert!(r["error"].is_object(), "{kind}: started: {r}");
+            if !r["error"].is_object() {
+                let what = s.call(
+                    "process/read",
+                    json!({"processId": format!("{kind}{n}"), "waitMs": 3000}),
+                );
+                panic!("{kind}: started: {r}\nread: {what}");
+            }
         }
         id += 1000;
         back_to(&mut s, idle + 1, kind);
@@ -172,5 +187,77 @@ fn closed_processes_waiting_to_be_forgotten_hold_no_descriptor() {
         back,
         "{} descriptors for 40 closed processes, {idle} idle",
         fds(pid)
+    );
+}
+
+/// A start that fails after the child registered itself with the
+/// watchdog withdraws it: else, when the server ends, its watchdog kills
+/// whatever process has that pid by then (a process of another test, of
+/// the user, in the reviewers' run another server's sandbox).
+#[test]
+fn failed_starts_leave_nothing_for_the_watchdog_to_kill() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut child = Command::new(bin())
+        .arg("--stdio")
+        .env("EXEC_SERVER_LOG", "exec_server::process::watchdog=debug")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let open = json!({"permissions": {"type": "managed", "network": "restricted",
+        "file_system": {"type": "unrestricted"}}});
+    // Written from a thread of its own: the answers are read meanwhile.
+    let writer = std::thread::spawn(move || {
+        let mut send = |v: Value| writeln!(stdin, "{v}").unwrap();
+        send(json!({"jsonrpc": "2.0", "id": 0, "method": "initialize",
+                    "params": {"clientName": "t"}}));
+        send(json!({"jsonrpc": "2.0", "method": "initialized", "params": {}}));
+        for n in 1..=1000 {
+            let argv = if n % 2 == 0 {
+                json!(["/nonexistent/program"])
+            } else {
+                json!(["/etc"])
+            };
+            let mut params = json!({"processId": format!("p{n}"), "argv": argv, "cwd": "/",
+                                    "env": {"PATH": "/usr/bin:/bin"}, "tty": n % 3 == 0});
+            if n % 4 < 2 {
+                params["sandbox"] = open.clone();
+            }
+            send(json!({"jsonrpc": "2.0", "id": n, "method": "process/start", "params": params}));
+        }
+        stdin
+    });
+    let mut failed = 0;
+    let mut line = String::new();
+    for _ in 0..=1000 {
+        line.clear();
+        out.read_line(&mut line).unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap();
+        if v["error"]["data"]["kind"] == "spawnFailed" {
+            failed += 1;
+        }
+    }
+    assert_eq!(failed, 1000, "every start should have failed");
+    let stdin = writer.join().unwrap();
+    // Killed, as a server may be: the watchdog then acts on what it holds.
+    child.kill().unwrap();
+    drop(stdin);
+    let mut stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut errors = String::new();
+        let _ = stderr.read_to_string(&mut errors);
+        let _ = tx.send(errors);
+    });
+    let errors = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the watchdog did not end within 30 s of the server");
+    child.wait().unwrap();
+    assert!(
+        errors.contains("gone; 0 trees left to kill"),
+        "the watchdog was left pids of failed starts:\n{errors}"
     );
 }
