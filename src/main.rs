@@ -12,7 +12,7 @@ use exec_server::client::run::{self, RunOptions, SandboxMode};
 /// Runs processes and touches files on this machine for an orchestrator,
 /// over newline-delimited JSON-RPC 2.0.
 #[derive(Debug, Parser)]
-#[command(name = "exec-server", version)]
+#[command(name = "exec-server", version, disable_help_subcommand = true)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -36,8 +36,17 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Print the man page (roff): `exec-server man | man -l -`.
-    Man,
+    /// Print a man page (roff): `exec-server man | man -l -`, `exec-server
+    /// man run`; or write every page to a directory.
+    Man {
+        /// The page: a subcommand (`run`, `daemon-status`, ...); none for
+        /// the main page.
+        page: Option<String>,
+        /// Write every page (exec-server.1, exec-server-run.1, ...) here
+        /// instead.
+        #[arg(long, value_name = "DIR", conflicts_with = "page")]
+        dir: Option<PathBuf>,
+    },
     /// Look after a --persist daemon.
     Daemon {
         #[command(subcommand)]
@@ -85,7 +94,9 @@ Sandbox presets:
   Without --network, no network either.
 
 Escapes (with --tty, after a newline):
-  ~.  end the session (the command is terminated)   ~~  send one ~";
+  ~.  end the session (the command is terminated)
+  ~?  list the escapes
+  ~~  send one ~";
 
 #[derive(Debug, Args)]
 struct RunArgs {
@@ -98,6 +109,11 @@ struct RunArgs {
     /// terminal goes raw); twice to force one.
     #[arg(short = 't', long, action = clap::ArgAction::Count)]
     tty: u8,
+
+    /// Give the command an empty stdin (/dev/null) and leave ours unread,
+    /// as `ssh -n` does: for a loop that reads its own stdin.
+    #[arg(short = 'n')]
+    null_stdin: bool,
 
     /// The escape character of a --tty session, or `none`.
     #[arg(long, value_name = "CHAR", default_value = "~", value_parser = parse_escape)]
@@ -135,13 +151,9 @@ struct RunArgs {
     #[arg(long)]
     no_hold: bool,
 
-    /// The command and its arguments (after `--` when they start with `-`).
-    #[arg(
-        required = true,
-        trailing_var_arg = true,
-        allow_hyphen_values = true,
-        value_name = "PROGRAM ARGS"
-    )]
+    /// The command and its arguments. Options of `run` come before it; a
+    /// program whose name starts with `-` comes after `--`.
+    #[arg(required = true, trailing_var_arg = true, value_name = "PROGRAM ARGS")]
     argv: Vec<String>,
 }
 
@@ -178,9 +190,10 @@ struct ServeArgs {
     #[arg(long)]
     stdio: bool,
 
-    /// Where to listen: `stdio` (or `stdio://`), `unix:PATH` (repeatable;
-    /// every connection shares one session registry, so a session can be
-    /// resumed on another connection).
+    /// Where to listen: `stdio` (or `stdio://`), `unix:PATH`, or
+    /// `ws://HOST:PORT` (WebSocket; loopback unless a token is set or
+    /// --insecure-listen). Repeatable: every connection shares one session
+    /// registry, so a session can be resumed on another connection.
     #[arg(long, value_name = "ADDRESS", value_parser = parse_listen)]
     listen: Vec<server::Listen>,
 
@@ -271,34 +284,27 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::SandboxCheck) = cli.command {
         let (ok, text) = server::describe_sandbox();
-        print!("{text}");
-        print!("{}", exec_server::cli::describe_containment());
-        return if ok {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        };
+        let text = text + &exec_server::cli::describe_containment();
+        let written = emit(text.as_bytes());
+        return if ok { written } else { ExitCode::FAILURE };
     }
     if let Some(Command::Completions { shell }) = cli.command {
         use clap::CommandFactory;
-        clap_complete::generate(
-            shell,
-            &mut Cli::command(),
-            "exec-server",
-            &mut std::io::stdout(),
-        );
-        return ExitCode::SUCCESS;
+        let mut script = Vec::new();
+        clap_complete::generate(shell, &mut Cli::command(), "exec-server", &mut script);
+        if shell == clap_complete::Shell::Bash {
+            // clap_complete 4.6 spells the hyphen of our name two ways in
+            // the bash script (`exec__server__subcmd__run` where it finds
+            // the subcommand, `exec__subcmd__server__subcmd__run` where it
+            // completes it), so nothing after a subcommand completed.
+            let text =
+                String::from_utf8_lossy(&script).replace("exec__subcmd__server", "exec__server");
+            script = text.into_bytes();
+        }
+        return emit(&script);
     }
-    if let Some(Command::Man) = cli.command {
-        use clap::CommandFactory;
-        let page = clap_mangen::Man::new(Cli::command());
-        return match page.render(&mut std::io::stdout()) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(err) => {
-                eprintln!("exec-server: {err}");
-                ExitCode::FAILURE
-            }
-        };
+    if let Some(Command::Man { page, dir }) = cli.command {
+        return man(page.as_deref(), dir.as_deref());
     }
     if let Some(Command::Daemon { action, persist }) = cli.command {
         return daemon(action, &persist);
@@ -307,6 +313,7 @@ fn main() -> ExitCode {
         let outcome = run::run(RunOptions {
             via: args.via,
             tty: args.tty,
+            null_stdin: args.null_stdin,
             escape_char: args.escape_char.0,
             cwd: args.cwd,
             env: args.env,
@@ -326,6 +333,79 @@ fn main() -> ExitCode {
         return ExitCode::from(outcome.code.clamp(0, 255) as u8);
     }
     serve(cli.serve)
+}
+
+/// Write all of `bytes` to stdout. A reader that has gone (`| head -1`)
+/// has what it wanted: that is no error and no panic.
+fn emit(bytes: &[u8]) -> ExitCode {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("exec-server: cannot write to stdout: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `exec-server man [PAGE] [--dir DIR]`: one page per command, each
+/// subcommand's named `exec-server-NAME` as the main page refers to it.
+fn man(page: Option<&str>, dir: Option<&std::path::Path>) -> ExitCode {
+    use clap::CommandFactory;
+    let mut command = Cli::command();
+    command.build();
+    let wanted = match page {
+        Some(page) => format!("exec-server-{page}"),
+        None => "exec-server".into(),
+    };
+    fn pages(command: &clap::Command, all: &mut Vec<clap::Command>) {
+        all.push(command.clone());
+        for sub in command.get_subcommands() {
+            pages(sub, all);
+        }
+    }
+    let mut all = Vec::new();
+    pages(&command, &mut all);
+    let name = |c: &clap::Command| c.get_display_name().unwrap_or(c.get_name()).to_string();
+    let source = concat!("exec-server ", env!("CARGO_PKG_VERSION"));
+    if let Some(dir) = dir {
+        for c in &all {
+            let page = clap_mangen::Man::new(c.clone()).source(source);
+            if let Err(err) = page.generate_to(dir) {
+                eprintln!(
+                    "exec-server: man page {} into {}: {err}",
+                    name(c),
+                    dir.display()
+                );
+                return ExitCode::FAILURE;
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
+    let Some(found) = all.iter().find(|c| name(c) == wanted) else {
+        let known: Vec<String> = all
+            .iter()
+            .skip(1)
+            .map(|c| name(c).trim_start_matches("exec-server-").to_string())
+            .collect();
+        eprintln!(
+            "exec-server: no man page {}; there are: {}",
+            page.unwrap_or_default(),
+            known.join(", ")
+        );
+        return ExitCode::from(2);
+    };
+    let mut text = Vec::new();
+    if let Err(err) = clap_mangen::Man::new(found.clone())
+        .source(source)
+        .render(&mut text)
+    {
+        eprintln!("exec-server: {err}");
+        return ExitCode::FAILURE;
+    }
+    emit(&text)
 }
 
 /// A --persist daemon's detached TTL and idle exit, by default: 10 minutes.

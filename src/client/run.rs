@@ -56,6 +56,8 @@ pub struct RunOptions {
     /// How many times `--tty` was given: once, a pseudo-terminal when stdin
     /// is a terminal (else a warning and pipes); twice, always.
     pub tty: u8,
+    /// Give the command an empty stdin and leave ours unread (`-n`).
+    pub null_stdin: bool,
     /// The escape character of a `--tty` session (`~`); `None` disables
     /// escapes.
     pub escape_char: Option<u8>,
@@ -237,9 +239,23 @@ fn start_failure(err: ClientError, program: &str) -> Outcome {
         return Outcome::failed(RUNNER_FAILED, format!("working directory {rest}"));
     }
     if *errno == Some(i64::from(libc::ENOENT)) {
-        return Outcome::failed(NOT_FOUND, format!("{program}: command not found"));
+        let mut text = format!("{program}: command not found");
+        if program.contains(char::is_whitespace) {
+            // `run -- 'make && make test'`: one argument, not a command line.
+            text.push_str(&format!(
+                " (the program is the whole argument; for a shell command line use: \
+                 exec-server run -- sh -c '{program}')"
+            ));
+        }
+        return Outcome::failed(NOT_FOUND, text);
     }
+    // As a shell says it: `/etc: Is a directory`.
     let reason = message.rsplit(": ").next().unwrap_or(message);
+    let mut letters = reason.chars();
+    let reason: String = letters
+        .next()
+        .map(|first| first.to_uppercase().chain(letters).collect())
+        .unwrap_or_default();
     Outcome::failed(CANNOT_EXECUTE, format!("{program}: {reason}"))
 }
 
@@ -268,6 +284,17 @@ impl Escapes {
                 self.pending = false;
                 if b == b'.' {
                     return None;
+                }
+                if b == b'?' {
+                    let c = self.char as char;
+                    let _ = write!(
+                        std::io::stderr(),
+                        "\r\nSupported escape sequences:\r\n {c}.  end the session (the command is \
+                         terminated)\r\n {c}?  this message\r\n {c}{c}  send the escape \
+                         character\r\n(Escapes are recognised only after a newline.)\r\n"
+                    );
+                    self.at_line_start = false;
+                    continue;
                 }
                 out.push(self.char);
                 if b == self.char {
@@ -366,23 +393,28 @@ async fn run_inner(
     // stdin: a thread reads it (a blocking read can't be cancelled) and the
     // bytes are written in order; EOF closes the command's stdin.
     let (stdin_tx, mut stdin_rx) = tokio::sync::mpsc::channel::<Option<Vec<u8>>>(16);
-    std::thread::spawn(move || {
-        let mut stdin = std::io::stdin().lock();
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match stdin.read(&mut buf) {
-                Ok(0) | Err(_) => {
-                    let _ = stdin_tx.blocking_send(None);
-                    break;
-                }
-                Ok(n) => {
-                    if stdin_tx.blocking_send(Some(buf[..n].to_vec())).is_err() {
+    if options.null_stdin {
+        // At once: the command reads an empty stdin; ours stays unread.
+        let _ = stdin_tx.try_send(None);
+    } else {
+        std::thread::spawn(move || {
+            let mut stdin = std::io::stdin().lock();
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => {
+                        let _ = stdin_tx.blocking_send(None);
                         break;
+                    }
+                    Ok(n) => {
+                        if stdin_tx.blocking_send(Some(buf[..n].to_vec())).is_err() {
+                            break;
+                        }
                     }
                 }
             }
-        }
-    });
+        });
+    }
     let mut escapes = match options.escape_char {
         Some(c) if tty && stdin_is_terminal => Some(Escapes::new(c)),
         _ => None,

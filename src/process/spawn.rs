@@ -66,9 +66,21 @@ pub fn spawn(spec: &Spec<'_>) -> Result<Spawned, Error> {
     } else {
         ""
     };
-    let failed = |err: io::Error| Error::SpawnFailed {
-        message: format!("failed to start {program}{within}: {}", lower_io(&err)),
-        errno: err.raw_os_error(),
+    let failed = |err: io::Error| {
+        // execve says EACCES for a directory; say what a shell says (the
+        // errno stays the kernel's).
+        let text = if err.raw_os_error() == Some(libc::EACCES)
+            && program.contains('/')
+            && spec.cwd.join(program).is_dir()
+        {
+            lower_io(&io::Error::from_raw_os_error(libc::EISDIR))
+        } else {
+            lower_io(&err)
+        };
+        Error::SpawnFailed {
+            message: format!("failed to start {program}{within}: {text}"),
+            errno: err.raw_os_error(),
+        }
     };
     // The child's ends are held here until it has exec'd, then dropped, so
     // that only the child keeps them open; `stdio` is what becomes its fds

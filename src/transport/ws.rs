@@ -1,8 +1,9 @@
 //! The WebSocket transport, with the reference server's conventions: one
 //! JSON-RPC message per WebSocket message (text or binary accepted; text
 //! sent), `GET /readyz` answers 200, any request with an `Origin` header
-//! gets 403 (no browser page may drive a local server), other paths 404,
-//! and a ping every 30 s (`--ws-ping-interval-ms`); a peer that answers no
+//! gets 403 (no browser page may drive a local server), a plain `GET /`
+//! (no `Upgrade: websocket`) 426 with a line saying what this is, other
+//! paths 404, and a ping every 30 s (`--ws-ping-interval-ms`); a peer that answers no
 //! ping for two intervals, or takes that long to take a message, is
 //! dropped.
 //! With a connection token, every other request must carry it
@@ -90,7 +91,25 @@ where
             respond(&mut stream, "200 OK").await?;
             return Ok(Accepted::Answered);
         }
-        (_, "/") => {}
+        (_, "/") => {
+            let upgrade = header("upgrade").is_some_and(|u| {
+                u.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("websocket"))
+            });
+            if !upgrade {
+                // A browser or curl: say what this is instead of a reset.
+                answer(
+                    &mut stream,
+                    "426 Upgrade Required",
+                    "upgrade: websocket\r\nsec-websocket-version: 13\r\n",
+                    "This is an exec-server endpoint: JSON-RPC 2.0 over WebSocket. \
+                     Connect with a WebSocket client, e.g. \
+                     `exec-server run --via ws://HOST:PORT -- CMD`.\n",
+                )
+                .await?;
+                return Ok(Accepted::Answered);
+            }
+        }
         _ => {
             respond(&mut stream, "404 Not Found").await?;
             return Ok(Accepted::Answered);
@@ -281,8 +300,14 @@ pub async fn turn_away(mut stream: TcpStream) {
 
 async fn respond(stream: &mut TcpStream, status: &str) -> io::Result<()> {
     let body = status.split_once(' ').map_or(status, |(_, text)| text);
+    answer(stream, status, "", body).await
+}
+
+/// A whole HTTP answer, then the end of the connection. `headers` are
+/// extra lines, each ending in CRLF.
+async fn answer(stream: &mut TcpStream, status: &str, headers: &str, body: &str) -> io::Result<()> {
     let response = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{headers}connection: close\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(response.as_bytes()).await?;

@@ -49,6 +49,33 @@ fn a_missing_program_exits_127_with_a_message() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-program-here"));
 }
 
+/// `-n`, as ssh's: the command gets an empty stdin and ours is left for
+/// the loop around it.
+#[test]
+fn dash_n_leaves_our_stdin_to_the_loop_around_it() {
+    let script = format!(
+        "printf 'a\\nb\\nc\\n' | while read l; do {} run -n -- sh -c 'cat; echo \"$0\"' \"$l\"; done",
+        bin()
+    );
+    let out = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "a\nb\nc\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Without -n the first command eats the rest of the loop's input.
+    let script = script.replace(" run -n ", " run ");
+    let out = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "b\nc\na\n");
+}
+
 #[test]
 fn piped_stdin_is_forwarded_and_closed() {
     let input: Vec<u8> = (0..100_000u32)
@@ -187,7 +214,7 @@ fn the_command_needs_no_double_dash() {
 
 #[test]
 fn exit_codes_and_messages_read_like_a_shell() {
-    let cases: [(&[&str], i32, &str); 5] = [
+    let cases: [(&[&str], i32, &str); 9] = [
         (
             &["no-such-program-here"],
             127,
@@ -196,9 +223,19 @@ fn exit_codes_and_messages_read_like_a_shell() {
         (
             &["/etc/passwd"],
             126,
-            "exec-server: /etc/passwd: permission denied",
+            "exec-server: /etc/passwd: Permission denied",
         ),
-        (&["/etc"], 126, "exec-server: /etc: permission denied"),
+        (&["/etc"], 126, "exec-server: /etc: Is a directory"),
+        // One argument with spaces is a program name; say how to run a line.
+        (
+            &["--", "true && true"],
+            127,
+            "use: exec-server run -- sh -c 'true && true'",
+        ),
+        // Mistyped options are refused before the program, as ssh does.
+        (&["--cdw", "/", "true"], 2, "unexpected argument '--cdw'"),
+        (&["-T", "true"], 2, "unexpected argument '-T'"),
+        (&["-tx", "true"], 2, "unexpected argument '-x'"),
         (
             &["--cwd", "/nonexistent", "--", "true"],
             125,
@@ -206,6 +243,9 @@ fn exit_codes_and_messages_read_like_a_shell() {
         ),
         (&["--network", "true"], 2, "--sandbox"),
     ];
+    // A program that starts with `-` still runs after `--`.
+    let out = run(&["--", "-no-such-program"], None);
+    assert_eq!(out.status.code(), Some(127));
     for (args, code, text) in cases {
         let out = run(args, None);
         let err = String::from_utf8_lossy(&out.stderr);
@@ -398,6 +438,16 @@ fn tilde_dot_ends_a_session_that_ignores_interrupts() {
     t.type_in(b"\x03\x1c"); // ^C and ^\\: ignored
     std::thread::sleep(Duration::from_millis(200));
     assert!(matches!(t.child.try_wait(), Ok(None)), "^C ended it");
+    // ~? lists the escapes, as ssh's does, and ends nothing.
+    t.type_in(b"\r~?");
+    assert!(
+        eventually(Duration::from_secs(5), || t
+            .output()
+            .contains("~.  end the session")),
+        "{}",
+        t.output()
+    );
+    assert!(matches!(t.child.try_wait(), Ok(None)), "~? ended it");
     t.type_in(b"\r~.");
     assert_eq!(t.exit_code(Duration::from_secs(5)), Some(255));
     assert!(!t.raw());
@@ -486,6 +536,147 @@ fn completions_and_a_man_page_come_from_the_binary() {
     let page = String::from_utf8_lossy(&out.stdout);
     assert!(page.contains(".TH exec-server 1"), "{page}");
     assert!(page.contains("completions"), "{page}");
+}
+
+/// Every page a man page names exists: `exec-server man NAME` prints it
+/// and `--dir` writes it; no page names `help`, which has none.
+#[test]
+fn every_man_page_named_exists() {
+    let mut pending = vec![String::new()];
+    let mut seen = Vec::new();
+    while let Some(page) = pending.pop() {
+        let mut command = Command::new(bin());
+        command.arg("man");
+        if !page.is_empty() {
+            command.arg(&page);
+        }
+        let out = command.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "man {page}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let title = if page.is_empty() {
+            "exec-server".to_string()
+        } else {
+            format!("exec-server-{page}")
+        };
+        assert!(
+            text.contains(&format!(".TH {title} 1")),
+            "man {page}:\n{text}"
+        );
+        for line in text.lines() {
+            // References look like `exec\-server\-run(1)`.
+            if let Some(name) = line.strip_suffix("(1)") {
+                let name = name.replace("\\-", "-");
+                let sub = name.trim_start_matches("exec-server-").to_string();
+                assert_ne!(sub, "help", "man {page} names a help page");
+                if !seen.contains(&sub) {
+                    seen.push(sub.clone());
+                    pending.push(sub);
+                }
+            }
+        }
+    }
+    for expected in [
+        "run",
+        "daemon",
+        "daemon-status",
+        "daemon-stop",
+        "sandbox-check",
+    ] {
+        assert!(
+            seen.iter().any(|s| s == expected),
+            "{expected} not named: {seen:?}"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(bin())
+        .args(["man", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    for sub in &seen {
+        assert!(
+            dir.path().join(format!("exec-server-{sub}.1")).exists(),
+            "{sub}"
+        );
+    }
+    let out = Command::new(bin()).args(["man", "bogus"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("there are: run"));
+}
+
+/// `run --c<Tab>` and `daemon s<Tab>` complete in bash (the generated
+/// script found the subcommand and then completed nothing).
+#[test]
+fn bash_completes_options_and_subcommands_of_subcommands() {
+    let present = Command::new("bash").arg("--version").output().is_ok();
+    if !crate::support::available("bash", present, "bash completion needs bash") {
+        return;
+    }
+    let script = Command::new(bin())
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("exec-server.bash");
+    std::fs::write(&path, &script.stdout).unwrap();
+    let complete = |words: &str| -> String {
+        let program = format!(
+            "source {}; COMP_WORDS=({words}); COMP_CWORD=$(( ${{#COMP_WORDS[@]}} - 1 )); \
+             COMPREPLY=(); _exec__server exec-server \"${{COMP_WORDS[-1]}}\" \"${{COMP_WORDS[-2]}}\"; \
+             echo \"${{COMPREPLY[*]}}\"",
+            path.display()
+        );
+        let out = Command::new("bash")
+            .args(["-c", &program])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(complete("exec-server run --c"), "--cwd");
+    assert_eq!(complete("exec-server daemon s"), "status stop");
+    assert_eq!(complete("exec-server sa"), "sandbox-check");
+    assert!(complete("exec-server run --").contains("--escape-char"));
+}
+
+/// `| head -1` closes our stdout early: no panic, no error, exit 0.
+#[test]
+fn printing_commands_stop_quietly_when_the_reader_goes() {
+    for args in [
+        &["sandbox-check"][..],
+        &["completions", "bash"],
+        &["man"],
+        &["man", "run"],
+    ] {
+        // A pipe whose reader has gone already: every write fails (EPIPE).
+        let mut fds = [0; 2];
+        // SAFETY: pipe writes two fresh descriptors.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: fresh descriptors nothing else owns.
+        let (reader, writer) =
+            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        drop(reader);
+        let out = Command::new(bin())
+            .args(args)
+            .stdout(Stdio::from(writer))
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !err.contains("panicked") && !err.contains("Broken pipe"),
+            "{args:?}: {err}"
+        );
+        let code = out.status.code();
+        assert!(
+            code == Some(0) || (args[0] == "sandbox-check" && code == Some(1)),
+            "{args:?}: {code:?} {err}"
+        );
+    }
 }
 
 #[test]

@@ -70,6 +70,19 @@ fn readyz_origin_and_unknown_paths() {
         server.http("/", UPGRADE),
         "HTTP/1.1 101 Switching Protocols"
     );
+    // A plain GET / (a browser, curl) gets an answer that says what this
+    // is, not a dropped connection.
+    assert_eq!(server.http("/", ""), "HTTP/1.1 426 Upgrade Required");
+    let address = server.url.trim_start_matches("ws://");
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    write!(stream, "GET / HTTP/1.1\r\nHost: {address}\r\n\r\n").unwrap();
+    let mut whole = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut whole).unwrap();
+    assert!(
+        whole.to_ascii_lowercase().contains("upgrade: websocket"),
+        "{whole}"
+    );
+    assert!(whole.contains("JSON-RPC 2.0 over WebSocket"), "{whole}");
 }
 
 #[test]
