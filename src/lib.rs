@@ -1,15 +1,46 @@
 //! exec-server runs processes and touches files on a machine on behalf of an
-//! orchestrator, speaking newline-delimited JSON-RPC 2.0 (the wire contract
-//! is `docs/PROTOCOL.md`, shipped with the crate, compatible with the Codex
-//! exec-server protocol).
+//! orchestrator, speaking newline-delimited JSON-RPC 2.0, wire-compatible
+//! with the Codex exec-server protocol. The wire contract is
+//! [`wire_contract`] (`docs/PROTOCOL.md`, shipped with the crate).
+//!
+//! # The client library
 //!
 //! The public API is [`client`]: what an orchestrator uses to start a
-//! server (locally, over ssh, any command) and drive it. Everything else is
-//! the server, which the `exec-server` binary runs; a client-only build
-//! (`default-features = false, features = ["client"]`) compiles none of
-//! it, nor clap or tracing-subscriber. The client needs tokio with the
-//! `rt`, `macros`, `process`, `io-util`, `sync`, `time` and `signal`
-//! features, which this crate enables.
+//! server (locally, over ssh, any command) and drive it.
+//!
+//! ```no_run
+//! use exec_server::client::{Client, Sandbox, ServerCommand, StartOptions};
+//!
+//! # async fn demo() -> Result<(), exec_server::client::ClientError> {
+//! // Started on the first call, over any command that speaks the protocol.
+//! let client = Client::new(ServerCommand::parse("ssh build-box exec-server --stdio")?);
+//! // The environment is the executor's, without secret-looking names.
+//! let mut build = client
+//!     .start(
+//!         StartOptions::new("build", ["cargo", "build"])
+//!             .cwd("/src/project")
+//!             .sandbox(Sandbox::workspace_write()),
+//!     )
+//!     .await?;
+//! let status = build
+//!     .wait_with_output(|stream, bytes| eprint!("{stream:?}: {}", String::from_utf8_lossy(bytes)))
+//!     .await?;
+//! println!("exit {}", status.code);
+//! let manifest = client.read_file("/src/project/Cargo.toml").await?;
+//! # let _ = manifest;
+//! client.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! A client-only build (`default-features = false, features =
+//! ["client"]`) compiles none of the server, nor clap or
+//! tracing-subscriber. The client needs tokio with the `rt`, `macros`,
+//! `process`, `io-util`, `sync`, `time` and `signal` features, which this
+//! crate enables.
+//!
+//! Everything else is the server, which the `exec-server` binary runs; its
+//! modules are private. The layout below is for those who work on it.
 //!
 //! # Layout
 //!
@@ -52,6 +83,16 @@
 
 #[cfg(feature = "client")]
 pub mod client;
+
+/// The wire contract, `docs/PROTOCOL.md` as shipped with the crate (its
+/// text is the contract's own markdown, not rustdoc's, hence the allows).
+#[doc = include_str!("../docs/PROTOCOL.md")]
+#[allow(
+    rustdoc::broken_intra_doc_links,
+    rustdoc::invalid_html_tags,
+    rustdoc::bare_urls
+)]
+pub mod wire_contract {}
 #[cfg(feature = "server")]
 mod endpoints;
 #[cfg(feature = "server")]

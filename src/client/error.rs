@@ -51,6 +51,23 @@ pub enum ClientError {
         /// The OS error number, when the OS said why.
         errno: Option<i64>,
     },
+    /// `write` to a process whose stdin is closed or was never piped
+    /// (`StartOptions::pipe_stdin`): nothing was written.
+    #[error("process {process_id} takes no input: its stdin is closed or was not piped")]
+    StdinClosed {
+        /// The process.
+        process_id: String,
+    },
+    /// The server does not know the process (it was forgotten, or never
+    /// started in this session).
+    #[error("unknown process {process_id}")]
+    UnknownProcess {
+        /// The process.
+        process_id: String,
+    },
+    /// A signal name the protocol has no word for.
+    #[error("unknown signal {0}: give TERM, SIGTERM, 15 or a protocol name (terminate)")]
+    UnknownSignal(String),
     /// A result did not have the expected shape.
     #[error("unexpected result from {method}: {message}")]
     Decode {

@@ -1,6 +1,16 @@
 //! The orchestrator side: a client that spawns a server lazily, over any
 //! command, and calls it.
 //!
+//! A started process gets **the executor's environment** (the server's
+//! own) without names that look secret ([`policy::SECRET_NAMES`]), as
+//! `exec-server run` gives it: [`EnvPolicy::executor_default`]. Variables
+//! set with [`StartOptions::env`] go over it; [`StartOptions::env_policy`]
+//! derives it another way; [`StartOptions::exact_env`] sends exactly the
+//! variables set. Paths are anything path-like (`&str`, `&Path`,
+//! `PathBuf`); the environment policy, the sandbox ([`Sandbox`]) and walk
+//! options ([`WalkOptions`]) are typed, and refuse unknown members when
+//! read from JSON.
+//!
 //! ```no_run
 //! use exec_server::client::{Client, ServerCommand, StartOptions};
 //!
@@ -34,6 +44,7 @@ use crate::sync::lock;
 mod command;
 mod connection;
 mod error;
+pub mod policy;
 mod process;
 pub mod run;
 mod types;
@@ -43,6 +54,7 @@ pub use connection::SERVER_STDERR_TARGET;
 pub(crate) use connection::{Conn, Note};
 use connection::{connect, connect_resuming};
 pub use error::ClientError;
+pub use policy::{EnvPolicy, Inherit, Sandbox, WalkOptions};
 
 pub use crate::protocol::Stream;
 pub use process::{Event, ExitStatus, Process, StartOptions};
@@ -208,30 +220,34 @@ impl Client {
     }
 
     /// `fs/readFile`: the file's bytes.
-    pub async fn read_file(&self, path: &Path) -> Result<Vec<u8>, ClientError> {
+    pub async fn read_file(&self, path: impl AsRef<Path>) -> Result<Vec<u8>, ClientError> {
         let r = self
-            .call("fs/readFile", json!({ "path": uri(path) }))
+            .call("fs/readFile", json!({ "path": uri(path.as_ref()) }))
             .await?;
         decode_b64("fs/readFile", &r["dataBase64"])
     }
 
     /// `fs/writeFile` (atomic on the server).
-    pub async fn write_file(&self, path: &Path, data: &[u8]) -> Result<(), ClientError> {
+    pub async fn write_file(&self, path: impl AsRef<Path>, data: &[u8]) -> Result<(), ClientError> {
         use base64::Engine;
         let data = base64::engine::general_purpose::STANDARD.encode(data);
         self.call(
             "fs/writeFile",
-            json!({ "path": uri(path), "dataBase64": data }),
+            json!({ "path": uri(path.as_ref()), "dataBase64": data }),
         )
         .await
         .map(|_| ())
     }
 
     /// `fs/createDirectory`.
-    pub async fn create_directory(&self, path: &Path, recursive: bool) -> Result<(), ClientError> {
+    pub async fn create_directory(
+        &self,
+        path: impl AsRef<Path>,
+        recursive: bool,
+    ) -> Result<(), ClientError> {
         self.call(
             "fs/createDirectory",
-            json!({ "path": uri(path), "recursive": recursive }),
+            json!({ "path": uri(path.as_ref()), "recursive": recursive }),
         )
         .await
         .map(|_| ())
@@ -240,20 +256,23 @@ impl Client {
     /// `fs/getMetadata`.
     pub async fn get_metadata(
         &self,
-        path: &Path,
+        path: impl AsRef<Path>,
         follow_symlinks: bool,
     ) -> Result<Metadata, ClientError> {
         self.call_as(
             "fs/getMetadata",
-            json!({ "path": uri(path), "followSymlinks": follow_symlinks }),
+            json!({ "path": uri(path.as_ref()), "followSymlinks": follow_symlinks }),
         )
         .await
     }
 
     /// `fs/readDirectory`, sorted by name.
-    pub async fn read_directory(&self, path: &Path) -> Result<Vec<DirectoryEntry>, ClientError> {
+    pub async fn read_directory(
+        &self,
+        path: impl AsRef<Path>,
+    ) -> Result<Vec<DirectoryEntry>, ClientError> {
         let listing: types::DirectoryListing = self
-            .call_as("fs/readDirectory", json!({ "path": uri(path) }))
+            .call_as("fs/readDirectory", json!({ "path": uri(path.as_ref()) }))
             .await?;
         Ok(listing.entries)
     }
@@ -261,42 +280,51 @@ impl Client {
     /// `fs/remove`.
     pub async fn remove(
         &self,
-        path: &Path,
+        path: impl AsRef<Path>,
         recursive: bool,
         force: bool,
     ) -> Result<(), ClientError> {
         self.call(
             "fs/remove",
-            json!({ "path": uri(path), "recursive": recursive, "force": force }),
+            json!({ "path": uri(path.as_ref()), "recursive": recursive, "force": force }),
         )
         .await
         .map(|_| ())
     }
 
     /// `fs/copy`.
-    pub async fn copy(&self, from: &Path, to: &Path, recursive: bool) -> Result<(), ClientError> {
+    pub async fn copy(
+        &self,
+        from: impl AsRef<Path>,
+        to: impl AsRef<Path>,
+        recursive: bool,
+    ) -> Result<(), ClientError> {
         self.call(
             "fs/copy",
-            json!({ "sourcePath": uri(from), "destinationPath": uri(to), "recursive": recursive }),
+            json!({ "sourcePath": uri(from.as_ref()), "destinationPath": uri(to.as_ref()), "recursive": recursive }),
         )
         .await
         .map(|_| ())
     }
 
     /// `fs/rename`.
-    pub async fn rename(&self, from: &Path, to: &Path) -> Result<(), ClientError> {
+    pub async fn rename(
+        &self,
+        from: impl AsRef<Path>,
+        to: impl AsRef<Path>,
+    ) -> Result<(), ClientError> {
         self.call(
             "fs/rename",
-            json!({ "sourcePath": uri(from), "destinationPath": uri(to) }),
+            json!({ "sourcePath": uri(from.as_ref()), "destinationPath": uri(to.as_ref()) }),
         )
         .await
         .map(|_| ())
     }
 
     /// `fs/canonicalize`: the resolved path on the server.
-    pub async fn canonicalize(&self, path: &Path) -> Result<PathBuf, ClientError> {
+    pub async fn canonicalize(&self, path: impl AsRef<Path>) -> Result<PathBuf, ClientError> {
         let r = self
-            .call("fs/canonicalize", json!({ "path": uri(path) }))
+            .call("fs/canonicalize", json!({ "path": uri(path.as_ref()) }))
             .await?;
         crate::protocol::parse_path(r["path"].as_str().unwrap_or("")).map_err(|e| {
             ClientError::Decode {
@@ -306,17 +334,24 @@ impl Client {
         })
     }
 
-    /// `fs/walk` with `options` as `docs/PROTOCOL.md` gives them.
-    pub async fn walk(&self, path: &Path, options: Value) -> Result<Walk, ClientError> {
-        self.call_as("fs/walk", json!({ "path": uri(path), "options": options }))
-            .await
+    /// `fs/walk`.
+    pub async fn walk(
+        &self,
+        path: impl AsRef<Path>,
+        options: &WalkOptions,
+    ) -> Result<Walk, ClientError> {
+        self.call_as(
+            "fs/walk",
+            json!({ "path": uri(path.as_ref()), "options": options }),
+        )
+        .await
     }
 
     /// `fs/open`: a streaming handle for `read_block`.
-    pub async fn open(&self, handle_id: &str, path: &Path) -> Result<(), ClientError> {
+    pub async fn open(&self, handle_id: &str, path: impl AsRef<Path>) -> Result<(), ClientError> {
         self.call(
             "fs/open",
-            json!({ "handleId": handle_id, "path": uri(path) }),
+            json!({ "handleId": handle_id, "path": uri(path.as_ref()) }),
         )
         .await
         .map(|_| ())

@@ -9,7 +9,7 @@ use base64::Engine;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use super::{Client, ClientError, Conn, Note, decode_b64, uri};
+use super::{Client, ClientError, Conn, EnvPolicy, Note, Sandbox, decode_b64, uri};
 use crate::protocol::{Stream, TtySize};
 
 /// How much output a held process may send before the client tells the
@@ -27,18 +27,21 @@ pub struct StartOptions {
     /// The working directory on the server; `None` sends `/` (the protocol
     /// has no default), so give one.
     pub cwd: Option<PathBuf>,
-    /// The exact environment, when no `env_policy` derives it.
+    /// Variables set over what `env_policy` derives (or, with no policy,
+    /// the exact environment).
     pub env: BTreeMap<String, String>,
-    /// An `envPolicy` object (`docs/PROTOCOL.md` section 7), passed as is.
-    pub env_policy: Option<Value>,
+    /// How the executor derives the environment; by default
+    /// [`EnvPolicy::executor_default`] (its own, without secret-looking
+    /// names). `None` ([`StartOptions::exact_env`]): exactly `env`.
+    pub env_policy: Option<EnvPolicy>,
     /// Run under a pseudo-terminal of this size.
     pub tty: Option<TtySize>,
     /// Keep stdin open for writes (else it is `/dev/null`).
     pub pipe_stdin: bool,
     /// What the program sees as `argv[0]`.
     pub arg0: Option<String>,
-    /// A `FileSystemSandboxContext` (`docs/PROTOCOL.md` section 6), passed as is.
-    pub sandbox: Option<Value>,
+    /// The sandbox (`docs/PROTOCOL.md` section 6).
+    pub sandbox: Option<Sandbox>,
     /// Ask the server not to push output (`notifyOutput: false`), for a
     /// caller that reads it with [`Client::read_output`] only.
     pub notify_output: bool,
@@ -60,7 +63,7 @@ impl StartOptions {
             argv: argv.into_iter().map(Into::into).collect(),
             cwd: None,
             env: BTreeMap::new(),
-            env_policy: None,
+            env_policy: Some(EnvPolicy::executor_default()),
             tty: None,
             pipe_stdin: false,
             arg0: None,
@@ -76,17 +79,23 @@ impl StartOptions {
         self
     }
 
-    /// Set a variable (the environment is exactly these, unless an
-    /// `env_policy` derives it from the server's).
+    /// Set a variable, over what the policy derives.
     pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.env.insert(key.into(), value.into());
         self
     }
 
-    /// Derive the environment on the server from an `envPolicy`
-    /// (`docs/PROTOCOL.md` section 7).
-    pub fn env_policy(mut self, policy: Value) -> Self {
+    /// Derive the environment on the executor from `policy`
+    /// (`docs/PROTOCOL.md` section 7) instead of the default.
+    pub fn env_policy(mut self, policy: EnvPolicy) -> Self {
         self.env_policy = Some(policy);
+        self
+    }
+
+    /// The environment is exactly what [`StartOptions::env`] sets, nothing
+    /// of the executor's (no `PATH` either, unless set).
+    pub fn exact_env(mut self) -> Self {
+        self.env_policy = None;
         self
     }
 
@@ -102,9 +111,10 @@ impl StartOptions {
         self
     }
 
-    /// Run inside the server's sandbox (`docs/PROTOCOL.md` section 6);
-    /// [`crate::client::run::sandbox_intent`] builds the presets.
-    pub fn sandbox(mut self, sandbox: Value) -> Self {
+    /// Run inside the executor's sandbox (`docs/PROTOCOL.md` section 6):
+    /// [`Sandbox::read_only`], [`Sandbox::workspace_write`], or one of
+    /// your own.
+    pub fn sandbox(mut self, sandbox: Sandbox) -> Self {
         self.sandbox = Some(sandbox);
         self
     }
@@ -216,13 +226,13 @@ impl Process {
             params["ttySize"] = json!({"cols": size.cols, "rows": size.rows});
         }
         if let Some(policy) = o.env_policy {
-            params["envPolicy"] = policy;
+            params["envPolicy"] = json!(policy);
         }
         if let Some(arg0) = o.arg0 {
             params["arg0"] = json!(arg0);
         }
         if let Some(sandbox) = o.sandbox {
-            params["sandbox"] = sandbox;
+            params["sandbox"] = json!(sandbox);
         }
         if !o.notify_output {
             params["notifyOutput"] = json!(false);
@@ -494,7 +504,9 @@ impl Process {
     }
 
     /// Write to stdin with a fresh write id; returns the server's status
-    /// (`accepted`, `stdinClosed`, ...).
+    /// (`accepted`). A process whose stdin is closed or was never piped is
+    /// [`ClientError::StdinClosed`]; one the server does not know,
+    /// [`ClientError::UnknownProcess`].
     pub async fn write(&self, data: &[u8]) -> Result<String, ClientError> {
         let n = self.writes.fetch_add(1, Ordering::Relaxed);
         let id = format!("{}-{n}", self.write_prefix);
@@ -510,7 +522,15 @@ impl Process {
                 json!({"processId": self.id, "chunk": chunk, "writeId": write_id}),
             )
             .await?;
-        Ok(r["status"].as_str().unwrap_or("").to_string())
+        match r["status"].as_str().unwrap_or("") {
+            "stdinClosed" => Err(ClientError::StdinClosed {
+                process_id: self.id.clone(),
+            }),
+            "unknownProcess" => Err(ClientError::UnknownProcess {
+                process_id: self.id.clone(),
+            }),
+            status => Ok(status.to_string()),
+        }
     }
 
     /// Close stdin (on a tty: send the EOF character).
@@ -520,8 +540,12 @@ impl Process {
             .map(|_| ())
     }
 
-    /// Send a signal (`"interrupt"`, `"terminate"`, `"kill"`, ...) to the group.
+    /// Send a signal to the process's group: a protocol name
+    /// (`"interrupt"`, `"terminate"`, `"kill"`, `"hangup"`, `"quit"`,
+    /// `"user1"`, `"user2"`), or as `kill` takes it: `TERM`, `SIGTERM`,
+    /// `15` (any case). Others are [`ClientError::UnknownSignal`].
     pub async fn signal(&self, signal: &str) -> Result<(), ClientError> {
+        let signal = signal_name(signal)?;
         self.client
             .conn()
             .await?
@@ -555,6 +579,24 @@ impl Process {
     pub fn client(&self) -> &Client {
         &self.client
     }
+}
+
+/// The protocol's name of a signal given as the protocol, `kill` or a
+/// number names it.
+pub(crate) fn signal_name(given: &str) -> Result<&'static str, ClientError> {
+    let upper = given.trim().to_ascii_uppercase();
+    let bare = upper.strip_prefix("SIG").unwrap_or(&upper);
+    let name = match bare {
+        "INTERRUPT" | "INT" | "2" => "interrupt",
+        "TERMINATE" | "TERM" | "15" => "terminate",
+        "KILL" | "9" => "kill",
+        "HANGUP" | "HUP" | "1" => "hangup",
+        "QUIT" | "3" => "quit",
+        "USER1" | "USR1" | "10" => "user1",
+        "USER2" | "USR2" | "12" => "user2",
+        _ => return Err(ClientError::UnknownSignal(given.to_string())),
+    };
+    Ok(name)
 }
 
 impl Drop for Process {

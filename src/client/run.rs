@@ -7,24 +7,13 @@ use std::mem::ManuallyDrop;
 use std::os::fd::FromRawFd;
 use std::path::PathBuf;
 
-use serde_json::{Value, json};
-
-use super::{Client, ClientError, Event, ServerCommand, StartOptions};
+use super::{Client, ClientError, EnvPolicy, Event, Sandbox, ServerCommand, StartOptions};
 use crate::protocol::Stream;
 
 /// Names of variables that look secret, which `run` does not pass from
 /// the server's environment to the command (`--env-pass NAME` passes one
-/// anyway). The first three are the protocol's default excludes, which the
-/// server applies itself; the rest `run` adds to the policy's `exclude`.
-/// `--help` and README list the same (a test keeps them so).
-pub const SECRET_NAMES: &[&str] = &[
-    "*TOKEN*",
-    "*KEY*",
-    "*SECRET*",
-    "*PASSWORD*",
-    "*PASSWD*",
-    "*CREDENTIAL*",
-];
+/// anyway).
+pub use super::policy::SECRET_NAMES;
 
 /// Exit code when the runner itself fails (not the command): the server
 /// did not start, the connection was lost, the request or the working
@@ -81,29 +70,19 @@ pub struct RunOptions {
     pub argv: Vec<String>,
 }
 
-/// The `sandbox` intent for a preset, with `:workspace_roots` left for the
-/// executor to bind.
-pub fn sandbox_intent(mode: SandboxMode, network: bool, roots: &[PathBuf]) -> Value {
-    let special = |kind: &str| json!({"type": "special", "value": {"kind": kind}});
-    let mut entries = vec![json!({"path": special("root"), "access": "read"})];
-    if mode == SandboxMode::WorkspaceWrite {
-        entries.push(json!({"path": special("project_roots"), "access": "write"}));
-        entries.push(
-            json!({"path": special("tmpdir"), "access": "write", "missing_path_behavior": "skip"}),
-        );
-        entries.push(json!({"path": special("slash_tmp"), "access": "write"}));
+/// The sandbox of a preset, with `:workspace_roots` bound to `roots`
+/// when given (else left for the executor to bind).
+pub fn sandbox_intent(mode: SandboxMode, network: bool, roots: &[PathBuf]) -> Sandbox {
+    let sandbox = match mode {
+        SandboxMode::ReadOnly => Sandbox::read_only(),
+        SandboxMode::WorkspaceWrite => Sandbox::workspace_write(),
     }
-    let mut intent = json!({
-        "permissions": {
-            "type": "managed",
-            "file_system": {"type": "restricted", "entries": entries},
-            "network": if network { "enabled" } else { "restricted" },
-        }
-    });
-    if !roots.is_empty() {
-        intent["workspaceRoots"] = json!(roots.iter().map(|r| super::uri(r)).collect::<Vec<_>>());
+    .network(network);
+    if roots.is_empty() {
+        sandbox
+    } else {
+        sandbox.workspace_roots(roots)
     }
-    intent
 }
 
 /// How a run ended: the code to exit with, and what to tell the person.
@@ -349,8 +328,7 @@ async fn run_inner(
         // A drop of any length within the session's life loses nothing:
         // the child waits instead of its output being evicted.
         .hold_output(options.hold && client.resumable())
-        .env_policy(json!({"inherit": "all", "ignoreDefaultExcludes": false,
-            "exclude": SECRET_NAMES, "set": {}, "includeOnly": []}));
+        .env_policy(EnvPolicy::executor_default());
     let mut env: Vec<(String, String)> = Vec::new();
     if tty {
         // As ssh does: the terminal type and the locale travel with a pty.
@@ -473,7 +451,13 @@ async fn run_inner(
                         None => data,
                     };
                     if !data.is_empty() {
-                        process.write(&data).await?;
+                        match process.write(&data).await {
+                            Ok(_) => {}
+                            // The command closed its stdin: the rest of
+                            // ours has nowhere to go.
+                            Err(ClientError::StdinClosed { .. }) => stdin_open = false,
+                            Err(err) => return Err(err),
+                        }
                     }
                 }
                 None => {

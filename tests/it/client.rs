@@ -226,7 +226,10 @@ async fn typed_results_for_metadata_listings_walks_and_info() {
     assert_eq!(entries[0].file_name, "sub");
     assert!(entries[0].is_directory);
     let walk = client
-        .walk(dir.path(), serde_json::json!({}))
+        .walk(
+            dir.path(),
+            &exec_server::client::WalkOptions::new().max_depth(8),
+        )
         .await
         .unwrap();
     assert!(!walk.truncated);
@@ -236,5 +239,164 @@ async fn typed_results_for_metadata_listings_walks_and_info() {
     assert_eq!(info.os, "linux");
     assert!(info.cwd.starts_with("file://"), "{info:?}");
     assert!(!info.shell.path.is_empty());
+    client.shutdown().await;
+}
+
+/// What a new user tripped over: by default a process gets the executor's
+/// environment (PATH, HOME, ...) without secret-looking names; `exact_env`
+/// gives exactly what was set.
+#[tokio::test]
+async fn the_default_environment_is_the_executors_without_secrets() {
+    // A program found only through the executor's PATH, as `cargo` in
+    // ~/.cargo/bin is.
+    let tools = tempfile::tempdir().unwrap();
+    let tool = tools.path().join("only-on-path");
+    std::fs::write(&tool, "#!/bin/sh\necho \"[$PLAIN_VARIABLE][${DB_PASSWORD-gone}][${GITHUB_TOKEN-gone}][${HOME:+home}][$SET]\"\n").unwrap();
+    std::fs::set_permissions(&tool, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let client = Client::new(
+        ServerCommand::new(bin())
+            .arg("--stdio")
+            .env("PATH", format!("{}:/usr/bin:/bin", tools.path().display()))
+            .env("DB_PASSWORD", "hunter2")
+            .env("GITHUB_TOKEN", "t0k")
+            .env("PLAIN_VARIABLE", "plain"),
+    );
+    let mut p = client
+        .start(
+            StartOptions::new("env", ["only-on-path"])
+                .cwd("/")
+                .env("SET", "set"),
+        )
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let status = p
+        .wait_with_output(|_, d| out.extend_from_slice(d))
+        .await
+        .unwrap();
+    assert_eq!(status.code, 0);
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        "[plain][gone][gone][home][set]\n"
+    );
+    // Exactly what was set: no PATH, so the program is not found.
+    let err = client
+        .start(
+            StartOptions::new("exact", ["only-on-path"])
+                .cwd("/")
+                .exact_env(),
+        )
+        .await
+        .err()
+        .expect("found without the executor's PATH");
+    assert_eq!(err.kind(), Some("spawnFailed"), "{err}");
+    let mut p = client
+        .start(
+            StartOptions::new("exact2", ["/usr/bin/env"])
+                .cwd("/")
+                .exact_env()
+                .env("ONLY", "only"),
+        )
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    p.wait_with_output(|_, d| out.extend_from_slice(d))
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out), "ONLY=only\n");
+    client.shutdown().await;
+}
+
+/// The typed parameters refuse what the protocol does not have, so a
+/// misspelt member read from a configuration file is an error, not a
+/// policy silently ignored.
+#[test]
+fn typed_parameters_refuse_unknown_members() {
+    use exec_server::client::{EnvPolicy, Sandbox, WalkOptions};
+    assert!(serde_json::from_value::<EnvPolicy>(json!({"inherrit": "all"})).is_err());
+    assert!(serde_json::from_value::<EnvPolicy>(json!({"inherit": "al"})).is_err());
+    let policy: EnvPolicy =
+        serde_json::from_value(json!({"inherit": "core", "exclude": ["X*"]})).unwrap();
+    assert_eq!(
+        policy,
+        EnvPolicy::inherit(exec_server::client::Inherit::Core).exclude("X*")
+    );
+    assert!(
+        serde_json::from_value::<WalkOptions>(json!({"maxDepht": 3, "maxDirectories": 1,
+        "maxEntries": 1, "followDirectorySymlinks": false}))
+        .is_err()
+    );
+    let sandbox = json!({"permissions": {"type": "managed", "network": "restricted",
+        "file_system": {"type": "restricted", "entries": [
+            {"path": {"type": "special", "value": {"kind": "root"}}, "access": "read"}]}}});
+    let parsed: Sandbox = serde_json::from_value(sandbox.clone()).unwrap();
+    assert_eq!(parsed, Sandbox::read_only());
+    assert_eq!(serde_json::to_value(&parsed).unwrap(), sandbox);
+    for bad in [
+        json!({"permissions": {"type": "managed", "network": "restricted",
+            "filesystem": {"type": "unrestricted"}}}),
+        json!({"permissions": {"type": "managed", "file_system": {"type": "restricted",
+            "entries": [{"path": {"type": "path", "path": "/x"}, "acess": "read"}]}}}),
+        json!({"permissions": {"type": "disabled"}, "workspaceRoot": []}),
+        json!({"permissions": {"type": "sandboxed"}}),
+    ] {
+        assert!(
+            serde_json::from_value::<Sandbox>(bad.clone()).is_err(),
+            "{bad}"
+        );
+    }
+}
+
+/// `write` to a process without piped stdin is an error; `signal` takes
+/// the names `kill` takes; fs methods take any path-like argument.
+#[tokio::test]
+async fn writes_signals_and_paths_as_a_caller_expects() {
+    let client = local();
+    let p = client
+        .start(StartOptions::new("nostdin", ["sleep", "30"]).cwd("/"))
+        .await
+        .unwrap();
+    match p.write(b"x").await {
+        Err(ClientError::StdinClosed { process_id }) => assert_eq!(process_id, "nostdin"),
+        other => panic!("write to a process without stdin: {other:?}"),
+    }
+    assert!(matches!(
+        p.signal("BOGUS").await,
+        Err(ClientError::UnknownSignal(_))
+    ));
+    p.terminate().await.unwrap();
+    for (n, name) in ["TERM", "SIGTERM", "15", "sigint", "terminate"]
+        .iter()
+        .enumerate()
+    {
+        let mut p = client
+            .start(StartOptions::new(format!("sig{n}"), ["sleep", "30"]).cwd("/"))
+            .await
+            .unwrap();
+        p.signal(name).await.unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(10), p.wait())
+            .await
+            .expect("the signal did not end it")
+            .unwrap();
+        assert!(status.signal.is_some(), "{name}: {status:?}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("f").to_string_lossy().into_owned();
+    client.write_file(&file, b"via a string").await.unwrap();
+    assert_eq!(
+        client.read_file(file.as_str()).await.unwrap(),
+        b"via a string"
+    );
+    client
+        .write_file(dir.path().join("g"), b"via a PathBuf")
+        .await
+        .unwrap();
+    assert!(
+        client
+            .get_metadata(dir.path().join("g"), true)
+            .await
+            .unwrap()
+            .is_file
+    );
     client.shutdown().await;
 }
