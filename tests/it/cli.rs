@@ -759,3 +759,47 @@ fn every_secret_looking_name_stays_behind_and_help_and_readme_say_which() {
         );
     }
 }
+
+/// What README tells a new user holds: how to install, a dependency line
+/// that resolves (no registry version: the crate is on none), and the
+/// binary's size as measured (checked against a release build when one
+/// is there).
+#[test]
+fn readme_install_dependency_and_size_are_true() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    assert!(readme.contains("cargo install --locked --path ."));
+    let line = readme
+        .lines()
+        .find(|l| l.starts_with("exec-server = {"))
+        .expect("a dependency line");
+    assert!(
+        line.contains("path = ") || line.contains("git = "),
+        "{line}"
+    );
+    assert!(
+        !line.contains("version = "),
+        "the crate is on no registry: {line}"
+    );
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    assert!(manifest.contains("name = \"exec-server\""));
+    let stated: u64 = readme
+        .split("stripped: ")
+        .nth(1)
+        .and_then(|rest| rest.split(" MB").next())
+        .and_then(|mb| mb.parse::<f64>().ok())
+        .map(|mb| (mb * 1e6) as u64)
+        .expect("README states the binary's size as `stripped: N MB`");
+    let release = root.join("target/release/exec-server");
+    match std::fs::metadata(&release) {
+        Ok(meta) => {
+            let real = meta.len();
+            let off = real.abs_diff(stated) as f64 / real as f64;
+            assert!(
+                off < 0.15,
+                "README says {stated} bytes, the release binary has {real}"
+            );
+        }
+        Err(_) => eprintln!("no release build to check README's size against"),
+    }
+}
