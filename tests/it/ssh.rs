@@ -16,6 +16,9 @@ struct Sshd {
     child: Child,
     port: u16,
     key: PathBuf,
+    /// The `XDG_RUNTIME_DIR` of the servers it runs: their `--persist`
+    /// daemons live, and leave their lock and log, here.
+    runtime: tempfile::TempDir,
     _dir: tempfile::TempDir,
 }
 
@@ -75,18 +78,23 @@ impl Sshd {
             child,
             port,
             key: d.join("client_key"),
+            runtime: tempfile::tempdir().unwrap(),
             _dir: dir,
         })
     }
 
     /// The `--via` command line that runs the server over this sshd.
     fn via(&self) -> String {
+        let bin = bin();
         format!(
             "ssh -p {} -i {} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null \
-             -o BatchMode=yes -o LogLevel=ERROR 127.0.0.1 {} --stdio",
+             -o BatchMode=yes -o LogLevel=ERROR 127.0.0.1 env XDG_RUNTIME_DIR={} \
+             EXEC_SERVER_LOG={} {} --stdio",
             self.port,
             self.key.display(),
-            bin()
+            self.runtime.path().display(),
+            std::env::var("EXEC_SERVER_LOG").unwrap_or_else(|_| "warn".into()),
+            bin
         )
     }
 }
@@ -258,7 +266,7 @@ fn a_killed_ssh_client_loses_nothing_with_persist() {
     }
     crate::support::assert_numbered(&out);
     drop(second);
-    stop_daemon(&name);
+    stop_daemon(&sshd, &name);
 }
 
 #[test]
@@ -273,14 +281,14 @@ fn exec_server_run_over_ssh_survives_killing_ssh_with_persist() {
     let out = crate::support::run_via_losing_its_server(&via, &[], Duration::from_millis(700));
     crate::support::assert_numbered(&out.stdout);
     assert_eq!(out.status.code(), Some(7));
-    stop_daemon(&name);
+    stop_daemon(&sshd, &name);
 }
 
 /// Stop the `--persist NAME` daemon the test's ssh sessions started.
-fn stop_daemon(name: &str) {
+fn stop_daemon(sshd: &Sshd, name: &str) {
     let stop = Command::new(bin())
         .args(["daemon", "stop", "--persist", name])
-        .env_remove("XDG_RUNTIME_DIR")
+        .env("XDG_RUNTIME_DIR", sshd.runtime.path())
         .output()
         .unwrap();
     assert!(stop.status.success(), "{stop:?}");
@@ -304,5 +312,5 @@ fn a_killed_ssh_client_in_a_burst_loses_nothing_20_of_20() {
             crate::support::kill_server_command,
         );
     }
-    stop_daemon(&name);
+    stop_daemon(&sshd, &name);
 }

@@ -13,7 +13,26 @@ use serde_json::{Value, json};
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
 pub fn bin() -> &'static str {
+    quiet_logs();
     env!("CARGO_BIN_EXE_exec-server")
+}
+
+/// The servers the tests start log nothing (their expected refusals and
+/// errors are not news in a passing run) unless `EXEC_SERVER_TEST_LOG`
+/// names a filter (`EXEC_SERVER_TEST_LOG=debug cargo test ...`), or the
+/// caller set `EXEC_SERVER_LOG`/`RUST_LOG` already. A test that reads a
+/// server's log sets `EXEC_SERVER_LOG` on its command.
+fn quiet_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("EXEC_SERVER_LOG").is_none() && std::env::var_os("RUST_LOG").is_none() {
+            let filter = std::env::var("EXEC_SERVER_TEST_LOG").unwrap_or_else(|_| "off".into());
+            // SAFETY: std's own environment accesses (Command::spawn
+            // included) take its environment lock; nothing in this test
+            // binary reads the environment through libc meanwhile.
+            unsafe { std::env::set_var("EXEC_SERVER_LOG", filter) };
+        }
+    });
 }
 
 pub fn b64(data: &[u8]) -> String {
