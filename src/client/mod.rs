@@ -391,6 +391,15 @@ impl Client {
         Process::start(self.clone(), conn, options).await
     }
 
+    /// End the session now (`session/end`, an extension of this server):
+    /// its processes are killed and it can't be resumed. For a resumable
+    /// server (`--persist`, a socket) whose session would otherwise linger
+    /// detached for the TTL. A server without the method answers
+    /// `-32601`, which is returned.
+    pub async fn end_session(&self) -> Result<(), ClientError> {
+        self.call("session/end", json!({})).await.map(|_| ())
+    }
+
     /// Close the server's stdin, give it a short grace to exit (it kills
     /// its own processes), then kill its process group.
     pub async fn shutdown(&self) {

@@ -143,7 +143,7 @@ pub fn run(options: RunOptions) -> Outcome {
             Ok(outcome) => outcome,
             Err(err) => {
                 tracing::debug!("run failed: {err}");
-                Outcome::failed(RUNNER_FAILED, err.to_string())
+                Outcome::failed(RUNNER_FAILED, said_once(&err))
             }
         }
     });
@@ -198,6 +198,18 @@ fn working_directory(options: &RunOptions) -> Result<Option<PathBuf>, Outcome> {
     }
 }
 
+/// The error without the server's stderr: its lines are on the terminal
+/// already (forwarded as they came), and were printed twice.
+fn said_once(err: &ClientError) -> String {
+    match err {
+        ClientError::Handshake {
+            command, message, ..
+        } => format!("the server `{command}` did not complete the handshake: {message}"),
+        ClientError::ConnectionLost { .. } => "the connection to the server was lost".into(),
+        other => other.to_string(),
+    }
+}
+
 /// What a refused start means to a person, as a shell would say it.
 fn start_failure(err: ClientError, program: &str) -> Outcome {
     tracing::debug!("process/start failed: {err}");
@@ -208,7 +220,7 @@ fn start_failure(err: ClientError, program: &str) -> Outcome {
         ..
     } = &err
     else {
-        return Outcome::failed(RUNNER_FAILED, err.to_string());
+        return Outcome::failed(RUNNER_FAILED, said_once(&err));
     };
     if kind != "spawnFailed" {
         return Outcome::failed(RUNNER_FAILED, message.clone());
@@ -485,12 +497,21 @@ async fn run_inner(
     };
     if let Some(outcome) = ended {
         let _ = process.terminate().await;
+        if client.resumable() {
+            let _ = client.end_session().await;
+        }
         client.shutdown().await;
         return Ok(outcome);
     }
     let status = process.wait().await?;
     // Output that fell out of the server's retention before we read it.
     let lost = process.lost_bytes();
+    if client.resumable() {
+        // Done with it: no session left behind for the TTL.
+        if let Err(err) = client.end_session().await {
+            tracing::debug!("session/end: {err}");
+        }
+    }
     client.shutdown().await;
     if lost > 0 {
         // Never a success code for output that is not all there.

@@ -118,6 +118,7 @@ pub fn route(name: &str) -> Option<Route> {
         method::ENVIRONMENT_INFO => ("environment info", info),
         method::ENVIRONMENT_STATUS => ("environment status", status),
         SERVER_STATUS => ("server status", server_status),
+        SESSION_END => ("server status", session_end),
         method::FS_READ_FILE => ("filesystem", fs_method),
         method::FS_WRITE_FILE => ("filesystem", fs_method),
         method::FS_CREATE_DIRECTORY => ("filesystem", fs_method),
@@ -429,6 +430,16 @@ fn server_status(ctx: &Ctx, _name: &str, _params: Value) -> Reply {
         "uptimeMs": ctx.server.started.elapsed().as_millis() as u64,
         "sessions": sessions,
     })))
+}
+
+/// `session/end` (an extension): the client is done with its session; it
+/// ends now instead of lingering detached for the TTL (a `--persist`
+/// daemon with no session left can exit). Its processes are killed.
+pub const SESSION_END: &str = "session/end";
+
+fn session_end(ctx: &Ctx, _name: &str, _params: Value) -> Reply {
+    ctx.server.sessions.end(&ctx.session);
+    ready(Ok(serde_json::json!({})))
 }
 
 /// Run a filesystem operation on the connection's lane, with the sandbox

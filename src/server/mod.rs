@@ -370,6 +370,12 @@ pub fn daemon_status(place: &persist::Place) -> std::io::Result<String> {
         "{{\"jsonrpc\":\"2.0\",\"id\":2,\"method\":\"{}\",\"params\":{{}}}}\n",
         dispatch::SERVER_STATUS
     ))?;
+    // The query's own session ends here, so that an idle daemon still
+    // exits on time.
+    let _ = answer(format!(
+        "{{\"jsonrpc\":\"2.0\",\"id\":3,\"method\":\"{}\",\"params\":{{}}}}\n",
+        dispatch::SESSION_END
+    ));
     let r = &status["result"];
     let mut text = format!(
         "pid {}\nsocket {}\nuptime {} s\n",

@@ -138,6 +138,18 @@ impl Registry {
         });
     }
 
+    /// End `session` now (`session/end`): it can't be resumed, and its
+    /// processes are killed, as at expiry.
+    pub fn end(&self, session: &Arc<Session>) {
+        {
+            let mut attached = lock(&session.attachment);
+            attached.expired = true;
+            self.map().remove(&session.id);
+        }
+        tracing::debug!(session = %session.id, "session ended by its client");
+        session.processes.kill_all();
+    }
+
     /// Whether no session exists.
     pub fn is_empty(&self) -> bool {
         self.map().is_empty()

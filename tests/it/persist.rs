@@ -345,3 +345,42 @@ fn a_bridge_killed_in_a_burst_loses_nothing_20_of_20() {
     let stop = daemon(runtime.path(), &["stop", "--persist", "burst"]);
     assert!(stop.status.success(), "{stop:?}");
 }
+
+/// A finished `run --persist` ends its session (no detached leftover for
+/// the 10-minute TTL), and so does `daemon status` itself: with nothing
+/// left, the daemon exits once idle.
+#[test]
+fn finished_runs_and_status_queries_leave_no_session() {
+    let runtime = tempfile::tempdir().unwrap();
+    let via = format!("{} --stdio --persist=tidy --idle-exit-ms 1500", bin());
+    for code in [0, 3] {
+        let out = Command::new(bin())
+            .args([
+                "run",
+                "--via",
+                &via,
+                "--",
+                "sh",
+                "-c",
+                &format!("echo hi; exit {code}"),
+            ])
+            .env("XDG_RUNTIME_DIR", runtime.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(code), "{out:?}");
+        assert_eq!(out.stdout, b"hi\n");
+    }
+    let pid = daemon_pid(runtime.path(), "tidy").expect("the daemon runs");
+    for _ in 0..2 {
+        let status = daemon(runtime.path(), &["status", "--persist", "tidy"]);
+        let text = String::from_utf8_lossy(&status.stdout);
+        assert!(status.status.success(), "{status:?}");
+        assert!(!text.contains("session "), "sessions were left:\n{text}");
+    }
+    // Nothing keeps it: it exits by itself, well within the old 10 minutes.
+    assert!(
+        eventually(Duration::from_secs(10), || pid_gone(pid)),
+        "the daemon still runs with no session"
+    );
+}
