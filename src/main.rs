@@ -72,7 +72,8 @@ Exit status:
   125  the runner failed: the server did not start, the connection was lost,
        the request or the working directory was refused, or output was lost
        (it fell out of the server's retention before it was read, e.g. while
-       disconnected; the message says how many bytes)
+       disconnected; the message says how many bytes), reconnecting gave up
+       (the message says how to --attach), or the server was stopped
   126  the program exists but can't be executed
   127  the program was not found
   141  our output was closed (e.g. `| head`): the command is terminated
@@ -151,9 +152,25 @@ struct RunArgs {
     #[arg(long)]
     no_hold: bool,
 
+    /// With a resumable --via, how long to keep trying to reconnect after
+    /// the connection is lost before giving up (the command runs on, to be
+    /// taken up with --attach).
+    #[arg(long, value_name = "MS", default_value_t = 30_000)]
+    reconnect_for_ms: u64,
+
+    /// Take up a command that a runner left behind when it gave up
+    /// reconnecting (it prints this), instead of starting one:
+    /// SESSION[/PROCESS][@SEQ]. Needs a resumable --via.
+    #[arg(long, value_name = "SESSION[/PROCESS][@SEQ]", conflicts_with_all = ["argv", "sandbox", "tty"])]
+    attach: Option<String>,
+
     /// The command and its arguments. Options of `run` come before it; a
     /// program whose name starts with `-` comes after `--`.
-    #[arg(required = true, trailing_var_arg = true, value_name = "PROGRAM ARGS")]
+    #[arg(
+        required_unless_present = "attach",
+        trailing_var_arg = true,
+        value_name = "PROGRAM ARGS"
+    )]
     argv: Vec<String>,
 }
 
@@ -326,6 +343,8 @@ fn main() -> ExitCode {
             workspace_roots: args.workspace_roots,
             hold: !args.no_hold,
             argv: args.argv,
+            attach: args.attach,
+            reconnect_for: Some(Duration::from_millis(args.reconnect_for_ms)),
         });
         if let Some(message) = outcome.message {
             eprintln!("exec-server: {message}");

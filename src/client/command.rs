@@ -31,6 +31,10 @@ pub struct ServerCommand {
     /// Ask the server for output as binary frames (default true; a server
     /// that does not offer them sends base64 JSON as always).
     pub binary_frames: bool,
+    /// How long to keep trying to resume a lost session before giving up
+    /// (default 30 s; 75 s while the server says the session is still
+    /// attached to a connection it has not seen die).
+    pub reconnect_for: Option<std::time::Duration>,
 }
 
 impl ServerCommand {
@@ -45,6 +49,7 @@ impl ServerCommand {
             url: None,
             keepalive: None,
             binary_frames: true,
+            reconnect_for: None,
         }
     }
 
@@ -111,6 +116,13 @@ impl ServerCommand {
         let mut command = ServerCommand::new(&url);
         command.url = Some(url);
         command
+    }
+
+    /// Keep trying to resume a lost session for `how_long` (see
+    /// [`ServerCommand::reconnect_for`]).
+    pub fn reconnect_for(mut self, how_long: std::time::Duration) -> Self {
+        self.reconnect_for = Some(how_long);
+        self
     }
 
     /// Ping a WebSocket server every `every` (see [`ServerCommand::keepalive`]).

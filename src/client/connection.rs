@@ -21,6 +21,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How much of the server's stderr is kept for error messages.
 const STDERR_TAIL: usize = 4096;
 
+/// At most this many stderr lines of a resume attempt are held back.
+const HELD_LINES: usize = 256;
+
 /// The `tracing` target of the server's stderr lines.
 pub const SERVER_STDERR_TARGET: &str = "exec_server::client::server_stderr";
 
@@ -51,7 +54,14 @@ pub(crate) struct Conn {
     pub(super) session_id: Mutex<String>,
     /// The server granted binary frames.
     pub(super) frames: AtomicBool,
+    /// The server said it is stopping (`server/stopping`), and why: a lost
+    /// connection is then not resumed.
+    pub(super) stopped: Mutex<Option<String>>,
 }
+
+/// The notification a server sends every connection as it shuts down
+/// (an extension).
+pub(crate) const SERVER_STOPPING: &str = "server/stopping";
 
 /// A call's answer: parsed, or (for a raw call) the result's JSON text.
 pub(crate) enum Answer {
@@ -296,6 +306,10 @@ impl Conn {
                             let _ = tx.send(Note::Other(note));
                         }
                     }
+                    None if note.method == SERVER_STOPPING => {
+                        let reason = note.params["reason"].as_str().unwrap_or("stopping");
+                        *lock(&self.stopped) = Some(reason.to_string());
+                    }
                     None => tracing::debug!(method = %note.method, "unrouted notification"),
                 }
             }
@@ -438,7 +452,12 @@ pub(super) async fn connect_resuming(
     let start = std::time::Instant::now();
     loop {
         let attempt = connect(command, client_name, Some(resume)).await;
-        let patience = resume_patience(attempt.as_ref().err());
+        let mut patience = resume_patience(attempt.as_ref().err());
+        if let Some(limit) = command.reconnect_for {
+            if !patience.is_zero() {
+                patience = limit;
+            }
+        }
         if start.elapsed() >= patience {
             return attempt;
         }
@@ -669,6 +688,10 @@ async fn handshake(
         .unwrap_or(0);
     let (writer, mut lines) = mpsc::unbounded_channel::<Option<Vec<u8>>>();
     let stderr_buf = Arc::new(Mutex::new(VecDeque::new()));
+    // A resume's attempts keep the server command's stderr (ssh saying it
+    // can't connect, again and again) to themselves until one succeeds;
+    // a failed one's is in its error.
+    let held: Arc<Mutex<Option<Vec<String>>>> = Arc::new(Mutex::new(resume.map(|_| Vec::new())));
     let conn = Arc::new(Conn {
         writer,
         state: Mutex::new(ConnState::default()),
@@ -679,6 +702,7 @@ async fn handshake(
         exit_notify: Arc::new(tokio::sync::Notify::new()),
         session_id: Mutex::new(String::new()),
         frames: AtomicBool::new(false),
+        stopped: Mutex::new(None),
     });
 
     tokio::spawn(async move {
@@ -692,6 +716,7 @@ async fn handshake(
     let stderr_done = Arc::new(tokio::sync::Notify::new());
     if let Some(mut stderr) = stderr {
         let stderr_done = stderr_done.clone();
+        let held = held.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];
             loop {
@@ -700,7 +725,13 @@ async fn handshake(
                     Ok(n) => {
                         let text = String::from_utf8_lossy(&buf[..n]);
                         for line in text.lines() {
-                            forward_stderr_line(line);
+                            match lock(&held).as_mut() {
+                                Some(lines) if lines.len() < HELD_LINES => {
+                                    lines.push(line.to_string())
+                                }
+                                Some(_) => {}
+                                None => forward_stderr_line(line),
+                            }
                         }
                         let mut tail = lock(&stderr_buf);
                         tail.extend(&buf[..n]);
@@ -773,6 +804,10 @@ async fn handshake(
             *lock(&conn.session_id) = session;
             let granted = result["capabilities"]["binaryFrames"]["version"].as_u64();
             conn.frames.store(granted.is_some(), Ordering::SeqCst);
+            // Resumed: what the server command said meanwhile is news now.
+            for line in lock(&held).take().unwrap_or_default() {
+                forward_stderr_line(&line);
+            }
             return Ok(conn);
         }
         Ok(Err(ClientError::ConnectionLost { .. })) => (

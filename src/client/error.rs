@@ -65,6 +65,14 @@ pub enum ClientError {
         /// The process.
         process_id: String,
     },
+    /// The server shut down (and said so): its processes were ended, so
+    /// there is nothing to resume.
+    #[error("the server stopped ({reason}); its commands were ended")]
+    ServerStopped {
+        /// What the server gave as the reason (`exec-server daemon stop`,
+        /// `SIGTERM`, ...).
+        reason: String,
+    },
     /// A signal name the protocol has no word for.
     #[error("unknown signal {0}: give TERM, SIGTERM, 15 or a protocol name (terminate)")]
     UnknownSignal(String),

@@ -82,6 +82,40 @@ struct Shared {
     slot: tokio::sync::Mutex<Option<Result<Arc<Conn>, ClientError>>>,
     /// The same connection, for looks that can't wait (pid, drop).
     current: std::sync::Mutex<Option<Arc<Conn>>>,
+    /// The session the first connection resumes ([`Client::resuming`]).
+    resume_first: Option<String>,
+    /// Told when a lost connection is being resumed, and how that ended.
+    notices: Option<NoticeHook>,
+}
+
+/// What [`Client::with_notices`] calls.
+type NoticeHook = Box<dyn Fn(&Notice) + Send + Sync>;
+
+/// What happens to a client's connection, for a caller that tells a
+/// person ([`Client::with_notices`]).
+#[derive(Debug, Clone)]
+pub enum Notice {
+    /// The connection was lost; the session is being resumed. Said once per
+    /// loss however many attempts it takes; the server command's stderr of
+    /// the failed attempts is held back (the last is in the error, should
+    /// they all fail).
+    Reconnecting {
+        /// The session.
+        session: String,
+    },
+    /// The session was resumed on a new connection.
+    Reconnected {
+        /// The session.
+        session: String,
+    },
+    /// Every attempt failed; calls now fail with `error`.
+    ReconnectFailed {
+        /// The session, which may still live on the server (until its
+        /// detached TTL ends): [`Client::resuming`] can take it up again.
+        session: String,
+        /// The last attempt's error, the server's stderr included.
+        error: ClientError,
+    },
 }
 
 impl Client {
@@ -93,7 +127,35 @@ impl Client {
                 client_name: format!("exec-server-client/{}", env!("CARGO_PKG_VERSION")),
                 slot: tokio::sync::Mutex::new(None),
                 current: std::sync::Mutex::new(None),
+                resume_first: None,
+                notices: None,
             }),
+        }
+    }
+
+    /// A client whose first connection resumes `session` (left detached by
+    /// another client, e.g. a runner that gave up reconnecting) instead of
+    /// starting one. The command must be resumable.
+    pub fn resuming(command: ServerCommand, session: impl Into<String>) -> Self {
+        let mut client = Client::new(command);
+        if let Some(shared) = Arc::get_mut(&mut client.shared) {
+            shared.resume_first = Some(session.into());
+        }
+        client
+    }
+
+    /// Call `notice` when a lost connection is being resumed and when that
+    /// ends ([`Notice`]). Set it before the first call.
+    pub fn with_notices(mut self, notice: impl Fn(&Notice) + Send + Sync + 'static) -> Self {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.notices = Some(Box::new(notice));
+        }
+        self
+    }
+
+    fn tell(&self, notice: Notice) {
+        if let Some(tell) = &self.shared.notices {
+            tell(&notice);
         }
     }
 
@@ -108,6 +170,13 @@ impl Client {
     /// The server's process id, once started (0 for a socket).
     pub fn server_pid(&self) -> Option<i32> {
         lock(&self.shared.current).as_ref().map(|conn| conn.pid)
+    }
+
+    /// Why the server said it is stopping (`server/stopping`), if it did.
+    pub fn server_stopped(&self) -> Option<String> {
+        lock(&self.shared.current)
+            .as_ref()
+            .and_then(|conn| lock(&conn.stopped).clone())
     }
 
     /// Whether a lost connection is resumed (see
@@ -130,16 +199,38 @@ impl Client {
             Some(Ok(lost)) => {
                 // Whatever is left of the old server command goes.
                 lost.kill();
+                let reason = crate::sync::lock(&lost.stopped).clone();
+                if let Some(reason) = reason {
+                    let stopped = ClientError::ServerStopped { reason };
+                    *slot = Some(Err(stopped.clone()));
+                    return Err(stopped);
+                }
                 Some(lock(&lost.session_id).clone())
             }
             None => None,
         };
-        let result = match &resume {
-            Some(session) => {
+        let result = match (&resume, &shared.resume_first) {
+            (Some(session), _) => {
                 tracing::info!("connection lost; resuming session {session}");
+                self.tell(Notice::Reconnecting {
+                    session: session.clone(),
+                });
+                let result = connect_resuming(&shared.command, &shared.client_name, session).await;
+                self.tell(match &result {
+                    Ok(_) => Notice::Reconnected {
+                        session: session.clone(),
+                    },
+                    Err(error) => Notice::ReconnectFailed {
+                        session: session.clone(),
+                        error: error.clone(),
+                    },
+                });
+                result
+            }
+            (None, Some(session)) => {
                 connect_resuming(&shared.command, &shared.client_name, session).await
             }
-            None => connect(&shared.command, &shared.client_name, None).await,
+            (None, None) => connect(&shared.command, &shared.client_name, None).await,
         };
         *lock(&shared.current) = result.as_ref().ok().cloned();
         *slot = Some(result.clone());
@@ -389,6 +480,20 @@ impl Client {
     pub async fn start(&self, options: StartOptions) -> Result<Process, ClientError> {
         let conn = self.conn().await?;
         Process::start(self.clone(), conn, options).await
+    }
+
+    /// A handle to a process of this session that is already running (in
+    /// a session taken up with [`Client::resuming`]): its events from
+    /// `after_seq` on (0: all that is retained). With `hold`, it tells the
+    /// server what arrived, as a process started with `hold_output` does.
+    pub async fn attach(
+        &self,
+        process_id: &str,
+        after_seq: u64,
+        hold: bool,
+    ) -> Result<Process, ClientError> {
+        let conn = self.conn().await?;
+        Process::attach(self.clone(), conn, process_id, after_seq, hold).await
     }
 
     /// End the session now (`session/end`, an extension of this server):

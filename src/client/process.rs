@@ -245,29 +245,83 @@ impl Process {
             conn.unsubscribe(&o.process_id);
             return Err(err);
         }
-        let session = client.session_id().await.unwrap_or_default();
-        Ok(Process {
-            write_prefix: format!("{}-{}", &session[..session.len().min(8)], o.process_id),
+        Ok(Process::handle(
             client,
             conn,
-            id: o.process_id,
+            o.process_id,
             events,
-            seen: 0,
+            0,
+            hold && o.notify_output,
+            false,
+        )
+        .await)
+    }
+
+    /// A handle to a running process of a resumed session, caught up from
+    /// `after_seq`.
+    pub(super) async fn attach(
+        client: Client,
+        conn: Arc<Conn>,
+        id: &str,
+        after_seq: u64,
+        hold: bool,
+    ) -> Result<Process, ClientError> {
+        let events = conn.subscribe(id);
+        let mut process =
+            Process::handle(client, conn, id.to_string(), events, after_seq, hold, true).await;
+        // The server knows the process, or says so.
+        process.catch_up().await?;
+        Ok(process)
+    }
+
+    async fn handle(
+        client: Client,
+        conn: Arc<Conn>,
+        id: String,
+        events: mpsc::UnboundedReceiver<Note>,
+        seen: u64,
+        hold: bool,
+        attached: bool,
+    ) -> Process {
+        let session = client.session_id().await.unwrap_or_default();
+        let mut write_prefix = format!("{}-{id}", &session[..session.len().min(8)]);
+        if attached {
+            // Not the first handle of this process: its write ids must not
+            // be the ones an earlier handle used (they would be taken for
+            // retries and dropped).
+            let nonce = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            write_prefix.push_str(&format!("-{nonce:x}"));
+        }
+        Process {
+            write_prefix,
+            client,
+            conn,
+            id,
+            events,
+            seen,
             accounted: 0,
             lost: 0,
-            hold: hold && o.notify_output,
+            hold,
             acked: 0,
-            acked_seq: 0,
+            acked_seq: seen,
             ready: VecDeque::new(),
             exit: None,
             closed: false,
             writes: AtomicU64::new(0),
-        })
+        }
     }
 
     /// The process id.
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The seq of the last event [`Process::next_event`] returned (where
+    /// [`Client::attach`] continues, after this handle failed).
+    pub fn last_seq(&self) -> u64 {
+        self.seen
     }
 
     /// The next event, or `None` after [`Event::Closed`]. Gaps in the

@@ -7,7 +7,9 @@ use std::mem::ManuallyDrop;
 use std::os::fd::FromRawFd;
 use std::path::PathBuf;
 
-use super::{Client, ClientError, EnvPolicy, Event, Sandbox, ServerCommand, StartOptions};
+use std::sync::{Arc, Mutex};
+
+use super::{Client, ClientError, EnvPolicy, Event, Notice, Sandbox, ServerCommand, StartOptions};
 use crate::protocol::Stream;
 
 /// Names of variables that look secret, which `run` does not pass from
@@ -66,8 +68,32 @@ pub struct RunOptions {
     /// With a resumable server command, have the server hold the command
     /// rather than drop output while nobody reads (`--no-hold` clears it).
     pub hold: bool,
-    /// The command and its arguments.
+    /// The command and its arguments (empty with `attach`).
     pub argv: Vec<String>,
+    /// Take up a process of a session left detached instead of starting
+    /// one: `SESSION[/PROCESS][@SEQ]` (process `run`, from the start of
+    /// what is retained, by default).
+    pub attach: Option<String>,
+    /// How long to keep trying to reconnect a resumable `via` (default
+    /// 30 s).
+    pub reconnect_for: Option<std::time::Duration>,
+}
+
+/// `--attach SESSION[/PROCESS][@SEQ]`, parsed.
+fn parse_attach(text: &str) -> Result<(String, String, u64), String> {
+    let (rest, seq) = match text.rsplit_once('@') {
+        Some((rest, seq)) => (
+            rest,
+            seq.parse::<u64>()
+                .map_err(|_| format!("--attach {text}: {seq} is not a seq"))?,
+        ),
+        None => (text, 0),
+    };
+    let (session, process) = rest.split_once('/').unwrap_or((rest, "run"));
+    if session.is_empty() || process.is_empty() {
+        return Err(format!("--attach {text}: expected SESSION[/PROCESS][@SEQ]"));
+    }
+    Ok((session.to_string(), process.to_string(), seq))
 }
 
 /// The sandbox of a preset, with `:workspace_roots` bound to `roots`
@@ -313,7 +339,13 @@ async fn run_inner(
         Err(outcome) => return Ok(outcome),
     };
     let command = match &options.via {
-        Some(via) => ServerCommand::parse(via)?,
+        Some(via) => {
+            let command = ServerCommand::parse(via)?;
+            match options.reconnect_for {
+                Some(how_long) => command.reconnect_for(how_long),
+                None => command,
+            }
+        }
         None => {
             let exe = std::env::current_exe().map_err(|e| ClientError::Spawn {
                 command: "exec-server".into(),
@@ -326,58 +358,100 @@ async fn run_inner(
             command
         }
     };
-    let client = Client::new(command);
-    let cwd = match cwd {
-        Some(dir) => dir,
-        None => {
-            let info = client.environment_info().await?;
-            crate::protocol::parse_path(&info.cwd).unwrap_or_else(|_| PathBuf::from("/"))
-        }
+    // Reconnecting is said once; a resume that gives up is kept, to say
+    // how to take the command up again.
+    let gave_up: Arc<Mutex<Option<(String, ClientError)>>> = Arc::default();
+    let make_client = |command: ServerCommand, attach: Option<&str>| {
+        let gave_up = gave_up.clone();
+        let client = match attach {
+            Some(session) => Client::resuming(command, session),
+            None => Client::new(command),
+        };
+        client.with_notices(move |notice| match notice {
+            Notice::Reconnecting { .. } => warn("connection lost, reconnecting…"),
+            Notice::Reconnected { .. } => {}
+            Notice::ReconnectFailed { session, error } => {
+                *crate::sync::lock(&gave_up) = Some((session.clone(), error.clone()));
+            }
+        })
     };
-    let mut start = StartOptions::new("run", options.argv.clone())
-        .cwd(cwd)
-        .pipe_stdin(true)
-        // A drop of any length within the session's life loses nothing:
-        // the child waits instead of its output being evicted.
-        .hold_output(options.hold && client.resumable())
-        .env_policy(EnvPolicy::executor_default());
-    let mut env: Vec<(String, String)> = Vec::new();
-    if tty {
-        // As ssh does: the terminal type and the locale travel with a pty.
-        for (key, value) in std::env::vars() {
-            if key == "TERM" || key == "LANG" || key.starts_with("LC_") {
-                env.push((key, value));
+    let (client, mut process) = if let Some(text) = &options.attach {
+        let (session, process_id, seq) = match parse_attach(text) {
+            Ok(parsed) => parsed,
+            Err(message) => return Ok(Outcome::failed(RUNNER_FAILED, message)),
+        };
+        if !command.resumable() {
+            return Ok(Outcome::failed(
+                RUNNER_FAILED,
+                "--attach needs a --via that can resume a session (--persist, unix:, ws://)",
+            ));
+        }
+        let client = make_client(command, Some(&session));
+        match client.attach(&process_id, seq, options.hold).await {
+            Ok(process) => (client, process),
+            Err(err) => {
+                client.shutdown().await;
+                return Ok(Outcome::failed(
+                    RUNNER_FAILED,
+                    format!("--attach {text}: {err}"),
+                ));
             }
         }
-    }
-    for name in &options.env_pass {
-        match std::env::var(name) {
-            Ok(value) => env.push((name.clone(), value)),
-            Err(_) => warn(&format!("--env-pass {name}: not set here, not passed")),
+    } else {
+        let client = make_client(command, None);
+        let cwd = match cwd {
+            Some(dir) => dir,
+            None => {
+                let info = client.environment_info().await?;
+                crate::protocol::parse_path(&info.cwd).unwrap_or_else(|_| PathBuf::from("/"))
+            }
+        };
+        let mut start = StartOptions::new("run", options.argv.clone())
+            .cwd(cwd)
+            .pipe_stdin(true)
+            // A drop of any length within the session's life loses nothing:
+            // the child waits instead of its output being evicted.
+            .hold_output(options.hold && client.resumable())
+            .env_policy(EnvPolicy::executor_default());
+        let mut env: Vec<(String, String)> = Vec::new();
+        if tty {
+            // As ssh does: the terminal type and the locale travel with a pty.
+            for (key, value) in std::env::vars() {
+                if key == "TERM" || key == "LANG" || key.starts_with("LC_") {
+                    env.push((key, value));
+                }
+            }
         }
-    }
-    env.extend(options.env.iter().cloned());
-    for (k, v) in &env {
-        start = start.env(k, v);
-    }
-    if tty {
-        let (cols, rows) = terminal_size().unwrap_or((80, 24));
-        start = start.tty(cols, rows);
-    }
-    if let Some(mode) = options.sandbox {
-        start = start.sandbox(sandbox_intent(
-            mode,
-            options.network,
-            &options.workspace_roots,
-        ));
-    }
-    let mut process = match client.start(start).await {
-        Ok(process) => process,
-        Err(err) => {
-            let outcome = start_failure(err, &options.argv[0]);
-            client.shutdown().await;
-            return Ok(outcome);
+        for name in &options.env_pass {
+            match std::env::var(name) {
+                Ok(value) => env.push((name.clone(), value)),
+                Err(_) => warn(&format!("--env-pass {name}: not set here, not passed")),
+            }
         }
+        env.extend(options.env.iter().cloned());
+        for (k, v) in &env {
+            start = start.env(k, v);
+        }
+        if tty {
+            let (cols, rows) = terminal_size().unwrap_or((80, 24));
+            start = start.tty(cols, rows);
+        }
+        if let Some(mode) = options.sandbox {
+            start = start.sandbox(sandbox_intent(
+                mode,
+                options.network,
+                &options.workspace_roots,
+            ));
+        }
+        let process = match client.start(start).await {
+            Ok(process) => process,
+            Err(err) => {
+                let outcome = start_failure(err, &options.argv[0]);
+                client.shutdown().await;
+                return Ok(outcome);
+            }
+        };
+        (client, process)
     };
 
     // stdin: a thread reads it (a blocking read can't be cancelled) and the
@@ -429,6 +503,7 @@ async fn run_inner(
     .collect();
     let mut stdin_open = true;
     let mut interrupted = 0;
+    let mut lost_with: Option<ClientError> = None;
     // Output is written as it comes, unbuffered: std's stdout is
     // line-buffered, which scans every chunk for a newline only to flush
     // at once anyway.
@@ -438,7 +513,12 @@ async fn run_inner(
     let mut stderr = ManuallyDrop::new(unsafe { File::from_raw_fd(2) });
     let ended = loop {
         tokio::select! {
-            event = process.next_event() => match event? {
+            event = process.next_event() => match event {
+                Err(err) => {
+                    lost_with = Some(err);
+                    break None;
+                }
+                Ok(event) => match event {
                 Some(Event::Output { stream, data }) => {
                     let out: &mut File = if stream == Stream::Stderr { &mut stderr } else { &mut stdout };
                     if let Err(err) = out.write_all(&data) {
@@ -452,6 +532,7 @@ async fn run_inner(
                 Some(Event::Lost { .. }) => {}
                 Some(Event::Exited(_)) => {}
                 Some(Event::Closed) | None => break None,
+                },
             },
             input = stdin_rx.recv(), if stdin_open => match input.flatten() {
                 Some(data) => {
@@ -495,6 +576,32 @@ async fn run_inner(
             }
         }
     };
+    if let Some(err) = lost_with {
+        // The command is not ours to end: it may run on, for another
+        // runner to take up.
+        let gave_up = crate::sync::lock(&gave_up).take();
+        let seq = process.last_seq();
+        let id = process.id().to_string();
+        drop(process);
+        client.shutdown().await;
+        let Some((session, error)) = gave_up else {
+            return Err(err);
+        };
+        // Its stderr was held back while it tried: said here, once.
+        let via = options
+            .via
+            .as_deref()
+            .unwrap_or_default()
+            .replace('\'', "'\\''");
+        return Ok(Outcome::failed(
+            RUNNER_FAILED,
+            format!(
+                "reconnecting failed: {error}\nexec-server: the command may run on in its \
+                 session on the server (until the session's detached TTL); take it up again \
+                 with:\n  exec-server run --via '{via}' --attach {session}/{id}@{seq}"
+            ),
+        ));
+    }
     if let Some(outcome) = ended {
         let _ = process.terminate().await;
         if client.resumable() {
@@ -504,6 +611,14 @@ async fn run_inner(
         return Ok(outcome);
     }
     let status = process.wait().await?;
+    if let Some(reason) = client.server_stopped() {
+        // Ended by the server's shutdown, not by itself.
+        client.shutdown().await;
+        return Ok(Outcome::failed(
+            RUNNER_FAILED,
+            said_once(&ClientError::ServerStopped { reason }),
+        ));
+    }
     // Output that fell out of the server's retention before we read it.
     let lost = process.lost_bytes();
     if client.resumable() {

@@ -84,6 +84,10 @@ pub struct Server {
     next_connection: AtomicU64,
 }
 
+/// What the server tells every attached client as it shuts down on a
+/// signal (an extension): `{reason}`.
+pub const SERVER_STOPPING: &str = "server/stopping";
+
 impl Server {
     pub fn new(config: Config, containment: Arc<Containment>) -> Arc<Self> {
         let limits = Limits {
@@ -262,6 +266,13 @@ pub fn run(config: Config, listen: &[Listen]) -> std::io::Result<()> {
             }
             name = terminating.recv() => {
                 tracing::info!("received {name}, shutting down");
+                let reason = format!("{name}, e.g. from `exec-server daemon stop`");
+                // Before anything ends: a client that would resume knows
+                // not to, and says why.
+                server.sessions.tell_all(|| crate::jsonrpc::Outgoing::Notification {
+                    method: SERVER_STOPPING,
+                    params: serde_json::json!({"reason": reason}),
+                });
                 false
             }
             () = idle(&server) => {
@@ -395,6 +406,12 @@ pub fn daemon_status(place: &persist::Place) -> std::io::Result<String> {
             session["sessionId"].as_str().unwrap_or("?"),
             if attached { "attached" } else { "detached" }
         ));
+        let sid = session["sessionId"].as_str().unwrap_or("?").to_string();
+        let name = place
+            .socket
+            .file_stem()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         for p in processes {
             text.push_str(&format!(
                 "  {} pid {} {} {}\n",
@@ -414,6 +431,12 @@ pub fn daemon_status(place: &persist::Place) -> std::io::Result<String> {
                         .join(" "))
                     .unwrap_or_default()
             ));
+            if !attached && p["closed"] != true {
+                text.push_str(&format!(
+                    "    take it up: exec-server run --via '... --stdio --persist={name}' --attach {sid}/{}\n",
+                    p["processId"].as_str().unwrap_or("?")
+                ));
+            }
         }
     }
     Ok(text)

@@ -150,6 +150,17 @@ impl Registry {
         session.processes.kill_all();
     }
 
+    /// Queue `message` (a fresh one each) for every attached connection,
+    /// where there is room.
+    pub fn tell_all(&self, message: impl Fn() -> crate::jsonrpc::Outgoing) {
+        let all: Vec<Arc<Session>> = self.map().values().cloned().collect();
+        for session in all {
+            if let Some((_, outbound)) = &lock(&session.attachment).connection {
+                outbound.send_if_room(message(), 0);
+            }
+        }
+    }
+
     /// Whether no session exists.
     pub fn is_empty(&self) -> bool {
         self.map().is_empty()

@@ -324,7 +324,7 @@ fn exec_server_run_holds_the_command_while_disconnected() {
         out.stdout.len(),
         expected.len()
     );
-    assert!(!stderr.contains("lost"), "{stderr}");
+    assert!(!stderr.contains("were lost"), "{stderr}");
 }
 
 /// The loss test of issue 20 for a `--persist` bridge: killed in the
@@ -382,5 +382,145 @@ fn finished_runs_and_status_queries_leave_no_session() {
     assert!(
         eventually(Duration::from_secs(10), || pid_gone(pid)),
         "the daemon still runs with no session"
+    );
+}
+
+/// A server command that works once, then fails as an ssh whose host went
+/// away does (a message on stderr, exit 255), until `flag` is removed.
+fn once_then_refused(dir: &std::path::Path, name: &str) -> String {
+    let script = dir.join("via.sh");
+    let flag = dir.join("used");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nif [ -e '{flag}' ]; then echo 'ssh: connect to host box port 22: Connection refused' >&2; exit 255; fi\ntouch '{flag}'\nexec '{bin}' --stdio --persist={name}\n",
+            flag = flag.display(),
+            bin = bin()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    // `--persist` in the command line is what makes it resumable.
+    format!("{} --persist={name}", script.display())
+}
+
+/// Reconnecting a person can live with: one line while it tries, the
+/// server command's complaint once, and when it gives up, the command
+/// runs on and `--attach` (as the message gives it) takes it up with
+/// nothing lost or repeated, and its exit code.
+#[test]
+fn a_runner_that_gives_up_says_how_to_take_the_command_up_again() {
+    let runtime = tempfile::tempdir().unwrap();
+    let via = once_then_refused(runtime.path(), "giveup");
+    let mut runner = Command::new(bin())
+        .args([
+            "run",
+            "--reconnect-for-ms",
+            "1500",
+            "--via",
+            &via,
+            "--",
+            "sh",
+            "-c",
+        ])
+        .arg("seq 1 3; sleep 4; seq 4 100000; exit 5")
+        .env("XDG_RUNTIME_DIR", runtime.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    // The bridge: the runner's child.
+    crate::support::kill_server_command(&runner);
+    let out = {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while runner.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "the runner did not give up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        runner.wait_with_output().unwrap()
+    };
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert_eq!(err.matches("reconnecting").count(), 2, "{err}"); // the line, and "reconnecting failed"
+    assert_eq!(
+        err.matches("connection lost, reconnecting").count(),
+        1,
+        "{err}"
+    );
+    assert_eq!(err.matches("Connection refused").count(), 1, "{err}");
+    let attach = err
+        .split("--attach ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no --attach in: {err}"))
+        .to_string();
+    // `daemon status` lists it, with the same words.
+    let status = daemon(runtime.path(), &["status", "--persist", "giveup"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    let (session_and_process, _) = attach.split_once('@').unwrap();
+    assert!(
+        text.contains(&format!("--attach {session_and_process}")),
+        "{text}"
+    );
+    let good_via = format!("{} --stdio --persist=giveup", bin());
+    let again = Command::new(bin())
+        .args(["run", "--via", &good_via, "--attach", &attach])
+        .env("XDG_RUNTIME_DIR", runtime.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(5), "{again:?}");
+    let mut all = out.stdout.clone();
+    all.extend_from_slice(&again.stdout);
+    let expected: String = (1..=100_000).map(|n| format!("{n}\n")).collect();
+    assert!(
+        all == expected.as_bytes(),
+        "lines lost or repeated across the attach"
+    );
+    let stop = daemon(runtime.path(), &["stop", "--persist", "giveup"]);
+    assert!(stop.status.success());
+}
+
+/// `daemon stop` ends the runners attached to it with a message, instead
+/// of their reconnecting to a new daemon that knows no session.
+#[test]
+fn daemon_stop_ends_attached_runners_with_a_message() {
+    let runtime = tempfile::tempdir().unwrap();
+    let via = format!("{} --stdio --persist=stopped", bin());
+    let runner = Command::new(bin())
+        .args([
+            "run",
+            "--via",
+            &via,
+            "--",
+            "sh",
+            "-c",
+            "echo started; sleep 60",
+        ])
+        .env("XDG_RUNTIME_DIR", runtime.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(eventually(Duration::from_secs(10), || daemon_pid(
+        runtime.path(),
+        "stopped"
+    )
+    .is_some()));
+    std::thread::sleep(Duration::from_millis(500));
+    let stop = daemon(runtime.path(), &["stop", "--persist", "stopped"]);
+    assert!(stop.status.success(), "{stop:?}");
+    let out = runner.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(err.contains("the server stopped (SIGTERM"), "{err}");
+    assert!(!err.contains("reconnecting"), "{err}");
+    assert_eq!(out.stdout, b"started\n");
+    assert!(
+        daemon_pid(runtime.path(), "stopped").is_none(),
+        "a new daemon was started"
     );
 }

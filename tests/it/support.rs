@@ -705,7 +705,7 @@ pub fn burst_survives(
         );
     }
     assert_eq!(status.code(), Some(7), "{errors}");
-    assert!(!errors.contains("lost"), "{errors}");
+    assert!(!errors.contains("were lost"), "{errors}");
 }
 
 /// A TCP proxy on loopback in front of `upstream` whose connections the
