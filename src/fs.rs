@@ -98,10 +98,13 @@ pub struct WalkOptions {
 
 impl Default for WalkOptions {
     fn default() -> Self {
+        use crate::protocol::{
+            WALK_DEFAULT_MAX_DEPTH, WALK_DEFAULT_MAX_DIRECTORIES, WALK_DEFAULT_MAX_ENTRIES,
+        };
         WalkOptions {
-            max_depth: 64,
-            max_directories: 10_000,
-            max_entries: 100_000,
+            max_depth: WALK_DEFAULT_MAX_DEPTH as usize,
+            max_directories: WALK_DEFAULT_MAX_DIRECTORIES as usize,
+            max_entries: WALK_DEFAULT_MAX_ENTRIES as usize,
             follow_directory_symlinks: false,
         }
     }

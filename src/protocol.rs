@@ -493,6 +493,14 @@ pub struct ClosedNotification<'a> {
     pub seq: u64,
 }
 
+// ---- fs/walk ----
+
+/// `fs/walk` bounds when the request gives none: depth, directories read,
+/// entries returned.
+pub const WALK_DEFAULT_MAX_DEPTH: u32 = 64;
+pub const WALK_DEFAULT_MAX_DIRECTORIES: u32 = 10_000;
+pub const WALK_DEFAULT_MAX_ENTRIES: u32 = 100_000;
+
 // ---- environment policy ----
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]

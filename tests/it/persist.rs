@@ -97,6 +97,20 @@ impl Drop for Bridge {
     }
 }
 
+/// `exec-server run ARGS` with the daemons' directory set to `runtime`,
+/// no stdin, and its stdout and stderr piped.
+fn runner(runtime: &std::path::Path, args: &[&str]) -> Child {
+    Command::new(bin())
+        .arg("run")
+        .args(args)
+        .env("XDG_RUNTIME_DIR", runtime)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 fn daemon(runtime: &std::path::Path, args: &[&str]) -> std::process::Output {
     Command::new(bin())
         .arg("daemon")
@@ -265,23 +279,16 @@ fn run_behind_a_held_back_reconnect(name: &str, extra: &[&str]) -> (std::process
         flag = flag.display(),
         bin = bin()
     );
-    let child = Command::new(bin())
-        .arg("run")
-        .args(extra)
-        .args([
-            "--via",
-            &via,
-            "--",
-            "sh",
-            "-c",
-            "sleep 1; seq 1 200000; exit 3",
-        ])
-        .env("XDG_RUNTIME_DIR", runtime.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut args = extra.to_vec();
+    args.extend([
+        "--via",
+        &via,
+        "--",
+        "sh",
+        "-c",
+        "sleep 1; seq 1 200000; exit 3",
+    ]);
+    let child = runner(runtime.path(), &args);
     std::thread::sleep(Duration::from_millis(500));
     crate::support::kill_server_command(&child);
     let out = child.wait_with_output().unwrap();
@@ -412,9 +419,9 @@ fn once_then_refused(dir: &std::path::Path, name: &str) -> String {
 fn a_runner_that_gives_up_says_how_to_take_the_command_up_again() {
     let runtime = tempfile::tempdir().unwrap();
     let via = once_then_refused(runtime.path(), "giveup");
-    let mut runner = Command::new(bin())
-        .args([
-            "run",
+    let mut runner = runner(
+        runtime.path(),
+        &[
             "--reconnect-for-ms",
             "1500",
             "--via",
@@ -422,14 +429,9 @@ fn a_runner_that_gives_up_says_how_to_take_the_command_up_again() {
             "--",
             "sh",
             "-c",
-        ])
-        .arg("seq 1 3; sleep 4; seq 4 100000; exit 5")
-        .env("XDG_RUNTIME_DIR", runtime.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+            "seq 1 3; sleep 4; seq 4 100000; exit 5",
+        ],
+    );
     std::thread::sleep(Duration::from_millis(800));
     // The bridge: the runner's child.
     crate::support::kill_server_command(&runner);
@@ -489,22 +491,10 @@ fn a_runner_that_gives_up_says_how_to_take_the_command_up_again() {
 fn daemon_stop_ends_attached_runners_with_a_message() {
     let runtime = tempfile::tempdir().unwrap();
     let via = format!("{} --stdio --persist=stopped", bin());
-    let runner = Command::new(bin())
-        .args([
-            "run",
-            "--via",
-            &via,
-            "--",
-            "sh",
-            "-c",
-            "echo started; sleep 60",
-        ])
-        .env("XDG_RUNTIME_DIR", runtime.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let runner = runner(
+        runtime.path(),
+        &["--via", &via, "--", "sh", "-c", "echo started; sleep 60"],
+    );
     assert!(eventually(Duration::from_secs(10), || daemon_pid(
         runtime.path(),
         "stopped"
