@@ -387,7 +387,12 @@ impl Sandbox {
         I: IntoIterator<Item = P>,
         P: AsRef<Path>,
     {
-        self.workspace_roots = Some(roots.into_iter().map(|r| super::uri(r.as_ref())).collect());
+        self.workspace_roots = Some(
+            roots
+                .into_iter()
+                .map(|r| crate::protocol::path_to_uri(r.as_ref()))
+                .collect(),
+        );
         self
     }
 
