@@ -803,3 +803,34 @@ fn readme_install_dependency_and_size_are_true() {
         Err(_) => eprintln!("no release build to check README's size against"),
     }
 }
+
+/// `--help` names every kind of `--listen` address, ws:// included.
+#[test]
+fn help_names_every_listen_address() {
+    let out = Command::new(bin()).arg("--help").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for kind in ["stdio", "unix:PATH", "ws://HOST:PORT"] {
+        assert!(text.contains(kind), "--help does not name {kind}:\n{text}");
+    }
+}
+
+/// What a server command says on stderr is printed once: as it comes,
+/// not again inside the error message.
+#[test]
+fn a_failing_server_commands_stderr_is_printed_once() {
+    let out = Command::new(bin())
+        .args([
+            "run",
+            "--via",
+            "sh -c 'echo the-server-said-this >&2; exit 3'",
+            "--",
+            "true",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert_eq!(err.matches("the-server-said-this").count(), 1, "{err}");
+    assert!(err.contains("did not complete the handshake"), "{err}");
+}
