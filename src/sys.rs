@@ -188,6 +188,25 @@ pub fn restore_child_nofile() {
     }
 }
 
+/// Have the allocator give large blocks back to the system when they are
+/// freed. glibc's malloc serves a block of 128 KiB or more with `mmap`,
+/// but raises that threshold to the size of each such block freed, so
+/// that after a burst of big messages (a client's 8 MiB writes) later ones
+/// come from the heap, which is kept: the server stayed near its peak
+/// after the burst was done. A fixed threshold keeps every block of 2 MiB
+/// or more mapped on its own (and unmapped when freed): above the output
+/// chunks (at most 1 MiB, read from a pipe at full speed from the heap),
+/// below the messages a client can make big. A trim threshold gives back a
+/// free heap top.
+pub fn return_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only tunes the allocator; called before threads.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 2 * 1024 * 1024);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 4 * 1024 * 1024);
+    }
+}
+
 /// Whether an error is the descriptor table (or the system's) being full.
 pub fn out_of_descriptors(err: &std::io::Error) -> bool {
     matches!(err.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))

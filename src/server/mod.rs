@@ -171,6 +171,7 @@ impl Listen {
 pub fn run(config: Config, listen: &[Listen]) -> std::io::Result<()> {
     let limit = crate::sys::raise_nofile();
     crate::sys::reserve_spare_descriptor();
+    crate::sys::return_freed_memory();
     tracing::debug!("descriptor limit {limit}");
     let containment = Arc::new(Containment::start());
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -206,6 +206,19 @@ fn writes_a_child_never_takes_are_bounded_and_answered() {
         let r = s.response(100 + i);
         assert!(r["result"].is_object(), "{i}: {r}");
     }
+    // And the memory comes back: the allocator keeps no 8 MiB blocks
+    // (glibc raised its mmap threshold after each freed one, so the heap
+    // kept ~90 MiB after terminate; now +16 MiB in a debug build).
+    let back = crate::support::eventually(Duration::from_secs(5), || {
+        memory(pid, "VmRSS:") < idle + 48 * 1024
+    });
+    assert!(
+        back,
+        "RSS {} MiB after terminate (idle {} MiB, peak {} MiB)",
+        memory(pid, "VmRSS:") / 1024,
+        idle / 1024,
+        peak / 1024
+    );
     // 72 MiB of stdin queued or waiting, each write arriving as an 11 MB
     // line: bounded by the budget, not by how much the client sends.
     assert!(
