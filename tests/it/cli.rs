@@ -834,3 +834,24 @@ fn a_failing_server_commands_stderr_is_printed_once() {
     assert_eq!(err.matches("the-server-said-this").count(), 1, "{err}");
     assert!(err.contains("did not complete the handshake"), "{err}");
 }
+
+/// The rustdoc front page is the client library: an example of it, and
+/// the wire contract linked (as `wire_contract`, which holds PROTOCOL.md).
+#[test]
+fn the_crate_front_page_shows_the_client_and_links_the_contract() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let lib = std::fs::read_to_string(root.join("src/lib.rs")).unwrap();
+    let front: String = lib
+        .lines()
+        .take_while(|l| l.starts_with("//!"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let example = front
+        .find("```no_run")
+        .expect("an example on the front page");
+    assert!(front[example..].contains("Client::new"), "{front}");
+    assert!(front.contains("[`wire_contract`]") && front.contains("[`client`]"));
+    assert!(lib.contains("#[doc = include_str!(\"../docs/PROTOCOL.md\")]"));
+    // Before the private layout notes, not after.
+    assert!(example < front.find("# Layout").unwrap_or(usize::MAX));
+}
