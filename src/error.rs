@@ -184,16 +184,18 @@ impl Error {
     /// An internal error from an I/O failure, with `context` naming what failed.
     pub fn io(context: impl std::fmt::Display, err: &io::Error) -> Self {
         Error::Internal {
-            message: format!("{context}: {}", lower_io(err)),
+            message: format!("{context}: {}", os_text(err)),
             errno: err.raw_os_error(),
         }
     }
 }
 
-/// An I/O error's text in the protocol's style: lower-case, without the
-/// "(os error N)" suffix (the number travels in `data.errno`).
-pub fn lower_io(err: &io::Error) -> String {
-    let text = match err.raw_os_error() {
+/// An I/O error's text as the operating system words it (strerror:
+/// `No such file or directory`, `Permission denied`), without Rust's
+/// "(os error N)" suffix: the number travels in `data.errno`. Clients of
+/// the reference map these very words to an error kind.
+pub fn os_text(err: &io::Error) -> String {
+    match err.raw_os_error() {
         Some(n) => {
             let full = io::Error::from_raw_os_error(n).to_string();
             match full.find(" (os error") {
@@ -202,18 +204,13 @@ pub fn lower_io(err: &io::Error) -> String {
             }
         }
         None => err.to_string(),
-    };
-    let mut chars = text.chars();
-    match chars.next() {
-        Some(first) => first.to_lowercase().chain(chars).collect(),
-        None => text,
     }
 }
 
 /// A filesystem error: `what` names the operation and the path (for
 /// example "failed to read /tmp/x"); the OS error decides the code and kind.
 pub fn fs_error(what: impl std::fmt::Display, err: &io::Error) -> Error {
-    let message = format!("{what}: {}", lower_io(err));
+    let message = format!("{what}: {}", os_text(err));
     let errno = err.raw_os_error();
     let invalid = |kind| Error::InvalidInput {
         kind,
@@ -248,12 +245,12 @@ mod tests {
     #[test]
     fn error_json_carries_code_kind_and_errno() {
         let err = Error::SpawnFailed {
-            message: "failed to start nope: no such file or directory".into(),
+            message: "failed to start nope: No such file or directory".into(),
             errno: Some(2),
         };
         assert_eq!(
             err.to_json(),
-            json!({"code": -32603, "message": "failed to start nope: no such file or directory",
+            json!({"code": -32603, "message": "failed to start nope: No such file or directory",
                    "data": {"kind": "spawnFailed", "errno": 2}})
         );
     }
@@ -272,6 +269,6 @@ mod tests {
     #[test]
     fn io_text_is_lower_case_without_os_error_suffix() {
         let err = io::Error::from_raw_os_error(libc::ENOENT);
-        assert_eq!(lower_io(&err), "no such file or directory");
+        assert_eq!(os_text(&err), "No such file or directory");
     }
 }

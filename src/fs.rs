@@ -585,7 +585,7 @@ pub fn walk(p: WalkParams) -> Result<Value> {
             Ok(listing) => listing,
             Err(err) => {
                 errors.push(
-                    json!({"path": dir.to_string_lossy(), "message": crate::error::lower_io(&err)}),
+                    json!({"path": dir.to_string_lossy(), "message": crate::error::os_text(&err)}),
                 );
                 continue;
             }
@@ -601,7 +601,7 @@ pub fn walk(p: WalkParams) -> Result<Value> {
             let file_type = match child.file_type() {
                 Ok(t) => t,
                 Err(err) => {
-                    errors.push(json!({"path": path.to_string_lossy(), "message": crate::error::lower_io(&err)}));
+                    errors.push(json!({"path": path.to_string_lossy(), "message": crate::error::os_text(&err)}));
                     continue;
                 }
             };

@@ -520,7 +520,7 @@ pub(super) async fn connect(
         trusted_socket(path).map_err(refused)?;
         let stream = tokio::net::UnixStream::connect(path)
             .await
-            .map_err(|e| refused(crate::error::lower_io(&e)))?;
+            .map_err(|e| refused(crate::error::os_text(&e)))?;
         // The one answer that can't be raced: who listens on it.
         trusted_listener(&stream).map_err(refused)?;
         let (read, write) = stream.into_split();
@@ -551,7 +551,7 @@ pub(super) async fn connect(
     }
     let mut child = cmd.spawn().map_err(|e| ClientError::Spawn {
         command: shown.clone(),
-        message: crate::error::lower_io(&e),
+        message: crate::error::os_text(&e),
     })?;
     let io = Io {
         stdin: Box::new(child.stdin.take().expect("piped stdin")),
@@ -593,7 +593,7 @@ async fn ws_lines(
     let authority = rest.split(['/', '?']).next().unwrap_or(rest);
     let stream = tokio::net::TcpStream::connect(authority)
         .await
-        .map_err(|e| crate::error::lower_io(&e))?;
+        .map_err(|e| crate::error::os_text(&e))?;
     let _ = stream.set_nodelay(true);
     let config = WebSocketConfig::default()
         .max_message_size(Some(WS_MAX_MESSAGE))

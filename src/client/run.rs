@@ -186,7 +186,7 @@ fn working_directory(options: &RunOptions) -> Result<Option<PathBuf>, Outcome> {
                 RUNNER_FAILED,
                 format!(
                     "the current directory can't be used ({}); give --cwd",
-                    crate::error::lower_io(&err)
+                    crate::error::os_text(&err)
                 ),
             )
         })
@@ -202,11 +202,11 @@ fn working_directory(options: &RunOptions) -> Result<Option<PathBuf>, Outcome> {
                 Ok(meta) if meta.is_dir() => Ok(Some(dir)),
                 Ok(_) => Err(Outcome::failed(
                     RUNNER_FAILED,
-                    format!("{}: not a directory", dir.display()),
+                    format!("{}: Not a directory", dir.display()),
                 )),
                 Err(err) => Err(Outcome::failed(
                     RUNNER_FAILED,
-                    format!("{}: {}", dir.display(), crate::error::lower_io(&err)),
+                    format!("{}: {}", dir.display(), crate::error::os_text(&err)),
                 )),
             }
         }
@@ -268,11 +268,6 @@ fn start_failure(err: ClientError, program: &str) -> Outcome {
     }
     // As a shell says it: `/etc: Is a directory`.
     let reason = message.rsplit(": ").next().unwrap_or(message);
-    let mut letters = reason.chars();
-    let reason: String = letters
-        .next()
-        .map(|first| first.to_uppercase().chain(letters).collect())
-        .unwrap_or_default();
     Outcome::failed(CANNOT_EXECUTE, format!("{program}: {reason}"))
 }
 

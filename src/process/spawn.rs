@@ -11,7 +11,7 @@ use tokio::net::unix::pipe;
 
 use super::exec::{self, Child, Exec};
 
-use crate::error::{Error, lower_io};
+use crate::error::{Error, os_text};
 use crate::protocol::TtySize;
 
 /// What to start.
@@ -73,9 +73,9 @@ pub fn spawn(spec: &Spec<'_>) -> Result<Spawned, Error> {
             && program.contains('/')
             && spec.cwd.join(program).is_dir()
         {
-            lower_io(&io::Error::from_raw_os_error(libc::EISDIR))
+            os_text(&io::Error::from_raw_os_error(libc::EISDIR))
         } else {
-            lower_io(&err)
+            os_text(&err)
         };
         Error::SpawnFailed {
             message: format!("failed to start {program}{within}: {text}"),
@@ -185,7 +185,7 @@ fn check_cwd(cwd: &Path) -> Result<(), Error> {
             errno: Some(libc::ENOTDIR),
         }),
         Err(err) => Err(Error::SpawnFailed {
-            message: format!("cwd {}: {}", cwd.display(), lower_io(&err)),
+            message: format!("cwd {}: {}", cwd.display(), os_text(&err)),
             errno: err.raw_os_error(),
         }),
     }

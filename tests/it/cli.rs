@@ -239,7 +239,7 @@ fn exit_codes_and_messages_read_like_a_shell() {
         (
             &["--cwd", "/nonexistent", "--", "true"],
             125,
-            "/nonexistent: no such file or directory",
+            "/nonexistent: No such file or directory",
         ),
         (&["--network", "true"], 2, "--sandbox"),
     ];
