@@ -36,6 +36,11 @@ struct Connection {
     /// Answers still being worked on (long-polls, writes waiting for
     /// room, batches): they end with the connection.
     tasks: tokio::task::JoinSet<()>,
+    /// The client has written `"jsonrpc"` (JSON-RPC 2.0 proper): an error
+    /// with no usable id then says `id: null`. Until it has, it speaks the
+    /// Codex dialect, which has no `jsonrpc` member and whose client
+    /// can't read a null id: those errors say `id: -1`.
+    strict_ids: bool,
 }
 
 /// Serve one connection until its input ends, then detach its session.
@@ -52,6 +57,7 @@ pub async fn serve(server: Arc<Server>, transport: Transport) {
         initialized: false,
         state: Arc::new(ConnState::start(outgoing.clone())),
         tasks: tokio::task::JoinSet::new(),
+        strict_ids: false,
     };
     let mut shutdown = conn.server.shutdown.subscribe();
     // The flag only ever goes from false to true: any change is the end.
@@ -78,7 +84,10 @@ pub async fn serve(server: Arc<Server>, transport: Transport) {
 }
 
 impl Connection {
-    async fn send(&self, response: Response) {
+    async fn send(&self, mut response: Response) {
+        if response.id.is_none() && !self.strict_ids {
+            response.id = Some(jsonrpc::RequestId::Number((-1).into()));
+        }
         // A send fails only when the writer is gone, and then the
         // connection is ending anyway.
         self.outgoing.send(Outgoing::Response(response)).await;
@@ -95,6 +104,11 @@ impl Connection {
                 return;
             }
         };
+        if !self.strict_ids {
+            // Where a JSON-RPC 2.0 client writes it: near the start.
+            let head = &bytes[..bytes.len().min(256)];
+            self.strict_ids = head.windows(9).any(|w| w == b"\"jsonrpc\"");
+        }
         match jsonrpc::parse(&bytes) {
             Incoming::Single(Err(response)) => self.send(response).await,
             Incoming::Single(Ok(message)) => match self.handle(message) {
