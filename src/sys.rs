@@ -240,7 +240,8 @@ pub fn at_descriptor_limit<T>(mut op: impl FnMut() -> std::io::Result<T>) -> std
             let mut spare = crate::sync::lock(&SPARE);
             if spare.take().is_some() {
                 result = op();
-                *spare = std::fs::File::open("/dev/null").ok();
+                drop(spare);
+                reserve_spare_descriptor();
                 continue;
             }
         }

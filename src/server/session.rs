@@ -120,20 +120,11 @@ impl Registry {
         let session = session.clone();
         tokio::spawn(async move {
             tokio::time::sleep(registry.detached_ttl).await;
-            // Decided and recorded under the attachment's lock, so that a
-            // resume either wins before it or is refused after it.
-            let expired = {
-                let mut attached = lock(&session.attachment);
-                let expired = attached.connection.is_none() && attached.generation == generation;
-                if expired {
-                    attached.expired = true;
-                    registry.map().remove(&session.id);
-                }
-                expired
-            };
+            let expired = registry.end_if(&session, |attached| {
+                attached.connection.is_none() && attached.generation == generation
+            });
             if expired {
                 tracing::info!(session = %session.id, "detached session expired");
-                session.processes.kill_all();
             }
         });
     }
@@ -141,13 +132,25 @@ impl Registry {
     /// End `session` now (`session/end`): it can't be resumed, and its
     /// processes are killed, as at expiry.
     pub fn end(&self, session: &Arc<Session>) {
+        self.end_if(session, |_| true);
+        tracing::debug!(session = %session.id, "session ended by its client");
+    }
+
+    /// End `session` if `now` says so of its attachment: decided and
+    /// recorded under the attachment's lock, so that a resume either wins
+    /// before it or is refused after it; then its processes are killed.
+    /// Whether it ended.
+    fn end_if(&self, session: &Arc<Session>, now: impl FnOnce(&Attached) -> bool) -> bool {
         {
             let mut attached = lock(&session.attachment);
+            if !now(&attached) {
+                return false;
+            }
             attached.expired = true;
             self.map().remove(&session.id);
         }
-        tracing::debug!(session = %session.id, "session ended by its client");
         session.processes.kill_all();
+        true
     }
 
     /// Queue `message` (a fresh one each) for every attached connection,
