@@ -25,7 +25,7 @@
 //! let status = build
 //!     .wait_with_output(|stream, bytes| eprint!("{stream:?}: {}", String::from_utf8_lossy(bytes)))
 //!     .await?;
-//! println!("exit {}", status.code);
+//! eprintln!("exit {}", status.code);
 //! let manifest = client.read_file("/src/project/Cargo.toml").await?;
 //! # let _ = manifest;
 //! client.shutdown().await;

@@ -96,6 +96,18 @@ fn tail(stderr: &str) -> String {
 }
 
 impl ClientError {
+    /// The error as [`Display`](std::fmt::Display) has it, but without the
+    /// server's stderr, for a caller that showed those lines as they came.
+    pub fn without_stderr(&self) -> String {
+        match self {
+            ClientError::Handshake {
+                command, message, ..
+            } => format!("the server `{command}` did not complete the handshake: {message}"),
+            ClientError::ConnectionLost { .. } => "the connection to the server was lost".into(),
+            other => other.to_string(),
+        }
+    }
+
     /// The server's `data.kind`, for an RPC error.
     pub fn kind(&self) -> Option<&str> {
         match self {

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use std::sync::{Arc, Mutex};
 
-use super::{Client, ClientError, EnvPolicy, Event, Notice, Sandbox, ServerCommand, StartOptions};
+use super::{Client, ClientError, Event, Notice, Sandbox, ServerCommand, StartOptions};
 use crate::protocol::Stream;
 
 /// Names of variables that look secret, which `run` does not pass from
@@ -169,7 +169,7 @@ pub fn run(options: RunOptions) -> Outcome {
             Ok(outcome) => outcome,
             Err(err) => {
                 tracing::debug!("run failed: {err}");
-                Outcome::failed(RUNNER_FAILED, said_once(&err))
+                Outcome::failed(RUNNER_FAILED, err.without_stderr())
             }
         }
     });
@@ -224,18 +224,6 @@ fn working_directory(options: &RunOptions) -> Result<Option<PathBuf>, Outcome> {
     }
 }
 
-/// The error without the server's stderr: its lines are on the terminal
-/// already (forwarded as they came), and were printed twice.
-fn said_once(err: &ClientError) -> String {
-    match err {
-        ClientError::Handshake {
-            command, message, ..
-        } => format!("the server `{command}` did not complete the handshake: {message}"),
-        ClientError::ConnectionLost { .. } => "the connection to the server was lost".into(),
-        other => other.to_string(),
-    }
-}
-
 /// What a refused start means to a person, as a shell would say it.
 fn start_failure(err: ClientError, program: &str) -> Outcome {
     tracing::debug!("process/start failed: {err}");
@@ -246,7 +234,7 @@ fn start_failure(err: ClientError, program: &str) -> Outcome {
         ..
     } = &err
     else {
-        return Outcome::failed(RUNNER_FAILED, said_once(&err));
+        return Outcome::failed(RUNNER_FAILED, err.without_stderr());
     };
     if kind != "spawnFailed" {
         return Outcome::failed(RUNNER_FAILED, message.clone());
@@ -406,8 +394,9 @@ async fn run_inner(
             .pipe_stdin(true)
             // A drop of any length within the session's life loses nothing:
             // the child waits instead of its output being evicted.
-            .hold_output(options.hold && client.resumable())
-            .env_policy(EnvPolicy::executor_default());
+            // The environment: the library's default, the executor's
+            // without secret-looking names.
+            .hold_output(options.hold && client.resumable());
         let mut env: Vec<(String, String)> = Vec::new();
         if tty {
             // As ssh does: the terminal type and the locale travel with a pty.
@@ -599,10 +588,7 @@ async fn run_inner(
     }
     if let Some(outcome) = ended {
         let _ = process.terminate().await;
-        if client.resumable() {
-            let _ = client.end_session().await;
-        }
-        client.shutdown().await;
+        finish(&client).await;
         return Ok(outcome);
     }
     let status = process.wait().await?;
@@ -611,18 +597,12 @@ async fn run_inner(
         client.shutdown().await;
         return Ok(Outcome::failed(
             RUNNER_FAILED,
-            said_once(&ClientError::ServerStopped { reason }),
+            ClientError::ServerStopped { reason }.to_string(),
         ));
     }
     // Output that fell out of the server's retention before we read it.
     let lost = process.lost_bytes();
-    if client.resumable() {
-        // Done with it: no session left behind for the TTL.
-        if let Err(err) = client.end_session().await {
-            tracing::debug!("session/end: {err}");
-        }
-    }
-    client.shutdown().await;
+    finish(&client).await;
     if lost > 0 {
         // Never a success code for output that is not all there.
         return Ok(Outcome::failed(
@@ -644,6 +624,17 @@ async fn run_inner(
         code: status.code,
         message,
     })
+}
+
+/// Done with the command: end its session (a resumable server would keep
+/// it for the detached TTL), then the connection.
+async fn finish(client: &Client) {
+    if client.resumable() {
+        if let Err(err) = client.end_session().await {
+            tracing::debug!("session/end: {err}");
+        }
+    }
+    client.shutdown().await;
 }
 
 /// The number of the first of `signals` to arrive.
