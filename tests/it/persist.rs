@@ -501,6 +501,7 @@ fn daemon_stop_ends_attached_runners_with_a_message() {
     )
     .is_some()));
     std::thread::sleep(Duration::from_millis(500));
+    let first = daemon_pid(runtime.path(), "stopped").unwrap();
     let stop = daemon(runtime.path(), &["stop", "--persist", "stopped"]);
     assert!(stop.status.success(), "{stop:?}");
     let out = runner.wait_with_output().unwrap();
@@ -509,8 +510,22 @@ fn daemon_stop_ends_attached_runners_with_a_message() {
     assert!(err.contains("the server stopped (SIGTERM"), "{err}");
     assert!(!err.contains("reconnecting"), "{err}");
     assert_eq!(out.stdout, b"started\n");
+    // `daemon stop` returns once the daemon stops listening; it removes
+    // its pid file when it has reaped everything. No other daemon may
+    // have taken its place meanwhile.
+    let status = daemon(runtime.path(), &["status", "--persist", "stopped"]);
+    assert_eq!(
+        status.status.code(),
+        Some(3),
+        "a daemon answers: {status:?}"
+    );
     assert!(
-        daemon_pid(runtime.path(), "stopped").is_none(),
+        eventually(Duration::from_secs(10), || daemon_pid(
+            runtime.path(),
+            "stopped"
+        )
+        .is_none()),
         "a new daemon was started"
     );
+    assert!(pid_gone(first), "the stopped daemon still runs");
 }
