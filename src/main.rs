@@ -218,6 +218,13 @@ struct ServeArgs {
     #[arg(long, default_value_t = 64 * 1024 * 1024, value_name = "BYTES")]
     max_message_bytes: usize,
 
+    /// At most N ordinary requests of a connection run at once, started in
+    /// the order they arrived; `1` gives the reference's ordering (control
+    /// requests: initialize, process/read, signal, terminate,
+    /// environment/info|status, fs/close never wait). Default: no limit.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=4096))]
+    concurrent_requests: Option<u64>,
+
     /// Output retained per process, in bytes.
     #[arg(long, default_value_t = 1024 * 1024, value_name = "BYTES")]
     retain_bytes: usize,
@@ -518,6 +525,9 @@ fn serve(cli: ServeArgs) -> ExitCode {
         if cli.no_binary_frames {
             args.push("--no-binary-frames".into());
         }
+        if let Some(n) = cli.concurrent_requests {
+            args.push(format!("--concurrent-requests={n}"));
+        }
         return match server::bridge(name, &args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
@@ -552,6 +562,7 @@ fn serve(cli: ServeArgs) -> ExitCode {
         insecure_listen: cli.insecure_listen,
         ws_ping_every: Duration::from_millis(cli.ws_ping_interval_ms),
         binary_frames: !cli.no_binary_frames,
+        concurrent_requests: cli.concurrent_requests.map(|n| n as usize),
         workspace_roots: cli.workspace_roots,
     };
     match server::run(config, &listen) {

@@ -11,6 +11,7 @@ use serde_json::Value;
 use super::Server;
 use super::dispatch::{self, ConnState, Ctx, Reply};
 use super::session::Session;
+use super::turns::Turns;
 use crate::error::Error;
 use crate::jsonrpc::{self, Incoming, Message, Outgoing, Request, Response};
 use crate::protocol::{InitializeParams, InitializeResponse, ServerInfo, method};
@@ -41,6 +42,9 @@ struct Connection {
     /// Codex dialect, which has no `jsonrpc` member and whose client
     /// can't read a null id: those errors say `id: -1`.
     strict_ids: bool,
+    /// `--concurrent-requests N`: how many ordinary requests may run at
+    /// once; none means no limit.
+    turns: Option<Turns>,
 }
 
 /// Serve one connection until its input ends, then detach its session.
@@ -49,6 +53,7 @@ pub async fn serve(server: Arc<Server>, transport: Transport) {
         mut incoming,
         outgoing,
     } = transport;
+    let turns = server.config.concurrent_requests.map(Turns::new);
     let mut conn = Connection {
         id: server.next_connection_id(),
         server,
@@ -58,6 +63,7 @@ pub async fn serve(server: Arc<Server>, transport: Transport) {
         state: Arc::new(ConnState::start(outgoing.clone())),
         tasks: tokio::task::JoinSet::new(),
         strict_ids: false,
+        turns,
     };
     let mut shutdown = conn.server.shutdown.subscribe();
     // The flag only ever goes from false to true: any change is the end.
@@ -224,44 +230,37 @@ impl Connection {
             conn: self.state.clone(),
         };
         let started = std::time::Instant::now();
-        match (route.handler)(&ctx, &method, params) {
-            Reply::Ready(outcome) => {
-                log_request(&method, &id, started, outcome.as_ref().err());
-                Pending::Ready(Response::new(Some(id), outcome))
-            }
-            Reply::Rendered(outcome) => {
-                log_request(&method, &id, started, outcome.as_ref().err());
-                Pending::Ready(Response::rendered(Some(id), outcome))
-            }
-            Reply::ReadyThen(outcome, hook) => {
-                log_request(&method, &id, started, outcome.as_ref().err());
-                Pending::ReadyThen(Response::new(Some(id), outcome), hook)
-            }
-            Reply::Later(future) => Pending::Later(Box::pin(async move {
-                let outcome = future.await;
-                log_request(&method, &id, started, outcome.as_ref().err());
-                (Response::new(Some(id), outcome), None)
-            })),
-            Reply::LaterRendered(future) => Pending::Later(Box::pin(async move {
-                let outcome = future.await;
-                log_request(&method, &id, started, outcome.as_ref().err());
-                (Response::rendered(Some(id), outcome), None)
-            })),
-            Reply::LaterWithBytes(future) => Pending::Later(Box::pin(async move {
-                let outcome = future.await;
-                log_request(&method, &id, started, outcome.as_ref().err());
-                let response = match outcome {
-                    Ok((result, bytes)) => Response::with_bytes(Some(id), result, bytes),
-                    Err(err) => Response::err(Some(id), err),
+        let Some(turns) = self.turns.as_ref().filter(|_| !is_control(&method)) else {
+            return answer((route.handler)(&ctx, &method, params), method, id, started);
+        };
+        // `--concurrent-requests`: the place in the queue is taken now, in
+        // arrival order; the handler runs when the turn comes, and the
+        // turn passes on once its response is queued.
+        let turn = turns.take();
+        Pending::Later(Box::pin(async move {
+            let Some(permit) = turn.await else {
+                let error = Error::Internal {
+                    message: "the connection is ending".into(),
+                    errno: None,
                 };
-                (response, None)
-            })),
-            Reply::LaterThen(future) => Pending::Later(Box::pin(async move {
-                let (outcome, follow_up) = future.await;
-                log_request(&method, &id, started, outcome.as_ref().err());
-                (Response::new(Some(id), outcome), follow_up)
-            })),
-        }
+                return (Response::err(Some(id), error), None);
+            };
+            let (response, follow_up): (Response, Option<dispatch::FollowUp>) =
+                match answer((route.handler)(&ctx, &method, params), method, id, started) {
+                    Pending::Ready(response) => (response, None),
+                    Pending::ReadyThen(response, hook) => {
+                        (response, Some(Box::pin(async move { hook() })))
+                    }
+                    Pending::Later(future) => future.await,
+                };
+            let after: dispatch::FollowUp = Box::pin(async move {
+                drop(permit);
+                if let Some(follow_up) = follow_up {
+                    follow_up.await;
+                }
+            });
+            (response, Some(after))
+        }))
     }
 
     /// The session, if this connection may use methods of `family`.
@@ -321,6 +320,72 @@ impl Connection {
         self.session = Some(session);
         Ok(serde_json::to_value(response).unwrap_or(Value::Null))
     }
+}
+
+/// A handler's reply as the connection's pending answer, logged when it
+/// is known.
+fn answer(
+    reply: Reply,
+    method: String,
+    id: jsonrpc::RequestId,
+    started: std::time::Instant,
+) -> Pending {
+    match reply {
+        Reply::Ready(outcome) => {
+            log_request(&method, &id, started, outcome.as_ref().err());
+            Pending::Ready(Response::new(Some(id), outcome))
+        }
+        Reply::Rendered(outcome) => {
+            log_request(&method, &id, started, outcome.as_ref().err());
+            Pending::Ready(Response::rendered(Some(id), outcome))
+        }
+        Reply::ReadyThen(outcome, hook) => {
+            log_request(&method, &id, started, outcome.as_ref().err());
+            Pending::ReadyThen(Response::new(Some(id), outcome), hook)
+        }
+        Reply::Later(future) => Pending::Later(Box::pin(async move {
+            let outcome = future.await;
+            log_request(&method, &id, started, outcome.as_ref().err());
+            (Response::new(Some(id), outcome), None)
+        })),
+        Reply::LaterRendered(future) => Pending::Later(Box::pin(async move {
+            let outcome = future.await;
+            log_request(&method, &id, started, outcome.as_ref().err());
+            (Response::rendered(Some(id), outcome), None)
+        })),
+        Reply::LaterWithBytes(future) => Pending::Later(Box::pin(async move {
+            let outcome = future.await;
+            log_request(&method, &id, started, outcome.as_ref().err());
+            let response = match outcome {
+                Ok((result, bytes)) => Response::with_bytes(Some(id), result, bytes),
+                Err(err) => Response::err(Some(id), err),
+            };
+            (response, None)
+        })),
+        Reply::LaterThen(future) => Pending::Later(Box::pin(async move {
+            let (outcome, follow_up) = future.await;
+            log_request(&method, &id, started, outcome.as_ref().err());
+            (Response::new(Some(id), outcome), follow_up)
+        })),
+    }
+}
+
+/// Requests that never wait for a turn under `--concurrent-requests`: the
+/// reference's control lane (info, status, signal, terminate, fs/close),
+/// plus the long-poll `process/read`, so that a waiting read can't hold
+/// up the terminate that would end it, and this server's session ending.
+fn is_control(method: &str) -> bool {
+    matches!(
+        method,
+        method::ENVIRONMENT_INFO
+            | method::ENVIRONMENT_STATUS
+            | method::PROCESS_SIGNAL
+            | method::PROCESS_TERMINATE
+            | method::PROCESS_READ
+            | method::FS_CLOSE
+            | dispatch::SERVER_STATUS
+            | dispatch::SESSION_END
+    )
 }
 
 /// One debug line per answered request: method, id, how long it took, and

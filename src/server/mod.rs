@@ -17,6 +17,7 @@ mod files;
 pub mod lane;
 pub mod persist;
 pub mod session;
+mod turns;
 
 /// Server settings (the command-line flags).
 #[derive(Debug, Clone)]
@@ -48,6 +49,10 @@ pub struct Config {
     /// Binary frames are granted to clients that ask (not with
     /// `--no-binary-frames`).
     pub binary_frames: bool,
+    /// `--concurrent-requests N`: at most N ordinary requests of a
+    /// connection run at once, started in arrival order (1: one after
+    /// another, as the reference does by default); `None`: no limit.
+    pub concurrent_requests: Option<usize>,
 }
 
 impl Default for Config {
@@ -65,6 +70,7 @@ impl Default for Config {
             insecure_listen: false,
             ws_ping_every: Duration::from_secs(30),
             binary_frames: true,
+            concurrent_requests: None,
         }
     }
 }

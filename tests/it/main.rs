@@ -7,6 +7,7 @@ mod client;
 mod containment;
 mod descriptors;
 mod doors;
+mod dropin;
 mod errors;
 mod flood;
 mod frames;

@@ -232,6 +232,30 @@ impl Server {
         self.take(|m| m["id"] == id, &format!("the response to request {id}"))
     }
 
+    /// Whether the response with `id` stays away for `wait` (what arrives
+    /// meanwhile is kept).
+    pub fn no_response_for(&mut self, id: i64, wait: Duration) -> bool {
+        if self.backlog.iter().any(|m| m["id"] == id) {
+            return false;
+        }
+        let deadline = Instant::now() + wait;
+        while let Some(msg) = self.recv_line(deadline.saturating_duration_since(Instant::now())) {
+            let found = msg["id"] == id;
+            self.backlog.push_back(msg);
+            if found {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The id the next [`Server::request`] will use; for requests sent by
+    /// hand with [`Server::send`] meanwhile, take ids from here.
+    pub fn take_id(&mut self) -> i64 {
+        self.next_id += 1;
+        self.next_id - 1
+    }
+
     /// Wait for a notification matching `pred`.
     pub fn notification(&mut self, pred: impl Fn(&Value) -> bool) -> Value {
         self.take(
