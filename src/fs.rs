@@ -21,8 +21,11 @@ use crate::protocol::{WirePath, path_to_uri};
 pub const MAX_HANDLES: usize = 128;
 /// Longest handle id, in bytes.
 pub const MAX_HANDLE_ID: usize = 32;
-/// Largest block one `fs/readBlock` returns.
-pub const MAX_BLOCK: usize = 16 * 1024 * 1024;
+/// Largest block one `fs/readBlock` returns (the reference's bound).
+pub const MAX_BLOCK: usize = 1024 * 1024;
+/// Most entries one `fs/readDirectory` answers (the reference's bound: a
+/// longer answer would pass the 262,144 JSON values its client decodes).
+pub const MAX_DIRECTORY_ENTRIES: usize = 50_000;
 
 fn yes() -> bool {
     true
@@ -51,6 +54,9 @@ pub struct CreateDirectoryParams {
     pub path: WirePath,
     #[serde(default)]
     pub recursive: Option<bool>,
+    /// One directory of mode 0700, made atomically (no parents).
+    #[serde(default)]
+    pub private: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -94,6 +100,8 @@ pub struct WalkOptions {
     pub max_directories: usize,
     pub max_entries: usize,
     pub follow_directory_symlinks: bool,
+    /// Directories whose name starts with `.` are listed, not entered.
+    pub prune_hidden_directories: bool,
 }
 
 impl Default for WalkOptions {
@@ -106,6 +114,7 @@ impl Default for WalkOptions {
             max_directories: WALK_DEFAULT_MAX_DIRECTORIES as usize,
             max_entries: WALK_DEFAULT_MAX_ENTRIES as usize,
             follow_directory_symlinks: false,
+            prune_hidden_directories: false,
         }
     }
 }
@@ -163,18 +172,16 @@ fn open_regular(path: &Path, follow: bool) -> Result<(File, fs::Metadata)> {
     let meta = file
         .metadata()
         .map_err(|e| fs_error(format!("failed to stat {}", shown(path)), &e))?;
-    if meta.is_dir() {
-        return Err(Error::InvalidInput {
-            kind: "isADirectory",
-            message: format!("{} is a directory", shown(path)),
-            errno: Some(libc::EISDIR),
-        });
-    }
     if !meta.is_file() {
+        // The reference's words; what it is travels in `data`.
+        let (kind, errno) = match meta.is_dir() {
+            true => ("isADirectory", Some(libc::EISDIR)),
+            false => ("notARegularFile", None),
+        };
         return Err(Error::InvalidInput {
-            kind: "notARegularFile",
-            message: format!("{} is not a regular file", shown(path)),
-            errno: None,
+            kind,
+            message: format!("path `{}` is not a file", shown(path)),
+            errno,
         });
     }
     Ok((file, meta))
@@ -190,23 +197,22 @@ pub fn read_file(p: PathParams, max_message_bytes: usize) -> Result<Value> {
     // itself stops just past the limit (at a page boundary: some of them,
     // such as `pagemap`, refuse reads of odd sizes).
     let limit = (max_message_bytes.saturating_sub(64) / 4 * 3) as u64;
-    let too_large = |size: String| Error::InvalidInput {
+    // The reference's words, with this server's limit (what fits one
+    // message); fs/open and fs/readBlock read any size.
+    let too_large = || Error::InvalidInput {
         kind: "fileTooLarge",
-        message: format!(
-            "{} is {size} bytes, too large for fs/readFile; read it in blocks with fs/open and fs/readBlock",
-            shown(path),
-        ),
+        message: format!("file is too large to read: limit is {limit} bytes"),
         errno: None,
     };
     if meta.len() > limit {
-        return Err(too_large(meta.len().to_string()));
+        return Err(too_large());
     }
     let mut data = Vec::with_capacity(meta.len() as usize);
     file.take((limit / 4096 + 1) * 4096)
         .read_to_end(&mut data)
         .map_err(|e| fs_error(format!("failed to read {}", shown(path)), &e))?;
     if data.len() as u64 > limit {
-        return Err(too_large(format!("more than {limit}")));
+        return Err(too_large());
     }
     Ok(json!({ "dataBase64": b64(&data) }))
 }
@@ -239,12 +245,21 @@ fn write_target(path: &Path, follow: bool) -> Result<PathBuf> {
 
 /// `fs/writeFile`: write a temporary file beside the target, then rename it
 /// over the target, so a reader sees the old file or the new one, never
-/// half of one. An existing file's permission bits and owner are kept.
+/// half of one. An existing file's permission bits and owner are kept. A
+/// file with more than one name (hard links) is written in place instead,
+/// so that every name sees the new content, as the reference does.
 pub fn write_file(p: WriteFileParams) -> Result<Value> {
     let data = base64::engine::general_purpose::STANDARD
         .decode(p.data_base64.as_bytes())
-        .map_err(|e| Error::InvalidParams(format!("dataBase64 is not valid base64: {e}")))?;
+        .map_err(|e| Error::InvalidInput {
+            kind: "invalidBase64",
+            message: format!("fs/writeFile requires valid base64 dataBase64: {e}"),
+            errno: None,
+        })?;
     let target = write_target(&p.path.0, p.follow_symlinks)?;
+    if fs::symlink_metadata(&target).is_ok_and(|m| m.is_file() && m.nlink() > 1) {
+        return write_in_place(&target, &data);
+    }
     let dir = target.parent().unwrap_or(Path::new("/"));
     let name = target
         .file_name()
@@ -269,6 +284,21 @@ pub fn write_file(p: WriteFileParams) -> Result<Value> {
             &err,
         ));
     }
+    Ok(json!({}))
+}
+
+/// Truncate and write the file itself (its inode, and so every hard link
+/// of it); never through a link planted at the last moment.
+fn write_in_place(target: &Path, data: &[u8]) -> Result<Value> {
+    use std::io::Write;
+    let what = || format!("failed to write {}", shown(target));
+    let mut file = OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(target)
+        .map_err(|e| fs_error(what(), &e))?;
+    file.write_all(data).map_err(|e| fs_error(what(), &e))?;
     Ok(json!({}))
 }
 
@@ -297,16 +327,33 @@ fn create_temp(dir: &Path, name: &std::ffi::OsStr) -> Result<(PathBuf, File)> {
     ))
 }
 
-/// `fs/createDirectory`.
+/// `fs/createDirectory`: with its parents unless `recursive: false` (the
+/// reference's default); `private`: one directory of mode 0700, made so
+/// (mkdir with that mode, not chmod after), failing if it exists.
 pub fn create_directory(p: CreateDirectoryParams) -> Result<Value> {
     let path = &p.path.0;
-    let result = if p.recursive.unwrap_or(false) {
+    if p.private && p.recursive == Some(true) {
+        return Err(private_refused());
+    }
+    let result = if p.private {
+        use std::os::unix::fs::DirBuilderExt;
+        fs::DirBuilder::new().mode(0o700).create(path)
+    } else if p.recursive.unwrap_or(true) {
         fs::create_dir_all(path)
     } else {
         fs::create_dir(path)
     };
     result.map_err(|e| fs_error(format!("failed to create directory {}", shown(path)), &e))?;
     Ok(json!({}))
+}
+
+/// `private` with `recursive: true` or a `sandbox`: the reference's refusal.
+pub fn private_refused() -> Error {
+    Error::InvalidInput {
+        kind: "invalidInput",
+        message: "private directories must be non-recursive and unsandboxed".into(),
+        errno: None,
+    }
 }
 
 fn millis(time: io::Result<std::time::SystemTime>) -> i64 {
@@ -339,7 +386,7 @@ pub fn get_metadata(p: PathParams) -> Result<Value> {
 }
 
 /// `fs/readDirectory`: entries sorted by name; a link counts as what it
-/// points to.
+/// points to (a dangling one is neither file nor directory).
 pub fn read_directory(p: PathParams) -> Result<Value> {
     let path = &p.path.0;
     let what = || format!("failed to read directory {}", shown(path));
@@ -358,23 +405,33 @@ pub fn read_directory(p: PathParams) -> Result<Value> {
             is_file: file_type.is_file(),
         });
     }
+    if entries.len() > MAX_DIRECTORY_ENTRIES {
+        return Err(Error::Internal {
+            message: format!(
+                "fs/readDirectory returned {} entries; limit is {MAX_DIRECTORY_ENTRIES}",
+                entries.len()
+            ),
+            errno: None,
+        });
+    }
     entries.sort_by(|a, b| a.file_name.cmp(&b.file_name));
     Ok(json!({ "entries": entries }))
 }
 
-/// `fs/remove`. A link is removed, never what it points to.
+/// `fs/remove`. A link is removed, never what it points to. `recursive` and
+/// `force` default to true, as in the reference.
 pub fn remove(p: RemoveParams) -> Result<Value> {
     let path = &p.path.0;
     let what = || format!("failed to remove {}", shown(path));
     let meta = match fs::symlink_metadata(path) {
         Ok(meta) => meta,
-        Err(err) if err.kind() == io::ErrorKind::NotFound && p.force.unwrap_or(false) => {
+        Err(err) if err.kind() == io::ErrorKind::NotFound && p.force.unwrap_or(true) => {
             return Ok(json!({}));
         }
         Err(err) => return Err(fs_error(what(), &err)),
     };
     let result = if meta.is_dir() {
-        if p.recursive.unwrap_or(false) {
+        if p.recursive.unwrap_or(true) {
             fs::remove_dir_all(path)
         } else {
             fs::remove_dir(path)
@@ -387,11 +444,28 @@ pub fn remove(p: RemoveParams) -> Result<Value> {
 }
 
 /// `fs/copy`: a file (with its mode), a link as a link, or with
-/// `recursive` a whole tree. A directory's destination must not exist.
+/// `recursive` a whole tree, whose special files (FIFOs, sockets, devices)
+/// are left out. A directory's destination must not exist.
 pub fn copy(p: CopyParams) -> Result<Value> {
     let (src, dst) = (&p.source_path.0, &p.destination_path.0);
     let what = || format!("failed to copy {} to {}", shown(src), shown(dst));
     let meta = fs::symlink_metadata(src).map_err(|e| fs_error(what(), &e))?;
+    let kind = meta.file_type();
+    if !(kind.is_file() || kind.is_dir() || kind.is_symlink()) {
+        return Err(Error::InvalidInput {
+            kind: "notARegularFile",
+            message: "fs/copy only supports regular files, directories, and symlinks".into(),
+            errno: None,
+        });
+    }
+    let into_itself = || Error::InvalidInput {
+        kind: "invalidInput",
+        message: "fs/copy cannot copy a directory to itself or one of its descendants".into(),
+        errno: None,
+    };
+    if meta.is_dir() && same_file(src, dst) {
+        return Err(into_itself());
+    }
     if same_file(src, dst) {
         return Err(Error::InvalidInput {
             kind: "sameFile",
@@ -403,17 +477,13 @@ pub fn copy(p: CopyParams) -> Result<Value> {
         if !p.recursive {
             return Err(Error::InvalidInput {
                 kind: "isADirectory",
-                message: format!("{} is a directory; copying it needs recursive", shown(src)),
+                message: "fs/copy requires recursive: true when sourcePath is a directory".into(),
                 errno: Some(libc::EISDIR),
             });
         }
         if let (Ok(s), Some(parent)) = (fs::canonicalize(src), dst.parent()) {
             if fs::canonicalize(parent).is_ok_and(|d| d.starts_with(&s)) {
-                return Err(Error::InvalidInput {
-                    kind: "invalidInput",
-                    message: format!("cannot copy {} into itself", shown(src)),
-                    errno: None,
-                });
+                return Err(into_itself());
             }
         }
     }
@@ -513,7 +583,11 @@ fn copy_tree(src: &Path, dst: &Path, meta: &fs::Metadata) -> io::Result<()> {
         for entry in fs::read_dir(src)? {
             let entry = entry?;
             let child_meta = fs::symlink_metadata(entry.path())?;
-            copy_tree(&entry.path(), &dst.join(entry.file_name()), &child_meta)?;
+            let child = child_meta.file_type();
+            // FIFOs, sockets and devices are not copied (as the reference).
+            if child.is_file() || child.is_dir() || child.is_symlink() {
+                copy_tree(&entry.path(), &dst.join(entry.file_name()), &child_meta)?;
+            }
         }
         fs::set_permissions(dst, fs::Permissions::from_mode(meta.mode() & 0o7777))
     } else if kind.is_file() {
@@ -556,7 +630,11 @@ pub fn canonicalize(p: PathParams) -> Result<Value> {
 }
 
 /// `fs/walk`: breadth-first below `path` (not including it), within the
-/// limits; `truncated` says a limit cut the walk short.
+/// limits; `truncated` says a limit cut the walk short. Entry paths are
+/// `file:` URIs and kinds `directory` or `file` (the reference's two): a
+/// link counts as what it points to, and is entered only with
+/// `followDirectorySymlinks`; a dangling link is left out, and so is
+/// anything that is neither a directory nor a regular file.
 pub fn walk(p: WalkParams) -> Result<Value> {
     let root = &p.path.0;
     let opts = &p.options;
@@ -585,7 +663,7 @@ pub fn walk(p: WalkParams) -> Result<Value> {
             Ok(listing) => listing,
             Err(err) => {
                 errors.push(
-                    json!({"path": dir.to_string_lossy(), "message": crate::error::os_text(&err)}),
+                    json!({"path": path_to_uri(&dir), "message": crate::error::os_text(&err)}),
                 );
                 continue;
             }
@@ -598,25 +676,35 @@ pub fn walk(p: WalkParams) -> Result<Value> {
                 break 'walk;
             }
             let path = child.path();
-            let file_type = match child.file_type() {
+            let mut file_type = match child.file_type() {
                 Ok(t) => t,
                 Err(err) => {
-                    errors.push(json!({"path": path.to_string_lossy(), "message": crate::error::os_text(&err)}));
+                    errors.push(
+                        json!({"path": path_to_uri(&path), "message": crate::error::os_text(&err)}),
+                    );
                     continue;
                 }
             };
+            let link = file_type.is_symlink();
+            if link {
+                match fs::metadata(&path) {
+                    Ok(meta) => file_type = meta.file_type(),
+                    // Dangling (or a loop): not an entry.
+                    Err(_) => continue,
+                }
+            }
             let kind = if file_type.is_dir() {
                 "directory"
             } else if file_type.is_file() {
                 "file"
-            } else if file_type.is_symlink() {
-                "symlink"
             } else {
-                "other"
+                continue;
             };
-            entries.push(json!({"path": path.to_string_lossy(), "kind": kind}));
+            entries.push(json!({"path": path_to_uri(&path), "kind": kind}));
+            let hidden = child.file_name().as_encoded_bytes().starts_with(b".");
             let descend = file_type.is_dir()
-                || (file_type.is_symlink() && opts.follow_directory_symlinks && path.is_dir());
+                && (!link || opts.follow_directory_symlinks)
+                && !(hidden && opts.prune_hidden_directories);
             if descend {
                 if depth + 1 >= opts.max_depth {
                     truncated = true;
@@ -665,33 +753,32 @@ pub struct Handles {
 
 impl Handles {
     /// `fs/open`: `opener` opens the file (here, or in a sandboxed helper).
+    /// The checks and their words are the reference's.
     pub fn open(&self, p: OpenParams, opener: impl FnOnce(&Path) -> Result<File>) -> Result<Value> {
-        if p.handle_id.is_empty() || p.handle_id.len() > MAX_HANDLE_ID {
-            return Err(Error::InvalidParams(format!(
-                "handleId must be 1 to {MAX_HANDLE_ID} bytes, got {}",
-                p.handle_id.len()
-            )));
-        }
+        check_handle_id(&p.handle_id)?;
+        let full = || {
+            Error::InvalidRequest(format!(
+                "at most {MAX_HANDLES} file reads may be open per connection"
+            ))
+        };
+        let taken =
+            || Error::InvalidRequest(format!("file read handle `{}` already exists", p.handle_id));
         {
             let files = lock(&self.files);
             if files.contains_key(&p.handle_id) {
-                return Err(Error::InvalidRequest(format!(
-                    "handle {} is already open",
-                    p.handle_id
-                )));
+                return Err(taken());
             }
             if files.len() >= MAX_HANDLES {
-                return Err(Error::InvalidRequest(format!(
-                    "too many open handles: at most {MAX_HANDLES} per connection"
-                )));
+                return Err(full());
             }
         }
         let file = opener(&p.path.0)?;
         let mut files = lock(&self.files);
+        if files.contains_key(&p.handle_id) {
+            return Err(taken());
+        }
         if files.len() >= MAX_HANDLES {
-            return Err(Error::InvalidRequest(format!(
-                "too many open handles: at most {MAX_HANDLES} per connection"
-            )));
+            return Err(full());
         }
         files.insert(p.handle_id.clone(), Arc::new(file));
         Ok(json!({ "handleId": p.handle_id }))
@@ -701,47 +788,57 @@ impl Handles {
         lock(&self.files)
             .get(id)
             .cloned()
-            .ok_or_else(|| Error::InvalidRequest(format!("unknown handle id {id}")))
+            .ok_or_else(|| Error::NotFound {
+                message: format!("unknown file read handle `{id}`"),
+                errno: None,
+            })
     }
 
-    /// `fs/readBlock`: up to `len` bytes at `offset`; `eof` once the end of
-    /// the file is reached.
-    /// The bytes at `offset`, and whether they reach the end of the file.
+    /// `fs/readBlock`: up to `len` bytes (1 to 1 MiB) at `offset`; `eof`
+    /// when fewer than `len` came back. A read that fails closes the
+    /// handle.
     pub fn read_block(&self, p: ReadBlockParams) -> Result<(Vec<u8>, bool)> {
+        check_handle_id(&p.handle_id)?;
+        if !(1..=MAX_BLOCK).contains(&p.len) {
+            return Err(Error::InvalidRequest(format!(
+                "file read block length must be between 1 and {MAX_BLOCK}"
+            )));
+        }
         let file = self.get(&p.handle_id)?;
-        let len = p.len.min(MAX_BLOCK);
-        let mut buf = vec![0u8; len];
+        let mut buf = vec![0u8; p.len];
         let mut filled = 0;
-        while filled < len {
-            match file.read_at(&mut buf[filled..], p.offset + filled as u64) {
+        while filled < p.len {
+            let at = p.offset.saturating_add(filled as u64);
+            match file.read_at(&mut buf[filled..], at) {
                 Ok(0) => break,
                 Ok(n) => filled += n,
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
                 Err(err) => {
+                    lock(&self.files).remove(&p.handle_id);
                     return Err(fs_error(
-                        format!("failed to read handle {}", p.handle_id),
+                        format!("failed to read file read handle `{}`", p.handle_id),
                         &err,
                     ));
                 }
             }
         }
         buf.truncate(filled);
-        let size = file
-            .metadata()
-            .map_err(|e| fs_error(format!("failed to stat handle {}", p.handle_id), &e))?
-            .len();
-        let eof = p.offset + filled as u64 >= size;
-        Ok((buf, eof))
+        Ok((buf, filled < p.len))
     }
 
-    /// `fs/close`.
+    /// `fs/close`; closing a handle that is not open succeeds.
     pub fn close(&self, p: HandleParams) -> Result<Value> {
-        match lock(&self.files).remove(&p.handle_id) {
-            Some(_) => Ok(json!({})),
-            None => Err(Error::InvalidRequest(format!(
-                "unknown handle id {}",
-                p.handle_id
-            ))),
-        }
+        check_handle_id(&p.handle_id)?;
+        lock(&self.files).remove(&p.handle_id);
+        Ok(json!({}))
     }
+}
+
+fn check_handle_id(id: &str) -> Result<()> {
+    if id.len() > MAX_HANDLE_ID {
+        return Err(Error::InvalidRequest(format!(
+            "file read handle ID must not exceed {MAX_HANDLE_ID} bytes"
+        )));
+    }
+    Ok(())
 }

@@ -126,6 +126,11 @@ pub struct WalkOptions {
     pub max_entries: u32,
     /// Descend into links to directories.
     pub follow_directory_symlinks: bool,
+    /// List directories whose name starts with `.` without entering them
+    /// (sent only when true: a reference server older than the option
+    /// would not know it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub prune_hidden_directories: bool,
 }
 
 impl Default for WalkOptions {
@@ -138,6 +143,7 @@ impl Default for WalkOptions {
             max_directories: WALK_DEFAULT_MAX_DIRECTORIES,
             max_entries: WALK_DEFAULT_MAX_ENTRIES,
             follow_directory_symlinks: false,
+            prune_hidden_directories: false,
         }
     }
 }
@@ -169,6 +175,12 @@ impl WalkOptions {
     /// Descend into links to directories.
     pub fn follow_directory_symlinks(mut self, yes: bool) -> Self {
         self.follow_directory_symlinks = yes;
+        self
+    }
+
+    /// List hidden directories (`.git`, `.cache`) without entering them.
+    pub fn prune_hidden_directories(mut self, yes: bool) -> Self {
+        self.prune_hidden_directories = yes;
         self
     }
 }

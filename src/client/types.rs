@@ -86,10 +86,17 @@ pub struct Walk {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(default)]
 pub struct WalkEntry {
-    /// Its path.
-    pub path: String,
-    /// `file`, `directory`, `symlink` or `other`.
+    /// Its path (sent as a `file:` URI, as the reference does).
+    #[serde(deserialize_with = "wire_path")]
+    pub path: std::path::PathBuf,
+    /// `directory` or `file` (a link counts as what it points to).
     pub kind: String,
+}
+
+/// A path the server sent as a `file:` URI (or, from an older server, a
+/// native path).
+fn wire_path<'de, D: serde::Deserializer<'de>>(d: D) -> Result<std::path::PathBuf, D::Error> {
+    crate::protocol::WirePath::deserialize(d).map(|p| p.0)
 }
 
 /// A path `fs/walk` could not read.
@@ -97,7 +104,8 @@ pub struct WalkEntry {
 #[serde(default)]
 pub struct WalkError {
     /// The path.
-    pub path: String,
+    #[serde(deserialize_with = "wire_path")]
+    pub path: std::path::PathBuf,
     /// Why.
     pub message: String,
 }

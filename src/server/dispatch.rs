@@ -483,6 +483,12 @@ fn lane_job<T: Send + 'static>(
 
 /// Every path-based `fs/*` method: here, or in a sandboxed helper.
 fn fs_method(ctx: &Ctx, name: &str, params: Value) -> Reply {
+    if name == method::FS_CREATE_DIRECTORY
+        && params["private"] == true
+        && !params["sandbox"].is_null()
+    {
+        return Reply::Ready(Err(fs::private_refused()));
+    }
     on_lane(ctx, name, params, |ctx, name, rules, params| {
         let max = ctx.server.config.max_message_bytes;
         if name == method::FS_READ_FILE {

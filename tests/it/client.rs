@@ -235,6 +235,17 @@ async fn typed_results_for_metadata_listings_walks_and_info() {
     assert!(!walk.truncated);
     let kinds: Vec<&str> = walk.entries.iter().map(|e| e.kind.as_str()).collect();
     assert_eq!(kinds, ["directory", "file"], "{walk:?}");
+    // The URIs on the wire come back as paths.
+    assert_eq!(walk.entries[0].path, dir.path().join("sub"));
+    std::fs::create_dir_all(dir.path().join(".hidden/inside")).unwrap();
+    let options = exec_server::client::WalkOptions::new().prune_hidden_directories(true);
+    let pruned = client.walk(dir.path(), &options).await.unwrap();
+    let paths: Vec<_> = pruned.entries.iter().map(|e| e.path.clone()).collect();
+    assert!(paths.contains(&dir.path().join(".hidden")), "{pruned:?}");
+    assert!(
+        !paths.contains(&dir.path().join(".hidden/inside")),
+        "{pruned:?}"
+    );
     let info = client.environment_info().await.unwrap();
     assert_eq!(info.os, "linux");
     assert!(info.cwd.starts_with("file://"), "{info:?}");
