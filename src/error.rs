@@ -93,6 +93,15 @@ pub enum Error {
          for their processes to take them (the limit is {limit}); retry once they have"
     )]
     WritesPending { waiting: usize, limit: usize },
+    /// An I/O failure of a known kind that the reference answers -32603
+    /// (an existing path, a non-empty directory, a read-only filesystem):
+    /// `kind` names it.
+    #[error("{message}")]
+    IoFailed {
+        kind: &'static str,
+        message: String,
+        errno: Option<i32>,
+    },
     /// Anything else, usually an I/O failure.
     #[error("{message}")]
     Internal { message: String, errno: Option<i32> },
@@ -120,7 +129,7 @@ impl Error {
             | InvalidInput { .. } => code::INVALID_REQUEST,
             MethodNotFound(_) => code::METHOD_NOT_FOUND,
             InvalidParams(_) | SandboxUnavailable(_) => code::INVALID_PARAMS,
-            SpawnFailed { .. } | Internal { .. } => code::INTERNAL_ERROR,
+            SpawnFailed { .. } | Internal { .. } | IoFailed { .. } => code::INTERNAL_ERROR,
             NotFound { .. } => code::NOT_FOUND,
             SessionAttached(_) => code::SESSION_ATTACHED,
             Overloaded { .. } | WritesPending { .. } => code::OVERLOADED,
@@ -148,7 +157,7 @@ impl Error {
             SessionAttached(_) => "sessionAttached",
             SessionTakenOver => "sessionTakenOver",
             MessageTooLarge { .. } => "messageTooLarge",
-            InvalidInput { kind, .. } => kind,
+            InvalidInput { kind, .. } | IoFailed { kind, .. } => kind,
             Overloaded { .. } | WritesPending { .. } => "overloaded",
             Internal { .. } | Forwarded(_) => "internal",
         }
@@ -161,6 +170,7 @@ impl Error {
             | Error::NotFound { errno, .. }
             | Error::PermissionDenied { errno, .. }
             | Error::InvalidInput { errno, .. }
+            | Error::IoFailed { errno, .. }
             | Error::Internal { errno, .. } => *errno,
             _ => None,
         }
@@ -209,29 +219,42 @@ pub fn os_text(err: &io::Error) -> String {
 
 /// A filesystem error: `what` names the operation and the path (for
 /// example "failed to read /tmp/x"); the OS error decides the code and kind.
+/// The codes are the reference's, which goes by the error's class: not
+/// found -32004, permission denied and invalid input -32600, anything else
+/// (an existing path, a non-empty directory, a read-only filesystem...)
+/// -32603; `data.kind` says which it was.
 pub fn fs_error(what: impl std::fmt::Display, err: &io::Error) -> Error {
     let message = format!("{what}: {}", os_text(err));
     let errno = err.raw_os_error();
-    let invalid = |kind| Error::InvalidInput {
+    let failed = |kind| Error::IoFailed {
         kind,
         message: message.clone(),
         errno,
     };
     match errno {
         Some(libc::ENOENT) => Error::NotFound { message, errno },
-        // EXDEV: Landlock refuses a link or rename that would carry a file
-        // out of what its rules allow (the unsandboxed rename handles a
-        // real cross-filesystem move before it gets here).
-        Some(libc::EACCES | libc::EPERM | libc::EROFS | libc::EXDEV) => {
-            Error::PermissionDenied { message, errno }
-        }
-        Some(libc::EISDIR) => invalid("isADirectory"),
-        Some(libc::ENOTDIR) => invalid("notADirectory"),
-        Some(libc::ENOTEMPTY) => invalid("directoryNotEmpty"),
-        Some(libc::EEXIST) => invalid("alreadyExists"),
-        Some(libc::ELOOP) => invalid("tooManySymlinks"),
-        Some(libc::EINVAL | libc::ENAMETOOLONG) => invalid("invalidInput"),
-        None if err.kind() == io::ErrorKind::InvalidInput => invalid("invalidInput"),
+        Some(libc::EACCES | libc::EPERM) => Error::PermissionDenied { message, errno },
+        // EROFS: a sandbox's read-only mount. EXDEV: Landlock refuses a
+        // link or rename that would carry a file out of what its rules
+        // allow (the unsandboxed rename handles a real cross-filesystem
+        // move before it gets here). Both are denials, of the -32603 class.
+        Some(libc::EROFS | libc::EXDEV) => failed("permissionDenied"),
+        Some(libc::EISDIR) => failed("isADirectory"),
+        Some(libc::ENOTDIR) => failed("notADirectory"),
+        Some(libc::ENOTEMPTY) => failed("directoryNotEmpty"),
+        Some(libc::EEXIST) => failed("alreadyExists"),
+        Some(libc::ELOOP) => failed("tooManySymlinks"),
+        Some(libc::ENAMETOOLONG) => failed("invalidInput"),
+        Some(libc::EINVAL) => Error::InvalidInput {
+            kind: "invalidInput",
+            message,
+            errno,
+        },
+        None if err.kind() == io::ErrorKind::InvalidInput => Error::InvalidInput {
+            kind: "invalidInput",
+            message,
+            errno,
+        },
         _ => Error::Internal { message, errno },
     }
 }
