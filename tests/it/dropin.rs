@@ -122,3 +122,60 @@ fn a_count_of_zero_is_refused_at_start() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--concurrent-requests"));
 }
+
+/// `workspaceRoots: []` (explicitly empty): no workspace root is writable,
+/// not even the server's own (its cwd, the default root), and what the
+/// policy lets it read still runs and reads, in a process and in an fs
+/// method. The same policy without `workspaceRoots` writes the server's
+/// root: the emptiness is what made the difference.
+#[test]
+fn an_empty_workspace_roots_list_makes_no_root_writable_and_starts_fine() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let mut cmd = std::process::Command::new(crate::support::bin());
+    cmd.arg("--stdio").current_dir(&root);
+    let mut s = Server::from_command(cmd);
+    s.handshake();
+    let policy = |roots: Option<Value>| {
+        let mut sandbox = json!({"permissions": {"type": "managed", "network": "restricted",
+            "file_system": {"type": "restricted", "entries": [
+                {"path": {"type": "special", "value": {"kind": "root"}}, "access": "read"},
+                {"path": {"type": "special", "value": {"kind": "project_roots"}}, "access": "write"}]}}});
+        if let Some(roots) = roots {
+            sandbox["workspaceRoots"] = roots;
+        }
+        sandbox
+    };
+    let script = "cat /etc/hostname >/dev/null && echo read; echo x > f && echo wrote";
+    let run = |s: &mut Server, id: &str, sandbox: Value| {
+        s.start_process(
+            id,
+            &["/bin/sh", "-c", script],
+            json!({"cwd": root.to_str().unwrap(), "sandbox": sandbox}),
+        );
+        let (out, _) = s.collect(id);
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let out = run(&mut s, "empty", policy(Some(json!([]))));
+    assert!(out.contains("read\n"), "{out}");
+    assert!(!out.contains("wrote"), "{out}");
+    assert!(!root.join("f").exists());
+    let file = s.call(
+        "fs/readFile",
+        json!({"path": "/etc/hostname", "sandbox": policy(Some(json!([])))}),
+    );
+    assert!(file["dataBase64"].is_string());
+    let write = s.request(
+        "fs/writeFile",
+        json!({"path": root.join("g").to_str().unwrap(), "dataBase64": "eA==",
+            "sandbox": policy(Some(json!([])))}),
+    );
+    assert_eq!(
+        write["error"]["data"]["kind"], "permissionDenied",
+        "{write}"
+    );
+    // Absent: the server's own root (its cwd).
+    let out = run(&mut s, "absent", policy(None));
+    assert!(out.contains("wrote"), "{out}");
+    assert!(root.join("f").exists());
+}
