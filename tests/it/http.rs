@@ -496,3 +496,79 @@ fn redirects_to_other_schemes_fail() {
         assert_eq!(r["status"], 302, "{r}");
     }
 }
+
+/// The reference's Cloudflare cookie store: for ChatGPT's hosts, the
+/// allowlisted cookies a response sets are sent on later requests (from
+/// any connection of the server) where their domain, host and `Secure`
+/// allow; a session cookie set beside them never is, and no other host
+/// gets any. (The hosts are reached through the executor's proxy: the
+/// test server, which records what each request carried.)
+#[test]
+fn cloudflare_cookies_of_chatgpt_hosts_are_kept_and_nothing_else() {
+    let proxy = Web::start("127.0.0.1");
+    let proxy_url = format!("http://{}", proxy.addr);
+    let mut cmd = Command::new(bin());
+    for var in [
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+        "no_proxy",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.env("HTTP_PROXY", &proxy_url).env("NO_PROXY", "");
+    let mut s = Server::start_unix_command(cmd);
+    s.handshake();
+    let get = |s: &mut Server, url: &str, headers: Value| {
+        let r = s.call(
+            "http/request",
+            json!({"method": "GET", "url": url, "headers": headers, "requestId": "c"}),
+        );
+        assert!(r["status"].is_u64(), "{url}: {r}");
+        let seen = proxy.seen();
+        let last = seen.last().unwrap();
+        assert_eq!(last.path, url);
+        last.header("cookie").map(str::to_string)
+    };
+    assert_eq!(
+        get(&mut s, "http://chatgpt.com/cf-cookies", json!([])),
+        None
+    );
+    // Another connection of the same server.
+    s.reconnect_unix();
+    s.handshake();
+    // The host that set them gets both of its own (not the session cookie,
+    // not the Secure one over plain http).
+    assert_eq!(
+        get(&mut s, "http://chatgpt.com/x", json!([])).as_deref(),
+        Some("__cf_bm=bm1; _cfuvid=u1")
+    );
+    // A subdomain gets the Domain one only; the other families none.
+    assert_eq!(
+        get(&mut s, "http://api.chatgpt.com/x", json!([])).as_deref(),
+        Some("__cf_bm=bm1")
+    );
+    for other in [
+        "http://example.com/x",
+        "http://evilchatgpt.com/x",
+        "http://chatgpt.com.example.net/x",
+        "http://chat.openai.com/x",
+    ] {
+        assert_eq!(get(&mut s, other, json!([])), None, "{other}");
+    }
+    // A caller's own Cookie is sent as it is.
+    assert_eq!(
+        get(
+            &mut s,
+            "http://chatgpt.com/x",
+            json!([{"name": "Cookie", "value": "mine=1"}])
+        )
+        .as_deref(),
+        Some("mine=1")
+    );
+    // Max-Age=0 and an Expires in the past delete.
+    get(&mut s, "http://chatgpt.com/cf-forget", json!([]));
+    assert_eq!(get(&mut s, "http://chatgpt.com/x", json!([])), None);
+}

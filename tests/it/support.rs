@@ -104,6 +104,20 @@ impl Server {
         server
     }
 
+    /// [`Server::start_unix`] from a prepared command (its environment):
+    /// `--listen unix:PATH` is added.
+    pub fn start_unix_command(mut cmd: Command) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("exec.sock");
+        let listen = format!("unix:{}", path.display());
+        cmd.args(["--listen", &listen]);
+        let (child, first) = listening(cmd);
+        assert_eq!(first, listen);
+        let mut server = Server::attach_unix(child, &path);
+        server._socket_dir = Some(dir);
+        server
+    }
+
     /// A connection to the Unix socket `path` of the running server `child`.
     pub fn attach_unix(child: Child, path: &std::path::Path) -> Server {
         let stream = std::os::unix::net::UnixStream::connect(path).unwrap();

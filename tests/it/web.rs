@@ -6,7 +6,9 @@
 //! Routes: `/hello` (200 `hello`), `/echo` (the request's method, path,
 //! headers and body length as JSON), `/redirect?code=N&to=URL` (a
 //! redirect), `/bytes?mib=N` (N MiB of a known pattern, streamed),
-//! `/stall` (headers, then nothing for 30 s), anything else 404.
+//! `/stall` (headers, then nothing for 30 s), `.../cf-cookies` and
+//! `.../cf-forget` (Cloudflare cookies set and deleted, for the cookie
+//! store), anything else 404.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -170,6 +172,20 @@ fn handle<S: Read + Write>(stream: S, log: &Mutex<Vec<Seen>>) {
         let _ = stream.write_all(body);
         let _ = stream.flush();
     };
+    // Reached as a proxy (absolute-form target): ChatGPT's hosts set
+    // Cloudflare cookies (and a session cookie) here.
+    if path.ends_with("/cf-cookies") {
+        let cookies = "Set-Cookie: __cf_bm=bm1; Path=/; Domain=.chatgpt.com; HttpOnly\r\n\
+                       Set-Cookie: session=secret; Path=/\r\n\
+                       Set-Cookie: _cfuvid=u1; Path=/\r\n\
+                       Set-Cookie: __cflb=lb1; Path=/; Secure\r\n";
+        return respond(&mut stream, "200 OK", cookies, b"");
+    }
+    if path.ends_with("/cf-forget") {
+        let cookies = "Set-Cookie: __cf_bm=; Path=/; Domain=chatgpt.com; Max-Age=0\r\n\
+                       Set-Cookie: _cfuvid=; Path=/; Expires=Thu, 01 Jan 1970 00:00:01 GMT\r\n";
+        return respond(&mut stream, "200 OK", cookies, b"");
+    }
     match path {
         "/hello" => respond(&mut stream, "200 OK", "X-Test: yes\r\n", b"hello"),
         "/echo" => {

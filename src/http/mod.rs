@@ -8,6 +8,8 @@
 //! request (URL, header values, bodies) is ever logged, and error texts
 //! leave the URL out.
 
+mod cookies;
+
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -206,7 +208,15 @@ impl Request {
                 turn
             }
         };
-        let mut request = client.request(self.method, self.url).headers(self.headers);
+        // The reference's Cloudflare cookies for ChatGPT's hosts; a
+        // `Cookie` the caller sent is left as it is.
+        let mut headers = self.headers;
+        if !headers.contains_key(reqwest::header::COOKIE)
+            && let Some(kept) = cookies::header_for(&self.url)
+        {
+            headers.insert(reqwest::header::COOKIE, kept);
+        }
+        let mut request = client.request(self.method, self.url).headers(headers);
         if let Some(body) = self.body {
             request = request.body(body);
         }
@@ -218,6 +228,7 @@ impl Request {
             .await
             .map_err(|e| failed("http/request failed", e))?;
         let status = response.status().as_u16();
+        cookies::remember(response.url(), response.headers());
         if self.redirects == Redirects::Follow && unfollowable_redirect(&response) {
             // The client follows every http(s) redirect; one it handed
             // back points somewhere it must not go (`file:`, `data:`,
