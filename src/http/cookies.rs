@@ -183,7 +183,7 @@ fn parse(text: &str, host: &str) -> Option<Cookie> {
 fn http_date(text: &str) -> Option<SystemTime> {
     let text = text.split_once(',').map_or(text, |(_, rest)| rest).trim();
     let fields: Vec<&str> = text
-        .split(|c: char| c == ' ' || c == '-')
+        .split([' ', '-'])
         .filter(|f| !f.is_empty())
         .collect();
     let [day, month, year, time, ..] = fields.as_slice() else {
