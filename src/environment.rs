@@ -48,7 +48,7 @@ pub fn info(workspace_roots: &[PathBuf], containment: &str) -> Value {
             "networkProxyLaunch": crate::net::PROXY_LAUNCH,
             "sandboxedFileStreaming": true,
             "environmentConfigRead": false,
-            "capabilityDiscoverySandbox": false,
+            "capabilityDiscoverySandbox": true,
             "tty": true,
             "pipeStdin": true,
             "closeStdin": true,

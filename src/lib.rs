@@ -94,6 +94,8 @@ pub mod client;
 )]
 pub mod wire_contract {}
 #[cfg(feature = "server")]
+mod capabilities;
+#[cfg(feature = "server")]
 mod endpoints;
 #[cfg(feature = "server")]
 mod env_policy;

@@ -43,6 +43,7 @@ pub mod method {
     pub const FS_READ_BLOCK: &str = "fs/readBlock";
     pub const FS_CLOSE: &str = "fs/close";
     pub const HTTP_REQUEST: &str = "http/request";
+    pub const CAPABILITY_ROOTS_DISCOVER: &str = "capabilityRoots/discoverV1";
     pub const HTTP_BODY_DELTA: &str = "http/request/bodyDelta";
     pub const NETWORK_POLICY_REQUEST: &str = "network/policyRequest";
     pub const NETWORK_POLICY_DECISION: &str = "network/policyDecision";

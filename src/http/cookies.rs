@@ -182,10 +182,7 @@ fn parse(text: &str, host: &str) -> Option<Cookie> {
 /// `Thu, 03 Dec 2026 18:30:00 GMT` (and its `03-Dec-2026` variant).
 fn http_date(text: &str) -> Option<SystemTime> {
     let text = text.split_once(',').map_or(text, |(_, rest)| rest).trim();
-    let fields: Vec<&str> = text
-        .split([' ', '-'])
-        .filter(|f| !f.is_empty())
-        .collect();
+    let fields: Vec<&str> = text.split([' ', '-']).filter(|f| !f.is_empty()).collect();
     let [day, month, year, time, ..] = fields.as_slice() else {
         return None;
     };

@@ -134,5 +134,8 @@ fn serve() -> Result<Value> {
             .map_err(|e| Error::io("failed to send the opened file", &e))?;
         return Ok(json!({}));
     }
+    if request.method == crate::capabilities::SCAN_ROOT {
+        return crate::capabilities::scan_root(request.params);
+    }
     crate::fs::run_method(&request.method, request.params, request.max_message_bytes)
 }

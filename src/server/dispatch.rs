@@ -133,6 +133,7 @@ pub fn route(name: &str) -> Option<Route> {
         method::FS_READ_BLOCK => ("filesystem", fs_read_block),
         method::FS_CLOSE => ("filesystem", fs_close),
         method::HTTP_REQUEST => ("http", http_request),
+        method::CAPABILITY_ROOTS_DISCOVER => ("capability discovery", discover_capabilities),
         _ => return None,
     };
     Some(Route { family, handler })
@@ -548,4 +549,48 @@ fn http_request(ctx: &Ctx, name: &str, params: Value) -> Reply {
         }
         Err(err) => Reply::Ready(Err(err)),
     }
+}
+
+/// `capabilityRoots/discoverV1`: each root scanned on the connection's
+/// lane, here or inside the root's own sandbox; a root whose sandbox can't
+/// be had gets its `error`, the others their findings, in request order.
+fn discover_capabilities(ctx: &Ctx, name: &str, params: Value) -> Reply {
+    use crate::capabilities::{self, DiscoverParams};
+    let params: DiscoverParams = match decode(name, params).and_then(|p: DiscoverParams| {
+        capabilities::check(&p)?;
+        Ok(p)
+    }) {
+        Ok(p) => p,
+        Err(err) => return Reply::Ready(Err(err)),
+    };
+    let job_ctx = ctx.clone();
+    let done = ctx.conn.lane.run(move || {
+        let max = job_ctx.server.config.max_message_bytes;
+        let roots = &job_ctx.server.workspace_roots;
+        let found: Vec<Value> = params
+            .roots
+            .into_iter()
+            .map(|root| {
+                let path = root.path.0;
+                let scan =
+                    serde_json::json!({"id": root.id, "path": crate::protocol::path_to_uri(&path)});
+                let answer = match sandbox::rules(root.sandbox.as_ref(), None, roots) {
+                    Ok(None) => capabilities::scan_root(scan),
+                    Ok(Some(rules)) => {
+                        sandbox::helper::run(&rules, capabilities::SCAN_ROOT, &scan, max)
+                            .map(|(value, _)| value)
+                    }
+                    Err(err) => Err(err),
+                };
+                answer.unwrap_or_else(|err| capabilities::failed(&root.id, &path, err.to_string()))
+            })
+            .collect();
+        serde_json::json!({ "roots": found })
+    });
+    Reply::Later(Box::pin(async move {
+        done.await.ok_or_else(|| Error::Internal {
+            message: "the filesystem worker stopped".into(),
+            errno: None,
+        })
+    }))
 }

@@ -179,3 +179,161 @@ fn an_empty_workspace_roots_list_makes_no_root_writable_and_starts_fine() {
     assert!(out.contains("wrote"), "{out}");
     assert!(root.join("f").exists());
 }
+
+fn write(path: &std::path::Path, text: &[u8]) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, text).unwrap();
+}
+
+fn uri(path: &std::path::Path) -> String {
+    format!("file://{}", path.to_str().unwrap())
+}
+
+/// `capabilityRoots/discoverV1`: a plugin root's manifest and its declared
+/// MCP file (a declaration that leaves the root is a warning), every
+/// `SKILL.md` with its `agents/openai.yaml`, sorted, nested plugin
+/// manifests as namespaces, files skipped with a warning when too large
+/// or not UTF-8, a root that is no directory as that root's error, all in
+/// request order; more than 128 roots is -32600.
+#[test]
+fn capability_discovery_finds_plugins_and_skills_per_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = std::fs::canonicalize(dir.path()).unwrap();
+    let plugin = base.join("plugin");
+    write(
+        &plugin.join(".codex-plugin/plugin.json"),
+        br#"{"name": "p", "mcpServers": "./servers.json", "apps": "../outside.json"}"#,
+    );
+    write(&plugin.join("servers.json"), br#"{"mcpServers": {}}"#);
+    write(&base.join("outside.json"), b"{}");
+    write(&plugin.join("skills/b/SKILL.md"), b"# b");
+    write(&plugin.join("skills/a/SKILL.md"), b"# a");
+    write(&plugin.join("skills/a/agents/openai.yaml"), b"name: a");
+    write(&plugin.join(".hidden/h/SKILL.md"), b"# hidden");
+    write(
+        &plugin.join("nested/.claude-plugin/plugin.json"),
+        br#"{"name": "n"}"#,
+    );
+    write(&plugin.join("nested/s/SKILL.md"), b"# nested");
+    write(&plugin.join("bad/SKILL.md"), b"\xff\xfe not utf-8");
+    write(&plugin.join("big/SKILL.md"), &vec![b'x'; (1 << 20) + 1]);
+    let file = base.join("file");
+    write(&file, b"x");
+    let mut s = Server::started(&[]);
+    let r = s.call(
+        "capabilityRoots/discoverV1",
+        json!({"roots": [
+            {"id": "one", "path": uri(&plugin)},
+            {"id": "two", "path": uri(&file)},
+            {"id": "three", "path": uri(&plugin.join("skills"))},
+        ]}),
+    );
+    let roots = r["roots"].as_array().unwrap();
+    assert_eq!(roots.len(), 3);
+    let one = &roots[0];
+    assert_eq!(one["id"], "one");
+    assert_eq!(one["path"], uri(&plugin));
+    assert_eq!(one["error"], Value::Null);
+    assert_eq!(
+        one["plugin"]["manifest"]["path"],
+        uri(&plugin.join(".codex-plugin/plugin.json"))
+    );
+    assert_eq!(
+        one["plugin"]["mcpConfig"]["contents"],
+        r#"{"mcpServers": {}}"#
+    );
+    assert_eq!(one["plugin"]["appsConfig"], Value::Null);
+    let skills: Vec<&str> = one["skills"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["instructions"]["path"].as_str().unwrap())
+        .collect();
+    let want: Vec<String> = [".hidden/h", "nested/s", "skills/a", "skills/b"]
+        .iter()
+        .map(|p| uri(&plugin.join(p).join("SKILL.md")))
+        .collect();
+    assert_eq!(skills, want);
+    let a = &one["skills"][2];
+    assert_eq!(a["metadata"]["contents"], "name: a");
+    assert_eq!(one["skills"][3]["metadata"], Value::Null);
+    let namespaces: Vec<&str> = one["namespaceManifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        namespaces,
+        [
+            uri(&plugin.join(".codex-plugin/plugin.json")),
+            uri(&plugin.join("nested/.claude-plugin/plugin.json")),
+        ]
+    );
+    let warnings = one["warnings"].to_string();
+    assert!(warnings.contains("apps"), "{warnings}");
+    assert!(
+        warnings.contains("bad/SKILL.md") && warnings.contains("not UTF-8"),
+        "{warnings}"
+    );
+    assert!(
+        warnings.contains("big/SKILL.md") && warnings.contains("larger than"),
+        "{warnings}"
+    );
+    assert_eq!(
+        roots[1]["error"],
+        format!("capability root {} is not a directory", uri(&file))
+    );
+    // Below a plugin root: the ancestor's manifest names the namespace.
+    assert_eq!(roots[2]["plugin"], Value::Null);
+    assert_eq!(
+        roots[2]["namespaceManifests"][0]["path"],
+        uri(&plugin.join(".codex-plugin/plugin.json"))
+    );
+    let many: Vec<Value> = (0..129)
+        .map(|i| json!({"id": i.to_string(), "path": uri(&base)}))
+        .collect();
+    let r = s.request("capabilityRoots/discoverV1", json!({"roots": many}));
+    assert_eq!(r["error"]["code"], -32600);
+    assert_eq!(
+        r["error"]["message"],
+        "capability root discovery accepts at most 128 roots"
+    );
+    let info = s.call("environment/info", json!({}));
+    assert_eq!(info["capabilities"]["capabilityDiscoverySandbox"], true);
+}
+
+/// A sandboxed root is scanned inside its sandbox: a link to a denied
+/// place is not followed (the kernel refuses the read), the rest is found.
+#[test]
+fn sandboxed_capability_discovery_follows_only_permitted_links() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = std::fs::canonicalize(dir.path()).unwrap();
+    let root = base.join("root");
+    write(&root.join("ok/SKILL.md"), b"# ok");
+    let secret = base.join("secret");
+    write(&secret.join("s/SKILL.md"), b"# secret");
+    std::os::unix::fs::symlink(&secret, root.join("link")).unwrap();
+    let mut s = Server::started(&[]);
+    let sandbox = json!({"permissions": {"type": "managed", "network": "restricted", "file_system": {
+        "type": "restricted", "entries": [
+            {"path": {"type": "special", "value": {"kind": "root"}}, "access": "read"},
+            {"path": {"type": "path", "path": secret.to_str().unwrap()}, "access": "deny"}]}}});
+    let r = s.call(
+        "capabilityRoots/discoverV1",
+        json!({"roots": [{"id": "r", "path": uri(&root), "sandbox": sandbox},
+                         {"id": "plain", "path": uri(&root)}]}),
+    );
+    let skills = |n: usize| -> Vec<String> {
+        r["roots"][n]["skills"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["instructions"]["contents"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(r["roots"][0]["error"], Value::Null, "{r}");
+    assert_eq!(skills(0), ["# ok"], "{r}");
+    // Without the sandbox, the link is followed.
+    assert_eq!(skills(1), ["# secret", "# ok"], "{r}");
+}
