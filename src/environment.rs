@@ -47,7 +47,7 @@ pub fn info(workspace_roots: &[PathBuf], containment: &str) -> Value {
             // server really does.
             "networkProxyLaunch": crate::net::PROXY_LAUNCH,
             "sandboxedFileStreaming": true,
-            "environmentConfigRead": false,
+            "environmentConfigRead": true,
             "capabilityDiscoverySandbox": true,
             "tty": true,
             "pipeStdin": true,

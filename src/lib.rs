@@ -98,6 +98,8 @@ mod capabilities;
 #[cfg(feature = "server")]
 mod endpoints;
 #[cfg(feature = "server")]
+mod env_config;
+#[cfg(feature = "server")]
 mod env_policy;
 #[cfg(feature = "server")]
 mod environment;

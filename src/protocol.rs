@@ -44,6 +44,7 @@ pub mod method {
     pub const FS_CLOSE: &str = "fs/close";
     pub const HTTP_REQUEST: &str = "http/request";
     pub const CAPABILITY_ROOTS_DISCOVER: &str = "capabilityRoots/discoverV1";
+    pub const ENVIRONMENT_CONFIG_READ: &str = "environmentConfig/read";
     pub const HTTP_BODY_DELTA: &str = "http/request/bodyDelta";
     pub const NETWORK_POLICY_REQUEST: &str = "network/policyRequest";
     pub const NETWORK_POLICY_DECISION: &str = "network/policyDecision";

@@ -134,6 +134,7 @@ pub fn route(name: &str) -> Option<Route> {
         method::FS_CLOSE => ("filesystem", fs_close),
         method::HTTP_REQUEST => ("http", http_request),
         method::CAPABILITY_ROOTS_DISCOVER => ("capability discovery", discover_capabilities),
+        method::ENVIRONMENT_CONFIG_READ => ("environment config", environment_config),
         _ => return None,
     };
     Some(Route { family, handler })
@@ -591,6 +592,20 @@ fn discover_capabilities(ctx: &Ctx, name: &str, params: Value) -> Reply {
         done.await.ok_or_else(|| Error::Internal {
             message: "the filesystem worker stopped".into(),
             errno: None,
+        })
+    }))
+}
+
+/// `environmentConfig/read`: the executor's config files are read on the
+/// connection's lane (blocking I/O), never in a sandbox (the call has none).
+fn environment_config(ctx: &Ctx, _name: &str, params: Value) -> Reply {
+    let done = ctx.conn.lane.run(move || crate::env_config::read(params));
+    Reply::Later(Box::pin(async move {
+        done.await.unwrap_or_else(|| {
+            Err(Error::Internal {
+                message: "the filesystem worker stopped".into(),
+                errno: None,
+            })
         })
     }))
 }

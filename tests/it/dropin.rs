@@ -337,3 +337,145 @@ fn sandboxed_capability_discovery_follows_only_permitted_links() {
     // Without the sandbox, the link is followed.
     assert_eq!(skills(1), ["# secret", "# ok"], "{r}");
 }
+
+/// `environmentConfig/read`: the executor's own Codex layers (system,
+/// user, the trusted project's from its root down to `cwd`, legacy
+/// managed; requirements), each cut down to the keys asked for, in
+/// precedence order, with the cloud insertion index after the system
+/// layer; an untrusted project adds none; bad params are -32602 and a
+/// broken file -32603, in the reference's words.
+#[test]
+fn environment_config_read_projects_the_executors_layers() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = std::fs::canonicalize(dir.path()).unwrap();
+    let (system, home, project) = (base.join("etc"), base.join("home"), base.join("work/proj"));
+    let codex_home = home.join(".codex");
+    let cwd = project.join("sub/deeper");
+    std::fs::create_dir_all(&cwd).unwrap();
+    std::fs::create_dir_all(project.join(".git")).unwrap();
+    write(
+        &system.join("config.toml"),
+        b"model = \"sys\"\nunasked = 1\n[future_environment]\nrelative_path = \"a\"\nother = 2\n",
+    );
+    let user = format!(
+        "model = \"user\"\n[projects.\"{}\"]\ntrust_level = \"trusted\"\n",
+        project.display()
+    );
+    write(&codex_home.join("config.toml"), user.as_bytes());
+    write(
+        &project.join(".codex/config.toml"),
+        b"model = \"project\"\n",
+    );
+    write(
+        &project.join("sub/.codex/config.toml"),
+        b"model = \"sub\"\n",
+    );
+    write(
+        &system.join("managed_config.toml"),
+        b"[future_environment]\nrelative_path = \"managed\"\n",
+    );
+    write(
+        &system.join("requirements.toml"),
+        b"allowed_approval_policies = [\"never\"]\nx = 1\n",
+    );
+    let start = |user_config: Option<&str>| {
+        if let Some(text) = user_config {
+            std::fs::write(codex_home.join("config.toml"), text).unwrap();
+        }
+        let mut cmd = std::process::Command::new(crate::support::bin());
+        cmd.arg("--stdio")
+            .env("HOME", &home)
+            .env_remove("CODEX_HOME")
+            .env("EXEC_SERVER_CODEX_SYSTEM_DIR", &system);
+        let mut s = Server::from_command(cmd);
+        s.handshake();
+        s
+    };
+    let params = json!({"cwd": uri(&cwd),
+        "configPaths": [["model"], ["future_environment", "relative_path"]],
+        "requirementsPaths": [["allowed_approval_policies"]]});
+    let mut s = start(None);
+    let info = s.call("environment/info", json!({}));
+    assert_eq!(info["capabilities"]["environmentConfigRead"], true);
+    let r = s.call("environmentConfig/read", params.clone());
+    assert_eq!(r["userHomeDir"], uri(&home));
+    assert_eq!(r["codexHomeDir"], uri(&codex_home));
+    assert!(r["hostname"].is_string(), "{r}");
+    let layers = r["config"]["layers"].as_array().unwrap();
+    let tables: Vec<toml::Table> = layers
+        .iter()
+        .map(|l| l["toml"].as_str().unwrap().parse().unwrap())
+        .collect();
+    let want: Vec<toml::Table> = [
+        "model = \"sys\"\n[future_environment]\nrelative_path = \"a\"\n",
+        "model = \"user\"\n",
+        "model = \"project\"\n",
+        "model = \"sub\"\n",
+        "[future_environment]\nrelative_path = \"managed\"\n",
+    ]
+    .iter()
+    .map(|t| t.parse().unwrap())
+    .collect();
+    assert_eq!(tables, want, "{r}");
+    assert_eq!(r["config"]["cloudInsertionIndex"], 1);
+    let bases: Vec<&str> = layers
+        .iter()
+        .map(|l| l["baseDir"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        bases,
+        [
+            uri(&system),
+            uri(&codex_home),
+            uri(&project.join(".codex")),
+            uri(&project.join("sub/.codex")),
+            uri(&system)
+        ]
+    );
+    let req = &r["requirements"]["layers"];
+    assert_eq!(req.as_array().unwrap().len(), 1);
+    let req: toml::Table = req[0]["toml"].as_str().unwrap().parse().unwrap();
+    assert_eq!(
+        req,
+        "allowed_approval_policies = [\"never\"]"
+            .parse::<toml::Table>()
+            .unwrap()
+    );
+    // Bad params.
+    for (bad, words) in [
+        (
+            json!({"cwd": uri(&cwd), "configPaths": [], "requirementsPaths": []}),
+            "at least one config or requirements path is required",
+        ),
+        (
+            json!({"cwd": uri(&cwd), "configPaths": [[]], "requirementsPaths": []}),
+            "TOML paths must contain at least one key segment",
+        ),
+    ] {
+        let r = s.request("environmentConfig/read", bad);
+        assert_eq!(r["error"]["code"], -32602, "{r}");
+        assert_eq!(r["error"]["message"], words);
+    }
+    drop(s);
+    // Untrusted: no project layers; only the system layer is below the
+    // cloud index, and a layer with no asked key is dropped.
+    let mut s = start(Some("unrelated = true\n"));
+    let r = s.call("environmentConfig/read", params.clone());
+    let sources: Vec<&str> = r["config"]["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["source"].as_str().unwrap())
+        .collect();
+    assert_eq!(sources.len(), 2, "{r}");
+    assert_eq!(r["config"]["cloudInsertionIndex"], 1);
+    drop(s);
+    let mut s = start(Some("model = \n"));
+    let r = s.request("environmentConfig/read", params);
+    assert_eq!(r["error"]["code"], -32603, "{r}");
+    let message = r["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("failed to load executor-local config: "),
+        "{r}"
+    );
+}
