@@ -557,17 +557,13 @@ fn http_request(ctx: &Ctx, name: &str, params: Value) -> Reply {
 /// be had gets its `error`, the others their findings, in request order.
 fn discover_capabilities(ctx: &Ctx, name: &str, params: Value) -> Reply {
     use crate::capabilities::{self, DiscoverParams};
-    let params: DiscoverParams = match decode(name, params).and_then(|p: DiscoverParams| {
-        capabilities::check(&p)?;
-        Ok(p)
-    }) {
-        Ok(p) => p,
-        Err(err) => return Reply::Ready(Err(err)),
-    };
-    let job_ctx = ctx.clone();
-    let done = ctx.conn.lane.run(move || {
-        let max = job_ctx.server.config.max_message_bytes;
-        let roots = &job_ctx.server.workspace_roots;
+    // The call has no `sandbox` of its own (each root has), so the lane
+    // job gets no rules.
+    on_lane(ctx, name, params, |ctx, name, _, params| {
+        let params: DiscoverParams = decode(name, params)?;
+        capabilities::check(&params)?;
+        let max = ctx.server.config.max_message_bytes;
+        let roots = &ctx.server.workspace_roots;
         let found: Vec<Value> = params
             .roots
             .into_iter()
@@ -586,26 +582,14 @@ fn discover_capabilities(ctx: &Ctx, name: &str, params: Value) -> Reply {
                 answer.unwrap_or_else(|err| capabilities::failed(&root.id, &path, err.to_string()))
             })
             .collect();
-        serde_json::json!({ "roots": found })
-    });
-    Reply::Later(Box::pin(async move {
-        done.await.ok_or_else(|| Error::Internal {
-            message: "the filesystem worker stopped".into(),
-            errno: None,
-        })
-    }))
+        Ok(serde_json::json!({ "roots": found }))
+    })
 }
 
 /// `environmentConfig/read`: the executor's config files are read on the
 /// connection's lane (blocking I/O), never in a sandbox (the call has none).
-fn environment_config(ctx: &Ctx, _name: &str, params: Value) -> Reply {
-    let done = ctx.conn.lane.run(move || crate::env_config::read(params));
-    Reply::Later(Box::pin(async move {
-        done.await.unwrap_or_else(|| {
-            Err(Error::Internal {
-                message: "the filesystem worker stopped".into(),
-                errno: None,
-            })
-        })
-    }))
+fn environment_config(ctx: &Ctx, name: &str, params: Value) -> Reply {
+    on_lane(ctx, name, params, |_, _, _, params| {
+        crate::env_config::read(params)
+    })
 }
