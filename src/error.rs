@@ -93,6 +93,13 @@ pub enum Error {
          for their processes to take them (the limit is {limit}); retry once they have"
     )]
     WritesPending { waiting: usize, limit: usize },
+    /// Under `--concurrent-requests`, too many bytes of this connection's
+    /// requests wait for their turn: retryable.
+    #[error(
+        "{waiting} bytes of earlier requests on this connection are waiting for their turn \
+         (--concurrent-requests; the limit is {limit}); retry once they have started"
+    )]
+    TurnsFull { waiting: usize, limit: usize },
     /// An I/O failure of a known kind that the reference answers -32603
     /// (an existing path, a non-empty directory, a read-only filesystem):
     /// `kind` names it.
@@ -132,7 +139,7 @@ impl Error {
             SpawnFailed { .. } | Internal { .. } | IoFailed { .. } => code::INTERNAL_ERROR,
             NotFound { .. } => code::NOT_FOUND,
             SessionAttached(_) => code::SESSION_ATTACHED,
-            Overloaded { .. } | WritesPending { .. } => code::OVERLOADED,
+            Overloaded { .. } | WritesPending { .. } | TurnsFull { .. } => code::OVERLOADED,
             Forwarded(error) => error["code"].as_i64().unwrap_or(code::INTERNAL_ERROR),
         }
     }
@@ -158,7 +165,7 @@ impl Error {
             SessionTakenOver => "sessionTakenOver",
             MessageTooLarge { .. } => "messageTooLarge",
             InvalidInput { kind, .. } | IoFailed { kind, .. } => kind,
-            Overloaded { .. } | WritesPending { .. } => "overloaded",
+            Overloaded { .. } | WritesPending { .. } | TurnsFull { .. } => "overloaded",
             Internal { .. } | Forwarded(_) => "internal",
         }
     }
@@ -185,7 +192,10 @@ impl Error {
         if let Some(errno) = self.errno() {
             data["errno"] = json!(errno);
         }
-        if matches!(self, Error::Overloaded { .. } | Error::WritesPending { .. }) {
+        if matches!(
+            self,
+            Error::Overloaded { .. } | Error::WritesPending { .. } | Error::TurnsFull { .. }
+        ) {
             data["retryable"] = json!(true);
         }
         json!({ "code": self.code(), "message": self.to_string(), "data": data })

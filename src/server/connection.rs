@@ -117,7 +117,7 @@ impl Connection {
         }
         match jsonrpc::parse(&bytes) {
             Incoming::Single(Err(response)) => self.send(response).await,
-            Incoming::Single(Ok(message)) => match self.handle(message) {
+            Incoming::Single(Ok(message)) => match self.handle(message, Some(bytes.len())) {
                 None => {}
                 Some(Pending::Ready(response)) => self.send(response).await,
                 Some(Pending::ReadyThen(response, hook)) => {
@@ -141,7 +141,7 @@ impl Connection {
                     .into_iter()
                     .filter_map(|item| match item {
                         Err(response) => Some(Pending::Ready(response)),
-                        Ok(message) => self.handle(message),
+                        Ok(message) => self.handle(message, None),
                     })
                     .collect();
                 if pending.is_empty() {
@@ -182,7 +182,7 @@ impl Connection {
         }
     }
 
-    fn handle(&mut self, message: Message) -> Option<Pending> {
+    fn handle(&mut self, message: Message, size: Option<usize>) -> Option<Pending> {
         match message {
             Message::Reply(reply) => {
                 let id = match &reply.id {
@@ -208,11 +208,13 @@ impl Connection {
                 tracing::debug!(method = %n.method, "ignoring an unknown notification");
                 None
             }
-            Message::Request(request) => Some(self.request(request)),
+            Message::Request(request) => Some(self.request(request, size)),
         }
     }
 
-    fn request(&mut self, request: Request) -> Pending {
+    /// `size`: the bytes of the message it came in (what waiting for a
+    /// turn holds); `None` for an item of a batch, which takes no turn.
+    fn request(&mut self, request: Request, size: Option<usize>) -> Pending {
         let Request { id, method, params } = request;
         if method == method::INITIALIZE {
             return Pending::Ready(Response::new(Some(id), self.initialize(params)));
@@ -230,13 +232,17 @@ impl Connection {
             conn: self.state.clone(),
         };
         let started = std::time::Instant::now();
-        let Some(turns) = self.turns.as_ref().filter(|_| !is_control(&method)) else {
+        let turns = self.turns.as_ref().filter(|_| !is_control(&method));
+        let (Some(turns), Some(size)) = (turns, size) else {
             return answer((route.handler)(&ctx, &method, params), method, id, started);
         };
         // `--concurrent-requests`: the place in the queue is taken now, in
         // arrival order; the handler runs when the turn comes, and the
         // turn passes on once its response is queued.
-        let turn = turns.take();
+        let turn = match turns.take(size) {
+            Ok(turn) => turn,
+            Err(error) => return Pending::Ready(Response::err(Some(id), error)),
+        };
         Pending::Later(Box::pin(async move {
             let Some(permit) = turn.await else {
                 let error = Error::Internal {

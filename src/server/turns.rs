@@ -17,8 +17,15 @@ pub struct Turns {
 
 struct State {
     free: usize,
-    waiting: VecDeque<oneshot::Sender<Permit>>,
+    waiting: VecDeque<(oneshot::Sender<Permit>, usize)>,
+    /// Bytes of the requests in `waiting` (their messages).
+    waiting_bytes: usize,
 }
+
+/// Bytes of requests one connection may have waiting for a turn; past
+/// them, ordinary requests are refused (retryable) while control requests
+/// go on being read, so the one that ends a long wait always gets in.
+pub const WAITING_BUDGET: usize = 64 << 20;
 
 /// The right to run; the next waiter gets it when this is dropped.
 pub struct Permit {
@@ -33,17 +40,28 @@ impl Turns {
             state: Arc::new(Mutex::new(State {
                 free: limit.max(1),
                 waiting: VecDeque::new(),
+                waiting_bytes: 0,
             })),
         }
     }
 
-    /// Take a place in the queue now; the future yields the permit when
-    /// every request queued before has started and one of the `limit`
-    /// places is free (`None` only if the queue went away meanwhile: the
-    /// connection is ending). A future dropped while it waits gives its
-    /// place up.
-    pub fn take(&self) -> impl Future<Output = Option<Permit>> + Send + 'static {
+    /// Take a place in the queue now for a request of `size` bytes; the
+    /// future yields the permit when every request queued before has
+    /// started and one of the `limit` places is free (`None` only if the
+    /// queue went away meanwhile: the connection is ending). A future
+    /// dropped while it waits gives its place up. Refused when the
+    /// requests already waiting hold [`WAITING_BUDGET`] bytes.
+    pub fn take(
+        &self,
+        size: usize,
+    ) -> Result<impl Future<Output = Option<Permit>> + Send + 'static, crate::error::Error> {
         let mut state = lock(&self.state);
+        if !state.waiting.is_empty() && state.waiting_bytes + size > WAITING_BUDGET {
+            return Err(crate::error::Error::TurnsFull {
+                waiting: state.waiting_bytes,
+                limit: WAITING_BUDGET,
+            });
+        }
         let ready = if state.free > 0 && state.waiting.is_empty() {
             state.free -= 1;
             Ok(Permit {
@@ -51,15 +69,16 @@ impl Turns {
             })
         } else {
             let (tx, rx) = oneshot::channel();
-            state.waiting.push_back(tx);
+            state.waiting.push_back((tx, size));
+            state.waiting_bytes += size;
             Err(rx)
         };
-        async move {
+        Ok(async move {
             match ready {
                 Ok(permit) => Some(permit),
                 Err(rx) => rx.await.ok(),
             }
-        }
+        })
     }
 }
 
@@ -70,7 +89,8 @@ impl Drop for Permit {
         };
         let mut state = lock(&shared);
         // Hand the place to the first waiter still waiting.
-        while let Some(next) = state.waiting.pop_front() {
+        while let Some((next, size)) = state.waiting.pop_front() {
+            state.waiting_bytes -= size;
             let permit = Permit {
                 state: Some(shared.clone()),
             };
@@ -98,12 +118,12 @@ mod tests {
     #[tokio::test]
     async fn turns_start_in_arrival_order_and_at_most_limit_at_once() {
         let turns = Turns::new(2);
-        let first = turns.take().await.unwrap();
-        let second = turns.take().await.unwrap();
-        let third = turns.take();
-        let fourth = turns.take();
-        let given_up = turns.take();
-        let fifth = turns.take();
+        let first = turns.take(1).unwrap().await.unwrap();
+        let second = turns.take(1).unwrap().await.unwrap();
+        let third = turns.take(1).unwrap();
+        let fourth = turns.take(1).unwrap();
+        let given_up = turns.take(1).unwrap();
+        let fifth = turns.take(1).unwrap();
         drop(given_up);
         // The fourth was polled first, but the third came first.
         let fourth = tokio::spawn(fourth);
@@ -120,5 +140,21 @@ mod tests {
         let fifth = fifth.await.unwrap();
         drop((fourth, fifth));
         assert_eq!(lock(&turns.state).free, 2);
+        assert_eq!(lock(&turns.state).waiting_bytes, 0);
+    }
+
+    #[tokio::test]
+    async fn waiting_bytes_are_bounded_but_a_free_place_is_always_taken() {
+        let turns = Turns::new(1);
+        // A free place: taken whatever the size.
+        let running = turns.take(WAITING_BUDGET * 2).unwrap().await.unwrap();
+        // The first waiter too; then the budget counts.
+        let first = turns.take(WAITING_BUDGET).unwrap();
+        assert!(turns.take(1).is_err());
+        drop(running);
+        let first = first.await.unwrap();
+        let second = turns.take(WAITING_BUDGET).unwrap();
+        drop(first);
+        drop(second.await.unwrap());
     }
 }

@@ -479,3 +479,42 @@ fn environment_config_read_projects_the_executors_layers() {
         "{r}"
     );
 }
+
+/// Under `--concurrent-requests`, what waits for a turn is bounded: past
+/// 64 MiB of waiting requests, ordinary ones are refused at once
+/// (retryable) while control requests are still read, so the terminate
+/// that ends the wait gets in, and everything accepted is then answered.
+#[test]
+fn requests_waiting_for_a_turn_are_bounded_and_the_control_lane_stays_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Server::started(&["--concurrent-requests", "1"]);
+    let waiting = stuck_write(&mut s, "w");
+    let data = b64(&vec![b'y'; 4 << 20]);
+    let ids: Vec<i64> = (0..20)
+        .map(|i| {
+            let path = dir.path().join(format!("f{i}"));
+            send(
+                &mut s,
+                "fs/writeFile",
+                json!({"path": path.to_str().unwrap(), "dataBase64": data}),
+            )
+        })
+        .collect();
+    // About 5.6 MB each: eleven fit the budget, the rest are refused now.
+    let mut refused = Vec::new();
+    for &id in &ids[11..] {
+        let r = s.response(id);
+        assert_eq!(r["error"]["code"], -32011, "{r}");
+        assert_eq!(r["error"]["data"]["kind"], "overloaded");
+        assert_eq!(r["error"]["data"]["retryable"], true);
+        refused.push(id);
+    }
+    assert!(s.no_response_for(ids[0], QUIET));
+    s.call("process/terminate", json!({"processId": "w"}));
+    assert!(s.response(waiting).is_object());
+    for &id in &ids[..11] {
+        let r = s.response(id);
+        assert!(r["result"].is_object(), "{r}");
+    }
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 11);
+}
