@@ -210,7 +210,8 @@ impl Found {
     }
 }
 
-fn scan(id: &str, root: &Path) -> Value {
+/// Scan one root here.
+pub fn scan(id: &str, root: &Path) -> Value {
     let mut found = Found::new(id, root);
     let uri = path_to_uri(root);
     match fs::metadata(root) {

@@ -241,6 +241,11 @@ pub fn fs_error(what: impl std::fmt::Display, err: &io::Error) -> Error {
         message: message.clone(),
         errno,
     };
+    let invalid = || Error::InvalidInput {
+        kind: "invalidInput",
+        message: message.clone(),
+        errno,
+    };
     match errno {
         Some(libc::ENOENT) => Error::NotFound { message, errno },
         Some(libc::EACCES | libc::EPERM) => Error::PermissionDenied { message, errno },
@@ -255,16 +260,8 @@ pub fn fs_error(what: impl std::fmt::Display, err: &io::Error) -> Error {
         Some(libc::EEXIST) => failed("alreadyExists"),
         Some(libc::ELOOP) => failed("tooManySymlinks"),
         Some(libc::ENAMETOOLONG) => failed("invalidInput"),
-        Some(libc::EINVAL) => Error::InvalidInput {
-            kind: "invalidInput",
-            message,
-            errno,
-        },
-        None if err.kind() == io::ErrorKind::InvalidInput => Error::InvalidInput {
-            kind: "invalidInput",
-            message,
-            errno,
-        },
+        Some(libc::EINVAL) => invalid(),
+        None if err.kind() == io::ErrorKind::InvalidInput => invalid(),
         _ => Error::Internal { message, errno },
     }
 }

@@ -756,30 +756,26 @@ impl Handles {
     /// The checks and their words are the reference's.
     pub fn open(&self, p: OpenParams, opener: impl FnOnce(&Path) -> Result<File>) -> Result<Value> {
         check_handle_id(&p.handle_id)?;
-        let full = || {
-            Error::InvalidRequest(format!(
-                "at most {MAX_HANDLES} file reads may be open per connection"
-            ))
-        };
-        let taken =
-            || Error::InvalidRequest(format!("file read handle `{}` already exists", p.handle_id));
-        {
-            let files = lock(&self.files);
+        // Checked before the open (no file opened for nothing) and again
+        // after it (another open of this connection may have come first).
+        let room = |files: &HashMap<String, Arc<File>>| {
             if files.contains_key(&p.handle_id) {
-                return Err(taken());
+                return Err(Error::InvalidRequest(format!(
+                    "file read handle `{}` already exists",
+                    p.handle_id
+                )));
             }
             if files.len() >= MAX_HANDLES {
-                return Err(full());
+                return Err(Error::InvalidRequest(format!(
+                    "at most {MAX_HANDLES} file reads may be open per connection"
+                )));
             }
-        }
+            Ok(())
+        };
+        room(&lock(&self.files))?;
         let file = opener(&p.path.0)?;
         let mut files = lock(&self.files);
-        if files.contains_key(&p.handle_id) {
-            return Err(taken());
-        }
-        if files.len() >= MAX_HANDLES {
-            return Err(full());
-        }
+        room(&files)?;
         files.insert(p.handle_id.clone(), Arc::new(file));
         Ok(json!({ "handleId": p.handle_id }))
     }

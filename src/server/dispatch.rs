@@ -569,11 +569,11 @@ fn discover_capabilities(ctx: &Ctx, name: &str, params: Value) -> Reply {
             .into_iter()
             .map(|root| {
                 let path = root.path.0;
-                let scan =
-                    serde_json::json!({"id": root.id, "path": crate::protocol::path_to_uri(&path)});
                 let answer = match sandbox::rules(root.sandbox.as_ref(), None, roots) {
-                    Ok(None) => capabilities::scan_root(scan),
+                    Ok(None) => Ok(capabilities::scan(&root.id, &path)),
                     Ok(Some(rules)) => {
+                        let uri = crate::protocol::path_to_uri(&path);
+                        let scan = serde_json::json!({"id": root.id, "path": uri});
                         sandbox::helper::run(&rules, capabilities::SCAN_ROOT, &scan, max)
                             .map(|(value, _)| value)
                     }
