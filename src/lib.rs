@@ -116,6 +116,12 @@ mod net;
 #[cfg(feature = "server")]
 mod process;
 mod protocol;
+/// The remote transport's parts (the relay frame, the Noise channel, the
+/// registry's calls), for an orchestrator or a test that drives a relay
+/// stream itself; `exec-server --remote`, `exec-server relay` and the
+/// client's `noise+http://` addresses are built on them.
+#[cfg(feature = "remote")]
+pub mod remote;
 #[cfg(feature = "server")]
 mod sandbox;
 #[cfg(feature = "server")]
@@ -135,6 +141,12 @@ pub mod cli {
     pub use crate::process::container::describe_host as describe_containment;
     pub use crate::process::exec::close_on_exec_from_3;
     pub use crate::process::init::{ARG as INIT_ARG, main as init_main};
+    #[cfg(feature = "remote")]
+    pub use crate::remote::executor::RemoteConfig;
+    #[cfg(feature = "remote")]
+    pub use crate::remote::registry::Secret;
+    #[cfg(feature = "remote")]
+    pub use crate::remote::relay::{RelayConfig, run as relay};
     pub use crate::sandbox::describe_host as describe_sandbox;
     pub use crate::sandbox::helper::{ARG as SANDBOX_HELPER_ARG, main as sandbox_helper_main};
     pub use crate::server::persist::{Place as PersistPlace, bridge, daemon_pid};

@@ -47,6 +47,14 @@ enum Command {
         #[arg(long, value_name = "DIR", conflicts_with = "page")]
         dir: Option<PathBuf>,
     },
+    /// Run a relay: the registry (register, connect, validate) and the
+    /// rendezvous router for remote executors, on one address. It sees
+    /// only ciphertext and holds no private key.
+    Relay(RelayArgs),
+    /// Carry this process's stdin and stdout to a server at ADDRESS
+    /// (`noise+http://HOST:PORT/ENVIRONMENT_ID`, `ws://`, `unix:`), so that
+    /// an orchestrator that spawns a stdio server reaches a remote one.
+    Bridge(BridgeArgs),
     /// Look after a --persist daemon.
     Daemon {
         #[command(subcommand)]
@@ -174,6 +182,53 @@ struct RunArgs {
     argv: Vec<String>,
 }
 
+#[derive(Debug, Args)]
+struct RelayArgs {
+    /// Where to listen: `ws://IP:PORT` (port 0 picks one; the URL is the
+    /// first line on stdout). The registry answers HTTP on the same
+    /// address.
+    #[arg(long, value_name = "ws://IP:PORT", default_value = "ws://127.0.0.1:0")]
+    listen: String,
+
+    /// A file holding the bearer token registry callers (executors and
+    /// orchestrators) must show; without it anyone who reaches the relay
+    /// may register and connect, so it must then listen on loopback.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+
+    /// A file holding the key URLs and authorizations are signed with
+    /// (default: a new one at start, so they die with the relay).
+    #[arg(long, value_name = "FILE")]
+    key_file: Option<PathBuf>,
+
+    /// The URL clients reach this relay at, when not the listening address
+    /// (behind a TLS-terminating proxy: `wss://relay.example.com`).
+    #[arg(long, value_name = "URL")]
+    public_url: Option<String>,
+
+    /// How often sockets are pinged; one silent for two intervals is
+    /// dropped.
+    #[arg(long, value_name = "MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    ping_interval_ms: u64,
+}
+
+#[derive(Debug, Args)]
+struct BridgeArgs {
+    /// The server: `noise+http://HOST:PORT/ENVIRONMENT_ID` (or
+    /// `noise+https://`), `ws://IP:PORT`, `unix:PATH`. Default: the Noise
+    /// environment CODEX_EXEC_SERVER_NOISE_REGISTRY_URL,
+    /// CODEX_EXEC_SERVER_NOISE_ENVIRONMENT_ID and
+    /// CODEX_EXEC_SERVER_NOISE_AUTH_TOKEN name.
+    #[arg(value_name = "ADDRESS")]
+    address: Option<String>,
+
+    /// For noise+http(s): a file holding the registry's bearer token
+    /// (default: $CODEX_EXEC_SERVER_NOISE_AUTH_TOKEN).
+    #[arg(long, value_name = "FILE")]
+    registry_token_file: Option<PathBuf>,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum SandboxArg {
     /// Read everything, write nothing.
@@ -281,6 +336,153 @@ struct ServeArgs {
     /// server's current directory).
     #[arg(long = "workspace-root", value_name = "DIR")]
     workspace_roots: Vec<PathBuf>,
+
+    /// Serve as a remote executor: register with the registry at URL
+    /// (`http://` or `https://`) and serve the orchestrators' Noise
+    /// streams over one outbound WebSocket to its relay.
+    #[arg(long, value_name = "URL", conflicts_with_all = ["listen", "stdio", "persist"])]
+    remote: Option<String>,
+
+    /// With --remote: the environment to register as.
+    #[arg(long, value_name = "ID", requires = "remote")]
+    environment_id: Option<String>,
+
+    /// With --remote: a name for this executor in logs.
+    #[arg(
+        long,
+        value_name = "NAME",
+        default_value = "exec-server",
+        requires = "remote"
+    )]
+    name: String,
+
+    /// With --remote: a file holding the registry's bearer token (default:
+    /// $CODEX_EXEC_SERVER_NOISE_AUTH_TOKEN). Never passed to a command.
+    #[arg(long, value_name = "FILE", requires = "remote")]
+    registry_token_file: Option<PathBuf>,
+
+    /// With --remote: shut down when stdin ends (also
+    /// CODEX_EXEC_SERVER_EXIT_ON_STDIN_CLOSE=1), to tie the executor's life
+    /// to a pipe.
+    #[arg(long)]
+    exit_on_stdin_close: bool,
+}
+
+/// The variable the registry token may come in (the reference's name).
+const TOKEN_VARIABLE: &str = "CODEX_EXEC_SERVER_NOISE_AUTH_TOKEN";
+
+/// The registry token: from `file`, else from the variable. The variable
+/// is taken out of this process's environment either way, so no command
+/// (nor server) started from here inherits it.
+fn registry_token(file: Option<&std::path::Path>) -> Result<String, String> {
+    let from_env = std::env::var(TOKEN_VARIABLE).ok();
+    // SAFETY: called before any thread of ours starts.
+    unsafe { std::env::remove_var(TOKEN_VARIABLE) };
+    match file {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(token) if !token.trim().is_empty() => Ok(token.trim().to_string()),
+            Ok(_) => Err(format!("{} holds no token", path.display())),
+            Err(err) => Err(format!("{}: {err}", path.display())),
+        },
+        None => Ok(from_env.unwrap_or_default().trim().to_string()),
+    }
+}
+
+/// A secret read from a file (trimmed, non-empty).
+fn read_secret(path: &std::path::Path) -> Result<String, String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) if !text.trim().is_empty() => Ok(text.trim().to_string()),
+        Ok(_) => Err(format!("{} is empty", path.display())),
+        Err(err) => Err(format!("{}: {err}", path.display())),
+    }
+}
+
+/// `exec-server relay`.
+fn relay(args: RelayArgs) -> ExitCode {
+    let Some(listen) = args
+        .listen
+        .strip_prefix("ws://")
+        .and_then(|a| a.trim_end_matches('/').parse::<std::net::SocketAddr>().ok())
+    else {
+        eprintln!(
+            "exec-server: invalid relay --listen `{}`; expected `ws://IP:PORT`",
+            args.listen
+        );
+        return ExitCode::from(2);
+    };
+    let token = match args.token_file.as_deref().map(read_secret).transpose() {
+        Ok(token) => token,
+        Err(err) => {
+            eprintln!("exec-server: --token-file {err}");
+            return ExitCode::from(2);
+        }
+    };
+    if token.is_none() && !listen.ip().is_loopback() {
+        eprintln!(
+            "exec-server: refusing to run a relay on {listen} without --token-file: \
+             anyone who reaches it could register an environment"
+        );
+        return ExitCode::from(2);
+    }
+    let key = match args.key_file.as_deref().map(read_secret).transpose() {
+        Ok(key) => key,
+        Err(err) => {
+            eprintln!("exec-server: --key-file {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let config = server::RelayConfig {
+        listen,
+        token: token.map(server::Secret::new),
+        key: key.map(server::Secret::new),
+        public_url: args.public_url,
+        ping_every: Duration::from_millis(args.ping_interval_ms),
+    };
+    match server::relay(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("exec-server: relay: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `exec-server bridge [ADDRESS]`.
+fn bridge(args: BridgeArgs) -> ExitCode {
+    use exec_server::client::{ClientError, ServerCommand};
+    // Read before the token variable is taken out of the environment.
+    let command = match &args.address {
+        Some(address) => ServerCommand::parse(address),
+        None => ServerCommand::from_env().unwrap_or_else(|| {
+            Err(ClientError::InvalidCommand(
+                "give an ADDRESS, or set CODEX_EXEC_SERVER_NOISE_REGISTRY_URL, \
+                 CODEX_EXEC_SERVER_NOISE_ENVIRONMENT_ID and CODEX_EXEC_SERVER_NOISE_AUTH_TOKEN"
+                    .into(),
+            ))
+        }),
+    };
+    let token = match registry_token(args.registry_token_file.as_deref()) {
+        Ok(token) => token,
+        Err(err) => {
+            eprintln!("exec-server: --registry-token-file {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let command = match command {
+        Ok(command) if token.is_empty() => command,
+        Ok(command) => command.registry_token(token),
+        Err(err) => {
+            eprintln!("exec-server: bridge: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    match exec_server::client::bridge_stdio(command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("exec-server: bridge: {err}");
+            ExitCode::from(125)
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -329,6 +531,12 @@ fn main() -> ExitCode {
     }
     if let Some(Command::Man { page, dir }) = cli.command {
         return man(page.as_deref(), dir.as_deref());
+    }
+    if let Some(Command::Relay(args)) = cli.command {
+        return relay(args);
+    }
+    if let Some(Command::Bridge(args)) = cli.command {
+        return bridge(args);
     }
     if let Some(Command::Daemon { action, persist }) = cli.command {
         return daemon(action, &persist);
@@ -490,7 +698,44 @@ fn serve(cli: ServeArgs) -> ExitCode {
     if cli.stdio && !listen.contains(&server::Listen::Stdio) {
         listen.push(server::Listen::Stdio);
     }
-    if listen.is_empty() {
+    let exit_on_stdin_close = cli.exit_on_stdin_close
+        || std::env::var("CODEX_EXEC_SERVER_EXIT_ON_STDIN_CLOSE")
+            .is_ok_and(|v| matches!(v.trim(), "1" | "true" | "yes"));
+    if exit_on_stdin_close && cli.remote.is_none() {
+        eprintln!("exec-server: --exit-on-stdin-close is only valid with --remote");
+        return ExitCode::from(2);
+    }
+    let remote = match &cli.remote {
+        Some(url) => {
+            let environment_id = cli
+                .environment_id
+                .as_deref()
+                .map(str::trim)
+                .unwrap_or_default();
+            if environment_id.is_empty() {
+                eprintln!(
+                    "exec-server: environment id is required for remote exec-server registration"
+                );
+                return ExitCode::from(2);
+            }
+            let token = match registry_token(cli.registry_token_file.as_deref()) {
+                Ok(token) => token,
+                Err(err) => {
+                    eprintln!("exec-server: --registry-token-file {err}");
+                    return ExitCode::from(2);
+                }
+            };
+            Some(server::RemoteConfig {
+                registry: url.clone(),
+                environment_id: environment_id.to_string(),
+                name: cli.name.clone(),
+                token: server::Secret::new(token),
+                ping_every: Duration::from_millis(cli.ws_ping_interval_ms),
+            })
+        }
+        None => None,
+    };
+    if listen.is_empty() && remote.is_none() {
         eprintln!("exec-server: nothing to do; try `exec-server --stdio` or --help");
         return ExitCode::from(2);
     }
@@ -564,6 +809,8 @@ fn serve(cli: ServeArgs) -> ExitCode {
         binary_frames: !cli.no_binary_frames,
         concurrent_requests: cli.concurrent_requests.map(|n| n as usize),
         workspace_roots: cli.workspace_roots,
+        remote,
+        exit_on_stdin_close,
     };
     match server::run(config, &listen) {
         Ok(()) => ExitCode::SUCCESS,

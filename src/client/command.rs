@@ -35,6 +35,19 @@ pub struct ServerCommand {
     /// (default 30 s; 75 s while the server says the session is still
     /// attached to a connection it has not seen die).
     pub reconnect_for: Option<std::time::Duration>,
+    /// For a Noise address (`noise+http://…`): the registry's bearer token
+    /// (default: `CODEX_EXEC_SERVER_NOISE_AUTH_TOKEN`, read at connect).
+    pub registry_token: Option<RegistryToken>,
+}
+
+/// A registry bearer token: never shown by `Debug`.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct RegistryToken(pub String);
+
+impl std::fmt::Debug for RegistryToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RegistryToken(<redacted>)")
+    }
 }
 
 impl ServerCommand {
@@ -50,6 +63,7 @@ impl ServerCommand {
             keepalive: None,
             binary_frames: true,
             reconnect_for: None,
+            registry_token: None,
         }
     }
 
@@ -92,6 +106,9 @@ impl ServerCommand {
         if line.trim().starts_with("ws://") {
             return Ok(ServerCommand::ws(line.trim()));
         }
+        if line.trim().starts_with("noise+") {
+            return ServerCommand::noise(line.trim());
+        }
         let words = split_words(line)?;
         let mut words = words.into_iter();
         let program = words
@@ -116,6 +133,60 @@ impl ServerCommand {
         let mut command = ServerCommand::new(&url);
         command.url = Some(url);
         command
+    }
+
+    /// An executor behind a relay: `noise+http://HOST:PORT/ENVIRONMENT_ID`
+    /// (or `noise+https://`). Each connection asks the registry there for
+    /// a bundle, and runs the Noise handshake with the executor's pinned
+    /// key; the registry token is [`ServerCommand::registry_token`], by
+    /// default `CODEX_EXEC_SERVER_NOISE_AUTH_TOKEN`.
+    pub fn noise(address: impl Into<String>) -> Result<Self, ClientError> {
+        let address = address.into();
+        #[cfg(feature = "remote")]
+        super::noise::Target::parse(&address).map_err(ClientError::InvalidCommand)?;
+        #[cfg(not(feature = "remote"))]
+        return Err(ClientError::InvalidCommand(format!(
+            "{address}: this build has no remote executors (the `remote` feature)"
+        )));
+        #[cfg(feature = "remote")]
+        {
+            let mut command = ServerCommand::new(&address);
+            command.url = Some(address);
+            Ok(command)
+        }
+    }
+
+    /// The Noise environment the reference orchestrator's variables name
+    /// (`CODEX_EXEC_SERVER_NOISE_REGISTRY_URL`, `..._ENVIRONMENT_ID`,
+    /// `..._AUTH_TOKEN`): `None` when none is set, an error when only some
+    /// are.
+    pub fn from_env() -> Option<Result<Self, ClientError>> {
+        let get = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        let url = get("CODEX_EXEC_SERVER_NOISE_REGISTRY_URL");
+        let id = get("CODEX_EXEC_SERVER_NOISE_ENVIRONMENT_ID");
+        let token = get("CODEX_EXEC_SERVER_NOISE_AUTH_TOKEN");
+        match (url, id, token) {
+            (None, None, None) => None,
+            (Some(url), Some(id), Some(token)) => Some(
+                ServerCommand::noise(format!(
+                    "noise+{}/{}",
+                    url.trim().trim_end_matches('/'),
+                    id.trim()
+                ))
+                .map(|c| c.registry_token(token)),
+            ),
+            _ => Some(Err(ClientError::InvalidCommand(
+                "Noise environment requires CODEX_EXEC_SERVER_NOISE_REGISTRY_URL, \
+                 CODEX_EXEC_SERVER_NOISE_ENVIRONMENT_ID, and CODEX_EXEC_SERVER_NOISE_AUTH_TOKEN"
+                    .into(),
+            ))),
+        }
+    }
+
+    /// The registry bearer token of a Noise address.
+    pub fn registry_token(mut self, token: impl Into<String>) -> Self {
+        self.registry_token = Some(RegistryToken(token.into()));
+        self
     }
 
     /// Keep trying to resume a lost session for `how_long` (see

@@ -498,12 +498,13 @@ pub(super) async fn connect(
 ) -> Result<Arc<Conn>, ClientError> {
     let shown = command.display();
     if let Some(url) = &command.url {
-        let (stdin, stdout) = ws_lines(url, command.keepalive.unwrap_or(WS_KEEPALIVE))
-            .await
-            .map_err(|message| ClientError::Spawn {
-                command: shown.clone(),
-                message,
-            })?;
+        let (stdin, stdout) =
+            url_lines(command, url)
+                .await
+                .map_err(|message| ClientError::Spawn {
+                    command: shown.clone(),
+                    message,
+                })?;
         let io = Io {
             stdin,
             stdout,
@@ -561,6 +562,113 @@ pub(super) async fn connect(
     };
     handshake(shown, client_name, resume, command.binary_frames, io).await
 }
+
+/// The pipes of a server at `url`: `ws://`, or `noise+http(s)://`.
+async fn url_lines(
+    command: &ServerCommand,
+    url: &str,
+) -> Result<
+    (
+        Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
+        Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+    ),
+    String,
+> {
+    let keepalive = command.keepalive.unwrap_or(WS_KEEPALIVE);
+    if url.starts_with("noise+") {
+        #[cfg(feature = "remote")]
+        {
+            let target = super::noise::Target::parse(url)?;
+            let token = match &command.registry_token {
+                Some(token) => token.0.clone(),
+                None => std::env::var(super::noise::AUTH_TOKEN_VARIABLE).unwrap_or_default(),
+            };
+            return super::noise::lines(&target, token.trim(), keepalive).await;
+        }
+        #[cfg(not(feature = "remote"))]
+        return Err("this build has no remote executors (the `remote` feature)".into());
+    }
+    ws_lines(url, keepalive).await
+}
+
+/// Carry this process's stdin to the server `command` reaches (a Noise
+/// address, a WebSocket or a Unix socket) and its messages to stdout,
+/// until either side ends: a remote server seen as a spawned one.
+pub fn bridge_stdio(command: ServerCommand) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let address = command.display();
+    let outcome = runtime.block_on(async move {
+        let (mut write, mut read) = match (&command.url, &command.socket) {
+            (Some(url), _) => url_lines(&command, url).await?,
+            (None, Some(path)) => {
+                trusted_socket(path)?;
+                let stream = tokio::net::UnixStream::connect(path)
+                    .await
+                    .map_err(|e| crate::error::os_text(&e))?;
+                trusted_listener(&stream)?;
+                let (r, w) = stream.into_split();
+                (
+                    Box::new(w) as Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
+                    Box::new(r) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+                )
+            }
+            (None, None) => {
+                return Err(format!(
+                    "{address}: expected noise+http://HOST:PORT/ENVIRONMENT_ID, ws://IP:PORT or unix:PATH"
+                ));
+            }
+        };
+        // Stdin's end stops the sending; what the server still says
+        // (answers to the last requests) is carried until it has been
+        // quiet for BRIDGE_DRAIN, then the stream is closed (the session
+        // detaches, as when a pipe closes).
+        let mut stdin = tokio::io::stdin();
+        let mut stdout = tokio::io::stdout();
+        let mut up = vec![0u8; 64 * 1024];
+        let mut down = vec![0u8; 64 * 1024];
+        let mut stdin_open = true;
+        let mut quiet_until = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                n = stdin.read(&mut up), if stdin_open => match n {
+                    Ok(n) if n > 0 => {
+                        if write.write_all(&up[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    _ => {
+                        stdin_open = false;
+                        quiet_until = tokio::time::Instant::now() + BRIDGE_DRAIN;
+                    }
+                },
+                n = read.read(&mut down) => match n {
+                    Ok(n) if n > 0 => {
+                        if stdout.write_all(&down[..n]).await.is_err()
+                            || stdout.flush().await.is_err()
+                        {
+                            break;
+                        }
+                        quiet_until = tokio::time::Instant::now() + BRIDGE_DRAIN;
+                    }
+                    _ => break,
+                },
+                () = tokio::time::sleep_until(quiet_until), if !stdin_open => break,
+            }
+        }
+        let _ = write.shutdown().await;
+        Ok(())
+    });
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    outcome
+}
+
+/// How long a bridge whose stdin ended still waits for the server's last
+/// words.
+const BRIDGE_DRAIN: Duration = Duration::from_millis(300);
 
 /// How often a WebSocket server is pinged by default.
 const WS_KEEPALIVE: Duration = Duration::from_secs(30);

@@ -44,14 +44,16 @@ use crate::sync::lock;
 mod command;
 mod connection;
 mod error;
+#[cfg(feature = "remote")]
+mod noise;
 pub mod policy;
 mod process;
 pub mod run;
 mod types;
 
-pub use command::ServerCommand;
-pub use connection::SERVER_STDERR_TARGET;
+pub use command::{RegistryToken, ServerCommand};
 pub(crate) use connection::{Conn, Note};
+pub use connection::{SERVER_STDERR_TARGET, bridge_stdio};
 use connection::{connect, connect_resuming};
 pub use error::ClientError;
 pub use policy::{EnvPolicy, Inherit, Sandbox, WalkOptions};

@@ -53,6 +53,11 @@ pub struct Config {
     /// connection run at once, started in arrival order (1: one after
     /// another, as the reference does by default); `None`: no limit.
     pub concurrent_requests: Option<usize>,
+    /// `--remote URL --environment-id ID`: serve a relay's Noise streams.
+    #[cfg(feature = "remote")]
+    pub remote: Option<crate::remote::executor::RemoteConfig>,
+    /// `--exit-on-stdin-close` (remote mode): stdin's end ends the server.
+    pub exit_on_stdin_close: bool,
 }
 
 impl Default for Config {
@@ -71,6 +76,9 @@ impl Default for Config {
             ws_ping_every: Duration::from_secs(30),
             binary_frames: true,
             concurrent_requests: None,
+            #[cfg(feature = "remote")]
+            remote: None,
+            exit_on_stdin_close: false,
         }
     }
 }
@@ -251,6 +259,10 @@ pub fn run(config: Config, listen: &[Listen]) -> std::io::Result<()> {
         for bound in ws_listeners {
             accepting.spawn(accept_ws(server.clone(), bound));
         }
+        #[cfg(feature = "remote")]
+        if let Some(remote) = server.config.remote.clone() {
+            tokio::spawn(crate::remote::executor::run(server.clone(), remote));
+        }
         let (stdio_writer, mut serve_stdio) = if stdio {
             let io = stdio::start(server.config.max_message_bytes);
             let serve = tokio::spawn(connection::serve(server.clone(), io.transport));
@@ -258,11 +270,13 @@ pub fn run(config: Config, listen: &[Listen]) -> std::io::Result<()> {
         } else {
             (None, None)
         };
+        let watch_stdin = server.config.exit_on_stdin_close;
         let stdin_closed = async {
             match &mut serve_stdio {
                 Some(serve) => {
                     let _ = serve.await;
                 }
+                None if watch_stdin => stdin_eof().await,
                 None => std::future::pending::<()>().await,
             }
         };
@@ -315,6 +329,24 @@ pub fn run(config: Config, listen: &[Listen]) -> std::io::Result<()> {
     })?;
     runtime.shutdown_timeout(Duration::from_millis(100));
     Ok(())
+}
+
+/// Returns once stdin ends (its bytes are read and dropped).
+async fn stdin_eof() {
+    let _ = tokio::task::spawn_blocking(|| {
+        use std::io::Read;
+        let mut buf = [0u8; 4096];
+        let mut stdin = std::io::stdin().lock();
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    })
+    .await;
 }
 
 /// A pid file, removed when dropped.

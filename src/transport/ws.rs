@@ -268,7 +268,7 @@ fn encode_message(message: &Outgoing) -> Vec<u8> {
 }
 
 /// Read up to the end of the request head (`\r\n\r\n`).
-async fn read_head(stream: &mut TcpStream) -> io::Result<Vec<u8>> {
+pub(crate) async fn read_head(stream: &mut TcpStream) -> io::Result<Vec<u8>> {
     let mut head = Vec::with_capacity(1024);
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -305,7 +305,12 @@ async fn respond(stream: &mut TcpStream, status: &str) -> io::Result<()> {
 
 /// A whole HTTP answer, then the end of the connection. `headers` are
 /// extra lines, each ending in CRLF.
-async fn answer(stream: &mut TcpStream, status: &str, headers: &str, body: &str) -> io::Result<()> {
+pub(crate) async fn answer(
+    stream: &mut TcpStream,
+    status: &str,
+    headers: &str,
+    body: &str,
+) -> io::Result<()> {
     let response = format!(
         "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{headers}connection: close\r\n\r\n{body}",
         body.len()
@@ -315,7 +320,7 @@ async fn answer(stream: &mut TcpStream, status: &str, headers: &str, body: &str)
 }
 
 /// `%XX` escapes decoded (a malformed one kept as it is).
-fn percent_decode(raw: &[u8]) -> Vec<u8> {
+pub(crate) fn percent_decode(raw: &[u8]) -> Vec<u8> {
     let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
     let mut out = Vec::with_capacity(raw.len());
     let mut i = 0;
@@ -334,7 +339,7 @@ fn percent_decode(raw: &[u8]) -> Vec<u8> {
 }
 
 /// Equal, in time that depends on the lengths only.
-fn same(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn same(a: &[u8], b: &[u8]) -> bool {
     let mut diff = a.len() ^ b.len();
     for (i, &x) in a.iter().enumerate() {
         diff |= usize::from(x ^ b.get(i).copied().unwrap_or(0));
@@ -344,10 +349,21 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 
 /// The TCP stream with the request head it already gave handed out again
 /// first, for the WebSocket handshake to read.
-struct Replay {
+pub(crate) struct Replay {
     head: Vec<u8>,
     at: usize,
     stream: TcpStream,
+}
+
+impl Replay {
+    /// `stream`, which already gave `head`.
+    pub(crate) fn new(head: Vec<u8>, stream: TcpStream) -> Replay {
+        Replay {
+            head,
+            at: 0,
+            stream,
+        }
+    }
 }
 
 impl AsyncRead for Replay {

@@ -19,6 +19,7 @@ mod persist;
 mod polling;
 mod process;
 mod proxy_policy;
+mod remote;
 mod sandbox;
 mod sessions;
 mod ssh;

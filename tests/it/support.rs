@@ -54,6 +54,9 @@ pub struct Server {
     _socket_dir: Option<tempfile::TempDir>,
     /// A `--persist` bridge: its daemon is stopped on drop.
     persist: bool,
+    /// For a server reached through `exec-server bridge noise+http://…`:
+    /// the relay and the executor (the server proper).
+    pub remote: Option<crate::remote::Remote>,
     lines: Receiver<String>,
     /// Messages received but not yet asked for.
     backlog: VecDeque<Value>,
@@ -85,6 +88,7 @@ impl Server {
             child,
             _socket_dir: None,
             persist: false,
+            remote: None,
             lines: read_lines(stdout),
             backlog: VecDeque::new(),
             next_id: 1000,
@@ -127,6 +131,7 @@ impl Server {
             child,
             _socket_dir: None,
             persist: false,
+            remote: None,
             lines: read_lines(reader),
             backlog: VecDeque::new(),
             next_id: 1000,
@@ -142,6 +147,7 @@ impl Server {
             child,
             _socket_dir: None,
             persist: false,
+            remote: None,
             lines,
             backlog: VecDeque::new(),
             next_id: 1000,
@@ -193,6 +199,16 @@ impl Server {
         let mut server = Server::from_command(cmd);
         server._socket_dir = Some(dir);
         server.persist = true;
+        server
+    }
+
+    /// A relay, an executor `exec-server --remote` (plus `args`) and an
+    /// `exec-server bridge` to it: the same conversation, over a Noise
+    /// stream through the relay, seen on the bridge's stdio.
+    pub fn start_noise(args: &[&str]) -> Server {
+        let remote = crate::remote::Remote::start(args);
+        let mut server = Server::from_command(remote.bridge());
+        server.remote = Some(remote);
         server
     }
 

@@ -1,8 +1,9 @@
 //! Golden transcripts: every `fixtures/transcripts/*.jsonl` is played
 //! against the built binary over real pipes (stdio), and again over a Unix
-//! socket (`--listen unix:PATH`), over WebSocket (`--listen ws://`) and
-//! through a `--stdio --persist` bridge to a daemon, with the same
-//! expectations.
+//! socket (`--listen unix:PATH`), over WebSocket (`--listen ws://`),
+//! through a `--stdio --persist` bridge to a daemon, and over a Noise
+//! stream through a relay to a `--remote` executor (`exec-server bridge
+//! noise+http://…`), with the same expectations.
 //!
 //! # Format
 //!
@@ -10,6 +11,9 @@
 //! comments. Steps:
 //!
 //! - `{"args": [..]}`: extra server flags (first step only).
+//! - `{"notOver": [VIA, ..], "because": TEXT}`: transports the
+//!   transcript does not play over (`noise`: a Noise stream carries JSON
+//!   messages only, so no binary frames and no line that is not JSON).
 //! - `{"requires": [TOOL, ..]}`: programs the transcript runs; without
 //!   them it is skipped with a notice (mandatory when
 //!   `EXEC_SERVER_TEST_REQUIRE` names them, as in CI).
@@ -73,7 +77,13 @@ fn golden_transcripts() {
                 (f, Via::Unix),
                 (f, Via::Ws),
                 (f, Via::Persist),
+                (f, Via::Noise),
             ]
+        })
+        // EXEC_SERVER_TRANSCRIPT_VIA=noise (say) plays over one transport.
+        .filter(|(_, via)| {
+            std::env::var("EXEC_SERVER_TRANSCRIPT_VIA")
+                .map_or(true, |only| format!("{via:?}").eq_ignore_ascii_case(&only))
         })
         .collect();
     let failures: Vec<String> = std::thread::scope(|scope| {
@@ -110,6 +120,9 @@ enum Via {
     Ws,
     /// Through a `--stdio --persist` bridge to a daemon.
     Persist,
+    /// Through `exec-server bridge noise+http://…`, a relay, and a
+    /// `--remote` executor.
+    Noise,
 }
 
 struct Run {
@@ -177,6 +190,15 @@ fn run(path: &Path, via: Via) -> Result<(), String> {
                 .collect()
         })
         .unwrap_or_default();
+    let name = format!("{via:?}").to_ascii_lowercase();
+    let skipped = steps.iter().any(|(_, s)| {
+        s.get("notOver")
+            .and_then(Value::as_array)
+            .is_some_and(|a| a.iter().any(|v| v.as_str() == Some(&name)))
+    });
+    if skipped {
+        return Ok(());
+    }
     // `{"requires": [TOOL, ..]}` steps: programs the transcript runs.
     for (_, step) in &steps {
         for tool in step
@@ -202,6 +224,7 @@ fn run(path: &Path, via: Via) -> Result<(), String> {
         Via::Unix => Server::start_unix(&arg_refs),
         Via::Ws => Server::start_ws(&arg_refs),
         Via::Persist => Server::start_persist(&arg_refs),
+        Via::Noise => Server::start_noise(&arg_refs),
     };
     let mut run = Run {
         name: format!(
@@ -214,7 +237,10 @@ fn run(path: &Path, via: Via) -> Result<(), String> {
 
     for (line, step) in &steps {
         let line = *line;
-        if step.get("args").is_some() || step.get("requires").is_some() {
+        if step.get("args").is_some()
+            || step.get("requires").is_some()
+            || step.get("notOver").is_some()
+        {
             continue;
         } else if let Some(value) = step.get("send") {
             let value = substitute(value, &run.vars);
@@ -286,7 +312,7 @@ fn run(path: &Path, via: Via) -> Result<(), String> {
     let deadline = Instant::now() + TIMEOUT;
     loop {
         match server.child.try_wait() {
-            Ok(Some(status)) if status.success() => return Ok(()),
+            Ok(Some(status)) if status.success() => break,
             Ok(Some(status)) => {
                 return Err(run.fail(0, format!("server exited with {status} after stdin closed")));
             }
@@ -296,6 +322,28 @@ fn run(path: &Path, via: Via) -> Result<(), String> {
             _ => std::thread::sleep(Duration::from_millis(10)),
         }
     }
+    // Over Noise the server proper is the executor: it ends on a signal,
+    // as a socket server does.
+    if let Some(executor) = server.remote.as_mut().and_then(|r| r.executor.as_mut()) {
+        // SAFETY: plain syscall on our child.
+        unsafe { libc::kill(executor.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            match executor.try_wait() {
+                Ok(Some(status)) if status.success() => break,
+                Ok(Some(status)) => {
+                    return Err(
+                        run.fail(0, format!("the executor exited with {status} on SIGTERM"))
+                    );
+                }
+                _ if Instant::now() > deadline => {
+                    return Err(run.fail(0, "the executor did not exit on SIGTERM".into()));
+                }
+                _ => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The `expectOutput` step: read output notifications until they add up to

@@ -1,0 +1,270 @@
+//! The relay frame: one protobuf `codex.exec_server.relay.v1.RelayMessageFrame`
+//! per WebSocket message (`docs/PROTOCOL.md`, "Remote executors"). The
+//! router routes it by `stream_id`; everything of the session is inside a
+//! `handshake` or `data` payload, encrypted.
+
+use prost::Message as _;
+
+/// The only frame version there is.
+pub const VERSION: u32 = 1;
+
+/// The reason every reset we send carries: a reset is unauthenticated
+/// relay control data, so it says nothing.
+pub const RESET_REASON: &str = "noise_relay_protocol_error";
+
+/// One frame, as the reference's schema numbers its fields.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RelayMessageFrame {
+    /// Always [`VERSION`].
+    #[prost(uint32, tag = "1")]
+    pub version: u32,
+    /// The virtual stream, chosen by the harness; untrusted.
+    #[prost(string, tag = "2")]
+    pub stream_id: String,
+    /// Declared by the schema, sent as zero and never read.
+    #[prost(uint32, tag = "3")]
+    pub ack: u32,
+    /// Declared by the schema, sent as zero and never read.
+    #[prost(uint32, tag = "4")]
+    pub ack_bits: u32,
+    /// What the frame carries.
+    #[prost(oneof = "Body", tags = "5, 6, 7, 8, 9, 10")]
+    pub body: Option<Body>,
+    /// W3C trace parent, in clear; receivers ignore it.
+    #[prost(string, optional, tag = "11")]
+    pub traceparent: Option<String>,
+    /// W3C trace state, in clear; receivers ignore it.
+    #[prost(string, optional, tag = "12")]
+    pub tracestate: Option<String>,
+}
+
+/// The frame's body.
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum Body {
+    /// One Noise transport record.
+    #[prost(message, tag = "5")]
+    Data(RelayData),
+    /// Declared, never sent; ignored.
+    #[prost(message, tag = "6")]
+    AckFrame(Empty),
+    /// The harness claims its stream with `next_seq: 0`; ignored otherwise.
+    #[prost(message, tag = "7")]
+    Resume(RelayResume),
+    /// The stream is over; the reason is untrusted and never shown.
+    #[prost(message, tag = "8")]
+    Reset(RelayReset),
+    /// Declared, never sent; ignored.
+    #[prost(message, tag = "9")]
+    Heartbeat(Empty),
+    /// A Noise handshake message.
+    #[prost(message, tag = "10")]
+    Handshake(RelayHandshake),
+}
+
+/// A `data` body.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RelayData {
+    /// Per stream and direction, from 0; never wraps.
+    #[prost(uint32, tag = "1")]
+    pub seq: u32,
+    /// Reserved: always 0.
+    #[prost(uint32, tag = "2")]
+    pub segment_index: u32,
+    /// Reserved: always 1.
+    #[prost(uint32, tag = "3")]
+    pub segment_count: u32,
+    /// The record.
+    #[prost(bytes = "vec", tag = "4")]
+    pub payload: Vec<u8>,
+}
+
+/// An empty body (`ack_frame`, `heartbeat`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Empty {}
+
+/// A `resume` body.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RelayResume {
+    /// Always 0 in practice.
+    #[prost(uint32, tag = "1")]
+    pub next_seq: u32,
+}
+
+/// A `reset` body.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RelayReset {
+    /// Non-empty; untrusted.
+    #[prost(string, tag = "1")]
+    pub reason: String,
+}
+
+/// A `handshake` body.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RelayHandshake {
+    /// The Noise message.
+    #[prost(bytes = "vec", tag = "1")]
+    pub payload: Vec<u8>,
+}
+
+/// Why a frame was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// Not a protobuf frame at all.
+    #[error("undecodable relay message frame: {0}")]
+    Undecodable(String),
+    /// A version other than 1.
+    #[error("unsupported relay message frame version {0}")]
+    Version(u32),
+    /// A blank stream id.
+    #[error("relay message frame is missing stream_id")]
+    NoStream,
+    /// No body.
+    #[error("relay message frame is missing body")]
+    NoBody,
+    /// A `data` body with segments or no payload.
+    #[error("relay data message frame is missing required fields")]
+    Data,
+    /// A `reset` without a reason.
+    #[error("relay reset message frame is missing reason")]
+    Reset,
+    /// A `handshake` without a payload.
+    #[error("relay handshake message frame is missing payload")]
+    Handshake,
+}
+
+impl RelayMessageFrame {
+    fn new(stream_id: &str, body: Body) -> Self {
+        RelayMessageFrame {
+            version: VERSION,
+            stream_id: stream_id.to_string(),
+            ack: 0,
+            ack_bits: 0,
+            body: Some(body),
+            traceparent: None,
+            tracestate: None,
+        }
+    }
+
+    /// The harness's first frame on a stream: it claims the id.
+    pub fn resume(stream_id: &str) -> Self {
+        Self::new(stream_id, Body::Resume(RelayResume { next_seq: 0 }))
+    }
+
+    /// A Noise handshake message.
+    pub fn handshake(stream_id: &str, payload: Vec<u8>) -> Self {
+        Self::new(stream_id, Body::Handshake(RelayHandshake { payload }))
+    }
+
+    /// One transport record.
+    pub fn data(stream_id: &str, seq: u32, payload: Vec<u8>) -> Self {
+        Self::new(
+            stream_id,
+            Body::Data(RelayData {
+                seq,
+                segment_index: 0,
+                segment_count: 1,
+                payload,
+            }),
+        )
+    }
+
+    /// The end of a stream, saying nothing.
+    pub fn reset(stream_id: &str) -> Self {
+        Self::new(
+            stream_id,
+            Body::Reset(RelayReset {
+                reason: RESET_REASON.into(),
+            }),
+        )
+    }
+
+    /// The frame's bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        self.encode_to_vec()
+    }
+
+    /// Decode and validate one WebSocket message's bytes.
+    pub fn decode_valid(bytes: &[u8]) -> Result<Self, FrameError> {
+        let frame = <Self as prost::Message>::decode(bytes)
+            .map_err(|e| FrameError::Undecodable(e.to_string()))?;
+        frame.validate()?;
+        Ok(frame)
+    }
+
+    /// The checks both endpoints make.
+    pub fn validate(&self) -> Result<(), FrameError> {
+        if self.version != VERSION {
+            return Err(FrameError::Version(self.version));
+        }
+        if self.stream_id.trim().is_empty() {
+            return Err(FrameError::NoStream);
+        }
+        match &self.body {
+            None => Err(FrameError::NoBody),
+            Some(Body::Data(d))
+                if d.segment_index != 0 || d.segment_count != 1 || d.payload.is_empty() =>
+            {
+                Err(FrameError::Data)
+            }
+            Some(Body::Reset(r)) if r.reason.is_empty() => Err(FrameError::Reset),
+            Some(Body::Handshake(h)) if h.payload.is_empty() => Err(FrameError::Handshake),
+            Some(_) => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_data_frame_round_trips_and_leaves_zeros_off_the_wire() {
+        let frame = RelayMessageFrame::data("s-1", 0, vec![7, 8, 9]);
+        let bytes = frame.encode();
+        // version 1, stream id, then the data body: seq 0 and
+        // segment_index 0 are not emitted, segment_count 1 and the payload
+        // are.
+        assert_eq!(
+            bytes,
+            [
+                0x08, 1, 0x12, 3, b's', b'-', b'1', 0x2a, 7, 0x18, 1, 0x22, 3, 7, 8, 9
+            ]
+        );
+        assert_eq!(RelayMessageFrame::decode_valid(&bytes), Ok(frame));
+    }
+
+    #[test]
+    fn every_rule_of_validation_is_checked() {
+        let mut frame = RelayMessageFrame::data("s", 1, vec![1]);
+        frame.version = 2;
+        assert_eq!(frame.validate(), Err(FrameError::Version(2)));
+        let frame = RelayMessageFrame::data("  ", 1, vec![1]);
+        assert_eq!(frame.validate(), Err(FrameError::NoStream));
+        let mut frame = RelayMessageFrame::resume("s");
+        frame.body = None;
+        assert_eq!(frame.validate(), Err(FrameError::NoBody));
+        let frame = RelayMessageFrame::data("s", 1, vec![]);
+        assert_eq!(frame.validate(), Err(FrameError::Data));
+        let mut frame = RelayMessageFrame::data("s", 1, vec![1]);
+        if let Some(Body::Data(d)) = &mut frame.body {
+            d.segment_count = 2;
+        }
+        assert_eq!(frame.validate(), Err(FrameError::Data));
+        let mut frame = RelayMessageFrame::reset("s");
+        frame.body = Some(Body::Reset(RelayReset { reason: "".into() }));
+        assert_eq!(frame.validate(), Err(FrameError::Reset));
+        let frame = RelayMessageFrame::handshake("s", vec![]);
+        assert_eq!(frame.validate(), Err(FrameError::Handshake));
+        for ok in [
+            RelayMessageFrame::resume("s"),
+            RelayMessageFrame::reset("s"),
+            RelayMessageFrame::handshake("s", vec![1]),
+        ] {
+            assert_eq!(ok.validate(), Ok(()));
+        }
+        assert!(matches!(
+            RelayMessageFrame::decode_valid(&[0xff, 0xff, 0xff]),
+            Err(FrameError::Undecodable(_))
+        ));
+    }
+}
