@@ -258,6 +258,19 @@ impl Physical {
             pending.validation.abort();
         }
         streams.active.clear();
+        // What was queued (the last reset, say) goes before the close, when
+        // the socket still carries anything.
+        if matches!(reason, "failure_budget" | "local_shutdown") {
+            let flush = async {
+                while let Ok(bytes) = out_rx.try_recv() {
+                    if sink.feed(Message::Binary(bytes.into())).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = sink.flush().await;
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(1), flush).await;
+        }
         let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
         reason
     }

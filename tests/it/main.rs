@@ -15,6 +15,7 @@ mod fs;
 mod http;
 mod hygiene;
 mod network;
+mod noise;
 mod persist;
 mod polling;
 mod process;
