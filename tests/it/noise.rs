@@ -56,9 +56,9 @@ pub struct State {
 /// A registry and a rendezvous router played by the test.
 pub struct Fake {
     pub registry: String,
-    pub rendezvous_port: u16,
     pub state: Arc<Mutex<State>>,
     executors: tokio::sync::mpsc::UnboundedReceiver<WebSocketStream<TcpStream>>,
+    harnesses: tokio::sync::mpsc::UnboundedReceiver<WebSocketStream<TcpStream>>,
 }
 
 impl Fake {
@@ -66,6 +66,8 @@ impl Fake {
         let registry = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let rendezvous = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let rendezvous_port = rendezvous.local_addr().unwrap().port();
+        let harness = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let harness_port = harness.local_addr().unwrap().port();
         let state = Arc::new(Mutex::new(State {
             executor_key: None,
             registers: 0,
@@ -79,14 +81,34 @@ impl Fake {
         let shared = state.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = registry.accept().await else { return };
-                tokio::spawn(serve_registry(stream, shared.clone(), rendezvous_port));
+                let Ok((stream, _)) = registry.accept().await else {
+                    return;
+                };
+                tokio::spawn(serve_registry(
+                    stream,
+                    shared.clone(),
+                    rendezvous_port,
+                    harness_port,
+                ));
             }
         });
         let (tx, executors) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = rendezvous.accept().await else { return };
+                let Ok((stream, _)) = rendezvous.accept().await else {
+                    return;
+                };
+                if let Ok(socket) = tokio_tungstenite::accept_async(stream).await {
+                    let _ = tx.send(socket);
+                }
+            }
+        });
+        let (tx, harnesses) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = harness.accept().await else {
+                    return;
+                };
                 if let Ok(socket) = tokio_tungstenite::accept_async(stream).await {
                     let _ = tx.send(socket);
                 }
@@ -94,9 +116,9 @@ impl Fake {
         });
         Fake {
             registry: registry_url,
-            rendezvous_port,
             state,
             executors,
+            harnesses,
         }
     }
 
@@ -120,6 +142,14 @@ impl Fake {
             .flatten()
     }
 
+    /// The next harness socket to reach the rendezvous.
+    pub async fn next_harness(&mut self, within: Duration) -> Option<WebSocketStream<TcpStream>> {
+        tokio::time::timeout(within, self.harnesses.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
     /// The executor's registered public key.
     pub fn executor_key(&self) -> PublicKey {
         let key = self.state.lock().unwrap().executor_key.clone().unwrap();
@@ -127,7 +157,12 @@ impl Fake {
     }
 }
 
-async fn serve_registry(mut stream: TcpStream, state: Arc<Mutex<State>>, rendezvous: u16) {
+async fn serve_registry(
+    mut stream: TcpStream,
+    state: Arc<Mutex<State>>,
+    rendezvous: u16,
+    harness: u16,
+) {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -151,11 +186,7 @@ async fn serve_registry(mut stream: TcpStream, state: Arc<Mutex<State>>, rendezv
     }
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let path = text.split_whitespace().nth(1).unwrap_or("").to_string();
-    state
-        .lock()
-        .unwrap()
-        .seen
-        .push(format!("{text}{body}"));
+    state.lock().unwrap().seen.push(format!("{text}{body}"));
     let (status, answer) = if path.ends_with("/register") {
         let mut s = state.lock().unwrap();
         s.registers += 1;
@@ -167,6 +198,19 @@ async fn serve_registry(mut stream: TcpStream, state: Arc<Mutex<State>>, rendezv
                 "url": format!("ws://127.0.0.1:{rendezvous}/executor?sig={URL_SECRET}"),
                 "security_profile": "noise_hybrid_ik_v1",
                 "executor_registration_id": REGISTRATION,
+            }),
+        )
+    } else if path.ends_with("/connect") {
+        let key = state.lock().unwrap().executor_key.clone();
+        (
+            200,
+            json!({
+                "environment_id": ENV,
+                "url": format!("ws://127.0.0.1:{harness}/harness?sig={URL_SECRET}"),
+                "security_profile": "noise_hybrid_ik_v1",
+                "executor_registration_id": REGISTRATION,
+                "executor_public_key": key,
+                "harness_key_authorization": GOOD_AUTHZ,
             }),
         )
     } else if path.ends_with("/validate") {
@@ -301,11 +345,17 @@ async fn a_wrong_executor_key_or_prologue_never_gets_message_two() {
     let impostor = Identity::generate().unwrap().public();
     let (_, first) = message_one(&impostor, "s1", GOOD_AUTHZ.as_bytes());
     send(&mut socket, RelayMessageFrame::handshake("s1", first)).await;
-    assert!(is_reset(&hear(&mut socket, Duration::from_secs(10)).await, "s1"));
+    assert!(is_reset(
+        &hear(&mut socket, Duration::from_secs(10)).await,
+        "s1"
+    ));
     // Bound to another stream id: the prologue differs.
     let (_, first) = message_one(&fake.executor_key(), "s-other", GOOD_AUTHZ.as_bytes());
     send(&mut socket, RelayMessageFrame::handshake("s2", first)).await;
-    assert!(is_reset(&hear(&mut socket, Duration::from_secs(10)).await, "s2"));
+    assert!(is_reset(
+        &hear(&mut socket, Duration::from_secs(10)).await,
+        "s2"
+    ));
     assert_eq!(fake.state.lock().unwrap().validates, 0);
 }
 
@@ -314,11 +364,17 @@ async fn an_oversized_authorization_is_refused_before_the_registry_is_asked() {
     let (fake, _executor, mut socket) = connected(Validate::Honest, &[]).await;
     let (_, first) = message_one(&fake.executor_key(), "s1", &[b'a'; 4097]);
     send(&mut socket, RelayMessageFrame::handshake("s1", first)).await;
-    assert!(is_reset(&hear(&mut socket, Duration::from_secs(10)).await, "s1"));
+    assert!(is_reset(
+        &hear(&mut socket, Duration::from_secs(10)).await,
+        "s1"
+    ));
     // 4,096 bytes is still read, and asked about.
     let (_, first) = message_one(&fake.executor_key(), "s2", &[b'a'; 4096]);
     send(&mut socket, RelayMessageFrame::handshake("s2", first)).await;
-    assert!(is_reset(&hear(&mut socket, Duration::from_secs(10)).await, "s2"));
+    assert!(is_reset(
+        &hear(&mut socket, Duration::from_secs(10)).await,
+        "s2"
+    ));
     assert_eq!(fake.state.lock().unwrap().validates, 1);
 }
 
@@ -340,7 +396,11 @@ async fn budget_closes_the_socket(kind: &str) {
             }
             "duplicate" | "early-data" => {
                 let (_, first) = message_one(&key, &stream, GOOD_AUTHZ.as_bytes());
-                send(&mut socket, RelayMessageFrame::handshake(&stream, first.clone())).await;
+                send(
+                    &mut socket,
+                    RelayMessageFrame::handshake(&stream, first.clone()),
+                )
+                .await;
                 // Wait until the registry is asked, so the stream is pending.
                 let asked = i + 1;
                 let deadline = Instant::now() + Duration::from_secs(10);
@@ -405,8 +465,15 @@ async fn an_unknown_stream_is_reset_and_the_socket_stays() {
     let (_fake, _executor, mut socket) = connected(Validate::Honest, &[]).await;
     for i in 0..20 {
         let stream = format!("nobody-{i}");
-        send(&mut socket, RelayMessageFrame::data(&stream, 0, vec![9; 32])).await;
-        assert!(is_reset(&hear(&mut socket, Duration::from_secs(10)).await, &stream));
+        send(
+            &mut socket,
+            RelayMessageFrame::data(&stream, 0, vec![9; 32]),
+        )
+        .await;
+        assert!(is_reset(
+            &hear(&mut socket, Duration::from_secs(10)).await,
+            &stream
+        ));
     }
     // Undecodable and invalid frames are dropped without a word.
     socket
@@ -468,9 +535,18 @@ async fn a_rejected_or_failed_validation_fails_closed_without_echoing_the_body()
         executor.start_kill().unwrap();
         let out = executor.wait_with_output().await.unwrap();
         let log = String::from_utf8_lossy(&out.stderr);
-        assert!(!log.contains(GOOD_AUTHZ), "{mode:?}: the log shows the authorization");
-        assert!(!log.contains(URL_SECRET), "{mode:?}: the log shows the URL's signature");
-        assert!(!log.contains("cannot check"), "{mode:?}: the log echoes the body");
+        assert!(
+            !log.contains(GOOD_AUTHZ),
+            "{mode:?}: the log shows the authorization"
+        );
+        assert!(
+            !log.contains(URL_SECRET),
+            "{mode:?}: the log shows the URL's signature"
+        );
+        assert!(
+            !log.contains("cannot check"),
+            "{mode:?}: the log echoes the body"
+        );
     }
 }
 
@@ -489,12 +565,295 @@ async fn the_executor_drops_a_socket_that_answers_no_ping_and_keeps_one_that_doe
         let _ = socket.flush().await;
     }
     assert!(pings >= 3, "{pings} pings in 1.5 s");
-    assert!(fake.next_executor(Duration::from_millis(100)).await.is_none());
+    assert!(
+        fake.next_executor(Duration::from_millis(100))
+            .await
+            .is_none()
+    );
     // Stop reading: no pong goes back; within two intervals (and a
     // reconnect delay) it is on a new socket.
     let started = Instant::now();
     let again = fake.next_executor(Duration::from_secs(10)).await;
-    assert!(again.is_some(), "the executor kept a socket that answers no ping");
+    assert!(
+        again.is_some(),
+        "the executor kept a socket that answers no ping"
+    );
     assert!(started.elapsed() >= Duration::from_millis(300));
     drop(socket);
+}
+
+/// Copy frames both ways between one executor socket and one harness
+/// socket, as the reference's test rendezvous does; every frame is kept
+/// (`true`: from the harness).
+fn copy_frames(
+    executor: WebSocketStream<TcpStream>,
+    harness: WebSocketStream<TcpStream>,
+    captured: Arc<Mutex<Vec<(bool, RelayMessageFrame)>>>,
+) {
+    let (mut exec_tx, mut exec_rx) = executor.split();
+    let (mut harn_tx, mut harn_rx) = harness.split();
+    let up = captured.clone();
+    tokio::spawn(async move {
+        while let Some(Ok(message)) = harn_rx.next().await {
+            if let Message::Binary(bytes) = &message {
+                up.lock()
+                    .unwrap()
+                    .push((true, RelayMessageFrame::decode_valid(bytes).unwrap()));
+                if exec_tx.send(message).await.is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    tokio::spawn(async move {
+        while let Some(Ok(message)) = exec_rx.next().await {
+            if let Message::Binary(bytes) = &message {
+                captured
+                    .lock()
+                    .unwrap()
+                    .push((false, RelayMessageFrame::decode_valid(bytes).unwrap()));
+                if harn_tx.send(message).await.is_err() {
+                    break;
+                }
+            }
+        }
+    });
+}
+
+#[tokio::test]
+async fn the_rendezvous_sees_only_ciphertext_in_as_many_records_as_the_framing_implies() {
+    let (mut fake, _executor, executor_socket) = connected(Validate::Honest, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("secret-file.txt");
+    // 90 KiB of text whose base64 makes a request of over 120 KiB.
+    let content: String = (0..90 * 1024)
+        .map(|i| (b'a' + (i * 7 % 26) as u8) as char)
+        .collect();
+    let b64 = crate::support::b64(content.as_bytes());
+    let lines = [
+        json!({"id": 1, "method": "initialize", "params": {"clientName": "client-name-marker"}}),
+        json!({"method": "initialized"}),
+        json!({"id": 2, "method": "process/start", "params": {
+            "processId": "p", "argv": ["echo", "argv-marker-31337"], "cwd": "/tmp", "tty": false}}),
+        json!({"id": 3, "method": "fs/writeFile", "params": {
+            "path": target.to_str().unwrap(), "dataBase64": b64}}),
+        json!({"id": 4, "method": "fs/readFile", "params": {"path": target.to_str().unwrap()}}),
+    ]
+    .map(|v| v.to_string());
+    assert!(lines[3].len() > 120 * 1024);
+    let mut bridge = tokio::process::Command::new(bin())
+        .args(["bridge", &format!("noise+{}/{ENV}", fake.registry)])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let harness_socket = fake.next_harness(Duration::from_secs(20)).await.unwrap();
+    let captured = Arc::new(Mutex::new(Vec::new()));
+    copy_frames(executor_socket, harness_socket, captured.clone());
+    let mut stdin = bridge.stdin.take().unwrap();
+    for line in &lines {
+        stdin.write_all(line.as_bytes()).await.unwrap();
+        stdin.write_all(b"\n").await.unwrap();
+    }
+    // Every answer (and the echo's output) comes back through the copier.
+    let mut reader = tokio::io::BufReader::new(bridge.stdout.take().unwrap());
+    let mut answered = 0;
+    let mut read_back = String::new();
+    while answered < 4 {
+        let mut line = String::new();
+        use tokio::io::AsyncBufReadExt;
+        tokio::time::timeout(Duration::from_secs(20), reader.read_line(&mut line))
+            .await
+            .expect("answers come back")
+            .unwrap();
+        let message: Value = serde_json::from_str(&line).unwrap();
+        if message.get("id").is_some() {
+            assert!(message.get("error").is_none(), "{message}");
+            answered += 1;
+            if message["id"] == 4 {
+                read_back = message["result"]["dataBase64"]
+                    .as_str()
+                    .unwrap()
+                    .to_string();
+            }
+        }
+    }
+    assert_eq!(read_back, b64);
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), content);
+    drop(stdin);
+    let frames = captured.lock().unwrap().clone();
+    // Nothing of the session in clear, either way.
+    let plaintexts: [&[u8]; 9] = [
+        b"initialize",
+        b"process/start",
+        b"fs/writeFile",
+        b"client-name-marker",
+        b"argv-marker-31337",
+        b"secret-file.txt",
+        b"sessionId",
+        &content.as_bytes()[..64],
+        &b64.as_bytes()[..64],
+    ];
+    for (_, frame) in &frames {
+        let bytes = match &frame.body {
+            Some(Body::Data(d)) => &d.payload,
+            Some(Body::Handshake(h)) => &h.payload,
+            _ => continue,
+        };
+        for plain in plaintexts {
+            assert!(
+                !bytes.windows(plain.len()).any(|w| w == plain),
+                "a payload shows {:?} in clear",
+                String::from_utf8_lossy(plain)
+            );
+        }
+        assert!(frame.traceparent.is_none() && frame.tracestate.is_none());
+    }
+    // One record per 60 KiB of `length ‖ JSON`, each message starting a
+    // new one: the 120 KiB request takes three.
+    let want: usize = lines.iter().map(|l| (l.len() + 4).div_ceil(61_440)).sum();
+    let data_up: Vec<u32> = frames
+        .iter()
+        .filter(|(up, _)| *up)
+        .filter_map(|(_, f)| match &f.body {
+            Some(Body::Data(d)) => Some(d.seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!((lines[3].len() + 4).div_ceil(61_440), 3);
+    assert_eq!(data_up.len(), want);
+    assert_eq!(data_up, (0..want as u32).collect::<Vec<_>>());
+    // The harness claimed its stream first, then sent message 1.
+    assert!(matches!(
+        frames[0],
+        (
+            true,
+            RelayMessageFrame {
+                body: Some(Body::Resume(_)),
+                ..
+            }
+        )
+    ));
+    let _ = bridge.wait().await;
+}
+
+#[tokio::test]
+async fn the_harness_drops_a_relay_that_answers_no_ping() {
+    use exec_server::client::{Client, ServerCommand};
+    use exec_server::remote::noise::Responder;
+    // No executor process: the test is the executor, with a key of its
+    // own that the registry hands out.
+    let mut fake = Fake::start(Validate::Honest).await;
+    let identity = Identity::generate().unwrap();
+    fake.state.lock().unwrap().executor_key =
+        Some(serde_json::to_value(identity.public()).unwrap());
+    let command = ServerCommand::parse(&format!("noise+{}/{ENV}", fake.registry))
+        .unwrap()
+        .keepalive(Duration::from_millis(200));
+    let client = Client::new(command);
+    let status = {
+        let client = client.clone();
+        tokio::spawn(async move { client.environment_status().await })
+    };
+    let mut socket = fake.next_harness(Duration::from_secs(20)).await.unwrap();
+    // resume, then message 1.
+    let mut stream = String::new();
+    let mut responder = None;
+    while responder.is_none() {
+        let Heard::Frame(frame) = hear(&mut socket, Duration::from_secs(10)).await else {
+            panic!("no handshake");
+        };
+        if let Some(Body::Handshake(h)) = frame.body {
+            stream = frame.stream_id.clone();
+            let mut r = Responder::new(&identity, &prologue(ENV, REGISTRATION, &stream)).unwrap();
+            let (_, authz) = r.read_first(&h.payload).unwrap();
+            assert_eq!(authz, GOOD_AUTHZ.as_bytes());
+            responder = Some(r);
+        }
+    }
+    let (reply, mut channel) = responder.unwrap().reply().unwrap();
+    send(&mut socket, RelayMessageFrame::handshake(&stream, reply)).await;
+    // Answer initialize; then read nothing more, so no pong goes back.
+    let Heard::Frame(frame) = hear(&mut socket, Duration::from_secs(10)).await else {
+        panic!("no initialize");
+    };
+    let Some(Body::Data(data)) = frame.body else {
+        panic!("not data");
+    };
+    let init: Value =
+        serde_json::from_slice(&channel.open(data.seq, data.payload).unwrap()[0]).unwrap();
+    assert_eq!(init["method"], "initialize");
+    let answer = json!({"id": init["id"], "result": {"sessionId": "s-1", "serverInfo": {"name": "t", "version": "0"}}});
+    for (seq, record) in channel.seal(answer.to_string().as_bytes()).unwrap() {
+        send(&mut socket, RelayMessageFrame::data(&stream, seq, record)).await;
+    }
+    let stopped = Instant::now();
+    // The call in flight fails once the harness gives the silent socket
+    // up (two 200 ms intervals without a pong), rather than hanging.
+    let outcome = tokio::time::timeout(Duration::from_secs(10), status)
+        .await
+        .expect("the harness kept a relay that answers no ping")
+        .unwrap();
+    assert!(outcome.is_err(), "{outcome:?}");
+    assert!(stopped.elapsed() >= Duration::from_millis(300));
+    // The next call opens a new stream.
+    let next = {
+        let client = client.clone();
+        tokio::spawn(async move { client.environment_status().await })
+    };
+    assert!(fake.next_harness(Duration::from_secs(10)).await.is_some());
+    next.abort();
+    drop(socket);
+}
+
+#[tokio::test]
+async fn registry_calls_follow_no_redirect_and_keep_the_token_to_themselves() {
+    use exec_server::remote::registry::{Registry, Secret};
+    // Where a redirect would lead: it must never be asked.
+    let elsewhere = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let elsewhere_url = format!("http://{}/steal", elsewhere.local_addr().unwrap());
+    let reached = Arc::new(Mutex::new(0usize));
+    {
+        let reached = reached.clone();
+        tokio::spawn(async move {
+            while let Ok((_, _)) = elsewhere.accept().await {
+                *reached.lock().unwrap() += 1;
+            }
+        });
+    }
+    let redirecting = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", redirecting.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = redirecting.accept().await {
+            let location = elsewhere_url.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 8192];
+                let _ = stream.read(&mut buf).await;
+                let reply = format!(
+                    "HTTP/1.1 307 Temporary Redirect\r\nlocation: {location}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                );
+                let _ = stream.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    let registry = Registry::new(&base, Secret::new("bearer-token-77aa")).unwrap();
+    let key = Identity::generate().unwrap().public();
+    let err = registry.register(ENV, &key).await.unwrap_err().to_string();
+    assert!(
+        !err.contains("bearer-token-77aa") && !err.contains("steal"),
+        "{err}"
+    );
+    let err = registry.connect(ENV, &key).await.unwrap_err().to_string();
+    assert!(!err.contains("steal"), "{err}");
+    assert!(
+        registry
+            .validate(ENV, REGISTRATION, &key, "authz")
+            .await
+            .is_err()
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(*reached.lock().unwrap(), 0, "a redirect was followed");
+    // Nor does a Debug of the client show the token.
+    assert!(!format!("{registry:?}").contains("bearer-token-77aa"));
 }
