@@ -819,7 +819,10 @@ async fn handshake(
                 break;
             }
         }
-        // Dropping stdin closes the server's input.
+        // Shutting down stdin ends the server's input (a socket's write
+        // half too, which dropping alone does not close while the read
+        // half lives).
+        let _ = stdin.shutdown().await;
     });
     let stderr_done = Arc::new(tokio::sync::Notify::new());
     if let Some(mut stderr) = stderr {
@@ -853,6 +856,11 @@ async fn handshake(
         });
     }
     {
+        // Without a child (a socket), the server is gone for us when its
+        // end of the connection is: shutdown waits for that, not a grace.
+        let socket_ends = child.is_none();
+        let exited = conn.exited.clone();
+        let notify = conn.exit_notify.clone();
         let conn = Arc::downgrade(&conn);
         tokio::spawn(async move {
             use crate::lines::Piece;
@@ -864,6 +872,10 @@ async fn handshake(
                     Piece::Frame(frame) => conn.dispatch_frame(frame),
                     Piece::TooLong(_) => {}
                 }
+            }
+            if socket_ends {
+                exited.store(true, Ordering::SeqCst);
+                notify.notify_waiters();
             }
             if let Some(conn) = conn.upgrade() {
                 conn.lose();

@@ -161,70 +161,24 @@ pub(super) async fn lines(
     let identity = identity()?;
     let registry =
         Registry::new(&target.registry, Secret::new(token)).map_err(|e| e.to_string())?;
-    let bundle = bundle(&registry, target, identity).await?;
-    let socket = dial(&bundle.url).await.map_err(|e| e.to_string())?;
-    let stream = stream_id();
-    let p = prologue(
-        &target.environment_id,
-        &bundle.executor_registration_id,
-        &stream,
-    );
-    let mut initiator =
-        Initiator::new(identity, &bundle.executor_public_key, &p).map_err(|e| e.to_string())?;
-    let first = initiator
-        .first_message(bundle.harness_key_authorization.as_bytes())
-        .map_err(|e| e.to_string())?;
-    let (mut sink, mut source) = socket.split();
-    let handshake = async {
-        sink.send(Message::Binary(
-            RelayMessageFrame::resume(&stream).encode().into(),
-        ))
-        .await
-        .map_err(|_| "the relay closed the connection".to_string())?;
-        sink.send(Message::Binary(
-            RelayMessageFrame::handshake(&stream, first).encode().into(),
-        ))
-        .await
-        .map_err(|_| "the relay closed the connection".to_string())?;
-        loop {
-            let message = match source.next().await {
-                Some(Ok(message)) => message,
-                Some(Err(_)) | None => {
-                    return Err("the relay closed the connection during the handshake".to_string());
-                }
-            };
-            let bytes = match message {
-                Message::Binary(bytes) => bytes,
-                Message::Text(_) => {
-                    return Err(
-                        "relay exec-server transport expects binary protobuf frames".to_string()
-                    );
-                }
-                Message::Close(_) => {
-                    return Err("the relay closed the connection during the handshake".to_string());
-                }
-                _ => continue,
-            };
-            let frame = RelayMessageFrame::decode_valid(&bytes).map_err(|e| e.to_string())?;
-            if frame.stream_id != stream {
-                continue;
+    // A reset during the handshake may be the executor at a passing limit
+    // (handshakes waiting for the registry): a few more tries, each with a
+    // new bundle and stream.
+    let mut backoff = Duration::from_millis(250);
+    let mut attempt = 1;
+    let (mut sink, mut source, mut channel, stream) = loop {
+        match open_stream(&registry, target, identity).await {
+            Ok(open) => break open,
+            Err(Attempt::Reset) if attempt < HANDSHAKE_ATTEMPTS => {
+                tracing::debug!("the executor reset a handshake; trying again in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+                attempt += 1;
             }
-            match frame.body {
-                Some(Body::Handshake(reply)) => return Ok(reply.payload),
-                // The wire reason is untrusted: never shown.
-                Some(Body::Reset(_)) => return Err("Noise relay stream reset".to_string()),
-                Some(Body::Data(_)) => {
-                    return Err("Noise relay received data before handshake completion".to_string());
-                }
-                _ => continue,
-            }
+            Err(Attempt::Reset) => return Err(RESET.to_string()),
+            Err(Attempt::Failed(why)) => return Err(why),
         }
     };
-    let reply = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
-        .await
-        .map_err(|_| "the executor did not complete the Noise handshake in time".to_string())??;
-    let mut channel = initiator.finish(&reply).map_err(|e| e.to_string())?;
-
     let (ours, theirs) = tokio::io::duplex(1 << 20);
     let (their_read, mut their_write) = tokio::io::split(theirs);
     tokio::spawn(async move {
@@ -297,6 +251,114 @@ pub(super) async fn lines(
     });
     let (read, write) = tokio::io::split(ours);
     Ok((Box::new(write), Box::new(read)))
+}
+
+/// How many handshakes a connection attempt makes when the executor resets
+/// them.
+const HANDSHAKE_ATTEMPTS: u32 = 4;
+
+/// What a reset says, whatever the wire's reason (it is untrusted).
+const RESET: &str = "Noise relay stream reset";
+
+/// Why one stream did not open.
+enum Attempt {
+    /// The executor reset the stream during the handshake.
+    Reset,
+    /// Anything else.
+    Failed(String),
+}
+
+type Sink = futures_util::stream::SplitSink<crate::remote::dial::Socket, Message>;
+type Source = futures_util::stream::SplitStream<crate::remote::dial::Socket>;
+
+/// One stream: a bundle, its socket, the claim and the handshake.
+async fn open_stream(
+    registry: &Registry,
+    target: &Target,
+    identity: &Identity,
+) -> Result<(Sink, Source, crate::remote::noise::Channel, String), Attempt> {
+    let failed = |e: String| Attempt::Failed(e);
+    let bundle = bundle(registry, target, identity).await.map_err(failed)?;
+    let socket = dial(&bundle.url)
+        .await
+        .map_err(|e| Attempt::Failed(e.to_string()))?;
+    let stream = stream_id();
+    let p = prologue(
+        &target.environment_id,
+        &bundle.executor_registration_id,
+        &stream,
+    );
+    let mut initiator = Initiator::new(identity, &bundle.executor_public_key, &p)
+        .map_err(|e| Attempt::Failed(e.to_string()))?;
+    let first = initiator
+        .first_message(bundle.harness_key_authorization.as_bytes())
+        .map_err(|e| Attempt::Failed(e.to_string()))?;
+    let (mut sink, mut source) = socket.split();
+    let handshake = async {
+        sink.send(Message::Binary(
+            RelayMessageFrame::resume(&stream).encode().into(),
+        ))
+        .await
+        .map_err(|_| Some("the relay closed the connection".to_string()))?;
+        sink.send(Message::Binary(
+            RelayMessageFrame::handshake(&stream, first).encode().into(),
+        ))
+        .await
+        .map_err(|_| Some("the relay closed the connection".to_string()))?;
+        loop {
+            let message = match source.next().await {
+                Some(Ok(message)) => message,
+                Some(Err(_)) | None => {
+                    return Err(Some(
+                        "the relay closed the connection during the handshake".to_string(),
+                    ));
+                }
+            };
+            let bytes = match message {
+                Message::Binary(bytes) => bytes,
+                Message::Text(_) => {
+                    return Err(Some(
+                        "relay exec-server transport expects binary protobuf frames".to_string(),
+                    ));
+                }
+                Message::Close(_) => {
+                    return Err(Some(
+                        "the relay closed the connection during the handshake".to_string(),
+                    ));
+                }
+                _ => continue,
+            };
+            let frame = RelayMessageFrame::decode_valid(&bytes).map_err(|e| Some(e.to_string()))?;
+            if frame.stream_id != stream {
+                continue;
+            }
+            match frame.body {
+                Some(Body::Handshake(reply)) => return Ok(reply.payload),
+                // The wire reason is untrusted: never shown.
+                Some(Body::Reset(_)) => return Err(None),
+                Some(Body::Data(_)) => {
+                    return Err(Some(
+                        "Noise relay received data before handshake completion".to_string(),
+                    ));
+                }
+                _ => continue,
+            }
+        }
+    };
+    let reply = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Err(_) => {
+            return Err(Attempt::Failed(
+                "the executor did not complete the Noise handshake in time".into(),
+            ));
+        }
+        Ok(Err(None)) => return Err(Attempt::Reset),
+        Ok(Err(Some(why))) => return Err(Attempt::Failed(why)),
+        Ok(Ok(reply)) => reply,
+    };
+    let channel = initiator
+        .finish(&reply)
+        .map_err(|e| Attempt::Failed(e.to_string()))?;
+    Ok((sink, source, channel, stream))
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
-//! Opening a relay WebSocket: `ws://` directly or through the process's
-//! HTTP proxy (`HTTP_PROXY`/`ALL_PROXY`, `NO_PROXY`) with `CONNECT`.
+//! Opening a relay WebSocket: `ws://` or `wss://` (TLS checked against the
+//! system's roots), directly or through the process's HTTP proxy
+//! (`HTTPS_PROXY`/`HTTP_PROXY`/`ALL_PROXY`, `NO_PROXY`) with `CONNECT`.
 //! Errors never carry the URL (its query is a credential).
 
 use std::time::Duration;
@@ -15,8 +16,12 @@ pub const MAX_FRAME: usize = 256 * 1024;
 /// How long opening a socket may take, proxy and upgrade included.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A byte stream a relay socket runs on: TCP, or TLS over it.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
 /// A relay socket.
-pub type Socket = WebSocketStream<TcpStream>;
+pub type Socket = WebSocketStream<Box<dyn Io>>;
 
 /// Why a relay socket could not be opened.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -37,24 +42,41 @@ pub async fn dial(url: &str) -> Result<Socket, DialError> {
 }
 
 async fn dial_now(url: &str) -> Result<Socket, DialError> {
-    let Some(rest) = url.strip_prefix("ws://") else {
-        return Err(DialError::Failed(
-            "only ws:// relay URLs are supported (put a TLS-terminating proxy in front for wss)"
-                .into(),
-        ));
+    let (tls, rest) = match (url.strip_prefix("ws://"), url.strip_prefix("wss://")) {
+        (Some(rest), _) => (false, rest),
+        (None, Some(rest)) => (true, rest),
+        _ => {
+            return Err(DialError::Failed(
+                "a relay URL must start with ws:// or wss://".into(),
+            ));
+        }
     };
     let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
-    let host = authority
-        .rsplit_once(':')
-        .map_or(authority, |(h, _)| h)
-        .trim_matches(['[', ']']);
-    let stream = match proxy_for(host) {
-        Some(proxy) => tunnel(&proxy, authority).await?,
-        None => TcpStream::connect(authority)
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => match p.parse::<u16>() {
+            Ok(port) => (h, port),
+            Err(_) => (authority, if tls { 443 } else { 80 }),
+        },
+        _ => (authority, if tls { 443 } else { 80 }),
+    };
+    let host = host.trim_matches(['[', ']']);
+    let target = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    let stream = match proxy_for(host, tls) {
+        Some(proxy) => tunnel(&proxy, &target).await?,
+        None => TcpStream::connect(&target)
             .await
             .map_err(|e| DialError::Failed(crate::error::os_text(&e)))?,
     };
     let _ = stream.set_nodelay(true);
+    let stream: Box<dyn Io> = if tls {
+        Box::new(tls_to(host, stream).await?)
+    } else {
+        Box::new(stream)
+    };
     let config = WebSocketConfig::default()
         .max_message_size(Some(MAX_FRAME))
         .max_frame_size(Some(MAX_FRAME));
@@ -70,6 +92,31 @@ async fn dial_now(url: &str) -> Result<Socket, DialError> {
     }
 }
 
+/// TLS to `host` over `stream`, checked against the system's roots.
+async fn tls_to(
+    host: &str,
+    stream: TcpStream,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, DialError> {
+    use rustls_platform_verifier::ConfigVerifierExt as _;
+    static CONFIG: std::sync::OnceLock<Result<std::sync::Arc<rustls::ClientConfig>, String>> =
+        std::sync::OnceLock::new();
+    let config = CONFIG
+        .get_or_init(|| {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            rustls::ClientConfig::with_platform_verifier()
+                .map(std::sync::Arc::new)
+                .map_err(|e| e.to_string())
+        })
+        .clone()
+        .map_err(|e| DialError::Failed(format!("TLS: {e}")))?;
+    let name = rustls::pki_types::ServerName::try_from(host.to_string())
+        .map_err(|_| DialError::Failed("TLS: invalid server name".into()))?;
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name, stream)
+        .await
+        .map_err(|e| DialError::Failed(format!("TLS: {}", crate::error::os_text(&e))))
+}
+
 /// A text for a handshake error that leaves the URL out.
 fn kind(err: &tokio_tungstenite::tungstenite::Error) -> &'static str {
     use tokio_tungstenite::tungstenite::Error;
@@ -82,16 +129,20 @@ fn kind(err: &tokio_tungstenite::tungstenite::Error) -> &'static str {
     }
 }
 
-/// The proxy for plain HTTP to `host`, from the environment, unless
+/// The proxy for `host` (over TLS or not), from the environment, unless
 /// `NO_PROXY` names it.
-fn proxy_for(host: &str) -> Option<String> {
+fn proxy_for(host: &str, tls: bool) -> Option<String> {
     let get = |name: &str| {
         std::env::var(name)
             .or_else(|_| std::env::var(name.to_ascii_lowercase()))
             .ok()
             .filter(|v| !v.trim().is_empty())
     };
-    let proxy = get("HTTP_PROXY").or_else(|| get("ALL_PROXY"))?;
+    let proxy = if tls {
+        get("HTTPS_PROXY").or_else(|| get("ALL_PROXY"))?
+    } else {
+        get("HTTP_PROXY").or_else(|| get("ALL_PROXY"))?
+    };
     let no_proxy = get("NO_PROXY").unwrap_or_default();
     let bypass = no_proxy.split(',').map(str::trim).any(|entry| {
         let entry = entry.trim_start_matches('.');

@@ -32,8 +32,28 @@ impl Remote {
 
     /// A relay alone (with `relay_args`).
     pub fn relay_only(relay_args: &[&str]) -> Remote {
+        Remote::relay_logging(relay_args, None)
+    }
+
+    /// A relay alone (with `relay_args`), its log at `EXEC_SERVER_LOG=LEVEL`
+    /// into the file `log`.
+    pub fn relay_logging(relay_args: &[&str], log: Option<(&str, &std::path::Path)>) -> Remote {
         let relay_args: Vec<String> = relay_args.iter().map(|s| s.to_string()).collect();
-        let (relay, url) = start_relay("ws://127.0.0.1:0", &relay_args);
+        let mut command = Command::new(bin());
+        command
+            .args(["relay", "--listen", "ws://127.0.0.1:0"])
+            .args(&relay_args);
+        match log {
+            Some((level, path)) => {
+                command
+                    .env("EXEC_SERVER_LOG", level)
+                    .stderr(std::fs::File::create(path).unwrap());
+            }
+            None => {
+                command.stderr(Stdio::inherit());
+            }
+        }
+        let (relay, url) = listening(command);
         let port = url
             .rsplit(':')
             .next()
@@ -543,4 +563,417 @@ fn a_cut_harness_socket_loses_nothing() {
     assert!(proxy.cut() >= 2, "no harness tunnel to cut");
     assert_whole(runner, "harness socket cut");
     assert!(proxy.connects.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+}
+
+/// A WebSocket to the relay at `url`, or the HTTP status it was refused
+/// with (0: another failure).
+async fn ws_to(url: &str) -> Result<exec_server::remote::dial::Socket, u16> {
+    use exec_server::remote::dial::{DialError, dial};
+    match dial(url).await {
+        Ok(socket) => Ok(socket),
+        Err(DialError::Refused(status)) => Err(status),
+        Err(_) => Err(0),
+    }
+}
+
+/// A connect bundle from the relay on `port` (its JSON).
+fn bundle(port: u16, env: &str, token: Option<&str>) -> serde_json::Value {
+    let (status, body) = registry_post_with(port, env, "connect", &harness_key_body(), token);
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+#[tokio::test]
+async fn the_relay_checks_tokens_signatures_and_single_use_bundles() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "relay-token-5150\n").unwrap();
+    let mut remote = Remote::relay_only(&["--token-file", token_file.to_str().unwrap()]);
+    let port = remote.port;
+    let env = remote.environment.clone();
+    let exec_key = serde_json::json!({
+        "security_profile": "noise_hybrid_ik_v1",
+        "executor_public_key": exec_server::remote::noise::Identity::generate().unwrap().public(),
+    })
+    .to_string();
+    // The bearer token: missing or wrong is 401, for every call.
+    for token in [None, Some("wrong")] {
+        for call in ["register", "connect", "validate"] {
+            let (status, _) = registry_post_with(port, &env, call, &exec_key, token);
+            assert_eq!(status, 401, "{call} with {token:?}");
+        }
+    }
+    let tok = Some("relay-token-5150");
+    // Unknown environment; then registered but its executor not connected.
+    let (status, body) = registry_post_with(port, &env, "connect", &harness_key_body(), tok);
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = registry_post_with(port, &env, "register", &exec_key, tok);
+    assert_eq!(status, 200, "{body}");
+    let first: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(first["security_profile"], "noise_hybrid_ik_v1");
+    assert_eq!(first["environment_id"], env.as_str());
+    let (status, body) = registry_post_with(port, &env, "connect", &harness_key_body(), tok);
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("environment_offline"), "{body}");
+    // Unknown members and other suites are refused.
+    let (status, _) = registry_post_with(
+        port,
+        &env,
+        "register",
+        r#"{"security_profile":"noise_hybrid_ik_v1","executor_public_key":{"suite":"x","x25519_public_key":"","mlkem768_public_key":""}}"#,
+        tok,
+    );
+    assert_eq!(status, 400);
+    // A second registration makes the first URL stale (4xx on upgrade).
+    let (status, body) = registry_post_with(port, &env, "register", &exec_key, tok);
+    assert_eq!(status, 200, "{body}");
+    let second: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(ws_to(first["url"].as_str().unwrap()).await.err(), Some(401));
+    let tampered = second["url"].as_str().unwrap().replace("sig=", "sig=0");
+    assert_eq!(ws_to(&tampered).await.err(), Some(401));
+    // The real executor, with the token from its file, comes online.
+    let executor_token = dir.path().join("executor-token");
+    std::fs::write(&executor_token, "relay-token-5150").unwrap();
+    let mut executor =
+        remote.executor_command(&["--registry-token-file", executor_token.to_str().unwrap()]);
+    remote.executor = Some(executor.spawn().unwrap());
+    let online = eventually(Duration::from_secs(20), || {
+        registry_post_with(port, &env, "connect", &harness_key_body(), tok).0 == 200
+    });
+    assert!(online);
+    // A bundle is good for one connection; a forged one for none.
+    let b = bundle(port, &env, tok);
+    let url = b["url"].as_str().unwrap();
+    let socket = ws_to(url).await.expect("the bundle's URL works once");
+    assert_eq!(ws_to(url).await.err(), Some(401));
+    drop(socket);
+    let forged = url.replace("role=harness", "role=environment");
+    assert!(ws_to(&forged).await.is_err());
+    // validate: true only for the bundle's own key and registration.
+    let key = b["executor_public_key"].clone();
+    let _ = key;
+    let harness_key: serde_json::Value = serde_json::from_str::<serde_json::Value>(
+        &harness_key_body(),
+    )
+    .unwrap()["harness_public_key"]
+        .clone();
+    let ask = |registration: &str, key: &serde_json::Value, authz: &str| {
+        let body = serde_json::json!({
+            "executor_registration_id": registration,
+            "harness_public_key": key,
+            "harness_key_authorization": authz,
+        })
+        .to_string();
+        let (status, body) = registry_post_with(port, &env, "validate", &body, tok);
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["valid"].clone()
+    };
+    let authz = b["harness_key_authorization"].as_str().unwrap();
+    let registration = b["executor_registration_id"].as_str().unwrap();
+    assert_eq!(ask(registration, &harness_key, authz), false, "another key");
+    assert_eq!(ask("other", &harness_key, authz), false);
+    // The bundle's own key: minted by connect above for a fresh key, so
+    // fetch one whose key we know.
+    let known = exec_server::remote::noise::Identity::generate()
+        .unwrap()
+        .public();
+    let body = serde_json::json!({ "harness_public_key": known }).to_string();
+    let (status, body) = registry_post_with(port, &env, "connect", &body, tok);
+    assert_eq!(status, 200);
+    let mine: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let known = serde_json::to_value(&known).unwrap();
+    let authz = mine["harness_key_authorization"].as_str().unwrap();
+    assert_eq!(ask(registration, &known, authz), true);
+    assert_eq!(ask(registration, &known, &format!("{authz}0")), false);
+}
+
+#[test]
+fn no_secret_reaches_a_log_line_at_trace_level() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = "bearer-SECRET-4e1d";
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, token).unwrap();
+    let relay_log = dir.path().join("relay.log");
+    let mut remote = Remote::relay_logging(
+        &["--token-file", token_file.to_str().unwrap()],
+        Some(("trace", &relay_log)),
+    );
+    let executor_log = dir.path().join("executor.log");
+    let mut executor = remote.executor_command(&[]);
+    executor
+        .env("CODEX_EXEC_SERVER_NOISE_AUTH_TOKEN", token)
+        .env("EXEC_SERVER_LOG", "trace")
+        .stderr(std::fs::File::create(&executor_log).unwrap());
+    remote.executor = Some(executor.spawn().unwrap());
+    let online = eventually(Duration::from_secs(20), || {
+        registry_post_with(
+            remote.port,
+            &remote.environment,
+            "connect",
+            &harness_key_body(),
+            Some(token),
+        )
+        .0 == 200
+    });
+    assert!(online);
+    let out = Command::new(bin())
+        .args(["run", "--via", &remote.address(), "--", "sh", "-c"])
+        .arg("echo \"token in child: ${CODEX_EXEC_SERVER_NOISE_AUTH_TOKEN:-none}\"")
+        .env("CODEX_EXEC_SERVER_NOISE_AUTH_TOKEN", token)
+        .env("EXEC_SERVER_LOG", "trace")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The executor's commands never inherit the token.
+    assert_eq!(stdout, "token in child: none\n");
+    let runner_log = String::from_utf8_lossy(&out.stderr).into_owned();
+    let hex64 = |text: &str| {
+        text.as_bytes()
+            .windows(64)
+            .any(|w| w.iter().all(u8::is_ascii_hexdigit) && w.iter().any(u8::is_ascii_digit))
+    };
+    for (name, log) in [
+        ("relay", std::fs::read_to_string(&relay_log).unwrap()),
+        ("executor", std::fs::read_to_string(&executor_log).unwrap()),
+        ("runner", runner_log),
+    ] {
+        assert!(
+            log.lines().count() > 3,
+            "{name} logged nothing at trace:\n{log}"
+        );
+        assert!(!log.contains(token), "{name} logs the bearer token:\n{log}");
+        assert!(!log.contains("sig="), "{name} logs a signed URL:\n{log}");
+        assert!(!log.contains("v1."), "{name} logs an authorization:\n{log}");
+        assert!(!hex64(&log), "{name} logs a MAC:\n{log}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_executor_socket_carries_128_streams_refuses_the_129th_and_shrugs_off_a_flood() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay_log = dir.path().join("relay.log");
+    let mut remote = Remote::relay_logging(&[], Some(("info", &relay_log)));
+    remote.start_executor(&[]);
+    remote.wait_online();
+    let address = remote.address();
+    // 128 orchestrator connections at once, each its own stream.
+    let clients: Vec<Client> = (0..128)
+        .map(|_| Client::new(ServerCommand::parse(&address).unwrap()))
+        .collect();
+    let opened: Vec<_> = clients
+        .iter()
+        .map(|c| {
+            let c = c.clone();
+            tokio::spawn(async move { c.environment_status().await })
+        })
+        .collect();
+    for (i, open) in opened.into_iter().enumerate() {
+        let status = open.await.unwrap();
+        assert!(status.is_ok(), "stream {i}: {status:?}");
+    }
+    // The 129th is refused cleanly: a reset, said as such.
+    let extra = Client::new(ServerCommand::parse(&address).unwrap());
+    let refused = extra.environment_status().await.unwrap_err().to_string();
+    assert!(refused.contains("Noise relay stream reset"), "{refused}");
+    // A flood of 1,000 bad attempts at the relay meanwhile: forged
+    // signatures, streams not claimed first, garbage frames.
+    let port = remote.port;
+    let env = remote.environment.clone();
+    let flood = tokio::spawn(async move {
+        use futures_util::SinkExt;
+        use tokio_tungstenite::tungstenite::Message;
+        let mut refused = 0;
+        for i in 0..1000 {
+            let url = if i % 2 == 0 {
+                format!(
+                    "ws://127.0.0.1:{port}/ws/environment/{env}?role=harness&reg=x&n=1&exp=99999999999&sig={i:064x}"
+                )
+            } else {
+                let b = tokio::task::spawn_blocking({
+                    let env = env.clone();
+                    move || bundle(port, &env, None)
+                })
+                .await
+                .unwrap();
+                b["url"].as_str().unwrap().to_string()
+            };
+            match ws_to(&url).await {
+                Err(_) => refused += 1,
+                Ok(mut socket) => {
+                    let frame = if i % 4 == 1 {
+                        // A handshake before any claim: never forwarded.
+                        exec_server::remote::frame::RelayMessageFrame::handshake("s", vec![1; 64])
+                            .encode()
+                    } else {
+                        vec![0xff; 32]
+                    };
+                    let _ = socket.send(Message::Binary(frame.into())).await;
+                    let _ = socket.send(Message::Text("hello".into())).await;
+                }
+            }
+        }
+        refused
+    });
+    // Every stream runs a command while the flood goes on.
+    let runs: Vec<_> = clients
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let script = format!(
+                    "for j in 1 2 3; do echo {i}-$j; sleep 0.2; done; exit {}",
+                    i % 100
+                );
+                let mut process = c
+                    .start(StartOptions::new("p", ["sh", "-c", &script]).cwd("/tmp"))
+                    .await?;
+                let mut output = Vec::new();
+                let status = process
+                    .wait_with_output(|_, bytes| output.extend_from_slice(bytes))
+                    .await?;
+                Ok::<_, exec_server::client::ClientError>((status.code, output))
+            })
+        })
+        .collect();
+    for (i, run) in runs.into_iter().enumerate() {
+        let (code, output) = run.await.unwrap().unwrap();
+        assert_eq!(code, (i % 100) as i32);
+        assert_eq!(
+            String::from_utf8_lossy(&output),
+            format!("{i}-1\n{i}-2\n{i}-3\n")
+        );
+    }
+    assert_eq!(flood.await.unwrap(), 500, "forged signatures got through");
+    // The executor's one socket was never dropped.
+    let log = std::fs::read_to_string(&relay_log).unwrap();
+    assert_eq!(log.matches("executor connected").count(), 1, "{log}");
+    for client in clients {
+        client.shutdown().await;
+    }
+}
+
+/// A TLS-terminating proxy on loopback (the certificate of
+/// `fixtures/tls`, for `localhost`) in front of `upstream`: how a relay is
+/// put behind `wss://` and `https://`. Its port.
+fn tls_terminator(upstream: u16) -> u16 {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tls");
+    let certs: Vec<CertificateDer> = CertificateDer::pem_file_iter(dir.join("server.pem"))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(dir.join("server.key")).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let Ok(mut plain) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                });
+            }
+        });
+    });
+    port
+}
+
+#[test]
+fn a_relay_behind_tls_is_reached_over_wss_and_https() {
+    let ca = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/tls/ca.pem");
+    // The relay's own port is known only once it runs; its public URL is
+    // the terminator's, which needs the relay's port: start a relay to
+    // learn a free port, then the real one on it.
+    let probe = Remote::relay_only(&[]);
+    let relay_port = probe.port;
+    drop(probe);
+    let tls_port = tls_terminator(relay_port);
+    let public = format!("wss://localhost:{tls_port}");
+    let (relay, _) = {
+        let mut command = Command::new(bin());
+        command
+            .args(["relay", "--listen", &format!("ws://127.0.0.1:{relay_port}")])
+            .args(["--public-url", &public])
+            .stderr(Stdio::inherit());
+        listening(command)
+    };
+    let mut remote = Remote {
+        relay,
+        port: relay_port,
+        environment: format!("tls-{}", std::process::id()),
+        executor: None,
+        relay_args: Vec::new(),
+    };
+    let registry = format!("https://localhost:{tls_port}");
+    let executor = Command::new(bin())
+        .args([
+            "--remote",
+            &registry,
+            "--environment-id",
+            &remote.environment,
+        ])
+        .env("SSL_CERT_FILE", ca)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    remote.executor = Some(executor);
+    remote.wait_online();
+    let address = format!("noise+https://localhost:{tls_port}/{}", remote.environment);
+    let out = Command::new(bin())
+        .args(["run", "--via", &address, "--", "echo", "over tls"])
+        .env("SSL_CERT_FILE", ca)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "over tls\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Without the test CA, the certificate is not trusted: no plaintext
+    // fallback.
+    let out = Command::new(bin())
+        .args(["run", "--via", &address, "--", "echo", "over tls"])
+        .env("SSL_CERT_FILE", "/nonexistent")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(out.stdout.is_empty());
 }
