@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
@@ -42,6 +42,10 @@ pub const MAX_FRAME: usize = 256 * 1024;
 const HARNESS_QUEUE: usize = 256;
 /// Frames waiting for an executor socket at most; harnesses wait.
 const EXECUTOR_QUEUE: usize = 1024;
+/// Bytes of frames the relay holds for all its sockets at most (each
+/// frame holds its share until written): a harness past it waits, a
+/// harness the executor sends to past it is dropped (and resumes).
+const PENDING_BYTES: usize = 256 << 20;
 /// The longest registry request body.
 const MAX_BODY: usize = 64 * 1024;
 /// How long a harness URL and authorization stay good.
@@ -122,6 +126,8 @@ struct Relay {
     environments: Mutex<HashMap<String, Environment>>,
     used: Mutex<HashMap<String, u64>>,
     next_link: AtomicU64,
+    /// [`PENDING_BYTES`], shared by every socket.
+    pending: Arc<Semaphore>,
 }
 
 struct Environment {
@@ -135,9 +141,13 @@ struct Environment {
 #[derive(Clone)]
 struct Link {
     id: u64,
-    tx: mpsc::Sender<Vec<u8>>,
+    tx: mpsc::Sender<Queued>,
     end: Arc<Notify>,
 }
+
+/// A frame waiting for its socket, with its share of [`PENDING_BYTES`]
+/// (none for the relay's own resets).
+type Queued = (Vec<u8>, Option<OwnedSemaphorePermit>);
 
 /// A socket's share of [`MAX_SOCKETS`].
 struct Slot(Arc<AtomicUsize>);
@@ -189,6 +199,7 @@ impl Relay {
             environments: Mutex::default(),
             used: Mutex::default(),
             next_link: AtomicU64::new(1),
+            pending: Arc::new(Semaphore::new(PENDING_BYTES)),
         })
     }
 
@@ -607,7 +618,7 @@ impl Relay {
         }
     }
 
-    fn new_link(&self, capacity: usize) -> (Link, mpsc::Receiver<Vec<u8>>) {
+    fn new_link(&self, capacity: usize) -> (Link, mpsc::Receiver<Queued>) {
         let (tx, rx) = mpsc::channel(capacity);
         let link = Link {
             id: self.next_link.fetch_add(1, Ordering::Relaxed),
@@ -644,6 +655,7 @@ impl Relay {
             rx,
             link.end.clone(),
             self.ping_every,
+            self.pending.clone(),
             move |bytes| {
                 // Route by stream id; the frame is read for that alone.
                 let Ok(frame) = RelayMessageFrame::decode_valid(&bytes) else {
@@ -653,7 +665,10 @@ impl Relay {
                     .get(&from_env)
                     .and_then(|e| e.streams.get(&frame.stream_id).cloned());
                 if let Some(harness) = target {
-                    if harness.tx.try_send(bytes).is_err() {
+                    let share = u32::try_from(bytes.len())
+                        .ok()
+                        .and_then(|n| relay.pending.clone().try_acquire_many_owned(n).ok());
+                    if share.is_none() || harness.tx.try_send((bytes, share)).is_err() {
                         // Too far behind (or gone): end it; its session
                         // resumes on a new stream.
                         harness.end.notify_one();
@@ -695,6 +710,7 @@ impl Relay {
             rx,
             link.end.clone(),
             self.ping_every,
+            self.pending.clone(),
             move |bytes| {
                 let Ok(frame) = RelayMessageFrame::decode_valid(&bytes) else {
                     return Next::Continue;
@@ -753,7 +769,7 @@ impl Relay {
             if let Some(executor) = executor {
                 let _ = executor
                     .tx
-                    .try_send(RelayMessageFrame::reset(&stream).encode());
+                    .try_send((RelayMessageFrame::reset(&stream).encode(), None));
             }
             tracing::info!(
                 environment = env.as_str(),
@@ -771,7 +787,7 @@ enum Next {
     /// Close the socket.
     End,
     /// Queue it there, waiting for room (bounded by the write deadline).
-    Forward(mpsc::Sender<Vec<u8>>, Vec<u8>),
+    Forward(mpsc::Sender<Queued>, Vec<u8>),
 }
 
 enum Role {
@@ -785,9 +801,10 @@ enum Role {
 /// the socket is closed.
 async fn pump(
     socket: tokio_tungstenite::WebSocketStream<Replay>,
-    mut rx: mpsc::Receiver<Vec<u8>>,
+    mut rx: mpsc::Receiver<Queued>,
     end: Arc<Notify>,
     ping_every: Duration,
+    pending: Arc<Semaphore>,
     mut on_frame: impl FnMut(Vec<u8>) -> Next,
 ) {
     let (mut sink, mut source) = socket.split();
@@ -805,7 +822,13 @@ async fn pump(
                         Next::Continue => {}
                         Next::End => break,
                         Next::Forward(tx, bytes) => {
-                            if !matches!(tokio::time::timeout(limit, tx.send(bytes)).await, Ok(Ok(()))) {
+                            let pending = pending.clone();
+                            let forward = async move {
+                                let n = u32::try_from(bytes.len()).map_err(|_| ())?;
+                                let share = pending.acquire_many_owned(n).await.map_err(|_| ())?;
+                                tx.send((bytes, Some(share))).await.map_err(|_| ())
+                            };
+                            if !matches!(tokio::time::timeout(limit, forward).await, Ok(Ok(()))) {
                                 break;
                             }
                         }
@@ -815,7 +838,8 @@ async fn pump(
                 }
             }
             out = rx.recv() => {
-                let Some(bytes) = out else { break };
+                // The frame's share of the budget goes once it is written.
+                let Some((bytes, _share)) = out else { break };
                 let send = sink.send(Message::Binary(bytes.into()));
                 if !matches!(tokio::time::timeout(limit, send).await, Ok(Ok(()))) {
                     break;
