@@ -73,6 +73,10 @@ enum Case {
     ScaleOutput,
     /// One process writing in chunks of 4 KiB to 1 MiB.
     ScaleChunks,
+    /// A remote executor over Noise through `exec-server relay`, next to
+    /// plain `ws://` and a pipe: throughput, handshake, first byte,
+    /// reconnect.
+    Remote,
 }
 
 impl Args {
@@ -856,6 +860,9 @@ async fn run(args: &Args) -> Result<(), BoxError> {
                 Case::ScaleFanOut => scale_fan_out(args, &plan).await?,
                 Case::ScaleOutput => scale_output(args, &plan).await?,
                 Case::ScaleChunks => scale_chunks(args, &plan).await?,
+                // A Noise stream carries JSON only: one pass.
+                Case::Remote if wire == Wire::Binary => Vec::new(),
+                Case::Remote => remote(args, &plan).await?,
             };
             for row in &mut case_rows {
                 row.wire = wire;
@@ -878,4 +885,281 @@ async fn run(args: &Args) -> Result<(), BoxError> {
         std::fs::write(path, serde_json::to_vec_pretty(&doc)?)?;
     }
     Ok(())
+}
+
+/// A child process killed when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Start `exec-server ARGS` beside this binary; with `first_line`, wait
+/// for its first stdout line (a listener's URL) and return it.
+fn spawn_server(args: &[&str], first_line: bool) -> Result<(Killed, String), BoxError> {
+    use std::io::BufRead;
+    let exe = std::env::current_exe()?.with_file_name("exec-server");
+    let mut child = std::process::Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(if first_line {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut line = String::new();
+    if first_line {
+        std::io::BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
+    }
+    Ok((Killed(child), line.trim().to_string()))
+}
+
+/// A TCP forwarder in front of the relay that can cut the connections of
+/// orchestrators (`role=harness` in the request line) and leaves the
+/// executor's alone: a dropped stream, not a dropped executor.
+struct Forwarder {
+    port: u16,
+    harnesses: std::sync::Arc<std::sync::Mutex<Vec<std::sync::Arc<tokio::sync::Notify>>>>,
+}
+
+impl Forwarder {
+    async fn start(upstream: u16) -> Result<Forwarder, BoxError> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let harnesses: std::sync::Arc<std::sync::Mutex<Vec<std::sync::Arc<tokio::sync::Notify>>>> =
+            Default::default();
+        let held = harnesses.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let held = held.clone();
+                tokio::spawn(async move {
+                    let _ = client.set_nodelay(true);
+                    let Ok(mut server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    else {
+                        return;
+                    };
+                    let _ = server.set_nodelay(true);
+                    let mut peek = [0u8; 512];
+                    let n = client.peek(&mut peek).await.unwrap_or(0);
+                    let cut = std::sync::Arc::new(tokio::sync::Notify::new());
+                    if String::from_utf8_lossy(&peek[..n]).contains("role=harness") {
+                        held.lock().unwrap().push(cut.clone());
+                    }
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        () = cut.notified() => {}
+                    }
+                });
+            }
+        });
+        Ok(Forwarder { port, harnesses })
+    }
+
+    /// Cut every orchestrator connection open now.
+    fn cut(&self) {
+        for cut in self.harnesses.lock().unwrap().drain(..) {
+            cut.notify_one();
+        }
+    }
+}
+
+/// The remote transport: `exec-server relay` and `exec-server --remote`
+/// on loopback, reached with `noise+http://` (the library, as an
+/// orchestrator would), next to the same work over plain `ws://` and a
+/// pipe.
+async fn remote(args: &Args, plan: &Plan) -> Result<Vec<Row>, BoxError> {
+    if args.via.is_some() {
+        eprintln!("remote: skipped with --via (it starts its own relay and executor)");
+        return Ok(Vec::new());
+    }
+    let mut rows = Vec::new();
+    // The handshake's own cost, both ends in this process (ML-KEM-768
+    // and X25519 on each side).
+    {
+        use exec_server::remote::noise::{Identity, Initiator, Responder, prologue};
+        let executor = Identity::generate().map_err(|e| e.to_string())?;
+        let harness = Identity::generate().map_err(|e| e.to_string())?;
+        let key = executor.public();
+        let mut samples = Vec::new();
+        for i in 0..plan.round_trips {
+            let p = prologue("env", "reg", &format!("s{i}"));
+            let t = Instant::now();
+            let mut initiator = Initiator::new(&harness, &key, &p).map_err(|e| e.to_string())?;
+            let first = initiator
+                .first_message(b"authorization")
+                .map_err(|e| e.to_string())?;
+            let mut responder = Responder::new(&executor, &p).map_err(|e| e.to_string())?;
+            responder.read_first(&first).map_err(|e| e.to_string())?;
+            let (second, _) = responder.reply().map_err(|e| e.to_string())?;
+            initiator.finish(&second).map_err(|e| e.to_string())?;
+            samples.push(ms(t.elapsed()));
+        }
+        rows.push(row(
+            "Noise handshake, both ends (hybrid IK, ML-KEM-768 + X25519)",
+            "ms",
+            samples,
+            None,
+            "computation only, one core: both messages written and read".into(),
+        ));
+    }
+    // A relay whose URLs point at a forwarder (to cut streams), and an
+    // executor registered with it.
+    let probe = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let relay_port = probe.local_addr()?.port();
+    drop(probe);
+    let forwarder = Forwarder::start(relay_port).await?;
+    let public = format!("ws://127.0.0.1:{}", forwarder.port);
+    let listen = format!("ws://127.0.0.1:{relay_port}");
+    let (_relay, _) = spawn_server(
+        &["relay", "--listen", &listen, "--public-url", &public],
+        true,
+    )?;
+    let registry = format!("http://127.0.0.1:{relay_port}");
+    let retain = (plan.stream_bytes + (1 << 20)).to_string();
+    let (_executor, _) = spawn_server(
+        &[
+            "--remote",
+            &registry,
+            "--environment-id",
+            "bench",
+            "--retain-bytes",
+            &retain,
+        ],
+        false,
+    )?;
+    let (_ws, ws_url) = spawn_server(&["--listen", "ws://127.0.0.1:0"], true)?;
+    let noise = format!("noise+http://127.0.0.1:{relay_port}/bench");
+    // Connect (registry, relay, handshake, initialize) until the executor
+    // is there, then time it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match Client::new(ServerCommand::parse(&noise)?)
+            .session_id()
+            .await
+        {
+            Ok(_) => break,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
+    let mut connects = Vec::new();
+    let mut ws_connects = Vec::new();
+    let mut first_bytes = Vec::new();
+    let mut ws_first_bytes = Vec::new();
+    for i in 0..plan.cold_starts {
+        for (address, connect, first) in [
+            (&noise, &mut connects, &mut first_bytes),
+            (&ws_url, &mut ws_connects, &mut ws_first_bytes),
+        ] {
+            let client = Client::new(ServerCommand::parse(address)?.json_only());
+            let t = Instant::now();
+            client.session_id().await?;
+            connect.push(ms(t.elapsed()));
+            let t = Instant::now();
+            let mut process = client
+                .start(StartOptions::new(format!("f{i}"), ["echo", "x"]).cwd("/"))
+                .await?;
+            next_output(&mut process).await?;
+            first.push(ms(t.elapsed()));
+            client.shutdown().await;
+        }
+    }
+    rows.push(row(
+        "connect over Noise+relay (registry, WebSocket, handshake, initialize)",
+        "ms",
+        connects,
+        Some(ws_connects),
+        "baseline: the same connect and initialize over plain ws://".into(),
+    ));
+    rows.push(row(
+        "time to first output byte over Noise+relay (process/start `echo`)",
+        "ms",
+        first_bytes,
+        Some(ws_first_bytes),
+        "baseline: the same over plain ws://".into(),
+    ));
+    // Throughput: Noise+relay against plain ws:// and a pipe.
+    let argv = head(plan.stream_bytes);
+    let (mut over_noise, mut over_ws, mut piped) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 0..plan.stream_runs {
+        for (address, samples) in [(&noise, &mut over_noise), (&ws_url, &mut over_ws)] {
+            let client = Client::new(ServerCommand::parse(address)?.json_only());
+            client.session_id().await?;
+            let t = Instant::now();
+            let got = drain(&client, format!("t{run}"), argv.clone()).await?;
+            samples.push(mb_per_s(got, t.elapsed()));
+            client.shutdown().await;
+        }
+        let t = Instant::now();
+        let got = direct(&argv).await?;
+        piped.push(mb_per_s(got, t.elapsed()));
+    }
+    let size = format!("{} MiB", plan.stream_bytes >> 20);
+    rows.push(row(
+        &format!("output throughput over Noise+relay ({size})"),
+        "MB/s",
+        over_noise,
+        Some(over_ws.clone()),
+        "baseline: the same notifications over plain ws:// (target: ratio >= 0.6)".into(),
+    ));
+    rows.push(row(
+        &format!("output throughput over plain ws:// ({size})"),
+        "MB/s",
+        over_ws,
+        Some(piped),
+        "baseline: the same command through a plain pipe".into(),
+    ));
+    // Reconnect: a ticker's stream is cut; the client opens a new stream
+    // (a new bundle, handshake) and resumes the session.
+    let resumed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let told = resumed.clone();
+    let client = Client::new(ServerCommand::parse(&noise)?.json_only()).with_notices(move |n| {
+        if matches!(n, exec_server::client::Notice::Reconnected { .. }) {
+            told.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let mut process = client
+        .start(
+            StartOptions::new(
+                "ticker",
+                ["sh", "-c", "while :; do echo tick; sleep 0.005; done"],
+            )
+            .cwd("/"),
+        )
+        .await?;
+    let mut samples = Vec::new();
+    for _ in 0..plan.reconnects {
+        next_output(&mut process).await?;
+        resumed.store(false, std::sync::atomic::Ordering::SeqCst);
+        let t = Instant::now();
+        forwarder.cut();
+        // Output already on its way may still arrive: the byte counted is
+        // the first one after the session was resumed on a new stream.
+        loop {
+            next_output(&mut process).await?;
+            if resumed.load(std::sync::atomic::Ordering::SeqCst) {
+                break;
+            }
+        }
+        samples.push(ms(t.elapsed()));
+    }
+    let _ = process.terminate().await;
+    client.shutdown().await;
+    rows.push(row(
+        "reconnect over Noise+relay (stream cut to next output byte)",
+        "ms",
+        samples,
+        None,
+        "a new bundle, WebSocket and handshake, then initialize{resumeSessionId} (target: < 50 ms)"
+            .into(),
+    ));
+    Ok(rows)
 }

@@ -213,6 +213,102 @@ impl RelayMessageFrame {
     }
 }
 
+/// Which body a frame carries, as [`RelayMessageFrame::route`] sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `data`.
+    Data,
+    /// `ack_frame`.
+    Ack,
+    /// `resume`.
+    Resume,
+    /// `reset`.
+    Reset,
+    /// `heartbeat`.
+    Heartbeat,
+    /// `handshake`.
+    Handshake,
+}
+
+impl RelayMessageFrame {
+    /// What a router needs of a frame, read without copying its payload:
+    /// the stream id and the body's kind, with the frame-level checks
+    /// (version 1, a stream id that is not blank, a body). The payload's
+    /// own rules are the endpoints' to check.
+    pub fn route(bytes: &[u8]) -> Result<(&str, Kind), FrameError> {
+        let bad = || FrameError::Undecodable("malformed protobuf".into());
+        let mut at = 0;
+        let mut version = 0u64;
+        let mut stream: Option<&str> = None;
+        let mut kind = None;
+        let varint = |at: &mut usize| -> Result<u64, FrameError> {
+            let mut value = 0u64;
+            for shift in (0..64).step_by(7) {
+                let byte = *bytes.get(*at).ok_or_else(bad)?;
+                *at += 1;
+                value |= u64::from(byte & 0x7f) << shift;
+                if byte & 0x80 == 0 {
+                    return Ok(value);
+                }
+            }
+            Err(bad())
+        };
+        while at < bytes.len() {
+            let key = varint(&mut at)?;
+            let (field, wire) = (key >> 3, key & 7);
+            match wire {
+                0 => {
+                    let value = varint(&mut at)?;
+                    if field == 1 {
+                        version = value;
+                    }
+                }
+                2 => {
+                    let len = usize::try_from(varint(&mut at)?).map_err(|_| bad())?;
+                    let end = at
+                        .checked_add(len)
+                        .filter(|&e| e <= bytes.len())
+                        .ok_or_else(bad)?;
+                    let value = &bytes[at..end];
+                    at = end;
+                    match field {
+                        2 => stream = Some(std::str::from_utf8(value).map_err(|_| bad())?),
+                        5 => kind = Some(Kind::Data),
+                        6 => kind = Some(Kind::Ack),
+                        7 => kind = Some(Kind::Resume),
+                        8 => kind = Some(Kind::Reset),
+                        9 => kind = Some(Kind::Heartbeat),
+                        10 => kind = Some(Kind::Handshake),
+                        _ => {}
+                    }
+                }
+                1 => {
+                    at = at
+                        .checked_add(8)
+                        .filter(|&e| e <= bytes.len())
+                        .ok_or_else(bad)?
+                }
+                5 => {
+                    at = at
+                        .checked_add(4)
+                        .filter(|&e| e <= bytes.len())
+                        .ok_or_else(bad)?
+                }
+                _ => return Err(bad()),
+            }
+        }
+        let version = u32::try_from(version).unwrap_or(u32::MAX);
+        if version != VERSION {
+            return Err(FrameError::Version(version));
+        }
+        let stream = stream.unwrap_or("");
+        if stream.trim().is_empty() {
+            return Err(FrameError::NoStream);
+        }
+        Ok((stream, kind.ok_or(FrameError::NoBody)?))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -231,6 +327,50 @@ mod tests {
             ]
         );
         assert_eq!(RelayMessageFrame::decode_valid(&bytes), Ok(frame));
+    }
+
+    #[test]
+    fn a_router_reads_the_stream_and_kind_as_a_full_decode_does() {
+        let mut traced = RelayMessageFrame::data("stream-9", 77, vec![5; 70_000]);
+        traced.traceparent = Some("00-abc-def-01".into());
+        for (frame, kind) in [
+            (RelayMessageFrame::data("s-1", 0, vec![1, 2]), Kind::Data),
+            (traced, Kind::Data),
+            (RelayMessageFrame::resume("r"), Kind::Resume),
+            (RelayMessageFrame::reset("x"), Kind::Reset),
+            (
+                RelayMessageFrame::handshake("h", vec![9; 3000]),
+                Kind::Handshake,
+            ),
+        ] {
+            let bytes = frame.encode();
+            assert_eq!(
+                RelayMessageFrame::route(&bytes),
+                Ok((frame.stream_id.as_str(), kind))
+            );
+        }
+        let mut v2 = RelayMessageFrame::resume("s");
+        v2.version = 2;
+        assert_eq!(
+            RelayMessageFrame::route(&v2.encode()),
+            Err(FrameError::Version(2))
+        );
+        assert_eq!(
+            RelayMessageFrame::route(&RelayMessageFrame::resume(" ").encode()),
+            Err(FrameError::NoStream)
+        );
+        let mut none = RelayMessageFrame::resume("s");
+        none.body = None;
+        assert_eq!(
+            RelayMessageFrame::route(&none.encode()),
+            Err(FrameError::NoBody)
+        );
+        // Truncated anywhere: an error, never a panic.
+        let bytes = RelayMessageFrame::data("abc", 3, vec![7; 300]).encode();
+        for cut in 0..bytes.len() {
+            let _ = RelayMessageFrame::route(&bytes[..cut]);
+        }
+        assert!(RelayMessageFrame::route(&[0xff; 12]).is_err());
     }
 
     #[test]

@@ -23,7 +23,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use super::frame::{Body, RelayMessageFrame};
+use super::frame::{Kind, RelayMessageFrame};
 use super::noise::{PublicKey, SECURITY_PROFILE};
 use super::registry::Secret;
 use crate::sync::lock;
@@ -42,6 +42,10 @@ pub const MAX_FRAME: usize = 256 * 1024;
 const HARNESS_QUEUE: usize = 256;
 /// Frames waiting for an executor socket at most; harnesses wait.
 const EXECUTOR_QUEUE: usize = 1024;
+/// How long the executor's socket waits for a harness that has no room
+/// before that harness is dropped (every stream of the executor waits
+/// meanwhile: the protocol has no flow control per stream).
+const OFFER_WAIT: Duration = Duration::from_secs(5);
 /// Bytes of frames the relay holds for all its sockets at most (each
 /// frame holds its share until written): a harness past it waits, a
 /// harness the executor sends to past it is dropped (and resumes).
@@ -657,24 +661,21 @@ impl Relay {
             self.ping_every,
             self.pending.clone(),
             move |bytes| {
-                // Route by stream id; the frame is read for that alone.
-                let Ok(frame) = RelayMessageFrame::decode_valid(&bytes) else {
+                // Route by stream id; the frame is read for that alone
+                // (its payload is not even copied).
+                let Ok((stream_id, _)) = RelayMessageFrame::route(&bytes) else {
                     return Next::Continue;
                 };
                 let target = lock(&relay.environments)
                     .get(&from_env)
-                    .and_then(|e| e.streams.get(&frame.stream_id).cloned());
-                if let Some(harness) = target {
-                    let share = u32::try_from(bytes.len())
-                        .ok()
-                        .and_then(|n| relay.pending.clone().try_acquire_many_owned(n).ok());
-                    if share.is_none() || harness.tx.try_send((bytes, share)).is_err() {
-                        // Too far behind (or gone): end it; its session
-                        // resumes on a new stream.
-                        harness.end.notify_one();
-                    }
+                    .and_then(|e| e.streams.get(stream_id).cloned());
+                match target {
+                    // Waits a while for room: a harness that reads slowly
+                    // slows its executor (TCP pushes back) rather than
+                    // being dropped; one that stops reading is dropped.
+                    Some(harness) => Next::Offer(harness, bytes),
+                    None => Next::Continue,
                 }
-                Next::Continue
             },
         )
         .await;
@@ -712,7 +713,7 @@ impl Relay {
             self.ping_every,
             self.pending.clone(),
             move |bytes| {
-                let Ok(frame) = RelayMessageFrame::decode_valid(&bytes) else {
+                let Ok((stream_id, kind)) = RelayMessageFrame::route(&bytes) else {
                     return Next::Continue;
                 };
                 let mut claimed = lock(&mine);
@@ -724,21 +725,21 @@ impl Relay {
                     match claimed.as_deref() {
                         None => {
                             // The first frame claims the stream id.
-                            if !matches!(frame.body, Some(Body::Resume(_)))
-                                || entry.streams.contains_key(&frame.stream_id)
+                            if kind != Kind::Resume
+                                || entry.streams.contains_key(stream_id)
                                 || entry.streams.len() >= MAX_STREAMS
                             {
                                 return Next::End;
                             }
-                            entry.streams.insert(frame.stream_id.clone(), me.clone());
-                            *claimed = Some(frame.stream_id.clone());
+                            entry.streams.insert(stream_id.to_string(), me.clone());
+                            *claimed = Some(stream_id.to_string());
                             tracing::info!(
                                 environment = from_env.as_str(),
-                                stream = frame.stream_id.as_str(),
+                                stream = stream_id,
                                 "harness stream opened"
                             );
                         }
-                        Some(id) if id != frame.stream_id => return Next::Continue,
+                        Some(id) if id != stream_id => return Next::Continue,
                         Some(_) => {}
                     }
                     entry.executor.clone()
@@ -786,8 +787,13 @@ enum Next {
     Continue,
     /// Close the socket.
     End,
-    /// Queue it there, waiting for room (bounded by the write deadline).
+    /// Queue it there, waiting for room (bounded by the write deadline;
+    /// past it this socket is closed).
     Forward(mpsc::Sender<Queued>, Vec<u8>),
+    /// Queue it for that harness, waiting for room for [`OFFER_WAIT`] at
+    /// most; past it the harness is dropped (its session resumes on a new
+    /// stream) and this socket reads on.
+    Offer(Link, Vec<u8>),
 }
 
 enum Role {
@@ -821,6 +827,18 @@ async fn pump(
                     Message::Binary(data) => match on_frame(data.to_vec()) {
                         Next::Continue => {}
                         Next::End => break,
+                        Next::Offer(link, bytes) => {
+                            let pending = pending.clone();
+                            let offer = async {
+                                let n = u32::try_from(bytes.len()).map_err(|_| ())?;
+                                let share = pending.acquire_many_owned(n).await.map_err(|_| ())?;
+                                link.tx.send((bytes, Some(share))).await.map_err(|_| ())
+                            };
+                            if !matches!(tokio::time::timeout(OFFER_WAIT, offer).await, Ok(Ok(()))) {
+                                tracing::info!("a harness stopped reading; dropping its stream");
+                                link.end.notify_one();
+                            }
+                        }
                         Next::Forward(tx, bytes) => {
                             let pending = pending.clone();
                             let forward = async move {
