@@ -860,8 +860,6 @@ async fn run(args: &Args) -> Result<(), BoxError> {
                 Case::ScaleFanOut => scale_fan_out(args, &plan).await?,
                 Case::ScaleOutput => scale_output(args, &plan).await?,
                 Case::ScaleChunks => scale_chunks(args, &plan).await?,
-                // A Noise stream carries JSON only: one pass.
-                Case::Remote if wire == Wire::Binary => Vec::new(),
                 Case::Remote => remote(args, &plan).await?,
             };
             for row in &mut case_rows {
@@ -979,9 +977,12 @@ async fn remote(args: &Args, plan: &Plan) -> Result<Vec<Row>, BoxError> {
         return Ok(Vec::new());
     }
     let mut rows = Vec::new();
+    // Throughput runs with each wire (binary frames travel over Noise as
+    // over ws://, to a client that asks); the rest once.
+    let once = args.wire == Wire::Json;
     // The handshake's own cost, both ends in this process (ML-KEM-768
     // and X25519 on each side).
-    {
+    if once {
         use exec_server::remote::noise::{Identity, Initiator, Responder, prologue};
         let executor = Identity::generate().map_err(|e| e.to_string())?;
         let harness = Identity::generate().map_err(|e| e.to_string())?;
@@ -1054,7 +1055,7 @@ async fn remote(args: &Args, plan: &Plan) -> Result<Vec<Row>, BoxError> {
     let mut ws_connects = Vec::new();
     let mut first_bytes = Vec::new();
     let mut ws_first_bytes = Vec::new();
-    for i in 0..plan.cold_starts {
+    for i in 0..if once { plan.cold_starts } else { 0 } {
         for (address, connect, first) in [
             (&noise, &mut connects, &mut first_bytes),
             (&ws_url, &mut ws_connects, &mut ws_first_bytes),
@@ -1072,26 +1073,28 @@ async fn remote(args: &Args, plan: &Plan) -> Result<Vec<Row>, BoxError> {
             client.shutdown().await;
         }
     }
-    rows.push(row(
-        "connect over Noise+relay (registry, WebSocket, handshake, initialize)",
-        "ms",
-        connects,
-        Some(ws_connects),
-        "baseline: the same connect and initialize over plain ws://".into(),
-    ));
-    rows.push(row(
-        "time to first output byte over Noise+relay (process/start `echo`)",
-        "ms",
-        first_bytes,
-        Some(ws_first_bytes),
-        "baseline: the same over plain ws://".into(),
-    ));
+    if once {
+        rows.push(row(
+            "connect over Noise+relay (registry, WebSocket, handshake, initialize)",
+            "ms",
+            connects,
+            Some(ws_connects),
+            "baseline: the same connect and initialize over plain ws://".into(),
+        ));
+        rows.push(row(
+            "time to first output byte over Noise+relay (process/start `echo`)",
+            "ms",
+            first_bytes,
+            Some(ws_first_bytes),
+            "baseline: the same over plain ws://".into(),
+        ));
+    }
     // Throughput: Noise+relay against plain ws:// and a pipe.
     let argv = head(plan.stream_bytes);
     let (mut over_noise, mut over_ws, mut piped) = (Vec::new(), Vec::new(), Vec::new());
     for run in 0..plan.stream_runs {
         for (address, samples) in [(&noise, &mut over_noise), (&ws_url, &mut over_ws)] {
-            let client = Client::new(ServerCommand::parse(address)?.json_only());
+            let client = Client::new(wired(args, ServerCommand::parse(address)?));
             client.session_id().await?;
             let t = Instant::now();
             let got = drain(&client, format!("t{run}"), argv.clone()).await?;
@@ -1117,6 +1120,9 @@ async fn remote(args: &Args, plan: &Plan) -> Result<Vec<Row>, BoxError> {
         Some(piped),
         "baseline: the same command through a plain pipe".into(),
     ));
+    if !once {
+        return Ok(rows);
+    }
     // Reconnect: a ticker's stream is cut; the client opens a new stream
     // (a new bundle, handshake) and resumes the session.
     let resumed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

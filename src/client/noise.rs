@@ -195,9 +195,8 @@ pub(super) async fn lines(
                     if line.is_empty() {
                         continue;
                     }
-                    let Ok(records) = channel.seal(line) else { break };
-                    for (seq, record) in records {
-                        let frame = RelayMessageFrame::data(&stream, seq, record).encode();
+                    let Ok(frames) = channel.seal_frames(&stream, &[line]) else { break };
+                    for frame in frames {
                         let send = sink.send(Message::Binary(frame.into()));
                         if !matches!(tokio::time::timeout(limit, send).await, Ok(Ok(()))) {
                             break 'carry;
@@ -212,6 +211,30 @@ pub(super) async fn lines(
                         Message::Close(_) | Message::Text(_) => break,
                         _ => continue,
                     };
+                    // Records of our stream are decrypted where they lie.
+                    if let Some((id, seq, range)) = RelayMessageFrame::data_payload(&bytes) {
+                        if id != stream {
+                            continue;
+                        }
+                        let mut owned = match bytes.try_into_mut() {
+                            Ok(owned) => owned,
+                            Err(shared) => bytes::BytesMut::from(&shared[..]),
+                        };
+                        let Ok(messages) = channel.open_in_place(seq, &mut owned[range]) else {
+                            tracing::debug!("a record from the executor failed; ending the stream");
+                            break;
+                        };
+                        for message in messages {
+                            // A binary frame says its own length.
+                            let line = message.first() != Some(&crate::frame::MARK);
+                            if their_write.write_all(&message).await.is_err()
+                                || (line && their_write.write_all(b"\n").await.is_err())
+                            {
+                                break 'carry;
+                            }
+                        }
+                        continue;
+                    }
                     let Ok(frame) = RelayMessageFrame::decode_valid(&bytes) else { break };
                     if frame.stream_id != stream {
                         continue;
@@ -223,8 +246,9 @@ pub(super) async fn lines(
                                 break;
                             };
                             for message in messages {
+                                let line = message.first() != Some(&crate::frame::MARK);
                                 if their_write.write_all(&message).await.is_err()
-                                    || their_write.write_all(b"\n").await.is_err()
+                                    || (line && their_write.write_all(b"\n").await.is_err())
                                 {
                                     break 'carry;
                                 }
@@ -355,9 +379,11 @@ async fn open_stream(
         Ok(Err(Some(why))) => return Err(Attempt::Failed(why)),
         Ok(Ok(reply)) => reply,
     };
-    let channel = initiator
+    let mut channel = initiator
         .finish(&reply)
         .map_err(|e| Attempt::Failed(e.to_string()))?;
+    // Output may come as binary frames when the client asks for them.
+    channel.accept_frames();
     Ok((sink, source, channel, stream))
 }
 

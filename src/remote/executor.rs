@@ -37,6 +37,8 @@ pub const VALIDATION_TIMEOUT: Duration = Duration::from_secs(10);
 const STREAM_QUEUE: usize = 128;
 /// Frames queued for the physical socket at most.
 const PHYSICAL_QUEUE: usize = 128;
+/// Frames written to the physical socket with one flush at most.
+const WRITE_BATCH: usize = 16;
 /// The first reconnect delay, and the longest.
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -223,7 +225,16 @@ impl Physical {
                 },
                 out = out_rx.recv() => {
                     let Some(bytes) = out else { break "local_shutdown" };
-                    let send = sink.send(Message::Binary(bytes.into()));
+                    // What else is queued goes in the same write (up to
+                    // the batch), then one flush.
+                    let send = async {
+                        sink.feed(Message::Binary(bytes.into())).await?;
+                        for _ in 1..WRITE_BATCH {
+                            let Ok(more) = out_rx.try_recv() else { break };
+                            sink.feed(Message::Binary(more.into())).await?;
+                        }
+                        sink.flush().await
+                    };
                     let limit = deadline.unwrap_or_else(|| tokio::time::Instant::now() + pong_timeout);
                     if !matches!(tokio::time::timeout_at(limit, send).await, Ok(Ok(()))) {
                         break "write_error";
@@ -515,7 +526,7 @@ async fn serve_stream(
     let (enc_tx, mut enc_rx) = mpsc::channel::<Encoded>(OUTBOUND_CAPACITY);
     let transport = Transport {
         incoming: in_rx,
-        outgoing: Outbound::new(enc_tx, crate::jsonrpc::encode_line).json_only(),
+        outgoing: Outbound::new(enc_tx, crate::jsonrpc::encode_line),
     };
     let mut serving = tokio::spawn(connection::serve(server, transport));
     loop {
@@ -545,20 +556,27 @@ async fn serve_stream(
             }
             encoded = enc_rx.recv() => {
                 let Some(encoded) = encoded else { break };
-                let mut json = encoded.into_vec();
-                if json.last() == Some(&b'\n') {
-                    json.pop();
+                // A line without its newline, or a binary frame (granted
+                // to a client that asked) as it is.
+                let mut body = encoded.body.clone().unwrap_or_default();
+                let mut head = &encoded.head[..];
+                if head.first() != Some(&crate::frame::MARK) {
+                    if body.is_empty() {
+                        head = head.strip_suffix(b"\n").unwrap_or(head);
+                    } else if body.ends_with(b"\n") {
+                        body.truncate(body.len() - 1);
+                    }
                 }
-                let sealed = match channel.seal(&json) {
-                    Ok(sealed) => sealed,
+                let frames = match channel.seal_frames(&stream, &[head, &body]) {
+                    Ok(frames) => frames,
                     Err(err) => {
                         tracing::warn!("a stream cannot send: {err}");
                         break;
                     }
                 };
                 let mut gone = false;
-                for (seq, record) in sealed {
-                    gone |= out.send(RelayMessageFrame::data(&stream, seq, record).encode()).await.is_err();
+                for frame in frames {
+                    gone |= out.send(frame).await.is_err();
                 }
                 if gone {
                     break;

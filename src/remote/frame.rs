@@ -307,6 +307,123 @@ impl RelayMessageFrame {
         }
         Ok((stream, kind.ok_or(FrameError::NoBody)?))
     }
+
+    /// A `data` frame's seq and where its payload lies in `bytes`, read
+    /// without copying it, with the checks of a full decode (version 1,
+    /// the stream id, one segment, a payload). Anything else, or another
+    /// body: `None`, and the caller decodes the frame whole.
+    pub fn data_payload(bytes: &[u8]) -> Option<(&str, u32, std::ops::Range<usize>)> {
+        let (stream, kind) = Self::route(bytes).ok()?;
+        if kind != Kind::Data {
+            return None;
+        }
+        // Find the data body (field 5), then its members.
+        let mut at = 0;
+        let mut body = None;
+        while at < bytes.len() {
+            let (key, next) = varint_at(bytes, at)?;
+            at = next;
+            match key & 7 {
+                0 => at = varint_at(bytes, at)?.1,
+                2 => {
+                    let (len, next) = varint_at(bytes, at)?;
+                    let end = next.checked_add(usize::try_from(len).ok()?)?;
+                    if key >> 3 == 5 {
+                        body = Some(next..end);
+                    }
+                    at = end;
+                }
+                1 => at += 8,
+                5 => at += 4,
+                _ => return None,
+            }
+        }
+        let body = body?;
+        let (mut seq, mut index, mut count, mut payload) = (0u64, 0u64, 0u64, None);
+        let mut at = body.start;
+        while at < body.end {
+            let (key, next) = varint_at(bytes, at)?;
+            at = next;
+            match (key >> 3, key & 7) {
+                (1, 0) => (seq, at) = varint_at(bytes, at)?,
+                (2, 0) => (index, at) = varint_at(bytes, at)?,
+                (3, 0) => (count, at) = varint_at(bytes, at)?,
+                (4, 2) => {
+                    let (len, next) = varint_at(bytes, at)?;
+                    let end = next.checked_add(usize::try_from(len).ok()?)?;
+                    payload = Some(next..end);
+                    at = end;
+                }
+                (_, 0) => at = varint_at(bytes, at)?.1,
+                (_, 2) => {
+                    let (len, next) = varint_at(bytes, at)?;
+                    at = next.checked_add(usize::try_from(len).ok()?)?;
+                }
+                _ => return None,
+            }
+        }
+        let payload = payload.filter(|p| !p.is_empty() && p.end <= body.end)?;
+        if at != body.end || index != 0 || count != 1 {
+            return None;
+        }
+        Some((stream, u32::try_from(seq).ok()?, payload))
+    }
+}
+
+/// The start of a `data` frame of `stream` with `seq` whose payload (the
+/// record, `payload` bytes) is to be appended: the bytes prost writes for
+/// the same frame up to the payload itself, in a buffer with room for it.
+pub fn data_frame_head(stream: &str, seq: u32, payload: usize) -> Vec<u8> {
+    fn varint(out: &mut Vec<u8>, mut value: u64) {
+        while value >= 0x80 {
+            out.push((value as u8) | 0x80);
+            value >>= 7;
+        }
+        out.push(value as u8);
+    }
+    fn varint_len(value: u64) -> usize {
+        let mut n = 1;
+        let mut v = value >> 7;
+        while v > 0 {
+            n += 1;
+            v >>= 7;
+        }
+        n
+    }
+    // The data body: seq (when not 0), segment_count 1, the payload.
+    let seq_len = if seq == 0 {
+        0
+    } else {
+        1 + varint_len(u64::from(seq))
+    };
+    let body = seq_len + 2 + 1 + varint_len(payload as u64) + payload;
+    let mut out = Vec::with_capacity(2 + 1 + 5 + stream.len() + 1 + 5 + body);
+    out.extend_from_slice(&[0x08, VERSION as u8, 0x12]);
+    varint(&mut out, stream.len() as u64);
+    out.extend_from_slice(stream.as_bytes());
+    out.push(0x2a);
+    varint(&mut out, body as u64);
+    if seq != 0 {
+        out.push(0x08);
+        varint(&mut out, u64::from(seq));
+    }
+    out.extend_from_slice(&[0x18, 0x01, 0x22]);
+    varint(&mut out, payload as u64);
+    out
+}
+
+/// The varint at `at` in `bytes`, and where the next field starts.
+fn varint_at(bytes: &[u8], mut at: usize) -> Option<(u64, usize)> {
+    let mut value = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *bytes.get(at)?;
+        at += 1;
+        value |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Some((value, at));
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -371,6 +488,24 @@ mod tests {
             let _ = RelayMessageFrame::route(&bytes[..cut]);
         }
         assert!(RelayMessageFrame::route(&[0xff; 12]).is_err());
+        // A data frame's payload, found in place; seq 0 and large seqs.
+        for (seq, len) in [(0u32, 1usize), (5, 61_456), (u32::MAX, 300)] {
+            let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let bytes = RelayMessageFrame::data("s-7", seq, payload.clone()).encode();
+            let (stream, got, range) = RelayMessageFrame::data_payload(&bytes).unwrap();
+            assert_eq!((stream, got, &bytes[range]), ("s-7", seq, &payload[..]));
+        }
+        for cut in 0..bytes.len() {
+            let _ = RelayMessageFrame::data_payload(&bytes[..cut]);
+        }
+        let mut two = RelayMessageFrame::data("s", 1, vec![1]);
+        if let Some(Body::Data(d)) = &mut two.body {
+            d.segment_count = 2;
+        }
+        assert!(RelayMessageFrame::data_payload(&two.encode()).is_none());
+        assert!(
+            RelayMessageFrame::data_payload(&RelayMessageFrame::resume("s").encode()).is_none()
+        );
     }
 
     #[test]

@@ -452,6 +452,8 @@ pub struct Channel {
     expect: Option<usize>,
     /// The message being received, without its prefix.
     body: Vec<u8>,
+    /// Messages that are binary frames (a NUL first) pass as they are.
+    frames: bool,
 }
 
 impl Channel {
@@ -463,42 +465,84 @@ impl Channel {
             head: Vec::with_capacity(4),
             expect: None,
             body: Vec::new(),
+            frames: false,
         })
     }
 
     /// One JSON-RPC message as records: `(seq, ciphertext)`, each at most
-    /// [`RECORD_PLAINTEXT`] + 16 bytes. Each record is built and sealed in
-    /// its own buffer (no copy of the whole message).
+    /// [`RECORD_PLAINTEXT`] + 16 bytes.
     pub fn seal(&mut self, json: &[u8]) -> Result<Vec<(u32, Vec<u8>)>, NoiseError> {
-        if json.is_empty() || json.len() > MAX_MESSAGE {
-            return Err(NoiseError::MessageLength(json.len()));
+        let mut records = Vec::new();
+        self.seal_each(
+            &[json],
+            |_, payload| Vec::with_capacity(payload),
+            |seq, record| records.push((seq, record)),
+        )?;
+        Ok(records)
+    }
+
+    /// One JSON-RPC message as whole relay frames of `stream` (the bytes
+    /// of [`RelayMessageFrame::data`](super::frame::RelayMessageFrame::data)'s
+    /// encoding): each record is sealed in place inside its frame's buffer,
+    /// so the message is copied once, not twice.
+    pub fn seal_frames(
+        &mut self,
+        stream: &str,
+        message: &[&[u8]],
+    ) -> Result<Vec<Vec<u8>>, NoiseError> {
+        let mut frames = Vec::new();
+        self.seal_each(
+            message,
+            |seq, payload| super::frame::data_frame_head(stream, seq, payload),
+            |_, frame| frames.push(frame),
+        )?;
+        Ok(frames)
+    }
+
+    /// Cut `length ‖ message` (the message in `parts`, one after the
+    /// other) into records; each is appended to the buffer
+    /// `head(seq, record length)` returns, sealed there, and given to
+    /// `emit`.
+    fn seal_each(
+        &mut self,
+        parts: &[&[u8]],
+        mut head: impl FnMut(u32, usize) -> Vec<u8>,
+        mut emit: impl FnMut(u32, Vec<u8>),
+    ) -> Result<(), NoiseError> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if len == 0 || len > MAX_MESSAGE {
+            return Err(NoiseError::MessageLength(len));
         }
-        let prefix = (json.len() as u32).to_be_bytes();
-        let total = json.len() + 4;
-        let mut records = Vec::with_capacity(total.div_ceil(RECORD_PLAINTEXT));
-        let mut at = 0;
-        while at < total {
-            let end = (at + RECORD_PLAINTEXT).min(total);
+        let prefix = (len as u32).to_be_bytes();
+        let mut pieces = std::iter::once(&prefix[..])
+            .chain(parts.iter().copied())
+            .filter(|p| !p.is_empty());
+        let mut piece: &[u8] = &[];
+        let mut left = len + 4;
+        while left > 0 {
+            let take = left.min(RECORD_PLAINTEXT);
+            left -= take;
             let seq = self.send_seq.ok_or(NoiseError::SeqExhausted)?;
             self.send_seq = seq.checked_add(1);
-            let mut sealed = Vec::with_capacity(end - at + TAG);
-            if at < 4 {
-                sealed.extend_from_slice(&prefix[at..4.min(end)]);
+            let mut buf = head(seq, take + TAG);
+            let start = buf.len();
+            let mut need = take;
+            while need > 0 {
+                if piece.is_empty() {
+                    piece = pieces.next().ok_or(NoiseError::MessageLength(len))?;
+                }
+                let n = need.min(piece.len());
+                buf.extend_from_slice(&piece[..n]);
+                piece = &piece[n..];
+                need -= n;
             }
-            if end > 4 {
-                sealed.extend_from_slice(&json[at.max(4) - 4..end - 4]);
-            }
-            let plain = sealed.len();
-            sealed.resize(plain + TAG, 0);
-            let n = self
-                .transport
-                .send_in_place(&mut sealed, plain)
+            buf.resize(start + take + TAG, 0);
+            self.transport
+                .send_in_place(&mut buf[start..], take)
                 .map_err(|_| NoiseError::Decrypt)?;
-            sealed.truncate(n);
-            records.push((seq, sealed));
-            at = end;
+            emit(seq, buf);
         }
-        Ok(records)
+        Ok(())
     }
 
     /// Take the record numbered `seq`; the whole messages it (and any
@@ -520,6 +564,38 @@ impl Channel {
                 .map_err(|_| NoiseError::Decrypt)?;
             self.take_messages(&record[..n], &mut messages)?;
         }
+        Ok(messages)
+    }
+
+    /// Let messages that are binary frames (`docs/PROTOCOL.md` section 11:
+    /// a NUL byte first, which no JSON text has) through: for a client that
+    /// asked the executor for frames. Everything else must still be JSON.
+    pub fn accept_frames(&mut self) {
+        self.frames = true;
+    }
+
+    /// [`Channel::open`] for a record the caller can let us decrypt where
+    /// it lies: in order (the usual case), nothing is copied; out of order,
+    /// it is copied into the reorder window.
+    pub fn open_in_place(
+        &mut self,
+        seq: u32,
+        record: &mut [u8],
+    ) -> Result<Vec<Vec<u8>>, NoiseError> {
+        if u64::from(seq) != self.reorder.next || !self.reorder.held.is_empty() {
+            return self.open(seq, record.to_vec());
+        }
+        if record.len() < TAG || record.len() - TAG > RECORD_PLAINTEXT {
+            return Err(NoiseError::RecordTooLarge);
+        }
+        self.reorder.next += 1;
+        let len = record.len();
+        let n = self
+            .transport
+            .receive_in_place(record, len)
+            .map_err(|_| NoiseError::Decrypt)?;
+        let mut messages = Vec::new();
+        self.take_messages(&record[..n], &mut messages)?;
         Ok(messages)
     }
 
@@ -556,7 +632,8 @@ impl Channel {
             if self.body.len() == len {
                 let message = std::mem::take(&mut self.body);
                 self.expect = None;
-                if serde_json::from_slice::<serde::de::IgnoredAny>(&message).is_err() {
+                let frame = self.frames && message.first() == Some(&0);
+                if !frame && serde_json::from_slice::<serde::de::IgnoredAny>(&message).is_err() {
                     return Err(NoiseError::NotJson);
                 }
                 out.push(message);
@@ -757,6 +834,30 @@ mod tests {
     }
 
     #[test]
+    fn frames_sealed_in_place_are_the_encoding_of_data_frames() {
+        let (mut harness, mut executor, _, _) = connect(b"a");
+        let body = format!(r#"{{"x":"{}"}}"#, "z".repeat(130_000));
+        let (a, b) = body.as_bytes().split_at(70_001);
+        let frames = harness.seal_frames("stream-1", &[a, b]).unwrap();
+        assert_eq!(frames.len(), (4 + body.len()).div_ceil(RECORD_PLAINTEXT));
+        let mut out = Vec::new();
+        for (i, bytes) in frames.iter().enumerate() {
+            let frame = super::super::frame::RelayMessageFrame::decode_valid(bytes).unwrap();
+            // Byte for byte what prost makes of the same frame.
+            assert_eq!(&frame.encode(), bytes);
+            let Some(super::super::frame::Body::Data(data)) = frame.body else {
+                panic!("not data");
+            };
+            assert_eq!((frame.stream_id.as_str(), data.seq), ("stream-1", i as u32));
+            out.extend(executor.open(data.seq, data.payload).unwrap());
+        }
+        assert_eq!(out, vec![body.into_bytes()]);
+        // The next message goes on from the next seq.
+        let more = harness.seal(b"{}").unwrap();
+        assert_eq!(more[0].0, frames.len() as u32);
+    }
+
+    #[test]
     fn a_large_message_spans_records_and_reassembles() {
         let (mut harness, mut executor, _, _) = connect(b"a");
         let body = format!(r#"{{"x":"{}"}}"#, "y".repeat(120 * 1024));
@@ -815,6 +916,16 @@ mod tests {
         // Not JSON.
         let (mut h, mut e, _, _) = connect(b"a");
         let (seq, r) = h.seal(b"not json").unwrap().remove(0);
+        assert_eq!(e.open(seq, r), Err(NoiseError::NotJson));
+        // A frame passes only where frames were asked for.
+        let (mut h, mut e, _, _) = connect(b"a");
+        let (seq, r) = h.seal(b"\0frame bytes").unwrap().remove(0);
+        assert_eq!(e.open(seq, r), Err(NoiseError::NotJson));
+        let (mut h, mut e, _, _) = connect(b"a");
+        e.accept_frames();
+        let (seq, r) = h.seal(b"\0frame bytes").unwrap().remove(0);
+        assert_eq!(e.open(seq, r).unwrap(), vec![b"\0frame bytes".to_vec()]);
+        let (seq, r) = h.seal(b"still not json").unwrap().remove(0);
         assert_eq!(e.open(seq, r), Err(NoiseError::NotJson));
         // Many messages in one record.
         let (mut h, mut e, _, _) = connect(b"a");

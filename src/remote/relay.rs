@@ -42,6 +42,8 @@ pub const MAX_FRAME: usize = 256 * 1024;
 const HARNESS_QUEUE: usize = 256;
 /// Frames waiting for an executor socket at most; harnesses wait.
 const EXECUTOR_QUEUE: usize = 1024;
+/// Frames written to a socket with one flush at most.
+const WRITE_BATCH: usize = 16;
 /// How long the executor's socket waits for a harness that has no room
 /// before that harness is dropped (every stream of the executor waits
 /// meanwhile: the protocol has no flow control per stream).
@@ -151,7 +153,7 @@ struct Link {
 
 /// A frame waiting for its socket, with its share of [`PENDING_BYTES`]
 /// (none for the relay's own resets).
-type Queued = (Vec<u8>, Option<OwnedSemaphorePermit>);
+type Queued = (bytes::Bytes, Option<OwnedSemaphorePermit>);
 
 /// A socket's share of [`MAX_SOCKETS`].
 struct Slot(Arc<AtomicUsize>);
@@ -770,7 +772,7 @@ impl Relay {
             if let Some(executor) = executor {
                 let _ = executor
                     .tx
-                    .try_send((RelayMessageFrame::reset(&stream).encode(), None));
+                    .try_send((RelayMessageFrame::reset(&stream).encode().into(), None));
             }
             tracing::info!(
                 environment = env.as_str(),
@@ -789,11 +791,11 @@ enum Next {
     End,
     /// Queue it there, waiting for room (bounded by the write deadline;
     /// past it this socket is closed).
-    Forward(mpsc::Sender<Queued>, Vec<u8>),
+    Forward(mpsc::Sender<Queued>, bytes::Bytes),
     /// Queue it for that harness, waiting for room for [`OFFER_WAIT`] at
     /// most; past it the harness is dropped (its session resumes on a new
     /// stream) and this socket reads on.
-    Offer(Link, Vec<u8>),
+    Offer(Link, bytes::Bytes),
 }
 
 enum Role {
@@ -811,7 +813,7 @@ async fn pump(
     end: Arc<Notify>,
     ping_every: Duration,
     pending: Arc<Semaphore>,
-    mut on_frame: impl FnMut(Vec<u8>) -> Next,
+    mut on_frame: impl FnMut(bytes::Bytes) -> Next,
 ) {
     let (mut sink, mut source) = socket.split();
     let limit = ping_every.saturating_mul(2);
@@ -824,7 +826,7 @@ async fn pump(
                 let Some(Ok(message)) = message else { break };
                 heard = tokio::time::Instant::now();
                 match message {
-                    Message::Binary(data) => match on_frame(data.to_vec()) {
+                    Message::Binary(data) => match on_frame(data) {
                         Next::Continue => {}
                         Next::End => break,
                         Next::Offer(link, bytes) => {
@@ -857,8 +859,19 @@ async fn pump(
             }
             out = rx.recv() => {
                 // The frame's share of the budget goes once it is written.
-                let Some((bytes, _share)) = out else { break };
-                let send = sink.send(Message::Binary(bytes.into()));
+                let Some((bytes, share)) = out else { break };
+                // What else is queued goes in the same write (up to the
+                // batch), then one flush.
+                let mut shares = vec![share];
+                let send = async {
+                    sink.feed(Message::Binary(bytes)).await?;
+                    for _ in 1..WRITE_BATCH {
+                        let Ok((more, share)) = rx.try_recv() else { break };
+                        shares.push(share);
+                        sink.feed(Message::Binary(more)).await?;
+                    }
+                    sink.flush().await
+                };
                 if !matches!(tokio::time::timeout(limit, send).await, Ok(Ok(()))) {
                     break;
                 }

@@ -295,7 +295,6 @@ impl Connection {
         // Frames are on before the session is attached, so that every
         // output the client is sent after this is a frame.
         let frames = self.server.config.binary_frames
-            && self.outgoing.frames_possible()
             && params
                 .capabilities
                 .as_ref()

@@ -51,9 +51,6 @@ pub struct Outbound {
     calls: Arc<Calls>,
     /// The peer asked for binary frames: output goes as frames.
     frames: Arc<AtomicBool>,
-    /// The transport can carry binary frames (a Noise stream carries JSON
-    /// messages only).
-    frames_possible: bool,
 }
 
 /// Bytes of answers one connection may hold waiting for its peer before
@@ -217,20 +214,7 @@ impl Outbound {
             encode,
             calls: Arc::default(),
             frames: Arc::default(),
-            frames_possible: true,
         }
-    }
-
-    /// A sender whose transport carries JSON messages only: binary frames
-    /// are never granted.
-    pub fn json_only(mut self) -> Outbound {
-        self.frames_possible = false;
-        self
-    }
-
-    /// Whether binary frames may be granted.
-    pub fn frames_possible(&self) -> bool {
-        self.frames_possible
     }
 
     /// What this connection holds of messages not yet written.

@@ -243,8 +243,8 @@ async fn the_library_reaches_a_remote_executor_and_reads_a_large_file() {
         .await
         .unwrap();
     assert_eq!((status.code, &output[..]), (4, &b"remote\n"[..]));
-    // Output comes as JSON over a Noise stream: frames are never granted.
-    assert!(!client.binary_frames());
+    // Output came as binary frames, carried as record-layer messages.
+    assert!(client.binary_frames());
     client.shutdown().await;
 }
 

@@ -12,8 +12,9 @@
 //!
 //! - `{"args": [..]}`: extra server flags (first step only).
 //! - `{"notOver": [VIA, ..], "because": TEXT}`: transports the
-//!   transcript does not play over (`noise`: a Noise stream carries JSON
-//!   messages only, so no binary frames and no line that is not JSON).
+//!   transcript does not play over (`noise`: a Noise stream's record layer
+//!   carries JSON messages and binary frames only, so no line that is not
+//!   JSON).
 //! - `{"requires": [TOOL, ..]}`: programs the transcript runs; without
 //!   them it is skipped with a notice (mandatory when
 //!   `EXEC_SERVER_TEST_REQUIRE` names them, as in CI).
