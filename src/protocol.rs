@@ -123,7 +123,7 @@ pub fn parse_path(text: &str) -> Result<PathBuf, Error> {
     Ok(path)
 }
 
-fn percent_decode(text: &str) -> Option<Vec<u8>> {
+pub(crate) fn percent_decode(text: &str) -> Option<Vec<u8>> {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -59,7 +59,9 @@ impl Target {
                 "{address}: the environment id is missing (noise+{scheme}://HOST:PORT/ENVIRONMENT_ID)"
             ));
         };
-        let environment = String::from_utf8_lossy(&percent_decode(environment)).into_owned();
+        let environment = crate::protocol::percent_decode(environment)
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+            .ok_or_else(|| format!("{address}: the environment id is not percent-encoded right"))?;
         if base.is_empty() || environment.trim().is_empty() {
             return Err(format!(
                 "{address}: expected noise+{scheme}://HOST:PORT/ENVIRONMENT_ID"
@@ -70,25 +72,6 @@ impl Target {
             environment_id: environment.trim().to_string(),
         })
     }
-}
-
-fn percent_decode(raw: &str) -> Vec<u8> {
-    let bytes = raw.as_bytes();
-    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                out.push(h << 4 | l);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    out
 }
 
 /// This process's harness identity: one, reused across reconnects.
@@ -240,20 +223,8 @@ pub(super) async fn lines(
                         continue;
                     }
                     match frame.body {
-                        Some(Body::Data(data)) => {
-                            let Ok(messages) = channel.open(data.seq, data.payload) else {
-                                tracing::debug!("a record from the executor failed; ending the stream");
-                                break;
-                            };
-                            for message in messages {
-                                let line = message.first() != Some(&crate::frame::MARK);
-                                if their_write.write_all(&message).await.is_err()
-                                    || (line && their_write.write_all(b"\n").await.is_err())
-                                {
-                                    break 'carry;
-                                }
-                            }
-                        }
+                        // Every valid data frame was taken above.
+                        Some(Body::Data(_)) => break,
                         Some(Body::Reset(_)) => break,
                         Some(Body::Handshake(_)) => break,
                         _ => {}

@@ -54,22 +54,7 @@ impl Web {
     /// HTTPS with the certificate of `fixtures/tls` (for `localhost` and
     /// `127.0.0.1`, signed by `fixtures/tls/ca.pem`).
     pub fn start_tls() -> Web {
-        use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tls");
-        let certs: Vec<CertificateDer> = CertificateDer::pem_file_iter(dir.join("server.pem"))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
-        let key = PrivateKeyDer::from_pem_file(dir.join("server.key")).unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .unwrap();
-        Web::serve("127.0.0.1", Some(Arc::new(config)))
+        Web::serve("127.0.0.1", Some(tls_config()))
     }
 
     fn serve(ip: &str, tls: Option<Arc<rustls::ServerConfig>>) -> Web {
@@ -249,4 +234,25 @@ pub fn closed_port() -> u16 {
     let port = listener.local_addr().unwrap().port();
     drop(listener);
     port
+}
+
+/// A TLS server configuration with the certificate of `fixtures/tls` (for
+/// `localhost` and `127.0.0.1`, signed by `fixtures/tls/ca.pem`).
+pub fn tls_config() -> Arc<rustls::ServerConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tls");
+    let certs: Vec<CertificateDer> = CertificateDer::pem_file_iter(dir.join("server.pem"))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(dir.join("server.key")).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    Arc::new(config)
 }
