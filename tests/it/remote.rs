@@ -390,6 +390,8 @@ pub struct ConnectProxy {
     tunnels: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
     pub connects: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     pub requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// The targets of the absolute-form requests, in order.
+    pub paths: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl ConnectProxy {
@@ -402,11 +404,13 @@ impl ConnectProxy {
             tunnels: Default::default(),
             connects: Default::default(),
             requests: Default::default(),
+            paths: Default::default(),
         };
-        let (tunnels, connects, requests) = (
+        let (tunnels, connects, requests, paths) = (
             proxy.tunnels.clone(),
             proxy.connects.clone(),
             proxy.requests.clone(),
+            proxy.paths.clone(),
         );
         std::thread::spawn(move || {
             for client in listener.incoming() {
@@ -414,6 +418,7 @@ impl ConnectProxy {
                 let tunnels = tunnels.clone();
                 let connects = connects.clone();
                 let requests = requests.clone();
+                let paths = paths.clone();
                 std::thread::spawn(move || {
                     let mut head = Vec::new();
                     let mut byte = [0u8; 1];
@@ -431,6 +436,7 @@ impl ConnectProxy {
                         (target.to_string(), None)
                     } else {
                         requests.fetch_add(1, Ordering::SeqCst);
+                        paths.lock().unwrap().push(target.to_string());
                         let rest = target.strip_prefix("http://").unwrap_or(target);
                         let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
                         let rewritten = text.replacen(target, &format!("/{path}"), 1).into_bytes();
@@ -526,13 +532,23 @@ fn a_relay_killed_mid_stream_and_restarted_loses_nothing() {
     remote.wait_online();
     assert!(proxy.requests.load(std::sync::atomic::Ordering::SeqCst) >= 1);
     assert!(proxy.connects.load(std::sync::atomic::Ordering::SeqCst) >= 1);
-    let registered = proxy.requests.load(std::sync::atomic::Ordering::SeqCst);
+    let registrations = || {
+        proxy
+            .paths
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|p| p.ends_with("/register"))
+            .count()
+    };
+    assert_eq!(registrations(), 1);
     let runner = numbered_runner(&remote.address(), &[]);
     std::thread::sleep(Duration::from_millis(500));
     remote.restart_relay();
     assert_whole(runner, "relay restart");
-    // The new relay knew nothing: the executor registered again.
-    assert!(proxy.requests.load(std::sync::atomic::Ordering::SeqCst) > registered);
+    // The new relay knew nothing: its 401 on the old URL made the
+    // executor register again.
+    assert!(registrations() >= 2);
 }
 
 #[test]
@@ -546,12 +562,28 @@ fn a_cut_executor_socket_loses_nothing() {
     remote.executor = Some(executor.spawn().unwrap());
     remote.wait_online();
     let connects = proxy.connects.load(std::sync::atomic::Ordering::SeqCst);
+    let registrations = || {
+        proxy
+            .paths
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|p| p.ends_with("/register"))
+            .count()
+    };
+    assert_eq!(registrations(), 1);
     let runner = numbered_runner(&remote.address(), &[]);
     std::thread::sleep(Duration::from_millis(500));
     assert!(proxy.cut() >= 2, "no executor tunnel to cut");
     assert_whole(runner, "executor socket cut");
-    // It came back on a new tunnel (the same registration).
+    // It came back on a new tunnel with the same URL: a plain disconnect
+    // does not register again (only a 4xx on the upgrade does).
     assert!(proxy.connects.load(std::sync::atomic::Ordering::SeqCst) > connects);
+    assert_eq!(
+        registrations(),
+        1,
+        "the executor registered again after a plain disconnect"
+    );
 }
 
 #[test]
