@@ -142,7 +142,7 @@ pub mod cli {
     pub use crate::process::exec::close_on_exec_from_3;
     pub use crate::process::init::{ARG as INIT_ARG, main as init_main};
     #[cfg(feature = "remote")]
-    pub use crate::remote::executor::RemoteConfig;
+    pub use crate::remote::executor::{RemoteConfig, run_remote};
     #[cfg(feature = "remote")]
     pub use crate::remote::registry::Secret;
     #[cfg(feature = "remote")]

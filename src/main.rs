@@ -809,10 +809,13 @@ fn serve(cli: ServeArgs) -> ExitCode {
         binary_frames: !cli.no_binary_frames,
         concurrent_requests: cli.concurrent_requests.map(|n| n as usize),
         workspace_roots: cli.workspace_roots,
-        remote,
         exit_on_stdin_close,
     };
-    match server::run(config, &listen) {
+    let outcome = match remote {
+        Some(remote) => server::run_remote(config, remote),
+        None => server::run(config, &listen),
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("exec-server: {err}");

@@ -59,6 +59,16 @@ pub struct RemoteConfig {
     pub ping_every: Duration,
 }
 
+/// `exec-server --remote`: a server with no listener of its own (stdin
+/// only with `--exit-on-stdin-close`) that serves the relay's streams.
+pub fn run_remote(config: crate::server::Config, remote: RemoteConfig) -> std::io::Result<()> {
+    crate::server::run_with(
+        config,
+        &[],
+        Some(Box::new(move |server| Box::pin(run(server, remote)))),
+    )
+}
+
 /// Serve the environment until the server shuts down.
 pub async fn run(server: Arc<Server>, config: RemoteConfig) {
     let identity = match Identity::generate() {

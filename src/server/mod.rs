@@ -53,9 +53,6 @@ pub struct Config {
     /// connection run at once, started in arrival order (1: one after
     /// another, as the reference does by default); `None`: no limit.
     pub concurrent_requests: Option<usize>,
-    /// `--remote URL --environment-id ID`: serve a relay's Noise streams.
-    #[cfg(feature = "remote")]
-    pub remote: Option<crate::remote::executor::RemoteConfig>,
     /// `--exit-on-stdin-close` (remote mode): stdin's end ends the server.
     pub exit_on_stdin_close: bool,
 }
@@ -76,8 +73,6 @@ impl Default for Config {
             ws_ping_every: Duration::from_secs(30),
             binary_frames: true,
             concurrent_requests: None,
-            #[cfg(feature = "remote")]
-            remote: None,
             exit_on_stdin_close: false,
         }
     }
@@ -183,6 +178,22 @@ impl Listen {
 /// Call this from a single-threaded process: it forks the watchdog before
 /// starting the async runtime.
 pub fn run(config: Config, listen: &[Listen]) -> std::io::Result<()> {
+    run_with(config, listen, None)
+}
+
+/// A task that serves connections of its own into the server (remote
+/// mode's relay socket), started once the server is up.
+pub type Service = Box<
+    dyn FnOnce(Arc<Server>) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+        + Send,
+>;
+
+/// [`run`], with `service` running beside the listeners.
+pub fn run_with(
+    config: Config,
+    listen: &[Listen],
+    service: Option<Service>,
+) -> std::io::Result<()> {
     let limit = crate::sys::raise_nofile();
     crate::sys::reserve_spare_descriptor();
     crate::sys::return_freed_memory();
@@ -259,9 +270,8 @@ pub fn run(config: Config, listen: &[Listen]) -> std::io::Result<()> {
         for bound in ws_listeners {
             accepting.spawn(accept_ws(server.clone(), bound));
         }
-        #[cfg(feature = "remote")]
-        if let Some(remote) = server.config.remote.clone() {
-            tokio::spawn(crate::remote::executor::run(server.clone(), remote));
+        if let Some(service) = service {
+            tokio::spawn(service(server.clone()));
         }
         let (stdio_writer, mut serve_stdio) = if stdio {
             let io = stdio::start(server.config.max_message_bytes);

@@ -356,7 +356,8 @@ pub(crate) struct Replay {
 }
 
 impl Replay {
-    /// `stream`, which already gave `head`.
+    /// `stream`, which already gave `head` (for the relay).
+    #[cfg_attr(not(feature = "remote"), allow(dead_code))]
     pub(crate) fn new(head: Vec<u8>, stream: TcpStream) -> Replay {
         Replay {
             head,
