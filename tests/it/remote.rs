@@ -994,3 +994,43 @@ fn a_relay_behind_tls_is_reached_over_wss_and_https() {
     assert_eq!(out.status.code(), Some(125));
     assert!(out.stdout.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_writes_and_an_output_flood_share_a_stream_without_a_reset() {
+    let remote = Remote::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let lost = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = lost.clone();
+    let client =
+        Client::new(ServerCommand::parse(&remote.address()).unwrap()).with_notices(move |n| {
+            if matches!(n, exec_server::client::Notice::Reconnecting { .. }) {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+    // A process that floods output for the whole test...
+    let mut flood = client
+        .start(StartOptions::new("flood", ["sh", "-c", "head -c 200000000 /dev/zero"]).cwd("/tmp"))
+        .await
+        .unwrap();
+    let reader = tokio::spawn(async move {
+        let mut bytes = 0usize;
+        let status = flood
+            .wait_with_output(|_, chunk| bytes += chunk.len())
+            .await
+            .map(|s| s.code);
+        (status, bytes)
+    });
+    // ...while large requests go the other way on the same stream.
+    for i in 0..4 {
+        let data: Vec<u8> = (0..24 << 20).map(|j| ((i * 7 + j) % 251) as u8).collect();
+        let path = dir.path().join(format!("big-{i}"));
+        client.write_file(&path, &data).await.unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), data);
+    }
+    let (status, bytes) = reader.await.unwrap();
+    assert_eq!(status.unwrap(), 0);
+    assert_eq!(bytes, 200_000_000);
+    // The stream was never reset (no reconnect was needed).
+    assert_eq!(lost.load(std::sync::atomic::Ordering::SeqCst), 0);
+    client.shutdown().await;
+}
