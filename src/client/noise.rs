@@ -199,11 +199,7 @@ pub(super) async fn lines(
                         if id != stream {
                             continue;
                         }
-                        let mut owned = match bytes.try_into_mut() {
-                            Ok(owned) => owned,
-                            Err(shared) => bytes::BytesMut::from(&shared[..]),
-                        };
-                        let Ok(messages) = channel.open_in_place(seq, &mut owned[range]) else {
+                        let Ok(messages) = channel.open_from(seq, &bytes[range]) else {
                             tracing::debug!("a record from the executor failed; ending the stream");
                             break;
                         };

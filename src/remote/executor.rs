@@ -37,6 +37,9 @@ pub const VALIDATION_TIMEOUT: Duration = Duration::from_secs(10);
 const STREAM_QUEUE: usize = 128;
 /// Frames queued for the physical socket at most.
 const PHYSICAL_QUEUE: usize = 128;
+/// How long the reader waits for room in a stream's record queue before
+/// it resets that stream (every stream of the socket waits meanwhile).
+const STREAM_WAIT: Duration = Duration::from_secs(10);
 /// Frames written to the physical socket with one flush at most.
 const WRITE_BATCH: usize = 16;
 /// The first reconnect delay, and the longest.
@@ -152,6 +155,96 @@ pub async fn run(server: Arc<Server>, config: RemoteConfig) {
     }
 }
 
+/// What the reader does after a frame.
+enum Step {
+    /// Read on.
+    Go,
+    /// Close the socket, for this reason.
+    Close(&'static str),
+    /// Wait for room in this stream's queue (instance, queue, record).
+    Deliver(String, u64, mpsc::Sender<(u32, Vec<u8>)>, (u32, Vec<u8>)),
+}
+
+/// Write what the streams send, and ping; returns why it stopped
+/// (`write_error`, `pong_timeout`), or `closed` once told to stop (after
+/// writing what is queued when `stop` says so).
+async fn write_loop(
+    mut sink: futures_util::stream::SplitSink<Socket, Message>,
+    mut out: mpsc::Receiver<Vec<u8>>,
+    mut stop: tokio::sync::oneshot::Receiver<bool>,
+    ping_every: Duration,
+    pong_seen: Arc<std::sync::atomic::AtomicBool>,
+) -> &'static str {
+    use std::sync::atomic::Ordering;
+    let pong_timeout = ping_every.saturating_mul(2);
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // When the ping now outstanding was flushed.
+    let mut ping_sent: Option<tokio::time::Instant> = None;
+    let reason = loop {
+        if ping_sent.is_some() && pong_seen.load(Ordering::SeqCst) {
+            ping_sent = None;
+        }
+        let deadline = ping_sent.map(|at| at + pong_timeout);
+        tokio::select! {
+            queued = out.recv() => {
+                let Some(bytes) = queued else { break "closed" };
+                // What else is queued goes in the same write (up to the
+                // batch), then one flush.
+                let send = async {
+                    sink.feed(Message::Binary(bytes.into())).await?;
+                    for _ in 1..WRITE_BATCH {
+                        let Ok(more) = out.try_recv() else { break };
+                        sink.feed(Message::Binary(more.into())).await?;
+                    }
+                    sink.flush().await
+                };
+                let limit = deadline.unwrap_or_else(|| tokio::time::Instant::now() + pong_timeout);
+                if !matches!(tokio::time::timeout_at(limit, send).await, Ok(Ok(()))) {
+                    break "write_error";
+                }
+            }
+            _ = ping.tick() => {
+                if ping_sent.is_none() {
+                    pong_seen.store(false, Ordering::SeqCst);
+                    let send = sink.send(Message::Ping(Vec::new().into()));
+                    if !matches!(tokio::time::timeout(pong_timeout, send).await, Ok(Ok(()))) {
+                        break "write_error";
+                    }
+                    ping_sent = Some(tokio::time::Instant::now());
+                }
+            }
+            () = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if !pong_seen.load(Ordering::SeqCst) {
+                    break "pong_timeout";
+                }
+                ping_sent = None;
+            }
+            flush = &mut stop => {
+                if flush.unwrap_or(false) {
+                    let drain = async {
+                        while let Ok(bytes) = out.try_recv() {
+                            if sink.feed(Message::Binary(bytes.into())).await.is_err() {
+                                break;
+                            }
+                        }
+                        let _ = sink.flush().await;
+                    };
+                    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+                }
+                break "closed";
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+    reason
+}
+
 /// One physical socket's context.
 struct Physical {
     server: Arc<Server>,
@@ -197,10 +290,24 @@ impl Physical {
     /// Serve the socket until it ends; the reason, as the reference names
     /// it (`peer_close`, `read_error`, `write_error`, `pong_timeout`,
     /// `local_shutdown`, `failure_budget`).
+    ///
+    /// Reading and writing are two tasks: the reader may wait for a
+    /// stream's queue (a stream busy sending a large answer takes its
+    /// records a moment later) while the writer goes on draining what the
+    /// streams send, so neither waits on the other.
     async fn serve(&self, socket: Socket) -> &'static str {
-        let (mut sink, mut source) = socket.split();
-        let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(PHYSICAL_QUEUE);
+        let (sink, mut source) = socket.split();
+        let (out_tx, out_rx) = mpsc::channel::<Vec<u8>>(PHYSICAL_QUEUE);
         let (event_tx, mut event_rx) = mpsc::unbounded_channel::<Event>();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<bool>();
+        let pong_seen = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let mut writer = tokio::spawn(write_loop(
+            sink,
+            out_rx,
+            stop_rx,
+            self.ping_every,
+            pong_seen.clone(),
+        ));
         let mut streams = Streams {
             active: HashMap::new(),
             pending: HashMap::new(),
@@ -208,68 +315,41 @@ impl Physical {
             next_instance: 1,
         };
         let mut shutdown = self.server.shutdown.subscribe();
-        let pong_timeout = self.ping_every.saturating_mul(2);
-        let mut ping = tokio::time::interval_at(
-            tokio::time::Instant::now() + self.ping_every,
-            self.ping_every,
-        );
-        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // When the ping now outstanding was sent.
-        let mut ping_sent: Option<tokio::time::Instant> = None;
         let reason = loop {
             if *shutdown.borrow_and_update() {
                 break "local_shutdown";
             }
-            let deadline = ping_sent.map(|at| at + pong_timeout);
             tokio::select! {
                 message = source.next() => match message {
                     Some(Ok(Message::Binary(bytes))) => {
-                        if let Some(reason) = self.on_frame(&bytes, &mut streams, &out_tx, &event_tx) {
-                            break reason;
+                        match self.on_frame(&bytes, &mut streams, &out_tx, &event_tx) {
+                            Step::Go => {}
+                            Step::Close(reason) => break reason,
+                            Step::Deliver(stream, instance, records, record) => {
+                                // Wait for room a while; a stream that takes
+                                // nothing for that long is reset.
+                                let sent = tokio::time::timeout(STREAM_WAIT, records.send(record)).await;
+                                if !matches!(sent, Ok(Ok(()))) {
+                                    tracing::debug!("a stream took no record for {STREAM_WAIT:?}; resetting it");
+                                    if streams.active.get(&stream).is_some_and(|a| a.instance == instance) {
+                                        streams.active.remove(&stream);
+                                    }
+                                    let _ = out_tx.try_send(RelayMessageFrame::reset(&stream).encode());
+                                }
+                            }
                         }
                     }
-                    Some(Ok(Message::Pong(_))) => ping_sent = None,
+                    Some(Ok(Message::Pong(_))) => pong_seen.store(true, std::sync::atomic::Ordering::SeqCst),
                     Some(Ok(Message::Close(_))) | None => break "peer_close",
                     Some(Ok(_)) => {}
                     Some(Err(_)) => break "read_error",
                 },
-                out = out_rx.recv() => {
-                    let Some(bytes) = out else { break "local_shutdown" };
-                    // What else is queued goes in the same write (up to
-                    // the batch), then one flush.
-                    let send = async {
-                        sink.feed(Message::Binary(bytes.into())).await?;
-                        for _ in 1..WRITE_BATCH {
-                            let Ok(more) = out_rx.try_recv() else { break };
-                            sink.feed(Message::Binary(more.into())).await?;
-                        }
-                        sink.flush().await
-                    };
-                    let limit = deadline.unwrap_or_else(|| tokio::time::Instant::now() + pong_timeout);
-                    if !matches!(tokio::time::timeout_at(limit, send).await, Ok(Ok(()))) {
-                        break "write_error";
-                    }
-                }
                 Some(event) = event_rx.recv() => {
                     if let Some(reason) = self.on_event(event, &mut streams, &out_tx, &event_tx) {
                         break reason;
                     }
                 }
-                _ = ping.tick() => {
-                    if ping_sent.is_none() {
-                        let send = sink.send(Message::Ping(Vec::new().into()));
-                        if !matches!(tokio::time::timeout(pong_timeout, send).await, Ok(Ok(()))) {
-                            break "write_error";
-                        }
-                        ping_sent = Some(tokio::time::Instant::now());
-                    }
-                }
-                () = async {
-                    match deadline {
-                        Some(at) => tokio::time::sleep_until(at).await,
-                        None => std::future::pending().await,
-                    }
-                } => break "pong_timeout",
+                ended = &mut writer => break ended.unwrap_or("write_error"),
                 _ = shutdown.changed() => break "local_shutdown",
             }
         };
@@ -281,18 +361,11 @@ impl Physical {
         streams.active.clear();
         // What was queued (the last reset, say) goes before the close, when
         // the socket still carries anything.
-        if matches!(reason, "failure_budget" | "local_shutdown") {
-            let flush = async {
-                while let Ok(bytes) = out_rx.try_recv() {
-                    if sink.feed(Message::Binary(bytes.into())).await.is_err() {
-                        break;
-                    }
-                }
-                let _ = sink.flush().await;
-            };
-            let _ = tokio::time::timeout(Duration::from_secs(1), flush).await;
+        let _ = stop_tx.send(matches!(reason, "failure_budget" | "local_shutdown"));
+        if !writer.is_finished() {
+            let _ = tokio::time::timeout(Duration::from_secs(3), &mut writer).await;
         }
-        let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+        writer.abort();
         reason
     }
 
@@ -322,12 +395,12 @@ impl Physical {
         streams: &mut Streams,
         out: &mpsc::Sender<Vec<u8>>,
         events: &mpsc::UnboundedSender<Event>,
-    ) -> Option<&'static str> {
+    ) -> Step {
         let frame = match RelayMessageFrame::decode_valid(bytes) {
             Ok(frame) => frame,
             Err(err) => {
                 tracing::debug!("dropped a relay frame: {err}");
-                return None;
+                return Step::Go;
             }
         };
         let id = frame.stream_id;
@@ -335,34 +408,34 @@ impl Physical {
             Some(Body::Handshake(handshake)) => {
                 if streams.active.contains_key(&id) {
                     let _ = out.try_send(RelayMessageFrame::reset(&id).encode());
-                    return None;
+                    return Step::Go;
                 }
                 if let Some(pending) = streams.pending.remove(&id) {
                     pending.validation.abort();
-                    return self.fail(streams, out, &id);
+                    return self.fail(streams, out, &id).map_or(Step::Go, Step::Close);
                 }
                 if streams.active.len() >= MAX_STREAMS || streams.pending.len() >= MAX_PENDING {
                     tracing::info!("a stream was refused: the executor is at its stream limit");
                     let _ = out.try_send(RelayMessageFrame::reset(&id).encode());
-                    return None;
+                    return Step::Go;
                 }
                 let p = prologue(&self.environment_id, &self.registration_id, &id);
                 let Ok(mut responder) = Responder::new(&self.identity, &p) else {
-                    return self.fail(streams, out, &id);
+                    return self.fail(streams, out, &id).map_or(Step::Go, Step::Close);
                 };
                 let (key, authorization) = match responder.read_first(&handshake.payload) {
                     Ok(read) => read,
                     Err(err) => {
                         tracing::debug!("a handshake failed: {err}");
-                        return self.fail(streams, out, &id);
+                        return self.fail(streams, out, &id).map_or(Step::Go, Step::Close);
                     }
                 };
                 if authorization.len() > MAX_AUTHORIZATION {
                     tracing::debug!("a handshake carried an oversized authorization");
-                    return self.fail(streams, out, &id);
+                    return self.fail(streams, out, &id).map_or(Step::Go, Step::Close);
                 }
                 let Ok(authorization) = String::from_utf8(authorization) else {
-                    return self.fail(streams, out, &id);
+                    return self.fail(streams, out, &id).map_or(Step::Go, Step::Close);
                 };
                 let instance = streams.next_instance;
                 streams.next_instance += 1;
@@ -384,24 +457,26 @@ impl Physical {
                         validation,
                     },
                 );
-                None
+                Step::Go
             }
             Some(Body::Data(data)) => {
                 if let Some(active) = streams.active.get(&id) {
-                    if active.records.try_send((data.seq, data.payload)).is_err() {
-                        tracing::debug!("a stream fell too far behind; resetting it");
-                        streams.active.remove(&id);
-                        let _ = out.try_send(RelayMessageFrame::reset(&id).encode());
-                    }
-                    return None;
+                    return match active.records.try_send((data.seq, data.payload)) {
+                        Ok(()) => Step::Go,
+                        Err(mpsc::error::TrySendError::Full(record)) => {
+                            Step::Deliver(id, active.instance, active.records.clone(), record)
+                        }
+                        // Its task is ending; it says so itself.
+                        Err(mpsc::error::TrySendError::Closed(_)) => Step::Go,
+                    };
                 }
                 if let Some(pending) = streams.pending.remove(&id) {
                     // Early data: nothing may come before message 2.
                     pending.validation.abort();
-                    return self.fail(streams, out, &id);
+                    return self.fail(streams, out, &id).map_or(Step::Go, Step::Close);
                 }
                 let _ = out.try_send(RelayMessageFrame::reset(&id).encode());
-                None
+                Step::Go
             }
             Some(Body::Reset(_)) => {
                 // The reason is untrusted: the stream just ends.
@@ -409,10 +484,10 @@ impl Physical {
                     pending.validation.abort();
                 }
                 streams.active.remove(&id);
-                None
+                Step::Go
             }
             // resume, ack_frame, heartbeat: nothing to do.
-            _ => None,
+            _ => Step::Go,
         }
     }
 

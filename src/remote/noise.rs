@@ -574,28 +574,29 @@ impl Channel {
         self.frames = true;
     }
 
-    /// [`Channel::open`] for a record the caller can let us decrypt where
-    /// it lies: in order (the usual case), nothing is copied; out of order,
-    /// it is copied into the reorder window.
-    pub fn open_in_place(
-        &mut self,
-        seq: u32,
-        record: &mut [u8],
-    ) -> Result<Vec<Vec<u8>>, NoiseError> {
-        if u64::from(seq) != self.reorder.next || !self.reorder.held.is_empty() {
+    /// [`Channel::open`] for a record that lies in someone else's buffer:
+    /// in order and inside the message being received (every record of a
+    /// large message but its first), it is copied once, straight to the
+    /// message's end, and decrypted there; otherwise it takes the general
+    /// way.
+    pub fn open_from(&mut self, seq: u32, record: &[u8]) -> Result<Vec<Vec<u8>>, NoiseError> {
+        let in_order = u64::from(seq) == self.reorder.next && self.reorder.held.is_empty();
+        let inside = self
+            .expect
+            .is_some_and(|len| record.len() >= TAG && len - self.body.len() >= record.len() - TAG);
+        if !in_order || !inside || record.len() - TAG > RECORD_PLAINTEXT {
             return self.open(seq, record.to_vec());
         }
-        if record.len() < TAG || record.len() - TAG > RECORD_PLAINTEXT {
-            return Err(NoiseError::RecordTooLarge);
-        }
         self.reorder.next += 1;
-        let len = record.len();
+        let start = self.body.len();
+        self.body.extend_from_slice(record);
         let n = self
             .transport
-            .receive_in_place(record, len)
+            .receive_in_place(&mut self.body[start..], record.len())
             .map_err(|_| NoiseError::Decrypt)?;
+        self.body.truncate(start + n);
         let mut messages = Vec::new();
-        self.take_messages(&record[..n], &mut messages)?;
+        self.take_messages(&[], &mut messages)?;
         Ok(messages)
     }
 
@@ -605,31 +606,14 @@ impl Channel {
         mut plain: &[u8],
         out: &mut Vec<Vec<u8>>,
     ) -> Result<(), NoiseError> {
-        while !plain.is_empty() {
-            let Some(len) = self.expect else {
-                let take = (4 - self.head.len()).min(plain.len());
-                self.head.extend_from_slice(&plain[..take]);
+        loop {
+            if let Some(len) = self.expect {
+                let take = (len - self.body.len()).min(plain.len());
+                self.body.extend_from_slice(&plain[..take]);
                 plain = &plain[take..];
-                if self.head.len() == 4 {
-                    let head: [u8; 4] = self.head[..].try_into().unwrap_or_default();
-                    let len = u32::from_be_bytes(head) as usize;
-                    // Checked as soon as the prefix is whole, before any
-                    // of the message arrives.
-                    if len == 0 || len > MAX_MESSAGE {
-                        return Err(NoiseError::MessageLength(len));
-                    }
-                    self.head.clear();
-                    self.expect = Some(len);
-                    // Room for what is said to come, up to 2 MiB at once
-                    // (a declared length alone reserves no 64 MiB).
-                    self.body.reserve_exact(len.min(2 << 20));
+                if self.body.len() < len {
+                    return Ok(());
                 }
-                continue;
-            };
-            let take = (len - self.body.len()).min(plain.len());
-            self.body.extend_from_slice(&plain[..take]);
-            plain = &plain[take..];
-            if self.body.len() == len {
                 let message = std::mem::take(&mut self.body);
                 self.expect = None;
                 let frame = self.frames && message.first() == Some(&0);
@@ -638,8 +622,27 @@ impl Channel {
                 }
                 out.push(message);
             }
+            if plain.is_empty() {
+                return Ok(());
+            }
+            let take = (4 - self.head.len()).min(plain.len());
+            self.head.extend_from_slice(&plain[..take]);
+            plain = &plain[take..];
+            if self.head.len() == 4 {
+                let head: [u8; 4] = self.head[..].try_into().unwrap_or_default();
+                let len = u32::from_be_bytes(head) as usize;
+                // Checked as soon as the prefix is whole, before any of
+                // the message arrives.
+                if len == 0 || len > MAX_MESSAGE {
+                    return Err(NoiseError::MessageLength(len));
+                }
+                self.head.clear();
+                self.expect = Some(len);
+                // Room for what is said to come, up to 2 MiB at once (a
+                // declared length alone reserves no 64 MiB).
+                self.body.reserve_exact(len.min(2 << 20));
+            }
         }
-        Ok(())
     }
 }
 
@@ -868,6 +871,31 @@ mod tests {
             records
                 .iter()
                 .all(|(_, r)| r.len() <= RECORD_PLAINTEXT + TAG)
+        );
+        // In order, each record from a buffer of its own: the same.
+        let (mut h2, mut e2, _, _) = connect(b"a");
+        let mut out = Vec::new();
+        for (seq, record) in h2.seal(body.as_bytes()).unwrap() {
+            out.extend(e2.open_from(seq, &record).unwrap());
+        }
+        for (seq, record) in h2.seal(br#"{"small":1}"#).unwrap() {
+            out.extend(e2.open_from(seq, &record).unwrap());
+        }
+        assert_eq!(
+            out,
+            vec![body.clone().into_bytes(), br#"{"small":1}"#.to_vec()]
+        );
+        // A tampered record read this way still fails.
+        let mut tampered = h2.seal(body.as_bytes()).unwrap();
+        assert!(
+            e2.open_from(tampered[0].0, &tampered[0].1)
+                .unwrap()
+                .is_empty()
+        );
+        tampered[1].1[100] ^= 1;
+        assert_eq!(
+            e2.open_from(tampered[1].0, &tampered[1].1),
+            Err(NoiseError::Decrypt)
         );
         let mut out = Vec::new();
         // Arriving out of order within the window.
