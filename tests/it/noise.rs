@@ -857,3 +857,52 @@ async fn registry_calls_follow_no_redirect_and_keep_the_token_to_themselves() {
     // Nor does a Debug of the client show the token.
     assert!(!format!("{registry:?}").contains("bearer-token-77aa"));
 }
+
+#[tokio::test]
+async fn at_most_32_handshakes_wait_for_the_registry_and_the_33rd_is_reset_uncharged() {
+    let (fake, _executor, mut socket) =
+        connected(Validate::Slow(Duration::from_secs(3)), &[]).await;
+    let key = fake.executor_key();
+    for i in 0..33 {
+        let stream = format!("p{i}");
+        let (_, first) = message_one(&key, &stream, GOOD_AUTHZ.as_bytes());
+        send(&mut socket, RelayMessageFrame::handshake(&stream, first)).await;
+    }
+    // The 33rd is reset at once; the 32 are still being validated.
+    let heard = hear(&mut socket, Duration::from_secs(2)).await;
+    assert!(is_reset(&heard, "p32"), "{heard:?}");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while fake.state.lock().unwrap().validates < 32 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(fake.state.lock().unwrap().validates, 32);
+    // Not charged to the failure budget: eight more refusals of this kind
+    // would have closed the socket; the 32 all complete instead.
+    let mut replies = 0;
+    while replies < 32 {
+        match hear(&mut socket, Duration::from_secs(10)).await {
+            Heard::Frame(RelayMessageFrame {
+                body: Some(Body::Handshake(_)),
+                ..
+            }) => replies += 1,
+            Heard::Frame(_) => {}
+            other => panic!("after {replies} replies: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_registry_that_takes_longer_than_10_s_is_a_rejection() {
+    let (fake, _executor, mut socket) =
+        connected(Validate::Slow(Duration::from_secs(12)), &[]).await;
+    let (_, first) = message_one(&fake.executor_key(), "slow", GOOD_AUTHZ.as_bytes());
+    let started = Instant::now();
+    send(&mut socket, RelayMessageFrame::handshake("slow", first)).await;
+    let heard = hear(&mut socket, Duration::from_secs(15)).await;
+    assert!(is_reset(&heard, "slow"), "{heard:?}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(9) && waited < Duration::from_secs(12),
+        "reset after {waited:?}"
+    );
+}
