@@ -42,6 +42,9 @@ pub const MAX_FRAME: usize = 256 * 1024;
 const HARNESS_QUEUE: usize = 256;
 /// Frames waiting for an executor socket at most; harnesses wait.
 const EXECUTOR_QUEUE: usize = 1024;
+/// Request heads the relay waits for at once; a new connection past it
+/// pushes out the oldest unfinished one.
+const MAX_PENDING_HEADS: usize = 128;
 /// Frames written to a socket with one flush at most.
 const WRITE_BATCH: usize = 16;
 /// How long the executor's socket waits for a harness that has no room
@@ -79,6 +82,8 @@ pub struct RelayConfig {
 /// Serve until SIGINT or SIGTERM. The first stdout line is the relay's
 /// WebSocket URL; the registry answers on the same address over HTTP.
 pub fn run(config: RelayConfig) -> std::io::Result<()> {
+    // Sockets are what a relay holds: as many as the hard limit allows.
+    crate::sys::raise_nofile();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -94,22 +99,43 @@ pub fn run(config: RelayConfig) -> std::io::Result<()> {
             let _ = out.flush();
         }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut heads = std::collections::VecDeque::new();
         loop {
             tokio::select! {
                 accepted = listener.accept() => {
-                    let Ok((stream, _)) = accepted else { continue };
+                    let Ok((stream, _)) = accepted else {
+                        // Out of descriptors, say: this connection is lost,
+                        // the listener is not (and does not spin).
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    };
                     let _ = stream.set_nodelay(true);
                     let Some(slot) = relay.socket_slot() else {
                         tokio::spawn(crate::transport::ws::turn_away(stream));
                         continue;
                     };
+                    // A flood of heads that never end can't keep a real
+                    // client out: past the bound, the oldest unfinished
+                    // head goes.
+                    heads.retain(|(task, read): &(tokio::task::AbortHandle, Arc<std::sync::atomic::AtomicBool>)| {
+                        !task.is_finished() && !read.load(Ordering::Relaxed)
+                    });
+                    if heads.len() >= MAX_PENDING_HEADS {
+                        if let Some((oldest, _)) = heads.pop_front() {
+                            tracing::debug!("dropped the oldest unfinished request head");
+                            oldest.abort();
+                        }
+                    }
+                    let read = Arc::new(std::sync::atomic::AtomicBool::new(false));
                     let relay = relay.clone();
-                    tokio::spawn(async move {
+                    let flag = read.clone();
+                    let task = tokio::spawn(async move {
                         let _slot = slot;
-                        if let Err(err) = relay.serve(stream).await {
+                        if let Err(err) = relay.serve(stream, &flag).await {
                             tracing::debug!("relay connection ended: {err}");
                         }
                     });
+                    heads.push_back((task.abort_handle(), read));
                 }
                 _ = tokio::signal::ctrl_c() => break,
                 _ = term.recv() => break,
@@ -228,10 +254,15 @@ impl Relay {
         hex(clatter::crypto::hash::Sha256::hmac(&self.mac_key, &data).as_slice())
     }
 
-    async fn serve(self: Arc<Self>, mut stream: TcpStream) -> std::io::Result<()> {
+    async fn serve(
+        self: Arc<Self>,
+        mut stream: TcpStream,
+        read: &std::sync::atomic::AtomicBool,
+    ) -> std::io::Result<()> {
         let head = tokio::time::timeout(Duration::from_secs(5), read_head(&mut stream))
             .await
             .map_err(|_| std::io::Error::other("no request head in time"))??;
+        read.store(true, Ordering::Relaxed);
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut request = httparse::Request::new(&mut headers);
         if !matches!(request.parse(&head), Ok(httparse::Status::Complete(_))) {

@@ -1034,3 +1034,79 @@ async fn large_writes_and_an_output_flood_share_a_stream_without_a_reset() {
     assert_eq!(lost.load(std::sync::atomic::Ordering::SeqCst), 0);
     client.shutdown().await;
 }
+
+#[test]
+fn a_flood_of_unfinished_request_heads_keeps_no_caller_out() {
+    use std::os::unix::process::CommandExt;
+    // A relay with 512 descriptors; 700 connections that start a request
+    // head and never finish it would take them all.
+    let mut command = Command::new(bin());
+    command
+        .args(["relay", "--listen", "ws://127.0.0.1:0"])
+        .stderr(Stdio::inherit());
+    // SAFETY: only setrlimit between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 512,
+                rlim_max: 512,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let (relay, url) = listening(command);
+    let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
+    let mut remote = Remote {
+        relay,
+        port,
+        environment: format!("heads-{}", std::process::id()),
+        executor: None,
+        relay_args: Vec::new(),
+    };
+    remote.start_executor(&[]);
+    remote.wait_online();
+    let flood: Vec<std::net::TcpStream> = (0..700)
+        .filter_map(|_| {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+            let _ = s.write_all(b"POST /cloud/environment/x/register HTTP/1.1\r\nhost: x\r\n");
+            Some(s)
+        })
+        .collect();
+    assert!(flood.len() > 600, "{} flood connections", flood.len());
+    // The relay holds at most its 128 unfinished heads (each new one
+    // pushes out the oldest), not a descriptor per flood connection.
+    let held = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
+    let settled = eventually(Duration::from_secs(3), || held(remote.relay.id()) < 200);
+    assert!(
+        settled,
+        "the relay holds {} descriptors",
+        held(remote.relay.id())
+    );
+    // A real registry call and a real stream still get through.
+    let (status, body) = registry_post(
+        remote.port,
+        &remote.environment,
+        "connect",
+        &harness_key_body(),
+    );
+    assert_eq!(status, 200, "{body}");
+    let out = Command::new(bin())
+        .args(["run", "--via", &remote.address(), "--", "echo", "through"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "through\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(flood);
+}
