@@ -906,3 +906,89 @@ async fn a_registry_that_takes_longer_than_10_s_is_a_rejection() {
         "reset after {waited:?}"
     );
 }
+
+/// A stream whose output waits for a relay that is not reading, and which
+/// meanwhile gets a request of many records: the executor waits for room
+/// instead of resetting the stream, and answers once the relay reads on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_blocked_on_output_takes_a_large_request_without_a_reset() {
+    let (fake, _executor, mut socket) = connected(Validate::Honest, &[]).await;
+    send(&mut socket, RelayMessageFrame::resume("s1")).await;
+    let (initiator, first) = message_one(&fake.executor_key(), "s1", GOOD_AUTHZ.as_bytes());
+    send(&mut socket, RelayMessageFrame::handshake("s1", first)).await;
+    let Heard::Frame(RelayMessageFrame {
+        body: Some(Body::Handshake(reply)),
+        ..
+    }) = hear(&mut socket, Duration::from_secs(10)).await
+    else {
+        panic!("no message 2");
+    };
+    let mut channel = initiator.finish(&reply.payload).unwrap();
+    let frames_of = |value: Value, channel: &mut exec_server::remote::noise::Channel| {
+        channel
+            .seal_frames("s1", &[value.to_string().as_bytes()])
+            .unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("big");
+    let data: Vec<u8> = (0..12 << 20).map(|i| (i % 251) as u8).collect();
+    let mut outgoing = Vec::new();
+    for message in [
+        json!({"id": 1, "method": "initialize", "params": {"clientName": "raw"}}),
+        json!({"method": "initialized"}),
+        // Output that fills every queue while nobody reads it.
+        json!({"id": 2, "method": "process/start", "params": {
+            "processId": "flood", "argv": ["head", "-c", "40000000", "/dev/zero"],
+            "cwd": "/tmp", "tty": false}}),
+    ] {
+        outgoing.extend(frames_of(message, &mut channel));
+    }
+    let write = json!({"id": 3, "method": "fs/writeFile", "params": {
+        "path": target.to_str().unwrap(), "dataBase64": crate::support::b64(&data)}});
+    let (mut tx, mut rx) = socket.split();
+    for frame in outgoing {
+        tx.send(Message::Binary(frame.into())).await.unwrap();
+    }
+    // Give the flood time to fill the executor's queues, then send the
+    // request (hundreds of records) from a task of its own: the executor
+    // may stop reading until its stream has room.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let big = frames_of(write, &mut channel);
+    assert!(big.len() > 200, "{} records", big.len());
+    let sender = tokio::spawn(async move {
+        for frame in big {
+            tx.send(Message::Binary(frame.into())).await.unwrap();
+        }
+        tx
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Now read on: the answer to the write comes, and no reset.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut answered = false;
+    while !answered {
+        let message = tokio::time::timeout_at(deadline, rx.next())
+            .await
+            .expect("the write was answered in time");
+        let Some(Ok(Message::Binary(bytes))) = message else {
+            continue;
+        };
+        let frame = RelayMessageFrame::decode_valid(&bytes).unwrap();
+        match frame.body {
+            Some(Body::Reset(_)) => panic!("the executor reset the stream"),
+            Some(Body::Data(d)) => {
+                for message in channel.open(d.seq, d.payload).unwrap() {
+                    if message.first() == Some(&b'{') {
+                        let value: Value = serde_json::from_slice(&message).unwrap();
+                        if value["id"] == 3 {
+                            assert!(value.get("error").is_none(), "{value}");
+                            answered = true;
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(std::fs::read(&target).unwrap(), data);
+    let _ = sender.await;
+}
