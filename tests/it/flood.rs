@@ -18,7 +18,7 @@ use crate::support::{Server, bin, listening};
 
 /// Raise this test process's own soft descriptor limit (it holds the
 /// flood's sockets); the number it may open.
-fn room_for_sockets() -> usize {
+pub fn room_for_sockets() -> usize {
     // SAFETY: getrlimit/setrlimit on a struct we own.
     unsafe {
         let mut limit: libc::rlimit = std::mem::zeroed();
