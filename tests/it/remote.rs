@@ -479,6 +479,16 @@ impl ConnectProxy {
         proxy
     }
 
+    /// How many `register` calls went through.
+    pub fn registrations(&self) -> usize {
+        self.paths
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|p| p.ends_with("/register"))
+            .count()
+    }
+
     /// Cut every tunnel open now (no close frame); how many sockets.
     pub fn cut(&self) -> usize {
         let mut tunnels = self.tunnels.lock().unwrap();
@@ -492,15 +502,8 @@ impl ConnectProxy {
 /// `exec-server run --via ADDRESS -- sh -c NUMBERED_EXIT_7` with `env`:
 /// the runner, stdout and stderr piped.
 fn numbered_runner(address: &str, env: &[(&str, &str)]) -> Child {
-    Command::new(bin())
-        .args(["run", "--via", address, "--", "sh", "-c"])
-        .arg(crate::support::NUMBERED_EXIT_7)
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+    let env: Vec<(&str, &std::ffi::OsStr)> = env.iter().map(|(k, v)| (*k, v.as_ref())).collect();
+    crate::support::run_via(address, &env, crate::support::NUMBERED_EXIT_7)
 }
 
 /// Wait for the runner; every numbered line once, in order, and exit 7.
@@ -532,15 +535,7 @@ fn a_relay_killed_mid_stream_and_restarted_loses_nothing() {
     remote.wait_online();
     assert!(proxy.requests.load(std::sync::atomic::Ordering::SeqCst) >= 1);
     assert!(proxy.connects.load(std::sync::atomic::Ordering::SeqCst) >= 1);
-    let registrations = || {
-        proxy
-            .paths
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|p| p.ends_with("/register"))
-            .count()
-    };
+    let registrations = || proxy.registrations();
     assert_eq!(registrations(), 1);
     let runner = numbered_runner(&remote.address(), &[]);
     std::thread::sleep(Duration::from_millis(500));
@@ -562,15 +557,7 @@ fn a_cut_executor_socket_loses_nothing() {
     remote.executor = Some(executor.spawn().unwrap());
     remote.wait_online();
     let connects = proxy.connects.load(std::sync::atomic::Ordering::SeqCst);
-    let registrations = || {
-        proxy
-            .paths
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|p| p.ends_with("/register"))
-            .count()
-    };
+    let registrations = || proxy.registrations();
     assert_eq!(registrations(), 1);
     let runner = numbered_runner(&remote.address(), &[]);
     std::thread::sleep(Duration::from_millis(500));
