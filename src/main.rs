@@ -379,20 +379,17 @@ fn registry_token(file: Option<&std::path::Path>) -> Result<String, String> {
     // SAFETY: called before any thread of ours starts.
     unsafe { std::env::remove_var(TOKEN_VARIABLE) };
     match file {
-        Some(path) => match std::fs::read_to_string(path) {
-            Ok(token) if !token.trim().is_empty() => Ok(token.trim().to_string()),
-            Ok(_) => Err(format!("{} holds no token", path.display())),
-            Err(err) => Err(format!("{}: {err}", path.display())),
-        },
+        Some(path) => read_secret(path, "token"),
         None => Ok(from_env.unwrap_or_default().trim().to_string()),
     }
 }
 
-/// A secret read from a file (trimmed, non-empty).
-fn read_secret(path: &std::path::Path) -> Result<String, String> {
+/// A secret (`what`: a token, a key) read from a file: trimmed, and not
+/// empty.
+fn read_secret(path: &std::path::Path, what: &str) -> Result<String, String> {
     match std::fs::read_to_string(path) {
         Ok(text) if !text.trim().is_empty() => Ok(text.trim().to_string()),
-        Ok(_) => Err(format!("{} is empty", path.display())),
+        Ok(_) => Err(format!("{} holds no {what}", path.display())),
         Err(err) => Err(format!("{}: {err}", path.display())),
     }
 }
@@ -410,7 +407,12 @@ fn relay(args: RelayArgs) -> ExitCode {
         );
         return ExitCode::from(2);
     };
-    let token = match args.token_file.as_deref().map(read_secret).transpose() {
+    let token = match args
+        .token_file
+        .as_deref()
+        .map(|path| read_secret(path, "token"))
+        .transpose()
+    {
         Ok(token) => token,
         Err(err) => {
             eprintln!("exec-server: --token-file {err}");
@@ -424,7 +426,12 @@ fn relay(args: RelayArgs) -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    let key = match args.key_file.as_deref().map(read_secret).transpose() {
+    let key = match args
+        .key_file
+        .as_deref()
+        .map(|path| read_secret(path, "key"))
+        .transpose()
+    {
         Ok(key) => key,
         Err(err) => {
             eprintln!("exec-server: --key-file {err}");
@@ -781,19 +788,17 @@ fn serve(cli: ServeArgs) -> ExitCode {
             }
         };
     }
-    let connection_token = match &cli.connection_token_file {
-        Some(path) => match std::fs::read_to_string(path) {
-            Ok(token) if !token.trim().is_empty() => Some(token.trim().to_string()),
-            Ok(_) => {
-                eprintln!("exec-server: {} holds no token", path.display());
-                return ExitCode::from(2);
-            }
-            Err(err) => {
-                eprintln!("exec-server: {}: {err}", path.display());
-                return ExitCode::from(2);
-            }
-        },
-        None => None,
+    let connection_token = match cli
+        .connection_token_file
+        .as_deref()
+        .map(|path| read_secret(path, "token"))
+        .transpose()
+    {
+        Ok(token) => token,
+        Err(err) => {
+            eprintln!("exec-server: {err}");
+            return ExitCode::from(2);
+        }
     };
     let config = Config {
         max_message_bytes: cli.max_message_bytes,

@@ -227,15 +227,7 @@ async fn reconnect(args: &Args, plan: &Plan) -> Result<Vec<Row>, BoxError> {
         return Ok(Vec::new());
     }
     let client = Client::new(command);
-    let mut process = client
-        .start(
-            StartOptions::new(
-                "ticker",
-                ["sh", "-c", "while :; do echo tick; sleep 0.005; done"],
-            )
-            .cwd("/"),
-        )
-        .await?;
+    let mut process = client.start(ticker()).await?;
     let mut samples = Vec::new();
     for _ in 0..plan.reconnects {
         next_output(&mut process).await?;
@@ -265,6 +257,16 @@ async fn reconnect(args: &Args, plan: &Plan) -> Result<Vec<Row>, BoxError> {
         None,
         "a --persist bridge SIGKILLed; the client starts a new one and resumes".into(),
     )])
+}
+
+/// A process that prints a line every 5 ms until it is ended: output to
+/// wait for across a reconnect.
+fn ticker() -> StartOptions {
+    StartOptions::new(
+        "ticker",
+        ["sh", "-c", "while :; do echo tick; sleep 0.005; done"],
+    )
+    .cwd("/")
 }
 
 /// Wait for the next chunk of output of `process`.
@@ -1132,15 +1134,7 @@ async fn remote(args: &Args, plan: &Plan) -> Result<Vec<Row>, BoxError> {
             told.store(true, std::sync::atomic::Ordering::SeqCst);
         }
     });
-    let mut process = client
-        .start(
-            StartOptions::new(
-                "ticker",
-                ["sh", "-c", "while :; do echo tick; sleep 0.005; done"],
-            )
-            .cwd("/"),
-        )
-        .await?;
+    let mut process = client.start(ticker()).await?;
     let mut samples = Vec::new();
     for _ in 0..plan.reconnects {
         next_output(&mut process).await?;

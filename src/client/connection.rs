@@ -514,30 +514,19 @@ pub(super) async fn connect(
         return handshake(shown, client_name, resume, command.binary_frames, io).await;
     }
     if let Some(path) = &command.socket {
-        let refused = |message: String| ClientError::Spawn {
-            command: shown.clone(),
-            message,
-        };
-        trusted_socket(path).map_err(refused)?;
-        let stream = tokio::net::UnixStream::connect(path)
+        let (stdin, stdout) = unix_pipes(path)
             .await
-            .map_err(|e| refused(crate::error::os_text(&e)))?;
-        // The one answer that can't be raced: who listens on it.
-        trusted_listener(&stream).map_err(refused)?;
-        let (read, write) = stream.into_split();
-        return handshake(
-            shown,
-            client_name,
-            resume,
-            command.binary_frames,
-            Io {
-                stdin: Box::new(write),
-                stdout: Box::new(read),
-                stderr: None,
-                child: None,
-            },
-        )
-        .await;
+            .map_err(|message| ClientError::Spawn {
+                command: shown.clone(),
+                message,
+            })?;
+        let io = Io {
+            stdin,
+            stdout,
+            stderr: None,
+            child: None,
+        };
+        return handshake(shown, client_name, resume, command.binary_frames, io).await;
     }
     let mut cmd = tokio::process::Command::new(&command.program);
     cmd.args(&command.args)
@@ -563,17 +552,28 @@ pub(super) async fn connect(
     handshake(shown, client_name, resume, command.binary_frames, io).await
 }
 
+/// The two ends of a connection to a server, as a spawned server's pipes
+/// are seen: what is written goes to it, what is read comes from it.
+pub(super) type Pipes = (
+    Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
+    Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+);
+
+/// The pipes of a server listening on the Unix socket `path`, once both
+/// the socket and its listener are found to be ours.
+async fn unix_pipes(path: &std::path::Path) -> Result<Pipes, String> {
+    trusted_socket(path)?;
+    let stream = tokio::net::UnixStream::connect(path)
+        .await
+        .map_err(|e| crate::error::os_text(&e))?;
+    // The one answer that can't be raced: who listens on it.
+    trusted_listener(&stream)?;
+    let (read, write) = stream.into_split();
+    Ok((Box::new(write), Box::new(read)))
+}
+
 /// The pipes of a server at `url`: `ws://`, or `noise+http(s)://`.
-async fn url_lines(
-    command: &ServerCommand,
-    url: &str,
-) -> Result<
-    (
-        Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
-        Box<dyn tokio::io::AsyncRead + Unpin + Send>,
-    ),
-    String,
-> {
+async fn url_lines(command: &ServerCommand, url: &str) -> Result<Pipes, String> {
     let keepalive = command.keepalive.unwrap_or(WS_KEEPALIVE);
     if url.starts_with("noise+") {
         #[cfg(feature = "remote")]
@@ -604,18 +604,7 @@ pub fn bridge_stdio(command: ServerCommand) -> Result<(), String> {
     let outcome = runtime.block_on(async move {
         let (mut write, mut read) = match (&command.url, &command.socket) {
             (Some(url), _) => url_lines(&command, url).await?,
-            (None, Some(path)) => {
-                trusted_socket(path)?;
-                let stream = tokio::net::UnixStream::connect(path)
-                    .await
-                    .map_err(|e| crate::error::os_text(&e))?;
-                trusted_listener(&stream)?;
-                let (r, w) = stream.into_split();
-                (
-                    Box::new(w) as Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
-                    Box::new(r) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
-                )
-            }
+            (None, Some(path)) => unix_pipes(path).await?,
             (None, None) => {
                 return Err(format!(
                     "{address}: expected noise+http://HOST:PORT/ENVIRONMENT_ID, ws://IP:PORT or unix:PATH"
@@ -682,16 +671,7 @@ const WS_MAX_MESSAGE: usize = 64 << 20;
 /// A task carries both ways and ends (closing the TCP connection) when
 /// either side ends, or when the server answers nothing, not even a ping,
 /// for two `keepalive` intervals.
-async fn ws_lines(
-    url: &str,
-    keepalive: Duration,
-) -> Result<
-    (
-        Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
-        Box<dyn tokio::io::AsyncRead + Unpin + Send>,
-    ),
-    String,
-> {
+async fn ws_lines(url: &str, keepalive: Duration) -> Result<Pipes, String> {
     use futures_util::{SinkExt, StreamExt};
     use tokio::io::AsyncWriteExt;
     use tokio_tungstenite::tungstenite::Message;

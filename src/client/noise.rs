@@ -16,6 +16,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::Message;
 
+use super::connection::Pipes;
 use crate::remote::dial::dial;
 use crate::remote::frame::{Body, RelayMessageFrame};
 use crate::remote::noise::{Identity, Initiator, prologue};
@@ -125,12 +126,6 @@ fn stream_id() -> String {
     )
 }
 
-/// The two ends of a pipe pair, as [`super::connection`] takes them.
-pub(super) type Pipes = (
-    Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
-    Box<dyn tokio::io::AsyncRead + Unpin + Send>,
-);
-
 /// Open one Noise stream to `target` and see it as lines: each message
 /// that comes in is one line of the reader; each line written goes out as
 /// one message. A task carries both ways; the stream ends (the reader sees
@@ -218,12 +213,13 @@ pub(super) async fn lines(
                     if frame.stream_id != stream {
                         continue;
                     }
-                    match frame.body {
-                        // Every valid data frame was taken above.
-                        Some(Body::Data(_)) => break,
-                        Some(Body::Reset(_)) => break,
-                        Some(Body::Handshake(_)) => break,
-                        _ => {}
+                    // Every valid data frame was taken above; a reset or a
+                    // second handshake ends the stream.
+                    if matches!(
+                        frame.body,
+                        Some(Body::Data(_) | Body::Reset(_) | Body::Handshake(_))
+                    ) {
+                        break;
                     }
                 }
                 _ = ping.tick() => {

@@ -236,76 +236,7 @@ impl RelayMessageFrame {
     /// (version 1, a stream id that is not blank, a body). The payload's
     /// own rules are the endpoints' to check.
     pub fn route(bytes: &[u8]) -> Result<(&str, Kind), FrameError> {
-        let bad = || FrameError::Undecodable("malformed protobuf".into());
-        let mut at = 0;
-        let mut version = 0u64;
-        let mut stream: Option<&str> = None;
-        let mut kind = None;
-        let varint = |at: &mut usize| -> Result<u64, FrameError> {
-            let mut value = 0u64;
-            for shift in (0..64).step_by(7) {
-                let byte = *bytes.get(*at).ok_or_else(bad)?;
-                *at += 1;
-                value |= u64::from(byte & 0x7f) << shift;
-                if byte & 0x80 == 0 {
-                    return Ok(value);
-                }
-            }
-            Err(bad())
-        };
-        while at < bytes.len() {
-            let key = varint(&mut at)?;
-            let (field, wire) = (key >> 3, key & 7);
-            match wire {
-                0 => {
-                    let value = varint(&mut at)?;
-                    if field == 1 {
-                        version = value;
-                    }
-                }
-                2 => {
-                    let len = usize::try_from(varint(&mut at)?).map_err(|_| bad())?;
-                    let end = at
-                        .checked_add(len)
-                        .filter(|&e| e <= bytes.len())
-                        .ok_or_else(bad)?;
-                    let value = &bytes[at..end];
-                    at = end;
-                    match field {
-                        2 => stream = Some(std::str::from_utf8(value).map_err(|_| bad())?),
-                        5 => kind = Some(Kind::Data),
-                        6 => kind = Some(Kind::Ack),
-                        7 => kind = Some(Kind::Resume),
-                        8 => kind = Some(Kind::Reset),
-                        9 => kind = Some(Kind::Heartbeat),
-                        10 => kind = Some(Kind::Handshake),
-                        _ => {}
-                    }
-                }
-                1 => {
-                    at = at
-                        .checked_add(8)
-                        .filter(|&e| e <= bytes.len())
-                        .ok_or_else(bad)?
-                }
-                5 => {
-                    at = at
-                        .checked_add(4)
-                        .filter(|&e| e <= bytes.len())
-                        .ok_or_else(bad)?
-                }
-                _ => return Err(bad()),
-            }
-        }
-        let version = u32::try_from(version).unwrap_or(u32::MAX);
-        if version != VERSION {
-            return Err(FrameError::Version(version));
-        }
-        let stream = stream.unwrap_or("");
-        if stream.trim().is_empty() {
-            return Err(FrameError::NoStream);
-        }
-        Ok((stream, kind.ok_or(FrameError::NoBody)?))
+        Self::scan(bytes).map(|(stream, kind, _)| (stream, kind))
     }
 
     /// A `data` frame's seq and where its payload lies in `bytes`, read
@@ -313,32 +244,10 @@ impl RelayMessageFrame {
     /// the stream id, one segment, a payload). Anything else, or another
     /// body: `None`, and the caller decodes the frame whole.
     pub fn data_payload(bytes: &[u8]) -> Option<(&str, u32, std::ops::Range<usize>)> {
-        let (stream, kind) = Self::route(bytes).ok()?;
+        let (stream, kind, body) = Self::scan(bytes).ok()?;
         if kind != Kind::Data {
             return None;
         }
-        // Find the data body (field 5), then its members.
-        let mut at = 0;
-        let mut body = None;
-        while at < bytes.len() {
-            let (key, next) = varint_at(bytes, at)?;
-            at = next;
-            match key & 7 {
-                0 => at = varint_at(bytes, at)?.1,
-                2 => {
-                    let (len, next) = varint_at(bytes, at)?;
-                    let end = next.checked_add(usize::try_from(len).ok()?)?;
-                    if key >> 3 == 5 {
-                        body = Some(next..end);
-                    }
-                    at = end;
-                }
-                1 => at += 8,
-                5 => at += 4,
-                _ => return None,
-            }
-        }
-        let body = body?;
         let (mut seq, mut index, mut count, mut payload) = (0u64, 0u64, 0u64, None);
         let mut at = body.start;
         while at < body.end {
@@ -368,47 +277,93 @@ impl RelayMessageFrame {
         }
         Some((stream, u32::try_from(seq).ok()?, payload))
     }
+
+    /// One pass over a frame's fields: the stream id, the body's kind and
+    /// where the body's bytes lie, with the frame-level checks.
+    fn scan(bytes: &[u8]) -> Result<(&str, Kind, std::ops::Range<usize>), FrameError> {
+        let bad = || FrameError::Undecodable("malformed protobuf".into());
+        let within = |at: usize, len: usize| at.checked_add(len).filter(|&e| e <= bytes.len());
+        let mut at = 0;
+        let mut version = 0u64;
+        let mut stream: Option<&str> = None;
+        let mut body = None;
+        while at < bytes.len() {
+            let (key, next) = varint_at(bytes, at).ok_or_else(bad)?;
+            at = next;
+            let (field, wire) = (key >> 3, key & 7);
+            match wire {
+                0 => {
+                    let (value, next) = varint_at(bytes, at).ok_or_else(bad)?;
+                    at = next;
+                    if field == 1 {
+                        version = value;
+                    }
+                }
+                2 => {
+                    let (len, next) = varint_at(bytes, at).ok_or_else(bad)?;
+                    let len = usize::try_from(len).map_err(|_| bad())?;
+                    let end = within(next, len).ok_or_else(bad)?;
+                    let kind = match field {
+                        2 => {
+                            stream =
+                                Some(std::str::from_utf8(&bytes[next..end]).map_err(|_| bad())?);
+                            None
+                        }
+                        5 => Some(Kind::Data),
+                        6 => Some(Kind::Ack),
+                        7 => Some(Kind::Resume),
+                        8 => Some(Kind::Reset),
+                        9 => Some(Kind::Heartbeat),
+                        10 => Some(Kind::Handshake),
+                        _ => None,
+                    };
+                    if let Some(kind) = kind {
+                        body = Some((kind, next..end));
+                    }
+                    at = end;
+                }
+                1 => at = within(at, 8).ok_or_else(bad)?,
+                5 => at = within(at, 4).ok_or_else(bad)?,
+                _ => return Err(bad()),
+            }
+        }
+        let version = u32::try_from(version).unwrap_or(u32::MAX);
+        if version != VERSION {
+            return Err(FrameError::Version(version));
+        }
+        let stream = stream.unwrap_or("");
+        if stream.trim().is_empty() {
+            return Err(FrameError::NoStream);
+        }
+        let (kind, body) = body.ok_or(FrameError::NoBody)?;
+        Ok((stream, kind, body))
+    }
 }
 
 /// The start of a `data` frame of `stream` with `seq` whose payload (the
 /// record, `payload` bytes) is to be appended: the bytes prost writes for
 /// the same frame up to the payload itself, in a buffer with room for it.
 pub fn data_frame_head(stream: &str, seq: u32, payload: usize) -> Vec<u8> {
-    fn varint(out: &mut Vec<u8>, mut value: u64) {
-        while value >= 0x80 {
-            out.push((value as u8) | 0x80);
-            value >>= 7;
-        }
-        out.push(value as u8);
-    }
-    fn varint_len(value: u64) -> usize {
-        let mut n = 1;
-        let mut v = value >> 7;
-        while v > 0 {
-            n += 1;
-            v >>= 7;
-        }
-        n
-    }
+    use prost::encoding::{encode_varint, encoded_len_varint};
     // The data body: seq (when not 0), segment_count 1, the payload.
     let seq_len = if seq == 0 {
         0
     } else {
-        1 + varint_len(u64::from(seq))
+        1 + encoded_len_varint(u64::from(seq))
     };
-    let body = seq_len + 2 + 1 + varint_len(payload as u64) + payload;
+    let body = seq_len + 2 + 1 + encoded_len_varint(payload as u64) + payload;
     let mut out = Vec::with_capacity(2 + 1 + 5 + stream.len() + 1 + 5 + body);
     out.extend_from_slice(&[0x08, VERSION as u8, 0x12]);
-    varint(&mut out, stream.len() as u64);
+    encode_varint(stream.len() as u64, &mut out);
     out.extend_from_slice(stream.as_bytes());
     out.push(0x2a);
-    varint(&mut out, body as u64);
+    encode_varint(body as u64, &mut out);
     if seq != 0 {
         out.push(0x08);
-        varint(&mut out, u64::from(seq));
+        encode_varint(u64::from(seq), &mut out);
     }
     out.extend_from_slice(&[0x18, 0x01, 0x22]);
-    varint(&mut out, payload as u64);
+    encode_varint(payload as u64, &mut out);
     out
 }
 

@@ -54,6 +54,14 @@ impl Remote {
             }
         }
         let (relay, url) = listening(command);
+        let mut remote = Remote::around(relay, &url, "env");
+        remote.relay_args = relay_args;
+        remote
+    }
+
+    /// A relay started by the caller (`url`: its first stdout line), with
+    /// an environment named after `prefix`, no executor yet.
+    pub fn around(relay: Child, url: &str, prefix: &str) -> Remote {
         let port = url
             .rsplit(':')
             .next()
@@ -62,10 +70,24 @@ impl Remote {
         Remote {
             relay,
             port,
-            environment: format!("env-{}", std::process::id()),
+            environment: format!("{prefix}-{}", std::process::id()),
             executor: None,
-            relay_args,
+            relay_args: Vec::new(),
         }
+    }
+
+    /// A relay, and an executor online that reaches it (and the registry)
+    /// through `proxy`, as its proxy variables say (`CONNECT` for the
+    /// WebSocket).
+    pub fn through_proxy(proxy: &ConnectProxy) -> Remote {
+        let mut remote = Remote::relay_only(&[]);
+        let mut executor = remote.executor_command(&[]);
+        executor
+            .env("HTTP_PROXY", &proxy.url)
+            .env_remove("NO_PROXY");
+        remote.executor = Some(executor.spawn().unwrap());
+        remote.wait_online();
+        remote
     }
 
     /// The registry's base URL.
@@ -524,41 +546,25 @@ fn assert_whole(runner: Child, what: &str) {
 #[test]
 fn a_relay_killed_mid_stream_and_restarted_loses_nothing() {
     let proxy = ConnectProxy::start();
-    let mut remote = Remote::relay_only(&[]);
-    let mut executor = remote.executor_command(&[]);
-    // The executor reaches the registry and the relay through its proxy
-    // variables (CONNECT for the WebSocket).
-    executor
-        .env("HTTP_PROXY", &proxy.url)
-        .env_remove("NO_PROXY");
-    remote.executor = Some(executor.spawn().unwrap());
-    remote.wait_online();
+    let mut remote = Remote::through_proxy(&proxy);
     assert!(proxy.requests.load(std::sync::atomic::Ordering::SeqCst) >= 1);
     assert!(proxy.connects.load(std::sync::atomic::Ordering::SeqCst) >= 1);
-    let registrations = || proxy.registrations();
-    assert_eq!(registrations(), 1);
+    assert_eq!(proxy.registrations(), 1);
     let runner = numbered_runner(&remote.address(), &[]);
     std::thread::sleep(Duration::from_millis(500));
     remote.restart_relay();
     assert_whole(runner, "relay restart");
     // The new relay knew nothing: its 401 on the old URL made the
     // executor register again.
-    assert!(registrations() >= 2);
+    assert!(proxy.registrations() >= 2);
 }
 
 #[test]
 fn a_cut_executor_socket_loses_nothing() {
     let proxy = ConnectProxy::start();
-    let mut remote = Remote::relay_only(&[]);
-    let mut executor = remote.executor_command(&[]);
-    executor
-        .env("HTTP_PROXY", &proxy.url)
-        .env_remove("NO_PROXY");
-    remote.executor = Some(executor.spawn().unwrap());
-    remote.wait_online();
+    let remote = Remote::through_proxy(&proxy);
     let connects = proxy.connects.load(std::sync::atomic::Ordering::SeqCst);
-    let registrations = || proxy.registrations();
-    assert_eq!(registrations(), 1);
+    assert_eq!(proxy.registrations(), 1);
     let runner = numbered_runner(&remote.address(), &[]);
     std::thread::sleep(Duration::from_millis(500));
     assert!(proxy.cut() >= 2, "no executor tunnel to cut");
@@ -567,7 +573,7 @@ fn a_cut_executor_socket_loses_nothing() {
     // does not register again (only a 4xx on the upgrade does).
     assert!(proxy.connects.load(std::sync::atomic::Ordering::SeqCst) > connects);
     assert_eq!(
-        registrations(),
+        proxy.registrations(),
         1,
         "the executor registered again after a plain disconnect"
     );
@@ -927,7 +933,7 @@ fn a_relay_behind_tls_is_reached_over_wss_and_https() {
     drop(probe);
     let tls_port = tls_terminator(relay_port);
     let public = format!("wss://localhost:{tls_port}");
-    let (relay, _) = {
+    let (relay, url) = {
         let mut command = Command::new(bin());
         command
             .args(["relay", "--listen", &format!("ws://127.0.0.1:{relay_port}")])
@@ -935,13 +941,7 @@ fn a_relay_behind_tls_is_reached_over_wss_and_https() {
             .stderr(Stdio::inherit());
         listening(command)
     };
-    let mut remote = Remote {
-        relay,
-        port: relay_port,
-        environment: format!("tls-{}", std::process::id()),
-        executor: None,
-        relay_args: Vec::new(),
-    };
+    let mut remote = Remote::around(relay, &url, "tls");
     let registry = format!("https://localhost:{tls_port}");
     let executor = Command::new(bin())
         .args([
@@ -1045,14 +1045,8 @@ fn a_flood_of_unfinished_request_heads_keeps_no_caller_out() {
         });
     }
     let (relay, url) = listening(command);
-    let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
-    let mut remote = Remote {
-        relay,
-        port,
-        environment: format!("heads-{}", std::process::id()),
-        executor: None,
-        relay_args: Vec::new(),
-    };
+    let mut remote = Remote::around(relay, &url, "heads");
+    let port = remote.port;
     remote.start_executor(&[]);
     remote.wait_online();
     // This test process holds the flood's sockets: room for them beside
