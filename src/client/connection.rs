@@ -497,29 +497,11 @@ pub(super) async fn connect(
     resume: Option<&str>,
 ) -> Result<Arc<Conn>, ClientError> {
     let shown = command.display();
-    if let Some(url) = &command.url {
-        let (stdin, stdout) =
-            url_lines(command, url)
-                .await
-                .map_err(|message| ClientError::Spawn {
-                    command: shown.clone(),
-                    message,
-                })?;
-        let io = Io {
-            stdin,
-            stdout,
-            stderr: None,
-            child: None,
-        };
-        return handshake(shown, client_name, resume, command.binary_frames, io).await;
-    }
-    if let Some(path) = &command.socket {
-        let (stdin, stdout) = unix_pipes(path)
-            .await
-            .map_err(|message| ClientError::Spawn {
-                command: shown.clone(),
-                message,
-            })?;
+    if let Some(pipes) = listener_pipes(command).await {
+        let (stdin, stdout) = pipes.map_err(|message| ClientError::Spawn {
+            command: shown.clone(),
+            message,
+        })?;
         let io = Io {
             stdin,
             stdout,
@@ -558,6 +540,17 @@ pub(super) type Pipes = (
     Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
     Box<dyn tokio::io::AsyncRead + Unpin + Send>,
 );
+
+/// The pipes of a server that `command` reaches where it listens (a
+/// WebSocket, a Noise address, a Unix socket); `None` for a command to
+/// start.
+async fn listener_pipes(command: &ServerCommand) -> Option<Result<Pipes, String>> {
+    match (&command.url, &command.socket) {
+        (Some(url), _) => Some(url_lines(command, url).await),
+        (None, Some(path)) => Some(unix_pipes(path).await),
+        (None, None) => None,
+    }
+}
 
 /// The pipes of a server listening on the Unix socket `path`, once both
 /// the socket and its listener are found to be ours.
@@ -602,15 +595,12 @@ pub fn bridge_stdio(command: ServerCommand) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let address = command.display();
     let outcome = runtime.block_on(async move {
-        let (mut write, mut read) = match (&command.url, &command.socket) {
-            (Some(url), _) => url_lines(&command, url).await?,
-            (None, Some(path)) => unix_pipes(path).await?,
-            (None, None) => {
-                return Err(format!(
-                    "{address}: expected noise+http://HOST:PORT/ENVIRONMENT_ID, ws://IP:PORT or unix:PATH"
-                ));
-            }
+        let Some(pipes) = listener_pipes(&command).await else {
+            return Err(format!(
+                "{address}: expected noise+http://HOST:PORT/ENVIRONMENT_ID, ws://IP:PORT or unix:PATH"
+            ));
         };
+        let (mut write, mut read) = pipes?;
         // Stdin's end stops the sending; what the server still says
         // (answers to the last requests) is carried until it has been
         // quiet for BRIDGE_DRAIN, then the stream is closed (the session
