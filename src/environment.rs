@@ -18,8 +18,13 @@ const SIGNALS: &[&str] = &[
 ];
 
 /// The `environment/info` result.
-/// `containment`: the mechanism that holds each process's tree.
-pub fn info(workspace_roots: &[PathBuf], containment: &str) -> Value {
+/// `containment`: what holds each process's tree and enforces its limits;
+/// `limits`: the server's defaults and ceilings.
+pub fn info(
+    workspace_roots: &[PathBuf],
+    containment: &crate::process::container::Containment,
+    limits: &crate::process::limits::Policy,
+) -> Value {
     let shell = std::env::var_os("SHELL")
         .map(PathBuf::from)
         .filter(|p| p.is_absolute())
@@ -57,8 +62,11 @@ pub fn info(workspace_roots: &[PathBuf], containment: &str) -> Value {
             "processList": true,
             "sandbox": crate::sandbox::describe_host().0,
             "filesystem": true,
-            "containment": containment,
+            "containment": containment.mode().name(),
+            // The `limits` of process/start this host enforces.
+            "limits": containment.controllers().enforced(),
         },
+        "limits": { "defaults": limits.defaults, "max": limits.max },
         "os": std::env::consts::OS,
         "arch": std::env::consts::ARCH,
         "workspaceRoots": workspace_roots.iter().map(|p| path_to_uri(p)).collect::<Vec<_>>(),

@@ -261,6 +261,7 @@ pub enum Outgoing {
         exit_code: i32,
         sandbox_denied: bool,
         signal: Option<&'static str>,
+        reason: crate::limits::Reason,
     },
     /// A process closed (`process/closed`).
     Closed {
@@ -300,6 +301,7 @@ pub fn encode_line(message: &Outgoing) -> Vec<u8> {
             exit_code,
             sandbox_denied,
             signal,
+            reason,
         } => notification_line(
             method::PROCESS_EXITED,
             &ExitedNotification {
@@ -308,6 +310,7 @@ pub fn encode_line(message: &Outgoing) -> Vec<u8> {
                 exit_code: *exit_code,
                 sandbox_denied: *sandbox_denied,
                 signal: *signal,
+                reason: *reason,
             },
         ),
         Outgoing::Closed { process_id, seq } => notification_line(

@@ -110,6 +110,7 @@ mod fs;
 #[cfg(feature = "server")]
 mod http;
 mod jsonrpc;
+pub mod limits;
 mod lines;
 #[cfg(feature = "server")]
 mod net;
@@ -141,6 +142,7 @@ pub mod cli {
     pub use crate::process::container::describe_host as describe_containment;
     pub use crate::process::exec::close_on_exec_from_3;
     pub use crate::process::init::{ARG as INIT_ARG, main as init_main};
+    pub use crate::process::limits::Policy as LimitPolicy;
     #[cfg(feature = "remote")]
     pub use crate::remote::executor::{RemoteConfig, run_remote};
     #[cfg(feature = "remote")]

@@ -154,6 +154,29 @@ struct RunArgs {
     #[arg(long = "workspace-root", value_name = "DIR")]
     workspace_roots: Vec<PathBuf>,
 
+    /// Memory the command (with everything it starts) may use, e.g. 512M;
+    /// past it the kernel kills it.
+    #[arg(long, value_name = "SIZE", value_parser = exec_server::limits::parse_size)]
+    memory: Option<u64>,
+
+    /// CPU time it may use, in cores (1.5: one and a half).
+    #[arg(long, value_name = "N", value_parser = exec_server::limits::parse_cpus)]
+    cpus: Option<f64>,
+
+    /// Processes and threads it may have at once.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pids: Option<u64>,
+
+    /// Kill it (and everything it started) after this long, e.g. 30s or
+    /// 10m, and exit 124 as timeout(1) does.
+    #[arg(long, value_name = "DURATION", value_parser = exec_server::limits::parse_duration_ms)]
+    timeout: Option<u64>,
+
+    /// Run anyway, without the limits the server can't enforce (it says
+    /// which), instead of refusing.
+    #[arg(long)]
+    best_effort: bool,
+
     /// With a resumable --via (--persist, unix:, ws://), let the server
     /// drop output it can't retain while we are disconnected (and say how
     /// much was lost) instead of pausing the command until we are back.
@@ -180,6 +203,21 @@ struct RunArgs {
         value_name = "PROGRAM ARGS"
     )]
     argv: Vec<String>,
+}
+
+impl RunArgs {
+    /// The limits the flags ask for, if any.
+    fn limits(&self) -> Option<exec_server::limits::Requested> {
+        let limits = exec_server::limits::Requested {
+            memory_bytes: self.memory,
+            cpu_percent: self.cpus,
+            pids: self.pids,
+            timeout_ms: self.timeout,
+            best_effort: self.best_effort,
+            ..Default::default()
+        };
+        (limits != exec_server::limits::Requested::default()).then_some(limits)
+    }
 }
 
 #[derive(Debug, Args)]
@@ -279,6 +317,17 @@ struct ServeArgs {
     /// environment/info|status, fs/close never wait). Default: no limit.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=4096))]
     concurrent_requests: Option<u64>,
+
+    /// Limits of a process that asks for none of its own, as
+    /// `memory=512M,cpus=1.5,pids=256,timeout=10m,output=64M` (any subset).
+    #[arg(long, value_name = "LIMITS", value_parser = limit_spec)]
+    default_limits: Option<exec_server::limits::Requested>,
+
+    /// The most any process may ask for (same form): a request above one
+    /// is refused; a process that asks for nothing gets the default, else
+    /// this.
+    #[arg(long, value_name = "LIMITS", value_parser = limit_spec)]
+    max_limits: Option<exec_server::limits::Requested>,
 
     /// Output retained per process, in bytes.
     #[arg(long, default_value_t = 1024 * 1024, value_name = "BYTES")]
@@ -549,6 +598,7 @@ fn main() -> ExitCode {
         return daemon(action, &persist);
     }
     if let Some(Command::Run(args)) = cli.command {
+        let limits = args.limits();
         let outcome = run::run(RunOptions {
             via: args.via,
             tty: args.tty,
@@ -567,6 +617,7 @@ fn main() -> ExitCode {
             argv: args.argv,
             attach: args.attach,
             reconnect_for: Some(Duration::from_millis(args.reconnect_for_ms)),
+            limits,
         });
         if let Some(message) = outcome.message {
             eprintln!("exec-server: {message}");
@@ -780,6 +831,14 @@ fn serve(cli: ServeArgs) -> ExitCode {
         if let Some(n) = cli.concurrent_requests {
             args.push(format!("--concurrent-requests={n}"));
         }
+        for (flag, spec) in [
+            ("--default-limits", &cli.default_limits),
+            ("--max-limits", &cli.max_limits),
+        ] {
+            if let Some(spec) = spec {
+                args.push(format!("{flag}={}", exec_server::limits::spec_text(spec)));
+            }
+        }
         return match server::bridge(name, &args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
@@ -815,6 +874,10 @@ fn serve(cli: ServeArgs) -> ExitCode {
         concurrent_requests: cli.concurrent_requests.map(|n| n as usize),
         workspace_roots: cli.workspace_roots,
         exit_on_stdin_close,
+        limits: exec_server::cli::LimitPolicy {
+            defaults: cli.default_limits.unwrap_or_default(),
+            max: cli.max_limits.unwrap_or_default(),
+        },
     };
     let outcome = match remote {
         Some(remote) => server::run_remote(config, remote),
@@ -827,6 +890,11 @@ fn serve(cli: ServeArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `--default-limits`/`--max-limits`.
+fn limit_spec(text: &str) -> Result<exec_server::limits::Requested, String> {
+    exec_server::limits::parse_spec(text)
 }
 
 /// Logs go to stderr; `EXEC_SERVER_LOG` (or `RUST_LOG`) filters them.

@@ -225,6 +225,9 @@ pub struct StartParams {
     /// until `process/read` takes some, instead of evicting.
     #[serde(default)]
     pub hold_output: bool,
+    /// (ext) Memory, CPU, process count, deadline and output budget.
+    #[serde(default)]
+    pub limits: Option<crate::limits::Requested>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
@@ -244,6 +247,10 @@ impl Default for TtySize {
 pub struct StartResponse {
     pub process_id: String,
     pub sandbox_type: &'static str,
+    /// (ext) Limits asked for with `bestEffort` that this host does not
+    /// enforce.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unenforced_limits: Vec<&'static str>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -320,6 +327,9 @@ pub struct ReadResponse {
     /// minus the bytes it had through `afterSeq`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dropped_bytes: Option<u64>,
+    /// (ext) Once exited: why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<crate::limits::Reason>,
 }
 
 impl ReadResponse {
@@ -359,6 +369,9 @@ impl ReadResponse {
         );
         if let Some(dropped) = self.dropped_bytes {
             let _ = write!(out, ",\"droppedBytes\":{dropped}");
+        }
+        if let Some(reason) = self.reason {
+            let _ = write!(out, ",\"reason\":\"{}\"", reason.as_str());
         }
         out.push(b'}');
         out
@@ -486,6 +499,8 @@ pub struct ExitedNotification<'a> {
     pub sandbox_denied: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub signal: Option<&'static str>,
+    /// (ext) Why it ended.
+    pub reason: crate::limits::Reason,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -567,6 +582,7 @@ mod tests {
                 sandbox_denied: true,
                 truncated: false,
                 dropped_bytes: exit_code.map(|_| 77),
+                reason: exit_code.map(|_| crate::limits::Reason::OomKilled),
             };
             assert_eq!(
                 String::from_utf8(response.render()).unwrap(),

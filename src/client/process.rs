@@ -49,6 +49,9 @@ pub struct StartOptions {
     /// retention is full (`holdOutput`): nothing is lost, the child waits
     /// for the reads.
     pub hold_output: bool,
+    /// Memory, CPU, process count, deadline and output budget
+    /// (`docs/PROTOCOL.md` section 11); `None`: the server's defaults.
+    pub limits: Option<crate::limits::Requested>,
 }
 
 impl StartOptions {
@@ -70,7 +73,15 @@ impl StartOptions {
             sandbox: None,
             notify_output: true,
             hold_output: false,
+            limits: None,
         }
+    }
+
+    /// Run under these limits (a limit the server can't enforce is refused
+    /// unless `best_effort` is set in them).
+    pub fn limits(mut self, limits: crate::limits::Requested) -> Self {
+        self.limits = Some(limits);
+        self
     }
 
     /// The working directory on the server (default: `/`, so set it).
@@ -176,6 +187,9 @@ pub struct ExitStatus {
     pub signal: Option<String>,
     /// The server thinks the sandbox probably caused the failure.
     pub sandbox_denied: bool,
+    /// Why it ended (`exited`, `signal`, `oomKilled`, `timedOut`,
+    /// `outputLimit`, `terminated`), when the server says.
+    pub reason: Option<String>,
 }
 
 /// A process started through a [`Client`].
@@ -240,6 +254,9 @@ impl Process {
         let hold = o.hold_output;
         if hold {
             params["holdOutput"] = json!(true);
+        }
+        if let Some(limits) = o.limits {
+            params["limits"] = json!(limits);
         }
         if let Err(err) = conn.call("process/start", params).await {
             conn.unsubscribe(&o.process_id);
@@ -382,6 +399,7 @@ impl Process {
                         code: params["exitCode"].as_i64().unwrap_or(-1) as i32,
                         signal: params["signal"].as_str().map(String::from),
                         sandbox_denied: params["sandboxDenied"].as_bool().unwrap_or(false),
+                        reason: params["reason"].as_str().map(String::from),
                     };
                     self.exit = Some(status.clone());
                     self.ready.push_back(Event::Exited(status));
@@ -453,6 +471,7 @@ impl Process {
                 code: r["exitCode"].as_i64().unwrap_or(-1) as i32,
                 signal: None,
                 sandbox_denied: r["sandboxDenied"].as_bool().unwrap_or(false),
+                reason: r["reason"].as_str().map(String::from),
             };
             self.exit = Some(status.clone());
             self.ready.push_back(Event::Exited(status));

@@ -77,7 +77,13 @@ pub struct RunOptions {
     /// How long to keep trying to reconnect a resumable `via` (default
     /// 30 s).
     pub reconnect_for: Option<std::time::Duration>,
+    /// Memory, CPU, process count and deadline (`--memory`, `--cpus`,
+    /// `--pids`, `--timeout`).
+    pub limits: Option<crate::limits::Requested>,
 }
+
+/// What `timeout(1)` exits with when the command timed out.
+pub const TIMED_OUT: i32 = 124;
 
 /// `--attach SESSION[/PROCESS][@SEQ]`, parsed.
 fn parse_attach(text: &str) -> Result<(String, String, u64), String> {
@@ -397,6 +403,9 @@ async fn run_inner(
             // The environment: the library's default, the executor's
             // without secret-looking names.
             .hold_output(options.hold && client.resumable());
+        if let Some(limits) = &options.limits {
+            start = start.limits(limits.clone());
+        }
         let mut env: Vec<(String, String)> = Vec::new();
         if tty {
             // As ssh does: the terminal type and the locale travel with a pty.
@@ -614,16 +623,61 @@ async fn run_inner(
             ),
         ));
     }
-    let message = status.sandbox_denied.then(|| {
-        format!(
-            "the sandbox probably denied something this command needed (exit {})",
-            status.code
-        )
-    });
-    Ok(Outcome {
-        code: status.code,
-        message,
-    })
+    let limits = options.limits.clone().unwrap_or_default();
+    let (code, message) = match status.reason.as_deref() {
+        Some("timedOut") => (
+            TIMED_OUT,
+            Some(match limits.timeout_ms {
+                Some(ms) => format!("timed out after {}; the command was killed", show_ms(ms)),
+                None => "timed out (the server's default limit); the command was killed".into(),
+            }),
+        ),
+        Some("oomKilled") => (
+            status.code,
+            Some(match limits.memory_bytes {
+                Some(bytes) => format!("killed: out of memory (limit {})", show_bytes(bytes)),
+                None => "killed: out of memory (the server's default limit)".into(),
+            }),
+        ),
+        Some("outputLimit") => (
+            status.code,
+            Some("killed: the command's output reached its limit".into()),
+        ),
+        _ => (
+            status.code,
+            status.sandbox_denied.then(|| {
+                format!(
+                    "the sandbox probably denied something this command needed (exit {})",
+                    status.code
+                )
+            }),
+        ),
+    };
+    Ok(Outcome { code, message })
+}
+
+/// `90000` ms as `1m30s`, as a person writes it.
+fn show_ms(ms: u64) -> String {
+    if ms % 1000 != 0 || ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let s = ms / 1000;
+    match (s / 3600, s / 60 % 60, s % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, 0) => format!("{m}m"),
+        (0, m, s) => format!("{m}m{s}s"),
+        (h, m, s) => format!("{h}h{m}m{s}s"),
+    }
+}
+
+/// Bytes with a binary unit: `512 MiB`.
+fn show_bytes(bytes: u64) -> String {
+    for (unit, scale) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        if bytes >= scale && bytes % scale == 0 {
+            return format!("{} {unit}", bytes / scale);
+        }
+    }
+    format!("{bytes} bytes")
 }
 
 /// Done with the command: end its session (a resumable server would keep

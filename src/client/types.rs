@@ -148,6 +148,10 @@ pub struct ReadOutput {
     /// retained log so far (what a reader lost is that minus the bytes it
     /// had through `afterSeq`).
     pub dropped_bytes: Option<u64>,
+    /// Once exited, why (`exited`, `signal`, `oomKilled`, `timedOut`,
+    /// `outputLimit`, `terminated`); `None` from a server that does not
+    /// say.
+    pub reason: Option<String>,
 }
 
 /// One chunk of output.
@@ -237,6 +241,17 @@ fn parse_read_fast(text: &[u8]) -> Option<ReadOutput> {
         }
         None => (None, rest),
     };
+    let (reason, rest) = match rest.strip_prefix(b",\"reason\":\"") {
+        Some(r) => {
+            let end = r.iter().position(|&b| b == b'"')?;
+            let word = std::str::from_utf8(&r[..end]).ok()?;
+            if !word.bytes().all(|b| b.is_ascii_alphabetic()) {
+                return None;
+            }
+            (Some(word.to_string()), &r[end + 1..])
+        }
+        None => (None, rest),
+    };
     (rest == b"}").then_some(ReadOutput {
         chunks,
         next_seq,
@@ -246,6 +261,7 @@ fn parse_read_fast(text: &[u8]) -> Option<ReadOutput> {
         sandbox_denied,
         truncated,
         dropped_bytes,
+        reason,
     })
 }
 
@@ -275,6 +291,8 @@ fn parse_read_general(text: &[u8]) -> Result<ReadOutput, String> {
         truncated: bool,
         #[serde(default)]
         dropped_bytes: Option<u64>,
+        #[serde(default)]
+        reason: Option<String>,
     }
     #[derive(Deserialize)]
     struct RawChunk<'a> {
@@ -307,6 +325,7 @@ fn parse_read_general(text: &[u8]) -> Result<ReadOutput, String> {
         sandbox_denied: raw.sandbox_denied,
         truncated: raw.truncated,
         dropped_bytes: raw.dropped_bytes,
+        reason: raw.reason,
     })
 }
 
@@ -345,11 +364,13 @@ mod tests {
                 sandbox_denied: false,
                 truncated: true,
                 dropped_bytes: Some(1234),
+                reason: exit_code.map(|_| crate::limits::Reason::TimedOut),
             };
             let text = response.render();
             let fast = parse_read_fast(&text).expect("the server's shape");
             assert_eq!(fast, parse_read_general(&text).unwrap());
             assert_eq!(fast.exit_code, exit_code);
+            assert_eq!(fast.reason.is_some(), exit_code.is_some());
         }
         // Another shape (spaces, another member order) takes serde's path.
         let other =

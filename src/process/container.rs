@@ -31,6 +31,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
+use super::limits::{self, Controller, Controllers, Effective};
 use super::watchdog::Watchdog;
 use crate::sync::lock;
 use crate::sys::{parents, trees};
@@ -57,6 +58,8 @@ impl Mode {
 /// The server's containment: its mode and its watchdog.
 pub struct Containment {
     mode: Mode,
+    /// The cgroup controllers that enforce memory, CPU and pids limits.
+    controllers: Controllers,
     watchdog: Option<Watchdog>,
     next_id: AtomicU64,
 }
@@ -64,6 +67,11 @@ pub struct Containment {
 /// One process's container.
 pub struct Container {
     kind: Kind,
+    /// The cgroup v1 groups made for its limits (a hybrid host), and their
+    /// `cgroup.procs` for the child to move itself in (closed once it
+    /// runs).
+    legacy: Vec<(Controller, PathBuf)>,
+    legacy_procs: Mutex<Vec<OwnedFd>>,
 }
 
 enum Kind {
@@ -93,6 +101,8 @@ pub struct ChildSetup {
     /// (`clone3` with `CLONE_INTO_CGROUP`) has no move to make, and a move
     /// can wait for an RCU grace period (about 10 ms after a quiet spell).
     pub cgroup_dir: Option<RawFd>,
+    /// Write "0" to each of these too: the cgroup v1 groups of its limits.
+    pub legacy_procs: [Option<RawFd>; 3],
     /// Become a child subreaper (kept across `exec`).
     pub subreaper: bool,
     /// Register with the watchdog through this pipe.
@@ -112,7 +122,11 @@ impl Containment {
                 Mode::Subreaper
             }
         };
-        let watchdog = match Watchdog::start(&mode) {
+        let controllers = limits::find_controllers(match &mode {
+            Mode::Cgroup(root) => Some(root),
+            Mode::Subreaper => None,
+        });
+        let watchdog = match Watchdog::start(&mode, controllers.legacy_roots()) {
             Ok(w) => Some(w),
             Err(err) => {
                 tracing::warn!("no watchdog, children may outlive a killed server: {err}");
@@ -124,6 +138,7 @@ impl Containment {
         }
         Containment {
             mode,
+            controllers,
             watchdog,
             next_id: AtomicU64::new(1),
         }
@@ -135,6 +150,7 @@ impl Containment {
     pub fn for_tests() -> Containment {
         Containment {
             mode: Mode::Subreaper,
+            controllers: Controllers::default(),
             watchdog: None,
             next_id: AtomicU64::new(1),
         }
@@ -142,6 +158,11 @@ impl Containment {
 
     pub fn mode(&self) -> &Mode {
         &self.mode
+    }
+
+    /// The controllers limits can use on this host.
+    pub fn controllers(&self) -> &Controllers {
+        &self.controllers
     }
 
     /// Wait until the watchdog dies, then say so at once (starts are
@@ -185,40 +206,88 @@ impl Containment {
         }
     }
 
-    /// A new, empty container.
-    pub fn create(&self) -> io::Result<Arc<Container>> {
-        let kind = match &self.mode {
-            Mode::Cgroup(root) => {
-                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                let dir = root.join(format!("p{id}"));
-                std::fs::create_dir(&dir)?;
-                let opened = open_write(&dir.join("cgroup.procs")).and_then(|procs| {
-                    let dir_fd = std::fs::File::open(&dir)?;
-                    Ok((procs, OwnedFd::from(dir_fd)))
-                });
-                let (procs, dir_fd) = match opened {
-                    Ok(fds) => fds,
-                    Err(err) => {
-                        let _ = std::fs::remove_dir(&dir);
-                        return Err(err);
+    /// A new, empty container, with `limits` written into its cgroups.
+    pub fn create(&self, limits: &Effective) -> io::Result<Arc<Container>> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let name = format!("p{id}");
+        let mut legacy = Vec::new();
+        let made = (|| {
+            let kind = match &self.mode {
+                Mode::Cgroup(root) => {
+                    let dir = root.join(&name);
+                    std::fs::create_dir(&dir)?;
+                    let opened = limits::write_controls(
+                        limits,
+                        &self.controllers,
+                        Some(&dir),
+                        &mut legacy,
+                        &name,
+                    )
+                    .and_then(|()| {
+                        let procs = open_write(&dir.join("cgroup.procs"))?;
+                        let dir_fd = std::fs::File::open(&dir)?;
+                        Ok((procs, OwnedFd::from(dir_fd)))
+                    });
+                    let (procs, dir_fd) = match opened {
+                        Ok(fds) => fds,
+                        Err(err) => {
+                            let _ = std::fs::remove_dir(&dir);
+                            return Err(err);
+                        }
+                    };
+                    Kind::Cgroup {
+                        dir,
+                        fds: Mutex::new(Some((procs, dir_fd))),
                     }
-                };
-                Kind::Cgroup {
-                    dir,
-                    fds: Mutex::new(Some((procs, dir_fd))),
                 }
+                Mode::Subreaper => {
+                    limits::write_controls(limits, &self.controllers, None, &mut legacy, &name)?;
+                    Kind::Tree {
+                        leader: Mutex::new(None),
+                        leftovers: Mutex::new(Vec::new()),
+                    }
+                }
+            };
+            let procs = legacy
+                .iter()
+                .map(|(_, dir)| open_write(&dir.join("cgroup.procs")))
+                .collect::<io::Result<Vec<OwnedFd>>>()?;
+            Ok((kind, procs))
+        })();
+        match made {
+            Ok((kind, procs)) => Ok(Arc::new(Container {
+                kind,
+                legacy,
+                legacy_procs: Mutex::new(procs),
+            })),
+            Err(err) => {
+                for (_, dir) in &legacy {
+                    let _ = std::fs::remove_dir(dir);
+                }
+                Err(err)
             }
-            Mode::Subreaper => Kind::Tree {
-                leader: Mutex::new(None),
-                leftovers: Mutex::new(Vec::new()),
-            },
+        }
+    }
+
+    /// How many processes of the container the kernel killed for memory.
+    pub fn oom_kills(&self, container: &Container) -> u64 {
+        let unified = match &container.kind {
+            Kind::Cgroup { dir, .. } => Some(dir.as_path()),
+            Kind::Tree { .. } => None,
         };
-        Ok(Arc::new(Container { kind }))
+        limits::oom_kills(&self.controllers, unified, &container.legacy)
     }
 
     /// What a child of `container` does before exec.
     pub fn child_setup(&self, container: &Container) -> ChildSetup {
-        match &container.kind {
+        let mut legacy_procs = [None; 3];
+        for (slot, fd) in legacy_procs
+            .iter_mut()
+            .zip(lock(&container.legacy_procs).iter())
+        {
+            *slot = Some(fd.as_raw_fd());
+        }
+        let setup = match &container.kind {
             Kind::Cgroup { fds, .. } => {
                 let fds = lock(fds);
                 ChildSetup {
@@ -232,6 +301,10 @@ impl Containment {
                 watchdog: self.watchdog.as_ref().map(Watchdog::raw_fd),
                 ..ChildSetup::default()
             },
+        };
+        ChildSetup {
+            legacy_procs,
+            ..setup
         }
     }
 
@@ -260,6 +333,7 @@ impl Containment {
             // The child is in its cgroup: the fds that put it there go.
             lock(fds).take();
         }
+        lock(&container.legacy_procs).clear();
         if let Kind::Tree { leader, .. } = &container.kind {
             *lock(leader) = Some(pid);
             if let Some(w) = &self.watchdog {
@@ -390,6 +464,9 @@ impl Containment {
             if let Err(err) = std::fs::remove_dir(dir) {
                 tracing::debug!("cgroup {} not removed: {err}", dir.display());
             }
+        }
+        for (_, dir) in &container.legacy {
+            limits::remove_legacy(dir, std::time::Duration::from_millis(100));
         }
     }
 }

@@ -725,7 +725,13 @@ impl Plan<'_> {
                 return errno();
             }
             // Into the container before anything else can run: whatever
-            // the program starts is born inside it.
+            // the program starts is born inside it (and inside the v1
+            // groups of its limits, on a hybrid host).
+            for fd in self.container.legacy_procs.into_iter().flatten() {
+                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return errno();
+                }
+            }
             if let Some(fd) = self.container.cgroup_procs {
                 if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
                     return errno();

@@ -58,7 +58,19 @@ pub(super) async fn pump(process: Arc<Process>, stream: Stream, mut source: Sour
     loop {
         match source.read_chunk().await {
             Ok(data) if data.is_empty() => break,
-            Ok(data) => process.push_output(stream, data).await,
+            Ok(mut data) => {
+                let (kept, exhausted) = process.charge_output(data.len());
+                data.truncate(kept);
+                if !data.is_empty() {
+                    process.push_output(stream, data).await;
+                }
+                if exhausted {
+                    process.output_exhausted().await;
+                    if process.limits.output_action == super::limits::OutputAction::Block {
+                        break;
+                    }
+                }
+            }
             Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
             Err(err) => {
                 tracing::warn!(id = %process.id, "reading {} failed: {err}", stream.as_str());

@@ -23,6 +23,7 @@ use crate::transport::Outbound;
 pub mod container;
 pub mod exec;
 pub mod init;
+pub mod limits;
 pub mod output;
 pub mod spawn;
 pub mod watchdog;

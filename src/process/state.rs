@@ -11,13 +11,15 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc};
 
-use super::container::Container;
+use super::container::{Container, Containment};
 use super::io::StdinCommand;
+use super::limits::{Effective, OutputAction};
 use super::output::OutputLog;
 use super::spawn::PtyMaster;
 use super::{Attachment, Effect, WriteOutcome};
 use crate::error::Result;
 use crate::jsonrpc::Outgoing;
+use crate::limits::Reason;
 use crate::protocol::{ReadParams, ReadResponse, Stream, WriteStatus};
 use crate::sync::lock;
 
@@ -66,6 +68,12 @@ pub struct Process {
     /// output (it blocks on write) until a read takes some; nothing is
     /// evicted. Released for good by terminate and the end of the session.
     pub(super) hold: std::sync::atomic::AtomicBool,
+    /// Its limits; the deadline and the output budget are kept here.
+    pub(super) limits: Effective,
+    /// Bytes of output read so far, against `limits.output_bytes`.
+    pub(super) output_used: std::sync::atomic::AtomicU64,
+    /// What kills its container (the deadline, the output budget).
+    pub(super) containment: Arc<Containment>,
 }
 
 #[derive(Debug)]
@@ -85,6 +93,9 @@ pub(super) struct State {
     pub(super) stdin_written: u64,
     /// The stdin feeder has stopped: nothing queued will be written.
     pub(super) stdin_gone: bool,
+    /// Who ended it, when the server did (terminate, the deadline, the
+    /// output budget): the first one counts.
+    pub(super) cause: Option<Reason>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -92,6 +103,7 @@ pub(super) struct Exit {
     pub(super) seq: u64,
     pub(super) code: i32,
     pub(super) sandbox_denied: bool,
+    pub(super) reason: Reason,
 }
 
 #[derive(Debug, Default)]
@@ -131,6 +143,53 @@ impl Process {
             .as_ref()
             .map(|(_, tx)| tx.clone())?;
         tx.reserve().await
+    }
+
+    /// The server is ending the process for `reason`, unless it has exited
+    /// or another cause came first.
+    pub(super) fn end_for(&self, reason: Reason) {
+        let mut state = self.lock();
+        if state.exit.is_none() && state.cause.is_none() {
+            state.cause = Some(reason);
+        }
+    }
+
+    /// Kill the process's whole tree for `reason` (the deadline, the
+    /// output budget).
+    pub(super) fn kill_for(&self, reason: Reason) {
+        self.end_for(reason);
+        self.release_hold();
+        self.containment.kill(&self.container);
+    }
+
+    /// Take `len` bytes of output from the budget: how many of them may
+    /// be kept, and whether the budget is used up now.
+    pub(super) fn charge_output(&self, len: usize) -> (usize, bool) {
+        use std::sync::atomic::Ordering;
+        let Some(budget) = self.limits.output_bytes else {
+            return (len, false);
+        };
+        let before = self.output_used.fetch_add(len as u64, Ordering::SeqCst);
+        let room = budget.saturating_sub(before);
+        let kept = (len as u64).min(room) as usize;
+        (kept, before + len as u64 >= budget)
+    }
+
+    /// The output budget is used up: kill the tree, or stop reading
+    /// (return once the process has exited, so the stream can end).
+    pub(super) async fn output_exhausted(&self) {
+        match self.limits.output_action {
+            OutputAction::Kill => self.kill_for(Reason::OutputLimit),
+            OutputAction::Block => loop {
+                let changed = self.changed.notified();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                if self.lock().exit.is_some() {
+                    return;
+                }
+                changed.await;
+            },
+        }
     }
 
     /// Stop holding the child's output: evict as usual from now on.
@@ -188,9 +247,20 @@ impl Process {
 
     pub(super) async fn record_exit(&self, code: i32, signal: Option<&'static str>) {
         tracing::debug!(id = %self.id, pid = self.pid, code, signal, "exited");
+        // The memory controller killed something of its tree: that ends
+        // the tree (cgroup v2's `memory.oom.group`, or the OOM watch),
+        // whatever the leader made of it if it got there first.
+        let oom = self.limits.memory_bytes.is_some()
+            && self.containment.oom_kills(&self.container) > 0;
         let permit = self.reserve().await;
         {
             let mut state = self.lock();
+            let reason = match state.cause {
+                Some(cause) => cause,
+                None if oom => Reason::OomKilled,
+                None if signal.is_some() => Reason::Signal,
+                None => Reason::Exited,
+            };
             let seq = state.next_seq;
             state.next_seq += 1;
             let sandbox_denied =
@@ -201,6 +271,7 @@ impl Process {
                 seq,
                 code,
                 sandbox_denied,
+                reason,
             });
             state.reaped = true;
             if let Some(permit) = permit {
@@ -210,6 +281,7 @@ impl Process {
                     exit_code: code,
                     sandbox_denied,
                     signal,
+                    reason,
                 });
             }
         }
@@ -282,6 +354,7 @@ impl Process {
             sandbox_denied: state.exit.is_some_and(|e| e.sandbox_denied),
             truncated: slice.truncated,
             dropped_bytes: slice.truncated.then_some(slice.dropped_bytes),
+            reason: state.exit.map(|e| e.reason),
         };
         (response, ready)
     }

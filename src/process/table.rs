@@ -42,6 +42,8 @@ pub struct StartRequest<'a> {
     pub notify_output: bool,
     /// Hold the child instead of evicting when retention is full.
     pub hold_output: bool,
+    /// Its limits, checked against the server's policy and the host.
+    pub limits: super::limits::Effective,
 }
 
 /// The first answer to a `process/read`.
@@ -95,7 +97,54 @@ impl Drop for Launch {
             }
         }
         tokio::spawn(reap(self.table.clone(), process.clone(), child));
+        if let Some(ms) = process.limits.timeout_ms {
+            tokio::spawn(deadline(process.clone(), ms));
+        }
+        if process.limits.memory_bytes.is_some() {
+            tokio::spawn(oom_watch(process.clone()));
+        }
     }
+}
+
+/// How often a process with a memory limit is checked for OOM kills.
+const OOM_CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// When the kernel kills any process of the tree for memory, end the
+/// whole tree (`oomKilled`), as cgroup v2's `memory.oom.group` does, so
+/// a shell around the killed program does not carry on as if nothing
+/// happened (cgroup v1 has no such switch).
+async fn oom_watch(process: Arc<Process>) {
+    loop {
+        if process.lock().exit.is_some() {
+            return;
+        }
+        if process.containment.oom_kills(&process.container) > 0 {
+            tracing::debug!(id = %process.id, "out of memory");
+            process.kill_for(crate::limits::Reason::OomKilled);
+            return;
+        }
+        tokio::time::sleep(OOM_CHECK_EVERY).await;
+    }
+}
+
+/// At the deadline, kill the whole tree of a process that has not closed:
+/// a running one ends `timedOut`; one that has exited keeps its reason,
+/// but what it left running goes too.
+async fn deadline(process: Arc<Process>, ms: u64) {
+    let at = tokio::time::Instant::now() + std::time::Duration::from_millis(ms);
+    loop {
+        let changed = process.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        if process.lock().closed_seq.is_some() {
+            return;
+        }
+        if tokio::time::timeout_at(at, changed).await.is_err() {
+            break;
+        }
+    }
+    tracing::debug!(id = %process.id, ms, "deadline reached");
+    process.kill_for(crate::limits::Reason::TimedOut);
 }
 
 impl ProcessTable {
@@ -124,7 +173,7 @@ impl ProcessTable {
             })?;
         let container = self
             .containment
-            .create()
+            .create(&req.limits)
             .map_err(|e| Error::io("failed to create the process's container", &e))?;
         let mut spec = req.spec;
         spec.container = self.containment.child_setup(&container);
@@ -193,6 +242,7 @@ impl ProcessTable {
                 stdin_accepted: 0,
                 stdin_written: 0,
                 stdin_gone: false,
+                cause: None,
             }),
             changed: Notify::new(),
             attachment: self.attachment.clone(),
@@ -204,6 +254,9 @@ impl ProcessTable {
             network: Mutex::new(network),
             notify: req.notify_output,
             hold: std::sync::atomic::AtomicBool::new(req.hold_output),
+            limits: req.limits,
+            output_used: std::sync::atomic::AtomicU64::new(0),
+            containment: self.containment.clone(),
         });
         processes.insert(req.id, process.clone());
         drop(processes);
@@ -272,6 +325,7 @@ impl ProcessTable {
         match self.find(id) {
             Some(process) => {
                 let running = lock(&process.state).exit.is_none();
+                process.end_for(crate::limits::Reason::Terminated);
                 if let Some(network) = lock(&process.network).as_ref() {
                     network.stop_asking();
                 }
@@ -328,6 +382,7 @@ impl ProcessTable {
     pub fn kill_all(&self) {
         let all: Vec<Arc<Process>> = lock(&self.processes).values().cloned().collect();
         for process in all {
+            process.end_for(crate::limits::Reason::Terminated);
             process.release_hold();
             self.containment.kill(&process.container);
         }

@@ -45,7 +45,7 @@ pub struct Watchdog {
 impl Watchdog {
     /// Fork the watchdog. Call this while the process has one thread (before
     /// the async runtime starts): only then is `fork` safe.
-    pub fn start(mode: &Mode) -> io::Result<Watchdog> {
+    pub fn start(mode: &Mode, legacy_roots: Vec<PathBuf>) -> io::Result<Watchdog> {
         let cgroup_root = match mode {
             Mode::Cgroup(root) => Some(root.clone()),
             Mode::Subreaper => None,
@@ -56,7 +56,7 @@ impl Watchdog {
             -1 => Err(io::Error::last_os_error()),
             0 => {
                 drop(ours);
-                watch(theirs, cgroup_root)
+                watch(theirs, cgroup_root, legacy_roots)
             }
             pid => Ok(Watchdog {
                 socket: ours,
@@ -145,7 +145,7 @@ fn send(fd: RawFd, op: u8, pid: i32) -> bool {
 }
 
 /// The watchdog's whole life.
-fn watch(socket: OwnedFd, cgroup_root: Option<PathBuf>) -> ! {
+fn watch(socket: OwnedFd, cgroup_root: Option<PathBuf>, legacy_roots: Vec<PathBuf>) -> ! {
     // SAFETY: plain syscalls in the freshly forked single-threaded child.
     unsafe {
         // Signals aimed at the server's terminal or group must not take the
@@ -224,6 +224,10 @@ fn watch(socket: OwnedFd, cgroup_root: Option<PathBuf>) -> ! {
                 }
             }
         }
+    }
+    // The cgroup v1 groups of limits, empty now.
+    for root in legacy_roots {
+        super::limits::remove_legacy(&root, CGROUP_DRAIN);
     }
     // SAFETY: leave without running the parent's atexit handlers.
     unsafe { libc::_exit(0) }

@@ -165,6 +165,12 @@ fn start(ctx: &Ctx, name: &str, params: Value) -> Reply {
         if p.argv.is_empty() {
             return Err(Error::InvalidParams("argv must not be empty".into()));
         }
+        let limits = ctx
+            .server
+            .config
+            .limits
+            .apply(p.limits.as_ref(), ctx.server.containment.controllers())?;
+        let unenforced_limits = limits.not_enforced.clone();
         let mut rules = sandbox::rules(
             p.sandbox.as_ref(),
             Some(&p.cwd.0),
@@ -222,10 +228,12 @@ fn start(ctx: &Ctx, name: &str, params: Value) -> Reply {
             network: launched.map(|l| l.guard),
             notify_output: p.notify_output.unwrap_or(true),
             hold_output: p.hold_output,
+            limits,
         })?;
         let response = StartResponse {
             process_id: p.process_id,
             sandbox_type,
+            unenforced_limits,
         };
         Ok((response, launch))
     })();
@@ -405,7 +413,8 @@ fn list(ctx: &Ctx, _name: &str, _params: Value) -> Reply {
 fn info(ctx: &Ctx, _name: &str, _params: Value) -> Reply {
     ready(Ok(environment::info(
         &ctx.server.workspace_roots,
-        ctx.server.containment.mode().name(),
+        &ctx.server.containment,
+        &ctx.server.config.limits,
     )))
 }
 

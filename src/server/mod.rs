@@ -55,6 +55,9 @@ pub struct Config {
     pub concurrent_requests: Option<usize>,
     /// `--exit-on-stdin-close` (remote mode): stdin's end ends the server.
     pub exit_on_stdin_close: bool,
+    /// `--default-limits` and `--max-limits`: what a process gets when it
+    /// asks for nothing, and the most it may ask for.
+    pub limits: crate::process::limits::Policy,
 }
 
 impl Default for Config {
@@ -74,6 +77,7 @@ impl Default for Config {
             binary_frames: true,
             concurrent_requests: None,
             exit_on_stdin_close: false,
+            limits: Default::default(),
         }
     }
 }

@@ -637,7 +637,8 @@ fn bash_completes_options_and_subcommands_of_subcommands() {
             .unwrap();
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
-    assert_eq!(complete("exec-server run --c"), "--cwd");
+    assert_eq!(complete("exec-server run --cw"), "--cwd");
+    assert_eq!(complete("exec-server run --c"), "--cwd --cpus");
     assert_eq!(complete("exec-server daemon s"), "status stop");
     assert_eq!(complete("exec-server sa"), "sandbox-check");
     assert!(complete("exec-server run --").contains("--escape-char"));

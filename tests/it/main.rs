@@ -14,6 +14,7 @@ mod frames;
 mod fs;
 mod http;
 mod hygiene;
+mod limits;
 mod network;
 mod noise;
 mod persist;

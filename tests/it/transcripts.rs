@@ -33,7 +33,8 @@
 //!
 //! Patterns are JSON where objects must have the same keys and these strings
 //! are wildcards: `"$any"`, `"$int"`, `"$string"`, `"$bool"`, `"$uuid"`,
-//! `"$absent"` (the key must be missing), `"$b64:TEXT"` (base64 of TEXT),
+//! `"$absent"` (the key must be missing), `"$any?"` (anything, or
+//! missing), `"$b64:TEXT"` (base64 of TEXT),
 //! `"$save:NAME"` (anything; remembered), `"$var:NAME"` (equal to the
 //! remembered value; also substituted inside `send`, where
 //! `"$var:NAME/REST"` appends REST to a remembered string). `web` is
@@ -444,7 +445,7 @@ fn matches(
     match pattern {
         Value::String(p) if p.starts_with('$') => {
             let ok = match p.as_str() {
-                "$any" => true,
+                "$any" | "$any?" => true,
                 "$int" => actual.is_i64() || actual.is_u64(),
                 "$string" => actual.is_string(),
                 "$bool" => actual.is_boolean(),
@@ -469,7 +470,7 @@ fn matches(
             };
             for (key, pv) in p {
                 match a.get(key) {
-                    None if pv == "$absent" => {}
+                    None if pv == "$absent" || pv == "$any?" => {}
                     None => return Err(format!("{at}.{key} (missing)")),
                     Some(_) if pv == "$absent" => {
                         return Err(format!("{at}.{key} (should be absent)"));
