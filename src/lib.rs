@@ -94,6 +94,8 @@ pub mod client;
 )]
 pub mod wire_contract {}
 #[cfg(feature = "server")]
+mod audit;
+#[cfg(feature = "server")]
 mod capabilities;
 #[cfg(feature = "server")]
 mod endpoints;
@@ -139,6 +141,7 @@ mod wildcard;
 #[doc(hidden)]
 #[cfg(feature = "server")]
 pub mod cli {
+    pub use crate::audit::Target as AuditTarget;
     pub use crate::process::container::describe_host as describe_containment;
     pub use crate::process::exec::close_on_exec_from_3;
     pub use crate::process::init::{ARG as INIT_ARG, main as init_main};

@@ -329,6 +329,18 @@ struct ServeArgs {
     #[arg(long, value_name = "LIMITS", value_parser = limit_spec)]
     max_limits: Option<exec_server::limits::Requested>,
 
+    /// Write an audit log: one JSON line per event (sessions, processes,
+    /// file writes, HTTP requests, network decisions, refusals) to this
+    /// file (appended, mode 0600), to `unix:PATH` (a stream socket) or to
+    /// `stderr`.
+    #[arg(long, value_name = "FILE", value_parser = exec_server::cli::AuditTarget::parse)]
+    audit_log: Option<exec_server::cli::AuditTarget>,
+
+    /// Rotate the audit log file so that it and its one predecessor
+    /// (FILE.1) hold at most this many bytes, e.g. 64M.
+    #[arg(long, value_name = "SIZE", value_parser = exec_server::limits::parse_size, requires = "audit_log")]
+    audit_log_max_bytes: Option<u64>,
+
     /// Output retained per process, in bytes.
     #[arg(long, default_value_t = 1024 * 1024, value_name = "BYTES")]
     retain_bytes: usize,
@@ -831,6 +843,22 @@ fn serve(cli: ServeArgs) -> ExitCode {
         if let Some(n) = cli.concurrent_requests {
             args.push(format!("--concurrent-requests={n}"));
         }
+        match &cli.audit_log {
+            Some(exec_server::cli::AuditTarget::File(path)) => {
+                // The daemon's cwd is not ours.
+                let path = std::env::current_dir().unwrap_or_default().join(path);
+                args.push(format!("--audit-log={}", path.display()));
+            }
+            Some(exec_server::cli::AuditTarget::Unix(path)) => {
+                let path = std::env::current_dir().unwrap_or_default().join(path);
+                args.push(format!("--audit-log=unix:{}", path.display()));
+            }
+            Some(exec_server::cli::AuditTarget::Stderr) => args.push("--audit-log=stderr".into()),
+            None => {}
+        }
+        if let Some(max) = cli.audit_log_max_bytes {
+            args.push(format!("--audit-log-max-bytes={max}"));
+        }
         for (flag, spec) in [
             ("--default-limits", &cli.default_limits),
             ("--max-limits", &cli.max_limits),
@@ -874,6 +902,7 @@ fn serve(cli: ServeArgs) -> ExitCode {
         concurrent_requests: cli.concurrent_requests.map(|n| n as usize),
         workspace_roots: cli.workspace_roots,
         exit_on_stdin_close,
+        audit_log: cli.audit_log.map(|t| (t, cli.audit_log_max_bytes)),
         limits: exec_server::cli::LimitPolicy {
             defaults: cli.default_limits.unwrap_or_default(),
             max: cli.max_limits.unwrap_or_default(),

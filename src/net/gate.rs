@@ -223,6 +223,18 @@ impl Gate {
             reason,
             "network policy decision"
         );
+        crate::audit::record(
+            "network.decision",
+            json!({
+                "processId": self.process_id,
+                "protocol": ask.protocol.as_str(),
+                "host": ask.host,
+                "port": ask.port,
+                "decision": decision,
+                "source": source.as_str(),
+                "rule": reason,
+            }),
+        );
         let Some(outbound) = (self.peer)() else {
             return;
         };

@@ -116,6 +116,25 @@ pub struct Effective {
 }
 
 impl Effective {
+    /// The limits as the wire names them (the audit log's form).
+    pub fn describe(&self) -> serde_json::Value {
+        let mut out = serde_json::Map::new();
+        let mut put = |k: &str, v: Option<serde_json::Value>| {
+            if let Some(v) = v {
+                out.insert(k.into(), v);
+            }
+        };
+        put("memoryBytes", self.memory_bytes.map(Into::into));
+        put("cpuPercent", self.cpu_percent.map(Into::into));
+        put("pids", self.pids.map(Into::into));
+        put("timeoutMs", self.timeout_ms.map(Into::into));
+        put("outputBytes", self.output_bytes.map(Into::into));
+        if self.output_bytes.is_some() && self.output_action == OutputAction::Block {
+            put("outputLimitAction", Some("block".into()));
+        }
+        serde_json::Value::Object(out)
+    }
+
     pub fn any_cgroup(&self) -> bool {
         self.memory_bytes.is_some() || self.cpu_percent.is_some() || self.pids.is_some()
     }

@@ -74,6 +74,8 @@ pub struct Process {
     pub(super) output_used: std::sync::atomic::AtomicU64,
     /// What kills its container (the deadline, the output budget).
     pub(super) containment: Arc<Containment>,
+    /// When it started (the audit log's duration).
+    pub(super) started: std::time::Instant,
 }
 
 #[derive(Debug)]
@@ -166,10 +168,10 @@ impl Process {
     /// be kept, and whether the budget is used up now.
     pub(super) fn charge_output(&self, len: usize) -> (usize, bool) {
         use std::sync::atomic::Ordering;
+        let before = self.output_used.fetch_add(len as u64, Ordering::SeqCst);
         let Some(budget) = self.limits.output_bytes else {
             return (len, false);
         };
-        let before = self.output_used.fetch_add(len as u64, Ordering::SeqCst);
         let room = budget.saturating_sub(before);
         let kept = (len as u64).min(room) as usize;
         (kept, before + len as u64 >= budget)
@@ -250,8 +252,8 @@ impl Process {
         // The memory controller killed something of its tree: that ends
         // the tree (cgroup v2's `memory.oom.group`, or the OOM watch),
         // whatever the leader made of it if it got there first.
-        let oom = self.limits.memory_bytes.is_some()
-            && self.containment.oom_kills(&self.container) > 0;
+        let oom =
+            self.limits.memory_bytes.is_some() && self.containment.oom_kills(&self.container) > 0;
         let permit = self.reserve().await;
         {
             let mut state = self.lock();
@@ -286,6 +288,30 @@ impl Process {
             }
         }
         self.changed.notify_waiters();
+        if crate::audit::enabled() {
+            let (reason, denied) = {
+                let state = self.lock();
+                let exit = state.exit.as_ref();
+                (
+                    exit.map(|e| e.reason.as_str()),
+                    exit.is_some_and(|e| e.sandbox_denied),
+                )
+            };
+            let out = self.output_used.load(std::sync::atomic::Ordering::SeqCst);
+            crate::audit::record(
+                "process.exit",
+                serde_json::json!({
+                    "processId": self.id,
+                    "pid": self.pid,
+                    "exitCode": code,
+                    "signal": signal,
+                    "reason": reason,
+                    "sandboxDenied": denied,
+                    "durationMs": self.started.elapsed().as_millis() as u64,
+                    "bytesOut": out.min(self.limits.output_bytes.unwrap_or(u64::MAX)),
+                }),
+            );
+        }
         self.maybe_close().await;
     }
 

@@ -67,6 +67,13 @@ pub struct Launch {
     )>,
 }
 
+impl Launch {
+    /// The started process's pid.
+    pub fn pid(&self) -> i32 {
+        self.process.pid
+    }
+}
+
 impl Drop for Launch {
     fn drop(&mut self) {
         let Some((io, child, stdin_rx)) = self.parts.take() else {
@@ -256,6 +263,7 @@ impl ProcessTable {
             hold: std::sync::atomic::AtomicBool::new(req.hold_output),
             limits: req.limits,
             output_used: std::sync::atomic::AtomicU64::new(0),
+            started: std::time::Instant::now(),
             containment: self.containment.clone(),
         });
         processes.insert(req.id, process.clone());

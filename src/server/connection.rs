@@ -220,11 +220,16 @@ impl Connection {
             return Pending::Ready(Response::new(Some(id), self.initialize(params)));
         }
         let Some(route) = dispatch::route(&method) else {
-            return Pending::Ready(Response::err(Some(id), Error::MethodNotFound(method)));
+            let error = Error::MethodNotFound(method.clone());
+            refused(&method, &error);
+            return Pending::Ready(Response::err(Some(id), error));
         };
         let session = match self.gate(route.family) {
             Ok(session) => session,
-            Err(error) => return Pending::Ready(Response::err(Some(id), error)),
+            Err(error) => {
+                refused(&method, &error);
+                return Pending::Ready(Response::err(Some(id), error));
+            }
         };
         let ctx = Ctx {
             server: self.server.clone(),
@@ -234,7 +239,14 @@ impl Connection {
         let started = std::time::Instant::now();
         let turns = self.turns.as_ref().filter(|_| !is_control(&method));
         let (Some(turns), Some(size)) = (turns, size) else {
-            return answer((route.handler)(&ctx, &method, params), method, id, started);
+            let note = crate::audit::note_request(&method, &params, &ctx.session.id);
+            return answer(
+                (route.handler)(&ctx, &method, params),
+                method,
+                id,
+                started,
+                note,
+            );
         };
         // `--concurrent-requests`: the place in the queue is taken now, in
         // arrival order; the handler runs when the turn comes, and the
@@ -251,14 +263,20 @@ impl Connection {
                 };
                 return (Response::err(Some(id), error), None);
             };
-            let (response, follow_up): (Response, Option<dispatch::FollowUp>) =
-                match answer((route.handler)(&ctx, &method, params), method, id, started) {
-                    Pending::Ready(response) => (response, None),
-                    Pending::ReadyThen(response, hook) => {
-                        (response, Some(Box::pin(async move { hook() })))
-                    }
-                    Pending::Later(future) => future.await,
-                };
+            let note = crate::audit::note_request(&method, &params, &ctx.session.id);
+            let (response, follow_up): (Response, Option<dispatch::FollowUp>) = match answer(
+                (route.handler)(&ctx, &method, params),
+                method,
+                id,
+                started,
+                note,
+            ) {
+                Pending::Ready(response) => (response, None),
+                Pending::ReadyThen(response, hook) => {
+                    (response, Some(Box::pin(async move { hook() })))
+                }
+                Pending::Later(future) => future.await,
+            };
             let after: dispatch::FollowUp = Box::pin(async move {
                 drop(permit);
                 if let Some(follow_up) = follow_up {
@@ -335,33 +353,45 @@ fn answer(
     method: String,
     id: jsonrpc::RequestId,
     started: std::time::Instant,
+    note: Option<crate::audit::RequestNote>,
 ) -> Pending {
+    let audit = move |outcome: Result<Option<&serde_json::Value>, &Error>| {
+        if let Some(note) = note {
+            note.finish(outcome);
+        }
+    };
     match reply {
         Reply::Ready(outcome) => {
             log_request(&method, &id, started, outcome.as_ref().err());
+            audit(outcome.as_ref().map(Some));
             Pending::Ready(Response::new(Some(id), outcome))
         }
         Reply::Rendered(outcome) => {
             log_request(&method, &id, started, outcome.as_ref().err());
+            audit(outcome.as_ref().map(|_| None));
             Pending::Ready(Response::rendered(Some(id), outcome))
         }
         Reply::ReadyThen(outcome, hook) => {
             log_request(&method, &id, started, outcome.as_ref().err());
+            audit(outcome.as_ref().map(Some));
             Pending::ReadyThen(Response::new(Some(id), outcome), hook)
         }
         Reply::Later(future) => Pending::Later(Box::pin(async move {
             let outcome = future.await;
             log_request(&method, &id, started, outcome.as_ref().err());
+            audit(outcome.as_ref().map(Some));
             (Response::new(Some(id), outcome), None)
         })),
         Reply::LaterRendered(future) => Pending::Later(Box::pin(async move {
             let outcome = future.await;
             log_request(&method, &id, started, outcome.as_ref().err());
+            audit(outcome.as_ref().map(|_| None));
             (Response::rendered(Some(id), outcome), None)
         })),
         Reply::LaterWithBytes(future) => Pending::Later(Box::pin(async move {
             let outcome = future.await;
             log_request(&method, &id, started, outcome.as_ref().err());
+            audit(outcome.as_ref().map(|(value, _)| Some(value)));
             let response = match outcome {
                 Ok((result, bytes)) => Response::with_bytes(Some(id), result, bytes),
                 Err(err) => Response::err(Some(id), err),
@@ -371,8 +401,16 @@ fn answer(
         Reply::LaterThen(future) => Pending::Later(Box::pin(async move {
             let (outcome, follow_up) = future.await;
             log_request(&method, &id, started, outcome.as_ref().err());
+            audit(outcome.as_ref().map(Some));
             (Response::new(Some(id), outcome), follow_up)
         })),
+    }
+}
+
+/// A request refused before any handler saw it, in the audit log.
+fn refused(method: &str, error: &Error) {
+    if let Some(note) = crate::audit::note_request(method, &serde_json::Value::Null, "") {
+        note.finish(Err(error));
     }
 }
 

@@ -212,6 +212,25 @@ fn start(ctx: &Ctx, name: &str, params: Value) -> Reply {
         } else {
             "none"
         };
+        let audit = crate::audit::enabled().then(|| {
+            serde_json::json!({
+                "session": ctx.session.id,
+                "processId": p.process_id,
+                "argv": crate::audit::redact_argv(&p.argv),
+                "cwd": p.cwd.0,
+                "tty": p.tty,
+                "sandbox": {
+                    "type": sandbox_type,
+                    "network": match (&managed, rules.as_ref().map(|r| r.network_restricted)) {
+                        (Some(_), _) => "managed",
+                        (None, Some(true)) => "restricted",
+                        _ => "full",
+                    },
+                },
+                "limits": limits.describe(),
+                "envNames": env.keys().collect::<Vec<_>>(),
+            })
+        });
         let tty = p.tty.then(|| p.tty_size.unwrap_or_default());
         let launch = ctx.session.processes.start(StartRequest {
             id: p.process_id.clone(),
@@ -230,6 +249,10 @@ fn start(ctx: &Ctx, name: &str, params: Value) -> Reply {
             hold_output: p.hold_output,
             limits,
         })?;
+        if let Some(mut event) = audit {
+            event["pid"] = launch.pid().into();
+            crate::audit::record("process.start", event);
+        }
         let response = StartResponse {
             process_id: p.process_id,
             sandbox_type,
@@ -436,11 +459,15 @@ fn server_status(ctx: &Ctx, _name: &str, _params: Value) -> Reply {
             serde_json::json!({"sessionId": id, "attached": attached, "processes": processes})
         })
         .collect();
-    ready(Ok(serde_json::json!({
+    let mut status = serde_json::json!({
         "pid": std::process::id(),
         "uptimeMs": ctx.server.started.elapsed().as_millis() as u64,
         "sessions": sessions,
-    })))
+    });
+    if let Some(counts) = crate::audit::counts() {
+        status["auditLog"] = counts;
+    }
+    ready(Ok(status))
 }
 
 /// `session/end` (an extension): the client is done with its session; it

@@ -58,6 +58,8 @@ pub struct Config {
     /// `--default-limits` and `--max-limits`: what a process gets when it
     /// asks for nothing, and the most it may ask for.
     pub limits: crate::process::limits::Policy,
+    /// `--audit-log` and `--audit-log-max-bytes`.
+    pub audit_log: Option<(crate::audit::Target, Option<u64>)>,
 }
 
 impl Default for Config {
@@ -78,6 +80,7 @@ impl Default for Config {
             concurrent_requests: None,
             exit_on_stdin_close: false,
             limits: Default::default(),
+            audit_log: None,
         }
     }
 }
@@ -203,6 +206,21 @@ pub fn run_with(
     crate::sys::return_freed_memory();
     tracing::debug!("descriptor limit {limit}");
     let containment = Arc::new(Containment::start());
+    // After the watchdog's fork: the writer is a thread of its own.
+    if let Some((target, max_bytes)) = &config.audit_log {
+        crate::audit::start(target.clone(), *max_bytes)
+            .map_err(|err| std::io::Error::new(err.kind(), format!("--audit-log: {err}")))?;
+        // No sandboxed process may read or touch it.
+        match target {
+            crate::audit::Target::File(path) | crate::audit::Target::Unix(path) => {
+                crate::endpoints::add_path(path);
+                let mut old = path.clone().into_os_string();
+                old.push(".1");
+                crate::endpoints::add_path(std::path::Path::new(&old));
+            }
+            crate::audit::Target::Stderr => {}
+        }
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -78,6 +78,10 @@ impl Registry {
         });
         session.attach(conn, outbound);
         self.map().insert(session.id.clone(), session.clone());
+        crate::audit::record(
+            "session.attach",
+            serde_json::json!({"session": session.id, "connection": conn, "resumed": false}),
+        );
         session
     }
 
@@ -98,6 +102,10 @@ impl Registry {
         attached.connection = Some((conn, outbound));
         attached.generation += 1;
         drop(attached);
+        crate::audit::record(
+            "session.attach",
+            serde_json::json!({"session": session.id, "connection": conn, "resumed": true}),
+        );
         Ok(session)
     }
 
@@ -116,6 +124,10 @@ impl Registry {
             attached.connection = None;
             attached.generation
         };
+        crate::audit::record(
+            "session.detach",
+            serde_json::json!({"session": session.id, "connection": conn}),
+        );
         let registry = self.clone();
         let session = session.clone();
         tokio::spawn(async move {
@@ -125,6 +137,7 @@ impl Registry {
             });
             if expired {
                 tracing::info!(session = %session.id, "detached session expired");
+                crate::audit::record("session.expire", serde_json::json!({"session": session.id}));
             }
         });
     }
@@ -132,7 +145,9 @@ impl Registry {
     /// End `session` now (`session/end`): it can't be resumed, and its
     /// processes are killed, as at expiry.
     pub fn end(&self, session: &Arc<Session>) {
-        self.end_if(session, |_| true);
+        if self.end_if(session, |_| true) {
+            crate::audit::record("session.end", serde_json::json!({"session": session.id}));
+        }
         tracing::debug!(session = %session.id, "session ended by its client");
     }
 

@@ -83,6 +83,10 @@ where
             .map(|h| String::from_utf8_lossy(h.value).into_owned())
     };
     if header("origin").is_some() {
+        crate::audit::record(
+            "refused",
+            serde_json::json!({"transport": "ws", "status": 403, "message": "a browser's request (Origin header)"}),
+        );
         respond(&mut stream, "403 Forbidden").await?;
         return Ok(Accepted::Answered);
     }
@@ -117,6 +121,10 @@ where
     }
     if let Some((status, why)) = vet().await {
         tracing::warn!("refused a websocket connection: {why}");
+        crate::audit::record(
+            "refused",
+            serde_json::json!({"transport": "ws", "status": status, "message": why}),
+        );
         respond(&mut stream, status).await?;
         return Ok(Accepted::Answered);
     }
@@ -141,6 +149,10 @@ where
                 .fold(false, |hit, given| same(given, token.as_bytes()) | hit),
         };
         if !matches {
+            crate::audit::record(
+                "refused",
+                serde_json::json!({"transport": "ws", "status": 401, "message": "no valid connection token"}),
+            );
             respond(&mut stream, "401 Unauthorized").await?;
             return Ok(Accepted::Answered);
         }

@@ -1,6 +1,7 @@
 //! The one integration-test binary: every test drives the real
 //! `exec-server` binary over real pipes.
 
+mod audit;
 mod budget;
 mod cli;
 mod client;

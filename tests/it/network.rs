@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use crate::support::{Server, available, unb64};
 use crate::web::Web;
 
-fn tools() -> bool {
+pub(crate) fn tools() -> bool {
     let has = |tool: &str| {
         std::process::Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
@@ -34,12 +34,12 @@ fn ready() -> Option<(Web, Server)> {
 }
 
 /// A sandbox that leaves the filesystem open: the network is the point.
-fn sandbox() -> Value {
+pub(crate) fn sandbox() -> Value {
     json!({"permissions": {"type": "managed", "network": "restricted",
         "file_system": {"type": "unrestricted"}}})
 }
 
-fn proxy(domains: Value, extra: Value) -> Value {
+pub(crate) fn proxy(domains: Value, extra: Value) -> Value {
     let mut proxy = json!({"enabled": true, "enableSocks5": true, "enableSocks5Udp": false,
         "allowUpstreamProxy": false, "dangerouslyAllowAllUnixSockets": false, "mode": "full",
         "domains": domains, "unixSockets": null, "allowLocalBinding": false});
@@ -56,12 +56,12 @@ fn managed(domains: Value, extra: Value) -> Value {
         "networkProxy": {"proxy": proxy(domains, extra)}})
 }
 
-fn env() -> Value {
+pub(crate) fn env() -> Value {
     json!({"PATH": std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into())})
 }
 
 /// Start `sh -c script` with `extra` start params; its output and exit code.
-fn run(s: &mut Server, id: &str, script: &str, extra: Value) -> (String, i64) {
+pub(crate) fn run(s: &mut Server, id: &str, script: &str, extra: Value) -> (String, i64) {
     let mut params = json!({"processId": id, "argv": ["sh", "-c", script], "cwd": "/tmp",
         "env": env(), "tty": false});
     for (k, v) in extra.as_object().unwrap() {
@@ -77,7 +77,7 @@ fn run(s: &mut Server, id: &str, script: &str, extra: Value) -> (String, i64) {
 }
 
 /// `curl` printing the status code (or `000` when it could not connect).
-fn curl(url: &str, flags: &str) -> String {
+pub(crate) fn curl(url: &str, flags: &str) -> String {
     format!(
         "curl -sS --max-time 10 -o /dev/null -w '%{{http_code}}\\n' {flags} '{url}' 2>/dev/null; echo \"exit=$?\""
     )
