@@ -135,6 +135,8 @@ mod sys;
 #[cfg(feature = "server")]
 mod transport;
 #[cfg(feature = "server")]
+mod watch;
+#[cfg(feature = "server")]
 mod wildcard;
 
 /// What the `exec-server` binary calls into; not an API to build on.

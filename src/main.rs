@@ -55,6 +55,10 @@ enum Command {
     /// (`noise+http://HOST:PORT/ENVIRONMENT_ID`, `ws://`, `unix:`), so that
     /// an orchestrator that spawns a stdio server reaches a remote one.
     Bridge(BridgeArgs),
+    /// Print the changes under a path as they happen (through a server,
+    /// started lazily, or --via one): `created`, `modified`, `removed`,
+    /// `renamed OLD -> NEW`, and `overflow` when some were dropped.
+    Watch(WatchArgs),
     /// Look after a --persist daemon.
     Daemon {
         #[command(subcommand)]
@@ -203,6 +207,30 @@ struct RunArgs {
         value_name = "PROGRAM ARGS"
     )]
     argv: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct WatchArgs {
+    /// The path to watch (on the server's machine with --via).
+    path: PathBuf,
+
+    /// The server command, e.g. "ssh host exec-server --stdio" (default:
+    /// this binary with --stdio).
+    #[arg(long, value_name = "CMD")]
+    via: Option<String>,
+
+    /// Only the path itself (a directory's own entries), not everything
+    /// below it.
+    #[arg(long)]
+    no_recursive: bool,
+
+    /// One JSON object a line: {"kind", "path", "toPath"}.
+    #[arg(long)]
+    json: bool,
+
+    /// Exit after this many changes.
+    #[arg(long, value_name = "N")]
+    count: Option<usize>,
 }
 
 impl RunArgs {
@@ -605,6 +633,19 @@ fn main() -> ExitCode {
     }
     if let Some(Command::Bridge(args)) = cli.command {
         return bridge(args);
+    }
+    if let Some(Command::Watch(args)) = cli.command {
+        let outcome = run::watch(run::WatchOptions {
+            via: args.via,
+            path: args.path,
+            recursive: !args.no_recursive,
+            json: args.json,
+            count: args.count,
+        });
+        if let Some(message) = outcome.message {
+            eprintln!("exec-server: {message}");
+        }
+        return ExitCode::from(outcome.code.clamp(0, 255) as u8);
     }
     if let Some(Command::Daemon { action, persist }) = cli.command {
         return daemon(action, &persist);

@@ -299,7 +299,14 @@ impl Conn {
             jsonrpc::Message::Notification(note) => {
                 // Handed over without copying (a chunk can be hundreds of
                 // KiB).
-                match note.params["processId"].as_str().map(str::to_owned) {
+                let key = match note.params["processId"].as_str() {
+                    Some(pid) => Some(pid.to_owned()),
+                    None if note.method == "fs/changed" => note.params["watchId"]
+                        .as_str()
+                        .map(super::watch::watch_key),
+                    None => None,
+                };
+                match key {
                     Some(pid) => {
                         let state = lock(&self.state);
                         if let Some(tx) = state.subscribers.get(&pid) {

@@ -50,6 +50,7 @@ pub mod policy;
 mod process;
 pub mod run;
 mod types;
+mod watch;
 
 pub use command::{RegistryToken, ServerCommand};
 pub(crate) use connection::{Conn, Note};
@@ -60,6 +61,7 @@ pub use policy::{EnvPolicy, Inherit, Sandbox, WalkOptions};
 
 pub use crate::protocol::Stream;
 pub use process::{Event, ExitStatus, Process, StartOptions};
+pub use watch::{Change, Watcher};
 pub use types::{
     DirectoryEntry, EnvironmentInfo, Metadata, OutputChunk, ProcessSummary, ReadOutput, Shell,
     Walk, WalkEntry, WalkError,

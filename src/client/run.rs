@@ -762,3 +762,99 @@ impl Drop for RawTerminal {
         unsafe { libc::tcsetattr(0, libc::TCSANOW, &self.saved) };
     }
 }
+
+/// What `exec-server watch` does.
+#[derive(Debug, Clone, Default)]
+pub struct WatchOptions {
+    /// The server command; `None` runs this binary with `--stdio`.
+    pub via: Option<String>,
+    /// The path to watch (relative to here without `via`).
+    pub path: PathBuf,
+    /// Everything below it too.
+    pub recursive: bool,
+    /// One JSON object a line instead of text.
+    pub json: bool,
+    /// Stop after this many changes.
+    pub count: Option<usize>,
+}
+
+/// Print the changes under a path until interrupted (or `count` of them).
+pub fn watch(options: WatchOptions) -> Outcome {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => return Outcome::failed(RUNNER_FAILED, err.to_string()),
+    };
+    runtime.block_on(async move {
+        match watch_inner(&options).await {
+            Ok(outcome) => outcome,
+            Err(err) => Outcome::failed(RUNNER_FAILED, err.without_stderr()),
+        }
+    })
+}
+
+async fn watch_inner(options: &WatchOptions) -> Result<Outcome, ClientError> {
+    let (command, path) = match &options.via {
+        Some(via) => (ServerCommand::parse(via)?, options.path.clone()),
+        None => {
+            let exe = std::env::current_exe().map_err(|e| ClientError::Spawn {
+                command: "exec-server".into(),
+                message: e.to_string(),
+            })?;
+            let here = std::env::current_dir().unwrap_or_default();
+            (ServerCommand::new(exe).arg("--stdio"), here.join(&options.path))
+        }
+    };
+    let client = Client::new(command);
+    let mut watcher = client.watch(path.clone(), options.recursive).await?;
+    warn(&format!("watching {}", path.display()));
+    let mut interrupts =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
+    let mut seen = 0usize;
+    let mut stdout = std::io::stdout();
+    loop {
+        let changes = tokio::select! {
+            changes = watcher.next() => changes,
+            _ = recv_signal(&mut interrupts) => break,
+        };
+        let Some(changes) = changes else {
+            client.shutdown().await;
+            return Ok(Outcome::failed(RUNNER_FAILED, "the connection to the server was lost"));
+        };
+        for change in changes? {
+            let show = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+            let line = if options.json {
+                serde_json::json!({
+                    "kind": change.kind,
+                    "path": show(&change.path),
+                    "toPath": show(&change.to_path),
+                })
+                .to_string()
+            } else {
+                match (&change.kind[..], show(&change.path), show(&change.to_path)) {
+                    ("overflow", _, _) => "overflow (changes were dropped; look again)".into(),
+                    (kind, Some(path), Some(to)) => format!("{kind:<8} {path} -> {to}"),
+                    (kind, Some(path), None) => format!("{kind:<8} {path}"),
+                    (kind, None, _) => kind.to_string(),
+                }
+            };
+            if writeln!(stdout, "{line}").and_then(|()| stdout.flush()).is_err() {
+                // `| head`: done.
+                client.shutdown().await;
+                return Ok(Outcome { code: 0, message: None });
+            }
+            seen += 1;
+            if options.count.is_some_and(|n| seen >= n) {
+                client.shutdown().await;
+                return Ok(Outcome { code: 0, message: None });
+            }
+        }
+    }
+    client.shutdown().await;
+    Ok(Outcome {
+        code: 128 + libc::SIGINT,
+        message: None,
+    })
+}

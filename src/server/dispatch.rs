@@ -135,6 +135,9 @@ pub fn route(name: &str) -> Option<Route> {
         method::HTTP_REQUEST => ("http", http_request),
         method::CAPABILITY_ROOTS_DISCOVER => ("capability discovery", discover_capabilities),
         method::ENVIRONMENT_CONFIG_READ => ("environment config", environment_config),
+        crate::watch::FS_WATCH => ("filesystem", fs_watch),
+        crate::watch::FS_UNWATCH => ("filesystem", fs_unwatch),
+        crate::watch::FS_READ_CHANGES => ("filesystem", fs_read_changes),
         _ => return None,
     };
     Some(Route { family, handler })
@@ -478,6 +481,31 @@ pub const SESSION_END: &str = "session/end";
 fn session_end(ctx: &Ctx, _name: &str, _params: Value) -> Reply {
     ctx.server.sessions.end(&ctx.session);
     ready(Ok(serde_json::json!({})))
+}
+
+/// `fs/watch` (an extension): start watching; `{watchId}`.
+fn fs_watch(ctx: &Ctx, name: &str, params: Value) -> Reply {
+    let watched = (|| {
+        let rules = sandbox::rules(params.get("sandbox"), None, &ctx.server.workspace_roots)?;
+        let p: crate::watch::WatchParams = decode(name, params)?;
+        ctx.session.watches.add(p, rules)
+    })();
+    ready(watched.map(|id| serde_json::json!({"watchId": id})))
+}
+
+/// `fs/unwatch` (an extension).
+fn fs_unwatch(ctx: &Ctx, name: &str, params: Value) -> Reply {
+    let done = decode::<crate::watch::WatchIdParams>(name, params)
+        .and_then(|p| ctx.session.watches.remove(&p.watch_id));
+    ready(done.map(|()| serde_json::json!({})))
+}
+
+/// `fs/readChanges` (an extension): what a watch reported after a seq.
+fn fs_read_changes(ctx: &Ctx, name: &str, params: Value) -> Reply {
+    ready(
+        decode::<crate::watch::ReadChangesParams>(name, params)
+            .and_then(|p| ctx.session.watches.read(&p.watch_id, p.after_seq)),
+    )
 }
 
 /// Run a filesystem operation on the connection's lane, with the sandbox

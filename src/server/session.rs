@@ -14,6 +14,8 @@ use crate::transport::Outbound;
 pub struct Session {
     pub id: String,
     pub processes: Arc<ProcessTable>,
+    /// Its `fs/watch`es: they live, and keep their changes, as long as it.
+    pub watches: Arc<crate::watch::Watches>,
     /// The attached connection and the attach count, under one lock.
     attachment: Attachment,
 }
@@ -74,6 +76,7 @@ impl Registry {
         let session = Arc::new(Session {
             id: uuid_v4(),
             processes: ProcessTable::new(self.limits, attachment.clone(), self.containment.clone()),
+            watches: crate::watch::Watches::new(attachment.clone()),
             attachment,
         });
         session.attach(conn, outbound);
@@ -165,6 +168,7 @@ impl Registry {
             self.map().remove(&session.id);
         }
         session.processes.kill_all();
+        session.watches.stop_all();
         true
     }
 
