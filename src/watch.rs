@@ -155,7 +155,7 @@ impl Watches {
         }
         let given = params.path.0;
         let root = std::fs::canonicalize(&given)
-            .map_err(|e| Error::io(format!("cannot watch {}", given.display()), &e))?;
+            .map_err(|e| crate::error::fs_error(format!("cannot watch {}", given.display()), &e))?;
         if let Some(rules) = &rules {
             if !readable(rules, &root) {
                 return Err(Error::PermissionDenied {
@@ -197,7 +197,10 @@ impl Watches {
 
     /// `fs/readChanges`: the retained notifications after `after_seq`.
     pub fn read(&self, id: &str, after_seq: u64) -> Result<Value> {
-        let watch = lock(&self.all).get(id).cloned().ok_or_else(|| unknown(id))?;
+        let watch = lock(&self.all)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| unknown(id))?;
         let retained = lock(&watch.retained);
         let changes: Vec<Value> = retained
             .batches
@@ -278,7 +281,12 @@ const MASK: u32 = libc::IN_CREATE
     | libc::IN_EXCL_UNLINK;
 
 impl Reader {
-    fn new(root: PathBuf, recursive: bool, rules: Option<Rules>, max_queued: usize) -> Result<Reader> {
+    fn new(
+        root: PathBuf,
+        recursive: bool,
+        rules: Option<Rules>,
+        max_queued: usize,
+    ) -> Result<Reader> {
         // SAFETY: plain syscall; the fd is owned below.
         let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
         if fd < 0 {
@@ -317,7 +325,8 @@ impl Reader {
     /// Watch the root (and, recursively, every directory below it).
     fn start(&mut self) -> Result<()> {
         let root = self.root.clone();
-        self.add(&root).map_err(|e| Error::io(format!("cannot watch {}", root.display()), &e))?;
+        self.add(&root)
+            .map_err(|e| Error::io(format!("cannot watch {}", root.display()), &e))?;
         if self.recursive && root.is_dir() {
             let mut errors = 0;
             self.add_below(&root, false, &mut errors);
@@ -339,7 +348,8 @@ impl Reader {
         let c = CString::new(path.as_os_str().as_bytes())
             .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
         // SAFETY: a valid C string and our inotify fd.
-        let wd = unsafe { libc::inotify_add_watch(self.fd.get_ref().as_raw_fd(), c.as_ptr(), MASK) };
+        let wd =
+            unsafe { libc::inotify_add_watch(self.fd.get_ref().as_raw_fd(), c.as_ptr(), MASK) };
         if wd < 0 {
             return Err(std::io::Error::last_os_error());
         }
@@ -418,7 +428,11 @@ impl Reader {
         loop {
             // SAFETY: reads into a buffer we own.
             let n = unsafe {
-                libc::read(self.fd.get_ref().as_raw_fd(), buf.as_mut_ptr().cast(), buf.len())
+                libc::read(
+                    self.fd.get_ref().as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                )
             };
             if n < 0 {
                 let err = std::io::Error::last_os_error();
@@ -431,13 +445,18 @@ impl Reader {
             let n = n as usize;
             let mut at = 0;
             while at + 16 <= n {
-                let field = |i: usize| u32::from_ne_bytes(buf[at + i..at + i + 4].try_into().unwrap_or([0; 4]));
+                let field = |i: usize| {
+                    u32::from_ne_bytes(buf[at + i..at + i + 4].try_into().unwrap_or([0; 4]))
+                };
                 let wd = field(0) as i32;
                 let mask = field(4);
                 let cookie = field(8);
                 let len = field(12) as usize;
                 let name_bytes = &buf[at + 16..(at + 16 + len).min(n)];
-                let end = name_bytes.iter().position(|&b| b == 0).unwrap_or(name_bytes.len());
+                let end = name_bytes
+                    .iter()
+                    .position(|&b| b == 0)
+                    .unwrap_or(name_bytes.len());
                 let name = std::ffi::OsStr::from_bytes(&name_bytes[..end]).to_owned();
                 at += 16 + len;
                 self.event(wd, mask, cookie, &name);
@@ -471,7 +490,11 @@ impl Reader {
             }
             return;
         }
-        let path = if name.is_empty() { dir.clone() } else { dir.join(name) };
+        let path = if name.is_empty() {
+            dir.clone()
+        } else {
+            dir.join(name)
+        };
         if !self.allowed(&path) {
             return;
         }
@@ -545,15 +568,10 @@ async fn run(mut reader: Reader, watch: Arc<Watch>, id: String, attachment: Atta
         }
         // Gather the rest of the window.
         let until = tokio::time::Instant::now() + WINDOW;
-        loop {
-            match tokio::time::timeout_at(until, reader.fd.readable()).await {
-                Ok(Ok(mut ready)) => {
-                    ready.clear_ready();
-                    if !reader.read() {
-                        break;
-                    }
-                }
-                Ok(Err(_)) | Err(_) => break,
+        while let Ok(Ok(mut ready)) = tokio::time::timeout_at(until, reader.fd.readable()).await {
+            ready.clear_ready();
+            if !reader.read() {
+                break;
             }
         }
         let changes = reader.take();
@@ -569,7 +587,10 @@ async fn run(mut reader: Reader, watch: Arc<Watch>, id: String, attachment: Atta
 /// so if it overflows).
 async fn send(watch: &Watch, id: &Arc<str>, attachment: &Attachment, changes: Vec<Change>) {
     let events = Arc::new(Value::Array(changes.iter().map(Change::to_json).collect()));
-    let tx = lock(attachment).connection.as_ref().map(|(_, tx)| tx.clone());
+    let tx = lock(attachment)
+        .connection
+        .as_ref()
+        .map(|(_, tx)| tx.clone());
     let permit = match tx {
         Some(tx) => tx.reserve().await,
         None => None,

@@ -301,9 +301,9 @@ impl Conn {
                 // KiB).
                 let key = match note.params["processId"].as_str() {
                     Some(pid) => Some(pid.to_owned()),
-                    None if note.method == "fs/changed" => note.params["watchId"]
-                        .as_str()
-                        .map(super::watch::watch_key),
+                    None if note.method == "fs/changed" => {
+                        note.params["watchId"].as_str().map(super::watch::watch_key)
+                    }
                     None => None,
                 };
                 match key {

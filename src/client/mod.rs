@@ -61,11 +61,11 @@ pub use policy::{EnvPolicy, Inherit, Sandbox, WalkOptions};
 
 pub use crate::protocol::Stream;
 pub use process::{Event, ExitStatus, Process, StartOptions};
-pub use watch::{Change, Watcher};
 pub use types::{
     DirectoryEntry, EnvironmentInfo, Metadata, OutputChunk, ProcessSummary, ReadOutput, Shell,
     Walk, WalkEntry, WalkError,
 };
+pub use watch::{Change, Watcher};
 
 /// How long shutdown waits for the server to exit after its stdin closes.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);

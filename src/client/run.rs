@@ -804,7 +804,10 @@ async fn watch_inner(options: &WatchOptions) -> Result<Outcome, ClientError> {
                 message: e.to_string(),
             })?;
             let here = std::env::current_dir().unwrap_or_default();
-            (ServerCommand::new(exe).arg("--stdio"), here.join(&options.path))
+            (
+                ServerCommand::new(exe).arg("--stdio"),
+                here.join(&options.path),
+            )
         }
     };
     let client = Client::new(command);
@@ -821,7 +824,10 @@ async fn watch_inner(options: &WatchOptions) -> Result<Outcome, ClientError> {
         };
         let Some(changes) = changes else {
             client.shutdown().await;
-            return Ok(Outcome::failed(RUNNER_FAILED, "the connection to the server was lost"));
+            return Ok(Outcome::failed(
+                RUNNER_FAILED,
+                "the connection to the server was lost",
+            ));
         };
         for change in changes? {
             let show = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
@@ -840,15 +846,24 @@ async fn watch_inner(options: &WatchOptions) -> Result<Outcome, ClientError> {
                     (kind, None, _) => kind.to_string(),
                 }
             };
-            if writeln!(stdout, "{line}").and_then(|()| stdout.flush()).is_err() {
+            if writeln!(stdout, "{line}")
+                .and_then(|()| stdout.flush())
+                .is_err()
+            {
                 // `| head`: done.
                 client.shutdown().await;
-                return Ok(Outcome { code: 0, message: None });
+                return Ok(Outcome {
+                    code: 0,
+                    message: None,
+                });
             }
             seen += 1;
             if options.count.is_some_and(|n| seen >= n) {
                 client.shutdown().await;
-                return Ok(Outcome { code: 0, message: None });
+                return Ok(Outcome {
+                    code: 0,
+                    message: None,
+                });
             }
         }
     }

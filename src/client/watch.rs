@@ -131,10 +131,7 @@ impl Watcher {
 }
 
 fn changes(events: &Value) -> Vec<Change> {
-    let path = |v: &Value| {
-        v.as_str()
-            .and_then(|s| crate::protocol::parse_path(s).ok())
-    };
+    let path = |v: &Value| v.as_str().and_then(|s| crate::protocol::parse_path(s).ok());
     events
         .as_array()
         .into_iter()

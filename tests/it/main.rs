@@ -28,5 +28,6 @@ mod sessions;
 mod ssh;
 mod support;
 mod transcripts;
+mod watch;
 mod web;
 mod websocket;
