@@ -37,7 +37,9 @@
 //! missing), `"$b64:TEXT"` (base64 of TEXT),
 //! `"$save:NAME"` (anything; remembered), `"$var:NAME"` (equal to the
 //! remembered value; also substituted inside `send`, where
-//! `"$var:NAME/REST"` appends REST to a remembered string). `web` is
+//! `"$var:NAME/REST"` appends REST to a remembered string, in a pattern
+//! too). `tmp` (and `tmpUri`, as a `file:` URI) is a fresh empty
+//! directory of the play's own. `web` is
 //! remembered from the start: `http://127.0.0.1:PORT` of a test web server
 //! (routes in `web.rs`).
 //!
@@ -228,13 +230,22 @@ fn run(path: &Path, via: Via) -> Result<(), String> {
         Via::Persist => Server::start_persist(&arg_refs),
         Via::Noise => Server::start_noise(&arg_refs),
     };
+    // A fresh directory per play: plays of one transcript may overlap.
+    let tmp = tempfile::tempdir().expect("a temporary directory");
     let mut run = Run {
         name: format!(
             "{} over {via:?}",
             path.file_name().unwrap().to_string_lossy()
         ),
         history: Vec::new(),
-        vars: HashMap::from([("web".to_string(), Value::String(web_base()))]),
+        vars: HashMap::from([
+            ("web".to_string(), Value::String(web_base())),
+            ("tmp".to_string(), Value::String(tmp.path().display().to_string())),
+            (
+                "tmpUri".to_string(),
+                Value::String(format!("file://{}", tmp.path().display())),
+            ),
+        ]),
     };
 
     for (line, step) in &steps {
@@ -459,7 +470,7 @@ fn matches(
                     vars.insert(p[6..].to_string(), actual.clone());
                     true
                 }
-                _ if p.starts_with("$var:") => vars.get(&p[5..]) == Some(actual),
+                _ if p.starts_with("$var:") => &substitute(pattern, vars) == actual,
                 _ => pattern == actual,
             };
             if ok { Ok(()) } else { fail() }
