@@ -77,6 +77,13 @@ enum Case {
     /// plain `ws://` and a pipe: throughput, handshake, first byte,
     /// reconnect.
     Remote,
+    /// A round trip with every limit set (memory, CPU, pids, deadline,
+    /// output) against one without.
+    Limits,
+    /// A round trip on a server writing an audit log against one without.
+    Audit,
+    /// Events per second through `fs/watch`.
+    Watch,
 }
 
 impl Args {
@@ -417,6 +424,147 @@ async fn round_trip(args: &Args, plan: &Plan) -> Result<Row, BoxError> {
         server,
         Some(baseline),
         "baseline: tokio::process spawn and reap `true`".into(),
+    ))
+}
+
+/// The cost of limits on a start: `true` with every limit set (those the
+/// host can't enforce are left out, `bestEffort`) against `true` without,
+/// through the same server, interleaved.
+async fn limits_round_trip(args: &Args, plan: &Plan) -> Result<Row, BoxError> {
+    let client = Client::new(server_command(args, &[])?);
+    client.session_id().await?;
+    let limits = exec_server::limits::Requested {
+        memory_bytes: Some(512 << 20),
+        cpu_percent: Some(100.0),
+        pids: Some(256),
+        timeout_ms: Some(60_000),
+        output_bytes: Some(1 << 30),
+        best_effort: true,
+        ..Default::default()
+    };
+    let info = client.environment_info().await?;
+    let enforced = info.capabilities["limits"].clone();
+    let mut server = Vec::new();
+    let mut baseline = Vec::new();
+    for i in 0..plan.round_trips {
+        let t = Instant::now();
+        drain_with(
+            &client,
+            StartOptions::new(format!("lim{i}"), ["true"]).limits(limits.clone()),
+        )
+        .await?;
+        server.push(ms(t.elapsed()));
+        let t = Instant::now();
+        drain(&client, format!("plain{i}"), vec!["true".into()]).await?;
+        baseline.push(ms(t.elapsed()));
+    }
+    client.shutdown().await;
+    Ok(row(
+        "round trip with limits (`true`, every limit)",
+        "ms",
+        server,
+        Some(baseline),
+        format!("baseline: the same start without limits; enforced here: {enforced}"),
+    ))
+}
+
+/// The cost of the audit log: round trips on a server writing one (to a
+/// file) against a server without, interleaved.
+async fn audit_round_trip(args: &Args, plan: &Plan) -> Result<Row, BoxError> {
+    if args.via.is_some() {
+        return Err("the audit case starts its own servers; run it without --via".into());
+    }
+    let dir = std::env::temp_dir().join(format!("exec-bench-audit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let log = dir.join("audit.log");
+    let log_arg = log.display().to_string();
+    let audited = Client::new(server_command(args, &["--audit-log", &log_arg])?);
+    let plain = Client::new(server_command(args, &[])?);
+    audited.session_id().await?;
+    plain.session_id().await?;
+    let mut server = Vec::new();
+    let mut baseline = Vec::new();
+    for i in 0..plan.round_trips {
+        let t = Instant::now();
+        drain(&audited, format!("a{i}"), vec!["true".into()]).await?;
+        server.push(ms(t.elapsed()));
+        let t = Instant::now();
+        drain(&plain, format!("p{i}"), vec!["true".into()]).await?;
+        baseline.push(ms(t.elapsed()));
+    }
+    audited.shutdown().await;
+    plain.shutdown().await;
+    let lines = std::fs::read_to_string(&log).map_or(0, |t| t.lines().count());
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(row(
+        "round trip with the audit log on (`true`)",
+        "ms",
+        server,
+        Some(baseline),
+        format!("baseline: a server without --audit-log; {lines} lines logged"),
+    ))
+}
+
+/// Events per second through `fs/watch`: files made in a watched
+/// directory, from the first create to the last event received, against
+/// making them alone.
+async fn watch_events(args: &Args, plan: &Plan) -> Result<Row, BoxError> {
+    if args.via.is_some() {
+        return Err("the watch case makes files here; run it without --via".into());
+    }
+    let files = if plan.round_trips < 100 {
+        2_000
+    } else {
+        20_000
+    };
+    let runs = plan.stream_runs.max(1);
+    let client = Client::new(server_command(args, &[])?);
+    client.session_id().await?;
+    let mut server = Vec::new();
+    let mut baseline = Vec::new();
+    for run in 0..runs {
+        let dir =
+            std::env::temp_dir().join(format!("exec-bench-watch-{}-{run}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let mut watcher = client.watch(&dir, true).await?;
+        let t = Instant::now();
+        let maker = {
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || {
+                for i in 0..files {
+                    let _ = std::fs::File::create(dir.join(format!("f{i}")));
+                }
+            })
+        };
+        let mut seen = 0;
+        while seen < files {
+            match tokio::time::timeout(Duration::from_secs(30), watcher.next()).await {
+                Ok(Some(changes)) => seen += changes?.len(),
+                _ => return Err(format!("only {seen} of {files} events arrived").into()),
+            }
+        }
+        maker.await?;
+        server.push(files as f64 / t.elapsed().as_secs_f64());
+        watcher.unwatch().await?;
+        let _ = std::fs::remove_dir_all(&dir);
+        // Making them alone.
+        let dir =
+            std::env::temp_dir().join(format!("exec-bench-plain-{}-{run}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let t = Instant::now();
+        for i in 0..files {
+            let _ = std::fs::File::create(dir.join(format!("f{i}")));
+        }
+        baseline.push(files as f64 / t.elapsed().as_secs_f64());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    client.shutdown().await;
+    Ok(row(
+        &format!("fs/watch events ({files} creates)"),
+        "events/s",
+        server,
+        Some(baseline),
+        "baseline: creating the files with no watch (how fast they can happen)".into(),
     ))
 }
 
@@ -863,6 +1011,9 @@ async fn run(args: &Args) -> Result<(), BoxError> {
                 Case::ScaleOutput => scale_output(args, &plan).await?,
                 Case::ScaleChunks => scale_chunks(args, &plan).await?,
                 Case::Remote => remote(args, &plan).await?,
+                Case::Limits => vec![limits_round_trip(args, &plan).await?],
+                Case::Audit => vec![audit_round_trip(args, &plan).await?],
+                Case::Watch => vec![watch_events(args, &plan).await?],
             };
             for row in &mut case_rows {
                 row.wire = wire;

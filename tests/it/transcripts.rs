@@ -240,7 +240,10 @@ fn run(path: &Path, via: Via) -> Result<(), String> {
         history: Vec::new(),
         vars: HashMap::from([
             ("web".to_string(), Value::String(web_base())),
-            ("tmp".to_string(), Value::String(tmp.path().display().to_string())),
+            (
+                "tmp".to_string(),
+                Value::String(tmp.path().display().to_string()),
+            ),
             (
                 "tmpUri".to_string(),
                 Value::String(format!("file://{}", tmp.path().display())),
