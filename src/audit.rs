@@ -63,10 +63,17 @@ impl Target {
 
 /// The server's audit log.
 pub struct Audit {
-    queue: SyncSender<(u64, String, Map<String, Value>)>,
+    queue: SyncSender<Item>,
     next_seq: AtomicU64,
     /// Events not handed to the writer (the queue was full).
     dropped: std::sync::Arc<AtomicU64>,
+}
+
+/// What the writer is handed.
+enum Item {
+    Event(u64, String, Map<String, Value>),
+    /// Write what came before, sync, then say so.
+    Flush(SyncSender<()>),
 }
 
 static AUDIT: OnceLock<Audit> = OnceLock::new();
@@ -118,7 +125,10 @@ pub fn record(event: &str, fields: Value) {
         Value::Object(map) => map,
         _ => Map::new(),
     };
-    match audit.queue.try_send((seq, event.to_string(), fields)) {
+    match audit
+        .queue
+        .try_send(Item::Event(seq, event.to_string(), fields))
+    {
         Ok(()) => {}
         Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
             audit.dropped.fetch_add(1, Ordering::Relaxed);
@@ -127,30 +137,58 @@ pub fn record(event: &str, fields: Value) {
     }
 }
 
+/// Wait (up to `wait`) until everything recorded so far is written and
+/// synced: at the server's exit.
+pub fn flush(wait: Duration) {
+    let Some(audit) = AUDIT.get() else {
+        return;
+    };
+    let (tx, rx) = sync_channel(1);
+    let deadline = Instant::now() + wait;
+    let mut item = Item::Flush(tx);
+    // The queue may be full: retry until there is room or time is up.
+    loop {
+        match audit.queue.try_send(item) {
+            Ok(()) => break,
+            Err(TrySendError::Full(back)) if Instant::now() < deadline => {
+                item = back;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(_) => return,
+        }
+    }
+    let _ = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+}
+
 /// The writer: lines out as they come, a `dropped` line first whenever
 /// events were lost, a sync on a timer.
-fn write_loop(
-    mut sink: Sink,
-    rx: Receiver<(u64, String, Map<String, Value>)>,
-    dropped: std::sync::Arc<AtomicU64>,
-) {
+fn write_loop(mut sink: Sink, rx: Receiver<Item>, dropped: std::sync::Arc<AtomicU64>) {
     let mut last_sync = Instant::now();
     let mut unsynced = false;
     let mut last_complaint: Option<Instant> = None;
     loop {
-        let next = rx.recv_timeout(SYNC_EVERY);
+        let next = match rx.recv_timeout(SYNC_EVERY) {
+            Ok(Item::Flush(done)) => {
+                let lost = dropped.swap(0, Ordering::Relaxed);
+                if lost > 0 {
+                    let line = render(0, "dropped", &count_fields(lost));
+                    if sink.write(&line).is_err() {
+                        dropped.fetch_add(lost, Ordering::Relaxed);
+                    }
+                }
+                let _ = sink.sync();
+                unsynced = false;
+                let _ = done.try_send(());
+                continue;
+            }
+            Ok(Item::Event(seq, event, fields)) => Ok((seq, event, fields)),
+            Err(err) => Err(err),
+        };
         if let Ok((seq, event, fields)) = &next {
             let lost = dropped.swap(0, Ordering::Relaxed);
             let mut ok = true;
             if lost > 0 {
-                let line = render(
-                    0,
-                    "dropped",
-                    &json!({"count": lost})
-                        .as_object()
-                        .cloned()
-                        .unwrap_or_default(),
-                );
+                let line = render(0, "dropped", &count_fields(lost));
                 ok = sink.write(&line).is_ok();
                 if !ok {
                     dropped.fetch_add(lost, Ordering::Relaxed);
@@ -192,20 +230,19 @@ fn write_loop(
             // Quiet: say what was dropped, if anything, now.
             let lost = dropped.swap(0, Ordering::Relaxed);
             if lost > 0 {
-                let line = render(
-                    0,
-                    "dropped",
-                    &json!({"count": lost})
-                        .as_object()
-                        .cloned()
-                        .unwrap_or_default(),
-                );
+                let line = render(0, "dropped", &count_fields(lost));
                 if sink.write(&line).is_err() {
                     dropped.fetch_add(lost, Ordering::Relaxed);
                 }
             }
         }
     }
+}
+
+fn count_fields(count: u64) -> Map<String, Value> {
+    let mut fields = Map::new();
+    fields.insert("count".into(), json!(count));
+    fields
 }
 
 /// One line: `seq` (0 for the writer's own `dropped` lines, which are not

@@ -140,8 +140,9 @@ impl Watches {
         })
     }
 
-    /// `fs/watch`: start watching; the new watch's id.
-    pub fn add(&self, params: WatchParams, rules: Option<Rules>) -> Result<String> {
+    /// `fs/watch`, first half (blocking: a recursive watch walks the
+    /// tree): check, and watch what the request names.
+    pub fn prepare(&self, params: WatchParams, rules: Option<Rules>) -> Result<Prepared> {
         let max_queued = params.max_queued_events.unwrap_or(MAX_QUEUED);
         if !(1..=MAX_QUEUED).contains(&max_queued) {
             return Err(Error::InvalidParams(format!(
@@ -169,6 +170,18 @@ impl Watches {
         }
         let mut reader = Reader::new(root, params.recursive, rules, max_queued)?;
         reader.start()?;
+        Ok(Prepared(reader))
+    }
+
+    /// `fs/watch`, second half (in the runtime): start reading; the new
+    /// watch's id.
+    pub fn add(&self, prepared: Prepared) -> Result<String> {
+        let reader = prepared.0;
+        if lock(&self.all).len() >= MAX_WATCHES {
+            return Err(Error::InvalidRequest(format!(
+                "this session has {MAX_WATCHES} watches, the most it may have; fs/unwatch one first"
+            )));
+        }
         let id = format!("w{}", self.next_id.fetch_add(1, Ordering::Relaxed));
         let watch = Arc::new(Watch {
             retained: Mutex::new(Retained {
@@ -253,9 +266,12 @@ fn readable(rules: &Rules, path: &Path) -> bool {
         .is_some_and(|(_, g)| *g != Grant::Deny)
 }
 
+/// A watch made and not yet reading.
+pub struct Prepared(Reader);
+
 /// The inotify side of a watch.
 struct Reader {
-    fd: AsyncFd<OwnedFd>,
+    fd: OwnedFd,
     root: PathBuf,
     recursive: bool,
     rules: Option<Rules>,
@@ -299,10 +315,6 @@ impl Reader {
         }
         // SAFETY: a fresh fd, owned here.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: the OwnedFd moves into the AsyncFd, which keeps it open
-        // for as long as it is registered.
-        let fd = unsafe { AsyncFd::register(fd) }
-            .map_err(|e| Error::io("cannot start a watch", &e.into()))?;
         Ok(Reader {
             fd,
             root,
@@ -348,8 +360,7 @@ impl Reader {
         let c = CString::new(path.as_os_str().as_bytes())
             .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
         // SAFETY: a valid C string and our inotify fd.
-        let wd =
-            unsafe { libc::inotify_add_watch(self.fd.get_ref().as_raw_fd(), c.as_ptr(), MASK) };
+        let wd = unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), c.as_ptr(), MASK) };
         if wd < 0 {
             return Err(std::io::Error::last_os_error());
         }
@@ -427,13 +438,7 @@ impl Reader {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             // SAFETY: reads into a buffer we own.
-            let n = unsafe {
-                libc::read(
-                    self.fd.get_ref().as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                )
-            };
+            let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
             if n < 0 {
                 let err = std::io::Error::last_os_error();
                 return match err.kind() {
@@ -552,9 +557,15 @@ impl Reader {
 /// A watch's task: read, gather a window, send, retain.
 async fn run(mut reader: Reader, watch: Arc<Watch>, id: String, attachment: Attachment) {
     let shared_id: Arc<str> = Arc::from(id.as_str());
+    // SAFETY: the reader owns the fd and outlives this registration (it is
+    // dropped after `fd`, declared later).
+    let Ok(fd) = (unsafe { AsyncFd::register(reader.fd.as_raw_fd()) }) else {
+        tracing::warn!(watch = %id, "a watch could not be registered with the runtime");
+        return;
+    };
     loop {
         // Wait for the first event of a window.
-        match reader.fd.readable().await {
+        match fd.readable().await {
             Ok(mut ready) => {
                 ready.clear_ready();
                 if !reader.read() {
@@ -568,7 +579,7 @@ async fn run(mut reader: Reader, watch: Arc<Watch>, id: String, attachment: Atta
         }
         // Gather the rest of the window.
         let until = tokio::time::Instant::now() + WINDOW;
-        while let Ok(Ok(mut ready)) = tokio::time::timeout_at(until, reader.fd.readable()).await {
+        while let Ok(Ok(mut ready)) = tokio::time::timeout_at(until, fd.readable()).await {
             ready.clear_ready();
             if !reader.read() {
                 break;

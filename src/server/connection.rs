@@ -217,7 +217,11 @@ impl Connection {
     fn request(&mut self, request: Request, size: Option<usize>) -> Pending {
         let Request { id, method, params } = request;
         if method == method::INITIALIZE {
-            return Pending::Ready(Response::new(Some(id), self.initialize(params)));
+            let outcome = self.initialize(params);
+            if let Err(error) = &outcome {
+                refused(&method, error);
+            }
+            return Pending::Ready(Response::new(Some(id), outcome));
         }
         let Some(route) = dispatch::route(&method) else {
             let error = Error::MethodNotFound(method.clone());

@@ -484,13 +484,20 @@ fn session_end(ctx: &Ctx, _name: &str, _params: Value) -> Reply {
 }
 
 /// `fs/watch` (an extension): start watching; `{watchId}`.
+/// The walk of a recursive watch runs on the connection's lane.
 fn fs_watch(ctx: &Ctx, name: &str, params: Value) -> Reply {
-    let watched = (|| {
-        let rules = sandbox::rules(params.get("sandbox"), None, &ctx.server.workspace_roots)?;
+    let prepared = lane_job(ctx, name, params, |ctx, name, rules, params| {
         let p: crate::watch::WatchParams = decode(name, params)?;
-        ctx.session.watches.add(p, rules)
-    })();
-    ready(watched.map(|id| serde_json::json!({"watchId": id})))
+        ctx.session.watches.prepare(p, rules)
+    });
+    let watches = ctx.session.watches.clone();
+    match prepared {
+        Ok(job) => Reply::Later(Box::pin(async move {
+            let id = watches.add(job.await?)?;
+            Ok(serde_json::json!({"watchId": id}))
+        })),
+        Err(err) => Reply::Ready(Err(err)),
+    }
 }
 
 /// `fs/unwatch` (an extension).

@@ -133,6 +133,7 @@ fn a_scripted_session_leaves_the_expected_trail_and_no_secret() {
     let names = events(&got);
     // In the order it happened.
     let expected = [
+        "server.start",
         "session.attach",
         "process.start",
         "process.exit",
@@ -235,7 +236,7 @@ fn rotation_keeps_the_log_and_its_predecessor_within_the_maximum() {
     let size = |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.len());
     assert!(
         eventually(Duration::from_secs(10), || {
-            lines(&log).last().is_some_and(|l| l["seq"] == 401)
+            lines(&log).last().is_some_and(|l| l["seq"] == 402)
         }),
         "the last write never reached the log"
     );
@@ -337,4 +338,46 @@ fn a_log_that_cannot_be_written_costs_events_not_service() {
     let dropped = got.iter().find(|e| e["event"] == "dropped").unwrap();
     assert!(dropped["count"].as_u64().unwrap() > 0, "{dropped}");
     assert_eq!(got.last().unwrap()["event"], "fs.write");
+}
+
+#[test]
+fn the_last_events_reach_the_log_when_the_server_exits() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.log");
+    let mut child = std::process::Command::new(bin())
+        .args(["--stdio", "--audit-log"])
+        .arg(&log)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let requests = [
+        json!({"id": 1, "method": "initialize", "params": {"clientName": "it"}}),
+        json!({"method": "initialized"}),
+        json!({"id": 2, "method": "process/start", "params": {"processId": "long", "argv": ["sleep", "30"], "cwd": "/tmp"}}),
+    ];
+    for line in requests {
+        writeln!(stdin, "{line}").unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // The end of stdin ends the session, its process and the server.
+    drop(stdin);
+    assert!(child.wait().unwrap().success());
+    let got = lines(&log);
+    let names = events(&got);
+    assert_eq!(
+        names,
+        [
+            "server.start",
+            "session.attach",
+            "process.start",
+            "session.detach",
+            "process.exit",
+            "server.stop"
+        ],
+        "{got:#?}"
+    );
+    assert_eq!(got[4]["reason"], "terminated");
 }
