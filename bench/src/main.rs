@@ -328,6 +328,34 @@ async fn drain(client: &Client, id: String, argv: Vec<String>) -> Result<u64, Bo
     drain_with(client, StartOptions::new(id, argv).cwd("/")).await
 }
 
+/// `n` round trips of `ours(i)` through `a` and `theirs(i)` through `b`,
+/// one after the other (so both see the same machine): the milliseconds
+/// of each side.
+async fn interleaved(
+    n: usize,
+    a: &Client,
+    ours: impl Fn(usize) -> StartOptions,
+    b: &Client,
+    theirs: impl Fn(usize) -> StartOptions,
+) -> Result<(Vec<f64>, Vec<f64>), BoxError> {
+    let mut server = Vec::with_capacity(n);
+    let mut baseline = Vec::with_capacity(n);
+    for i in 0..n {
+        let t = Instant::now();
+        drain_with(a, ours(i)).await?;
+        server.push(ms(t.elapsed()));
+        let t = Instant::now();
+        drain_with(b, theirs(i)).await?;
+        baseline.push(ms(t.elapsed()));
+    }
+    Ok((server, baseline))
+}
+
+/// `true` as process `id`.
+fn true_as(id: String) -> StartOptions {
+    StartOptions::new(id, ["true"]).cwd("/")
+}
+
 /// Run a process started with `options` until it is closed; payload
 /// bytes seen.
 async fn drain_with(client: &Client, options: StartOptions) -> Result<u64, BoxError> {
@@ -444,20 +472,14 @@ async fn limits_round_trip(args: &Args, plan: &Plan) -> Result<Row, BoxError> {
     };
     let info = client.environment_info().await?;
     let enforced = info.capabilities["limits"].clone();
-    let mut server = Vec::new();
-    let mut baseline = Vec::new();
-    for i in 0..plan.round_trips {
-        let t = Instant::now();
-        drain_with(
-            &client,
-            StartOptions::new(format!("lim{i}"), ["true"]).limits(limits.clone()),
-        )
-        .await?;
-        server.push(ms(t.elapsed()));
-        let t = Instant::now();
-        drain(&client, format!("plain{i}"), vec!["true".into()]).await?;
-        baseline.push(ms(t.elapsed()));
-    }
+    let (server, baseline) = interleaved(
+        plan.round_trips,
+        &client,
+        |i| true_as(format!("lim{i}")).limits(limits.clone()),
+        &client,
+        |i| true_as(format!("plain{i}")),
+    )
+    .await?;
     client.shutdown().await;
     Ok(row(
         "round trip with limits (`true`, every limit)",
@@ -482,16 +504,14 @@ async fn audit_round_trip(args: &Args, plan: &Plan) -> Result<Row, BoxError> {
     let plain = Client::new(server_command(args, &[])?);
     audited.session_id().await?;
     plain.session_id().await?;
-    let mut server = Vec::new();
-    let mut baseline = Vec::new();
-    for i in 0..plan.round_trips {
-        let t = Instant::now();
-        drain(&audited, format!("a{i}"), vec!["true".into()]).await?;
-        server.push(ms(t.elapsed()));
-        let t = Instant::now();
-        drain(&plain, format!("p{i}"), vec!["true".into()]).await?;
-        baseline.push(ms(t.elapsed()));
-    }
+    let (server, baseline) = interleaved(
+        plan.round_trips,
+        &audited,
+        |i| true_as(format!("a{i}")),
+        &plain,
+        |i| true_as(format!("p{i}")),
+    )
+    .await?;
     audited.shutdown().await;
     plain.shutdown().await;
     let lines = std::fs::read_to_string(&log).map_or(0, |t| t.lines().count());
@@ -624,22 +644,18 @@ async fn sandboxed_round_trip(args: &Args, plan: &Plan) -> Result<Row, BoxError>
         false,
         std::slice::from_ref(&cwd),
     );
-    let mut server = Vec::new();
-    let mut baseline = Vec::new();
-    for i in 0..plan.round_trips {
-        let t = Instant::now();
-        drain_with(
-            &client,
+    let (server, baseline) = interleaved(
+        plan.round_trips,
+        &client,
+        |i| {
             StartOptions::new(format!("sb{i}"), ["true"])
                 .cwd(&cwd)
-                .sandbox(intent.clone()),
-        )
-        .await?;
-        server.push(ms(t.elapsed()));
-        let t = Instant::now();
-        drain(&client, format!("plain{i}"), vec!["true".into()]).await?;
-        baseline.push(ms(t.elapsed()));
-    }
+                .sandbox(intent.clone())
+        },
+        &client,
+        |i| true_as(format!("plain{i}")),
+    )
+    .await?;
     client.shutdown().await;
     Ok(row(
         "sandboxed round trip (workspace-write `true`)",

@@ -37,17 +37,7 @@ pub(super) async fn reap(table: Arc<ProcessTable>, process: Arc<Process>, mut ch
         });
     }
     // Let the pumps take what the child wrote before it exited.
-    let drained = async {
-        loop {
-            let changed = process.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            if process.lock().open_streams == 0 {
-                return;
-            }
-            changed.await;
-        }
-    };
+    let drained = process.wait_until(|s| s.open_streams == 0);
     let _ = tokio::time::timeout(EXIT_DRAIN_GRACE, drained).await;
     let (code, signal) = match status {
         Ok(status) => exit_code(status),
@@ -60,15 +50,7 @@ pub(super) async fn reap(table: Arc<ProcessTable>, process: Arc<Process>, mut ch
     table.live.send_modify(|n| *n -= 1);
 
     // Wait for close, then keep the process readable for a while.
-    loop {
-        let changed = process.changed.notified();
-        tokio::pin!(changed);
-        changed.as_mut().enable();
-        if process.lock().closed_seq.is_some() {
-            break;
-        }
-        changed.await;
-    }
+    process.wait_until(|s| s.closed_seq.is_some()).await;
     tokio::time::sleep(table.limits.closed_retention).await;
     table.forget(&process);
 }

@@ -182,15 +182,20 @@ impl Process {
     pub(super) async fn output_exhausted(&self) {
         match self.limits.output_action {
             OutputAction::Kill => self.kill_for(Reason::OutputLimit),
-            OutputAction::Block => loop {
-                let changed = self.changed.notified();
-                tokio::pin!(changed);
-                changed.as_mut().enable();
-                if self.lock().exit.is_some() {
-                    return;
-                }
-                changed.await;
-            },
+            OutputAction::Block => self.wait_until(|s| s.exit.is_some()).await,
+        }
+    }
+
+    /// Wait until `ready` holds of the state (checked on every change).
+    pub(super) async fn wait_until(&self, ready: impl Fn(&State) -> bool) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if ready(&self.lock()) {
+                return;
+            }
+            changed.await;
         }
     }
 

@@ -138,17 +138,12 @@ async fn oom_watch(process: Arc<Process>) {
 /// a running one ends `timedOut`; one that has exited keeps its reason,
 /// but what it left running goes too.
 async fn deadline(process: Arc<Process>, ms: u64) {
-    let at = tokio::time::Instant::now() + std::time::Duration::from_millis(ms);
-    loop {
-        let changed = process.changed.notified();
-        tokio::pin!(changed);
-        changed.as_mut().enable();
-        if process.lock().closed_seq.is_some() {
-            return;
-        }
-        if tokio::time::timeout_at(at, changed).await.is_err() {
-            break;
-        }
+    let closed = process.wait_until(|s| s.closed_seq.is_some());
+    if tokio::time::timeout(std::time::Duration::from_millis(ms), closed)
+        .await
+        .is_ok()
+    {
+        return;
     }
     tracing::debug!(id = %process.id, ms, "deadline reached");
     process.kill_for(crate::limits::Reason::TimedOut);

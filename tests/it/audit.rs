@@ -116,16 +116,7 @@ fn a_scripted_session_leaves_the_expected_trail_and_no_secret() {
         .unwrap()
         .to_string();
     s.reconnect_unix();
-    let resumed = s.request(
-        "initialize",
-        json!({"clientName": "it", "resumeSessionId": session}),
-    );
-    assert_eq!(
-        resumed["result"]["sessionId"],
-        session.as_str(),
-        "{resumed}"
-    );
-    s.send(&json!({"method": "initialized"}));
+    s.resume(&session);
 
     let got = lines_when(&log, |l| {
         l.iter().filter(|e| e["event"] == "session.attach").count() == 2

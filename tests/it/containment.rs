@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use crate::support::{Server, eventually};
 
 /// Processes whose command line holds `token`, as (pid, command line).
-fn holding(token: &str) -> Vec<(i32, String)> {
+pub(crate) fn holding(token: &str) -> Vec<(i32, String)> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Some(pid) = entry

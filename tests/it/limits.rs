@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{Server, bin, eventually, pid_gone};
+use crate::containment::holding;
+use crate::support::{Server, bin, eventually};
 
 /// The limits `environment/info` says this server enforces.
 fn enforced(s: &mut Server) -> Vec<String> {
@@ -212,9 +213,9 @@ fn the_deadline_kills_a_tree_with_a_setsid_daemon_and_says_timed_out() {
             "{id}: too early"
         );
         assert!(
-            eventually(Duration::from_secs(5), || daemons(&token).is_empty()),
+            eventually(Duration::from_secs(5), || holding(&token).is_empty()),
             "{id}: the setsid daemon outlived the deadline: {:?}",
-            daemons(&token)
+            holding(&token)
         );
         let (_, last) = s.read_until_closed(id);
         assert_eq!(last["reason"], "timedOut");
@@ -230,27 +231,6 @@ fn the_deadline_kills_a_tree_with_a_setsid_daemon_and_says_timed_out() {
         (exit["exitCode"].clone(), exit["reason"].clone()),
         (json!(3), json!("exited"))
     );
-}
-
-/// Pids of processes whose command line holds `token`.
-fn daemons(token: &str) -> Vec<i32> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        if String::from_utf8_lossy(&cmdline).contains(token) && !pid_gone(pid) {
-            found.push(pid);
-        }
-    }
-    found
 }
 
 #[test]

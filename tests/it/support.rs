@@ -161,6 +161,17 @@ impl Server {
         self.send(&json!({"method": "initialized"}));
     }
 
+    /// Resume `session` on this connection (after [`Server::reconnect_unix`])
+    /// and complete the handshake.
+    pub fn resume(&mut self, session: &str) {
+        let resumed = self.request(
+            "initialize",
+            json!({"clientName": "it", "resumeSessionId": session}),
+        );
+        assert_eq!(resumed["result"]["sessionId"], session, "{resumed}");
+        self.send(&json!({"method": "initialized"}));
+    }
+
     /// Start and complete the handshake.
     pub fn started(args: &[&str]) -> Server {
         let mut server = Server::start(args);

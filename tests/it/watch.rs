@@ -306,16 +306,7 @@ fn a_resumed_session_reads_back_the_changes_it_missed() {
         std::fs::write(f, "x").unwrap();
     }
     std::thread::sleep(Duration::from_millis(300));
-    let resumed = s.request(
-        "initialize",
-        json!({"clientName": "it", "resumeSessionId": session}),
-    );
-    assert_eq!(
-        resumed["result"]["sessionId"],
-        session.as_str(),
-        "{resumed}"
-    );
-    s.send(&json!({"method": "initialized"}));
+    s.resume(&session);
     let read = s.call("fs/readChanges", json!({"watchId": id.id, "afterSeq": 1}));
     assert_eq!(read["truncated"], false, "{read}");
     id.seq = read["nextSeq"].as_u64().unwrap() - 1;
