@@ -252,7 +252,7 @@ fn render(seq: u64, event: &str, fields: &Map<String, Value>) -> Vec<u8> {
     if seq > 0 {
         line.insert("seq".into(), json!(seq));
     }
-    line.insert("time".into(), json!(crate::net::gate::rfc3339_now()));
+    line.insert("time".into(), json!(crate::sys::rfc3339_now()));
     line.insert("event".into(), json!(event));
     for (k, v) in fields {
         line.insert(k.clone(), v.clone());
