@@ -458,7 +458,7 @@ impl RequestNote {
             Err(error) => {
                 self.fields.insert("request".into(), json!(self.method));
                 self.fields.insert("code".into(), json!(error.code()));
-                let mut message = error.to_string();
+                let mut message = redact_message(&error.to_string());
                 if message.len() > 300 {
                     let mut cut = 300;
                     while !message.is_char_boundary(cut) {
@@ -551,6 +551,30 @@ pub fn redact_argv(argv: &[String]) -> Vec<String> {
     out
 }
 
+/// An error's text as the log shows it: what it quotes of the request
+/// (`"…"`, as serde quotes a value) is dropped, and then it goes through
+/// [`redact_arg`] (a credential word, a URL's user and query).
+pub fn redact_message(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut quoted = false;
+    for c in message.chars() {
+        if c == '"' {
+            if !quoted {
+                out.push_str("\"<redacted>");
+            }
+            quoted = !quoted;
+            if !quoted {
+                out.push('"');
+            }
+            continue;
+        }
+        if !quoted {
+            out.push(c);
+        }
+    }
+    redact_arg(&out)
+}
+
 /// The host of a URL (no user, port kept, no path or query).
 pub fn url_host(url: &str) -> String {
     let after = url.split_once("://").map_or(url, |(_, rest)| rest);
@@ -581,6 +605,14 @@ mod tests {
         );
         assert_eq!(redact_arg("https://example.com/a"), "https://example.com/a");
         assert_eq!(redact_arg("tokenize.py"), "tokenize.py");
+        assert_eq!(
+            redact_message(r#"invalid type: string "s3cret", expected u64 at `pids`"#),
+            r#"invalid type: string "<redacted>", expected u64 at `pids`"#
+        );
+        assert_eq!(
+            redact_message("error sending request for url (http://h:1/x?token=abc)"),
+            "error sending request for url (http://h:1/x?token=<redacted>"
+        );
         let argv: Vec<String> = [
             "curl",
             "--api-key",

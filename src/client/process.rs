@@ -217,6 +217,7 @@ pub struct Process {
     closed: bool,
     writes: AtomicU64,
     write_prefix: String,
+    unenforced_limits: Vec<String>,
 }
 
 impl Process {
@@ -258,11 +259,14 @@ impl Process {
         if let Some(limits) = o.limits {
             params["limits"] = json!(limits);
         }
-        if let Err(err) = conn.call("process/start", params).await {
-            conn.unsubscribe(&o.process_id);
-            return Err(err);
-        }
-        Ok(Process::handle(
+        let started = match conn.call("process/start", params).await {
+            Ok(started) => started,
+            Err(err) => {
+                conn.unsubscribe(&o.process_id);
+                return Err(err);
+            }
+        };
+        let mut process = Process::handle(
             client,
             conn,
             o.process_id,
@@ -271,7 +275,14 @@ impl Process {
             hold && o.notify_output,
             false,
         )
-        .await)
+        .await;
+        process.unenforced_limits = started["unenforcedLimits"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str().map(String::from))
+            .collect();
+        Ok(process)
     }
 
     /// A handle to a running process of a resumed session, caught up from
@@ -327,7 +338,14 @@ impl Process {
             exit: None,
             closed: false,
             writes: AtomicU64::new(0),
+            unenforced_limits: Vec::new(),
         }
+    }
+
+    /// Limits asked for with `best_effort` that the server does not
+    /// enforce (it ran the process without them).
+    pub fn unenforced_limits(&self) -> &[String] {
+        &self.unenforced_limits
     }
 
     /// The process id.

@@ -437,7 +437,15 @@ async fn run_inner(
             ));
         }
         let process = match client.start(start).await {
-            Ok(process) => process,
+            Ok(process) => {
+                if !process.unenforced_limits().is_empty() {
+                    warn(&format!(
+                        "--best-effort: this host does not enforce {}; the command runs without",
+                        process.unenforced_limits().join(", ")
+                    ));
+                }
+                process
+            }
             Err(err) => {
                 let outcome = start_failure(err, &options.argv[0]);
                 client.shutdown().await;

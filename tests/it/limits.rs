@@ -381,5 +381,7 @@ fn run_with_timeout_exits_124_and_memory_says_out_of_memory() {
             .output()
             .unwrap();
         assert_eq!(out.status.code(), Some(0));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("does not enforce memoryBytes"), "{stderr}");
     }
 }
