@@ -21,8 +21,11 @@ pub struct Change {
     pub to_path: Option<PathBuf>,
 }
 
-/// A watch started with [`Client::watch`].
+/// A watch started with [`Client::watch`]. On a client that resumes, it
+/// follows the session to the new connection and reads back what went
+/// by meanwhile.
 pub struct Watcher {
+    client: Client,
     conn: Arc<Conn>,
     id: String,
     events: mpsc::UnboundedReceiver<Note>,
@@ -52,6 +55,7 @@ impl Client {
         // long after this subscription; any earlier one would show as a
         // gap and be read back.
         Ok(Watcher {
+            client: self.clone(),
             conn,
             id,
             events,
@@ -71,59 +75,81 @@ impl Watcher {
         &self.id
     }
 
-    /// The next changes the server reports (one window's worth), in
-    /// order; a gap in the notifications (one that came before this
-    /// watcher subscribed) is filled from `fs/readChanges`. `None` once
-    /// the connection is gone.
+    /// The next changes the server reports (a window's worth, or what a
+    /// gap or a resume read back), in order. `None` once the connection
+    /// is gone and can't be resumed.
     pub async fn next(&mut self) -> Option<Result<Vec<Change>, ClientError>> {
         loop {
-            let note = match self.events.recv().await? {
-                Note::Other(note) => note,
-                _ => continue,
+            let Some(note) = self.events.recv().await else {
+                if !self.client.resumable() {
+                    return None;
+                }
+                // Resume, listen again, and read what went by meanwhile.
+                let resumed = async {
+                    self.conn = self.client.conn().await?;
+                    self.events = self.conn.subscribe(&watch_key(&self.id));
+                    self.read_back(u64::MAX).await
+                };
+                match resumed.await {
+                    Ok(changes) if changes.is_empty() => continue,
+                    Ok(changes) => return Some(Ok(changes)),
+                    Err(err) => return Some(Err(err)),
+                }
+            };
+            let Note::Other(note) = note else {
+                continue;
             };
             let seq = note.params["seq"].as_u64().unwrap_or(0);
             if seq <= self.seen {
                 continue;
             }
+            let mut all = Vec::new();
             if seq > self.seen + 1 {
-                // Read back what came before this one.
-                let missed = self
-                    .conn
-                    .call(
-                        "fs/readChanges",
-                        json!({"watchId": self.id, "afterSeq": self.seen}),
-                    )
-                    .await;
-                let missed = match missed {
-                    Ok(m) => m,
+                match self.read_back(seq).await {
+                    Ok(missed) => all = missed,
                     Err(err) => return Some(Err(err)),
-                };
-                let mut all = Vec::new();
-                if missed["truncated"] == true {
-                    all.push(Change {
-                        kind: "overflow".into(),
-                        path: None,
-                        to_path: None,
-                    });
                 }
-                for batch in missed["changes"].as_array().into_iter().flatten() {
-                    if batch["seq"].as_u64().unwrap_or(0) < seq {
-                        all.extend(changes(&batch["events"]));
-                    }
-                }
-                all.extend(changes(&note.params["events"]));
-                self.seen = seq;
-                return Some(Ok(all));
             }
+            all.extend(changes(&note.params["events"]));
             self.seen = seq;
-            return Some(Ok(changes(&note.params["events"])));
+            return Some(Ok(all));
         }
+    }
+
+    /// The retained changes after the last seq taken and before `before`
+    /// (`fs/readChanges`), with an `overflow` first when some are gone.
+    async fn read_back(&mut self, before: u64) -> Result<Vec<Change>, ClientError> {
+        let missed = self
+            .conn
+            .call(
+                "fs/readChanges",
+                json!({"watchId": self.id, "afterSeq": self.seen}),
+            )
+            .await?;
+        let mut all = Vec::new();
+        if missed["truncated"] == true {
+            all.push(Change {
+                kind: "overflow".into(),
+                path: None,
+                to_path: None,
+            });
+        }
+        for batch in missed["changes"].as_array().into_iter().flatten() {
+            let seq = batch["seq"].as_u64().unwrap_or(0);
+            if seq > self.seen && seq < before {
+                all.extend(changes(&batch["events"]));
+                self.seen = seq;
+            }
+        }
+        Ok(all)
     }
 
     /// `fs/unwatch`.
     pub async fn unwatch(self) -> Result<(), ClientError> {
         self.conn.unsubscribe(&watch_key(&self.id));
-        self.conn
+        self.client
+            .conn()
+            .await?
             .call("fs/unwatch", json!({"watchId": self.id}))
             .await
             .map(|_| ())

@@ -429,3 +429,57 @@ fn exec_server_watch_prints_changes() {
         "{text}"
     );
 }
+
+/// The library's watcher follows its session across a cut connection:
+/// what changed while it was cut comes after the resume, once each.
+#[tokio::test]
+async fn the_library_watcher_resumes_after_a_cut_and_misses_nothing() {
+    use exec_server::client::{Client, ServerCommand};
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().canonicalize().unwrap();
+    let (mut server, url) = crate::support::spawn_listening(&[
+        "--listen",
+        "ws://127.0.0.1:0",
+        "--ws-ping-interval-ms",
+        "200",
+    ]);
+    let proxy = crate::support::CuttableProxy::start(url.trim_start_matches("ws://"));
+    let client = Client::new(ServerCommand::parse(&format!("ws://{}", proxy.address)).unwrap());
+    let mut watcher = client.watch(&root, true).await.unwrap();
+    std::fs::write(root.join("before"), "x").unwrap();
+    let first = watcher.next().await.unwrap().unwrap();
+    assert_eq!(
+        first[0].path.as_deref(),
+        Some(root.join("before").as_path())
+    );
+    assert!(proxy.cut() > 0);
+    let during: BTreeSet<PathBuf> = (0..200).map(|i| root.join(format!("during-{i}"))).collect();
+    for f in &during {
+        std::fs::write(f, "x").unwrap();
+    }
+    let mut got = BTreeSet::new();
+    let deadline = Instant::now() + TIMEOUT;
+    while got.len() < during.len() {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} after the cut",
+            got.len(),
+            during.len()
+        );
+        let changes = tokio::time::timeout(Duration::from_secs(10), watcher.next())
+            .await
+            .expect("changes after the cut")
+            .expect("the watcher resumes")
+            .unwrap();
+        for change in changes {
+            assert_eq!(change.kind, "created", "{change:?}");
+            let path = change.path.unwrap();
+            assert!(got.insert(path.clone()), "{} came twice", path.display());
+        }
+    }
+    assert_eq!(got, during);
+    watcher.unwatch().await.unwrap();
+    client.shutdown().await;
+    let _ = server.kill();
+    let _ = server.wait();
+}
