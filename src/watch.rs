@@ -13,7 +13,8 @@
 //!   one event; nothing else is merged.
 //! - A move within the tree is one `renamed` (`path`, `toPath`); out of
 //!   it, `removed`; into it, `created`.
-//! - Bounds: at most [`MAX_WATCHES`] watches per session; at most
+//! - Bounds: at most [`MAX_WATCHES`] watches per session, each of at
+//!   most [`MAX_DIRECTORIES`] directories; at most
 //!   `maxQueuedEvents` (default and ceiling [`MAX_QUEUED`]) events waiting
 //!   in a window, past which one `overflow` event stands for what was
 //!   dropped (as it does for the kernel's own queue overflow, or a
@@ -51,6 +52,9 @@ pub const MAX_WATCHES: usize = 64;
 /// Events one window may hold (the default and the most a client may
 /// ask for with `maxQueuedEvents`).
 pub const MAX_QUEUED: usize = 65_536;
+/// Directories one watch may watch (the host's inotify watches are
+/// shared by every watcher of the user).
+pub const MAX_DIRECTORIES: usize = 65_536;
 /// Events kept per watch for `fs/readChanges`.
 pub const RETAINED_EVENTS: usize = 65_536;
 
@@ -345,8 +349,9 @@ impl Reader {
             if errors > 0 {
                 return Err(Error::Internal {
                     message: format!(
-                        "cannot watch every directory under {} (the host's inotify watch limit, \
-                         fs.inotify.max_user_watches, may be reached)",
+                        "cannot watch every directory under {} (at most {MAX_DIRECTORIES} per \
+                         watch, and the host's inotify watch limit, fs.inotify.max_user_watches, \
+                         may be reached)",
                         root.display()
                     ),
                     errno: None,
@@ -357,6 +362,10 @@ impl Reader {
     }
 
     fn add(&mut self, path: &Path) -> std::io::Result<()> {
+        if self.paths.len() >= MAX_DIRECTORIES {
+            // The user's inotify watches are shared by all its watchers.
+            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        }
         let c = CString::new(path.as_os_str().as_bytes())
             .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
         // SAFETY: a valid C string and our inotify fd.
@@ -394,6 +403,10 @@ impl Reader {
     }
 
     fn push(&mut self, change: Change) {
+        if self.overflowed {
+            // The window has said it lost some: nothing more is kept.
+            return;
+        }
         match &change {
             Change::Created(p) => {
                 if !self.created.insert(p.clone()) {
@@ -410,9 +423,6 @@ impl Reader {
                 self.modified.remove(p);
             }
             Change::Overflow => {}
-        }
-        if self.overflowed {
-            return;
         }
         if self.pending.len() >= self.max_queued || change == Change::Overflow {
             self.pending.push(Change::Overflow);
