@@ -360,14 +360,50 @@ impl Sink {
     }
 }
 
+/// The log file, appended to: never through a link, and a regular file
+/// only if it is ours with one name (a device such as `/dev/null` is
+/// taken as it is; a FIFO is refused: `unix:PATH` is for a collector).
 fn open_append(path: &std::path::Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+    let refuse = |why: &str| {
+        std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!("refusing {}: {why}", path.display()),
+        )
+    };
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_fifo()) {
+        return Err(refuse("it is a FIFO (use unix:PATH for a log collector)"));
+    }
+    let file = std::fs::OpenOptions::new()
         .append(true)
         .create(true)
         .mode(0o600)
-        .custom_flags(libc::O_CLOEXEC)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
         .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                refuse("it is a symbolic link")
+            } else {
+                e
+            }
+        })?;
+    let meta = file.metadata()?;
+    // SAFETY: a getter without failure modes.
+    let ours = unsafe { libc::geteuid() };
+    if meta.file_type().is_file() {
+        if meta.uid() != ours {
+            return Err(refuse(&format!(
+                "it belongs to uid {}, not to us",
+                meta.uid()
+            )));
+        }
+        if meta.nlink() > 1 {
+            return Err(refuse("it has other names (a hard link)"));
+        }
+    } else if !meta.file_type().is_char_device() {
+        return Err(refuse("not a regular file or a device"));
+    }
+    Ok(file)
 }
 
 /// What a request will log once its answer is known: the fields taken

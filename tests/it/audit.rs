@@ -261,6 +261,29 @@ fn rotation_keeps_the_log_and_its_predecessor_within_the_maximum() {
 }
 
 #[test]
+fn a_link_or_someone_elses_file_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("elsewhere");
+    std::fs::write(&target, "precious\n").unwrap();
+    let link = dir.path().join("audit.log");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let linked = dir.path().join("linked.log");
+    std::fs::hard_link(&target, &linked).unwrap();
+    for (path, words) in [(&link, "symbolic link"), (&linked, "hard link")] {
+        let out = std::process::Command::new(bin())
+            .args(["--stdio", "--audit-log"])
+            .arg(path)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(words), "{stderr}");
+    }
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious\n");
+}
+
+#[test]
 fn a_log_that_cannot_be_written_costs_events_not_service() {
     // /dev/full: every write fails with ENOSPC, for root and for anyone.
     let mut cmd = std::process::Command::new(bin());
