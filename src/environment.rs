@@ -63,8 +63,12 @@ pub fn info(
             "sandbox": crate::sandbox::describe_host().0,
             "filesystem": true,
             "containment": containment.mode().name(),
-            // The `limits` of process/start this host enforces.
+            // The `limits` of process/start this host enforces, and with a
+            // sandbox.
             "limits": containment.controllers().enforced(),
+            "sandboxedLimits": containment
+                .controllers()
+                .enforced_sandboxed(crate::sandbox::needs_user_namespace()),
         },
         "limits": { "defaults": limits.defaults, "max": limits.max },
         "os": std::env::consts::OS,

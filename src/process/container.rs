@@ -103,6 +103,9 @@ pub struct ChildSetup {
     pub cgroup_dir: Option<RawFd>,
     /// Write "0" to each of these too: the cgroup v1 groups of its limits.
     pub legacy_procs: [Option<RawFd>; 3],
+    /// `RLIMIT_NPROC` to set once in the sandbox's user namespace, where
+    /// it counts the tree alone (`pids` without a cgroup).
+    pub nproc: Option<u64>,
     /// Become a child subreaper (kept across `exec`).
     pub subreaper: bool,
     /// Register with the watchdog through this pipe.

@@ -753,6 +753,17 @@ impl Plan<'_> {
                 if let Err(err) = sandbox.enter_namespaces(init.user_namespace) {
                     return err.raw_os_error().unwrap_or(libc::EPERM);
                 }
+                // In its own user namespace, RLIMIT_NPROC counts the
+                // processes of this tree alone (the init's too).
+                if let (Some(n), true) = (self.container.nproc, init.user_namespace) {
+                    let limit = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NPROC, &limit) == -1 {
+                        return errno();
+                    }
+                }
                 return init.exec();
             }
             if let Some(sandbox) = self.sandbox {

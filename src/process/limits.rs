@@ -81,6 +81,16 @@ impl Controllers {
         names
     }
 
+    /// What a sandboxed process gets: the same, and `pids` where the
+    /// sandbox has a user namespace of its own (`RLIMIT_NPROC` there).
+    pub fn enforced_sandboxed(&self, user_namespace: bool) -> Vec<&'static str> {
+        let mut names = self.enforced();
+        if user_namespace && self.pids.is_none() {
+            names.push("pids");
+        }
+        names
+    }
+
     /// The v1 groups made at start, to remove at the end.
     pub fn legacy_roots(&self) -> Vec<PathBuf> {
         [&self.memory, &self.cpu, &self.pids]
@@ -113,6 +123,9 @@ pub struct Effective {
     pub output_action: OutputAction,
     /// Asked for (or defaulted) and dropped under `bestEffort`.
     pub not_enforced: Vec<&'static str>,
+    /// `pids` is enforced with `RLIMIT_NPROC` in the sandbox's user
+    /// namespace, not with a cgroup.
+    pub pids_by_rlimit: bool,
 }
 
 impl Effective {
@@ -134,17 +147,20 @@ impl Effective {
         }
         serde_json::Value::Object(out)
     }
-
-    pub fn any_cgroup(&self) -> bool {
-        self.memory_bytes.is_some() || self.cpu_percent.is_some() || self.pids.is_some()
-    }
 }
 
 impl Policy {
     /// The limits a request runs with: its own, else the server's default,
     /// else the server's ceiling; refused if above the ceiling, malformed,
     /// or not enforceable here (unless `bestEffort`).
-    pub fn apply(&self, asked: Option<&Requested>, host: &Controllers) -> Result<Effective> {
+    /// `user_namespace`: the process runs in a sandbox with a user
+    /// namespace of its own, where `RLIMIT_NPROC` counts its tree alone.
+    pub fn apply(
+        &self,
+        asked: Option<&Requested>,
+        host: &Controllers,
+        user_namespace: bool,
+    ) -> Result<Effective> {
         let none = Requested::default();
         let asked = asked.unwrap_or(&none);
         let d = &self.defaults;
@@ -170,6 +186,7 @@ impl Policy {
                 .or(d.output_limit_action)
                 .unwrap_or_default(),
             not_enforced: Vec::new(),
+            pids_by_rlimit: false,
         };
         if let Some(memory) = e.memory_bytes {
             if memory < 1024 * 1024 {
@@ -187,11 +204,22 @@ impl Policy {
             if !set || host.get(controller).is_some() {
                 continue;
             }
+            if controller == Controller::Pids && user_namespace {
+                // In its own user namespace, the tree's processes are all
+                // that RLIMIT_NPROC counts: it means what pids.max does.
+                e.pids_by_rlimit = true;
+                continue;
+            }
             if !asked.best_effort {
+                let sandboxed = if controller == Controller::Pids {
+                    " (a sandboxed process gets it where the sandbox has a user namespace)"
+                } else {
+                    ""
+                };
                 return Err(invalid(format!(
                     "limits.{name} cannot be enforced on this host: the server has no cgroup {} \
-                     controller of its own (environment/info lists what it enforces); \
-                     send bestEffort: true to run without it",
+                     controller of its own{sandboxed} (environment/info lists what it \
+                     enforces); send bestEffort: true to run without it",
                     controller.name()
                 )));
             }
@@ -305,7 +333,7 @@ pub fn write_controls(
             std::fs::write(dir.join("cpu.cfs_quota_us"), quota.to_string())?;
         }
     }
-    if let Some(pids) = limits.pids {
+    if let Some(pids) = limits.pids.filter(|_| !limits.pids_by_rlimit) {
         let (dir, _) = dir_for(Controller::Pids, legacy)?;
         std::fs::write(dir.join("pids.max"), pids.to_string())?;
     }
@@ -484,14 +512,17 @@ mod tests {
             },
         };
         // Nothing asked: the default, else the ceiling.
-        let e = policy.apply(None, &all).unwrap();
+        let e = policy.apply(None, &all, false).unwrap();
         assert_eq!((e.timeout_ms, e.pids), (Some(1000), Some(100)));
         // Above a ceiling: refused, naming it.
         let asked = Requested {
             pids: Some(101),
             ..Default::default()
         };
-        let err = policy.apply(Some(&asked), &all).unwrap_err().to_string();
+        let err = policy
+            .apply(Some(&asked), &all, false)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("limits.pids 101"), "{err}");
         // Not enforceable: refused, or dropped and named with bestEffort.
         let asked = Requested {
@@ -500,7 +531,7 @@ mod tests {
         };
         let none = Controllers::default();
         let err = Policy::default()
-            .apply(Some(&asked), &none)
+            .apply(Some(&asked), &none, false)
             .unwrap_err()
             .to_string();
         assert!(
@@ -511,7 +542,15 @@ mod tests {
             best_effort: true,
             ..asked
         };
-        let e = Policy::default().apply(Some(&lax), &none).unwrap();
+        // pids in a sandbox's own user namespace: RLIMIT_NPROC.
+        let pids = Requested {
+            pids: Some(32),
+            ..Default::default()
+        };
+        let e = Policy::default().apply(Some(&pids), &none, true).unwrap();
+        assert_eq!((e.pids, e.pids_by_rlimit), (Some(32), true));
+        assert!(Policy::default().apply(Some(&pids), &none, false).is_err());
+        let e = Policy::default().apply(Some(&lax), &none, false).unwrap();
         assert_eq!(
             (e.memory_bytes, e.not_enforced),
             (None, vec!["memoryBytes"])

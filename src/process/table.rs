@@ -179,6 +179,12 @@ impl ProcessTable {
             .map_err(|e| Error::io("failed to create the process's container", &e))?;
         let mut spec = req.spec;
         spec.container = self.containment.child_setup(&container);
+        // The sandbox's init counts too.
+        spec.container.nproc = req
+            .limits
+            .pids
+            .filter(|_| req.limits.pids_by_rlimit)
+            .map(|n| n.saturating_add(1));
         let starting = self.containment.starting();
         let spawned = match spawn::spawn(&spec) {
             Ok(spawned) => spawned,

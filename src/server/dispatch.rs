@@ -168,12 +168,6 @@ fn start(ctx: &Ctx, name: &str, params: Value) -> Reply {
         if p.argv.is_empty() {
             return Err(Error::InvalidParams("argv must not be empty".into()));
         }
-        let limits = ctx
-            .server
-            .config
-            .limits
-            .apply(p.limits.as_ref(), ctx.server.containment.controllers())?;
-        let unenforced_limits = limits.not_enforced.clone();
         let mut rules = sandbox::rules(
             p.sandbox.as_ref(),
             Some(&p.cwd.0),
@@ -210,6 +204,12 @@ fn start(ctx: &Ctx, name: &str, params: Value) -> Reply {
             )?)),
             None => None,
         };
+        let limits = ctx.server.config.limits.apply(
+            p.limits.as_ref(),
+            ctx.server.containment.controllers(),
+            prepared.is_some() && sandbox::needs_user_namespace(),
+        )?;
+        let unenforced_limits = limits.not_enforced.clone();
         let sandbox_type = if prepared.is_some() {
             sandbox::SANDBOX_TYPE
         } else {
