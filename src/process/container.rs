@@ -521,19 +521,36 @@ pub fn spawn_known<T>(
 /// What `exec-server sandbox-check` says of containment on this host: the
 /// mechanism a server started now would use, and why.
 pub fn describe_host() -> String {
-    match make_cgroup_root() {
-        Ok(root) => {
-            let _ = std::fs::remove_dir(&root);
+    let (mut text, root) = match make_cgroup_root() {
+        Ok(root) => (
             format!(
                 "containment: cgroup v2 (a cgroup per process under {}; cgroup.kill)\n",
                 root.parent().unwrap_or(&root).display()
-            )
-        }
-        Err(why) => format!(
-            "containment: child subreapers ({why}); a cgroup below the server's own, \
-             delegated to its user, makes containment exact\n"
+            ),
+            Some(root),
         ),
+        Err(why) => (
+            format!(
+                "containment: child subreapers ({why}); a cgroup below the server's own, \
+                 delegated to its user, makes containment exact\n"
+            ),
+            None,
+        ),
+    };
+    let controllers = limits::find_controllers(root.as_deref());
+    let user_namespace = crate::sandbox::needs_user_namespace();
+    text.push_str(&format!(
+        "limits: {} enforced; sandboxed: {}\n",
+        controllers.enforced().join(", "),
+        controllers.enforced_sandboxed(user_namespace).join(", ")
+    ));
+    for legacy in controllers.legacy_roots() {
+        let _ = std::fs::remove_dir(&legacy);
     }
+    if let Some(root) = root {
+        let _ = std::fs::remove_dir(&root);
+    }
+    text
 }
 
 /// Make the server's cgroup subtree, or say why not.

@@ -150,6 +150,37 @@ impl Effective {
 }
 
 impl Policy {
+    /// Why this policy can't hold on a host with `host`'s controllers: a
+    /// default or ceiling of a limit the host can't enforce (every start
+    /// would be refused, or run past the operator's cap).
+    pub fn check(
+        &self,
+        host: &Controllers,
+        user_namespace: bool,
+    ) -> std::result::Result<(), String> {
+        for (flag, r) in [
+            ("--default-limits", &self.defaults),
+            ("--max-limits", &self.max),
+        ] {
+            for (name, controller, set) in [
+                ("memory", Controller::Memory, r.memory_bytes.is_some()),
+                ("cpus", Controller::Cpu, r.cpu_percent.is_some()),
+                ("pids", Controller::Pids, r.pids.is_some()),
+            ] {
+                let sandboxed_only = controller == Controller::Pids && user_namespace;
+                if set && host.get(controller).is_none() && !sandboxed_only {
+                    return Err(format!(
+                        "{flag} {name}: this host can't enforce it (the server has no cgroup {} \
+                         controller of its own; exec-server sandbox-check says how processes are \
+                         contained here)",
+                        controller.name()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The limits a request runs with: its own, else the server's default,
     /// else the server's ceiling; refused if above the ceiling, malformed,
     /// or not enforceable here (unless `bestEffort`).

@@ -206,6 +206,13 @@ pub fn run_with(
     crate::sys::return_freed_memory();
     tracing::debug!("descriptor limit {limit}");
     let containment = Arc::new(Containment::start());
+    config
+        .limits
+        .check(
+            containment.controllers(),
+            crate::sandbox::needs_user_namespace(),
+        )
+        .map_err(|why| std::io::Error::new(std::io::ErrorKind::Unsupported, why))?;
     // After the watchdog's fork: the writer is a thread of its own.
     if let Some((target, max_bytes)) = &config.audit_log {
         crate::audit::start(target.clone(), *max_bytes)

@@ -413,6 +413,20 @@ fn server_defaults_and_ceilings_apply_and_bad_limits_are_named() {
         assert!(message.contains(words), "{limits}: {message}");
     }
     s.call("environment/status", json!({}));
+    // A cap the host can't hold is refused at start, not at every request.
+    if !enforced(&mut s).iter().any(|l| l == "memoryBytes") {
+        let out = std::process::Command::new(bin())
+            .args(["--stdio", "--max-limits", "memory=1G"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("--max-limits memory: this host can't enforce it"),
+            "{stderr}"
+        );
+    }
 }
 
 #[test]
