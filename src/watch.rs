@@ -482,6 +482,14 @@ impl Reader {
     fn event(&mut self, wd: i32, mask: u32, cookie: u32, name: &std::ffi::OsStr) {
         if mask & libc::IN_Q_OVERFLOW != 0 {
             self.push(Change::Overflow);
+            if self.recursive {
+                // Directories made meanwhile went unseen: watch them now
+                // (watching one twice is harmless), so that what follows
+                // is seen again.
+                let root = self.root.clone();
+                let mut errors = 0;
+                self.add_below(&root, false, &mut errors);
+            }
             return;
         }
         if mask & libc::IN_IGNORED != 0 {

@@ -478,3 +478,91 @@ fn run_with_timeout_exits_124_and_memory_says_out_of_memory() {
         assert!(stderr.contains("does not enforce memoryBytes"), "{stderr}");
     }
 }
+
+/// The cgroup directories (v2, and v1 on a hybrid host) a process is in,
+/// from `/proc/PID/cgroup`, that the server made (`exec-server-<pid>`).
+fn server_cgroups(pid: i32) -> Vec<std::path::PathBuf> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut found = Vec::new();
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (
+            parts.next(),
+            parts.next().unwrap_or(""),
+            parts.next().unwrap_or(""),
+        );
+        if !path.contains("/exec-server-") {
+            continue;
+        }
+        // The mount of that hierarchy.
+        for m in mounts.lines() {
+            let Some((left, right)) = m.split_once(" - ") else {
+                continue;
+            };
+            let fields: Vec<&str> = left.split(' ').collect();
+            let mut right = right.split(' ');
+            let fstype = right.next().unwrap_or("");
+            let options = right.nth(1).unwrap_or("");
+            let matches = if controllers.is_empty() {
+                fstype == "cgroup2"
+            } else {
+                fstype == "cgroup"
+                    && controllers
+                        .split(',')
+                        .any(|c| options.split(',').any(|o| o == c))
+            };
+            if matches {
+                let root = fields.get(3).copied().unwrap_or("/");
+                let rel = path
+                    .strip_prefix(root)
+                    .unwrap_or(path)
+                    .trim_start_matches('/');
+                found.push(std::path::Path::new(fields.get(4).copied().unwrap_or("/")).join(rel));
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn a_killed_server_leaves_no_cgroup_of_its_limits_behind() {
+    let mut s = Server::started(&[]);
+    if !enforced(&mut s).iter().any(|l| l == "memoryBytes") {
+        return; // No cgroup is made without a controller (the refusal is tested above).
+    }
+    s.start_process(
+        "held",
+        &["sleep", "300"],
+        json!({"limits": {"memoryBytes": 64 << 20, "pids": 16, "cpuPercent": 50}}),
+    );
+    let pid = s.call("process/list", json!({}))["processes"][0]["pid"]
+        .as_i64()
+        .unwrap() as i32;
+    let groups = server_cgroups(pid);
+    assert!(
+        !groups.is_empty(),
+        "the process is in no cgroup of the server's"
+    );
+    for g in &groups {
+        assert!(g.exists(), "{} does not exist", g.display());
+    }
+    // The server's own groups (exec-server-<pid>), above each process's.
+    let roots: Vec<std::path::PathBuf> = groups
+        .iter()
+        .filter_map(|g| g.parent().map(Into::into))
+        .collect();
+    s.child.kill().unwrap();
+    let _ = s.child.wait();
+    assert!(
+        eventually(Duration::from_secs(10), || crate::support::pid_gone(pid)),
+        "the limited process outlived its server"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || roots
+            .iter()
+            .all(|r| !r.exists())),
+        "left behind: {:?}",
+        roots.iter().filter(|r| r.exists()).collect::<Vec<_>>()
+    );
+}
