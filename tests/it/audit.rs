@@ -412,3 +412,36 @@ fn the_last_events_reach_the_log_when_the_server_exits() {
     );
     assert_eq!(got[4]["reason"], "terminated");
 }
+
+#[test]
+fn the_log_goes_to_a_unix_socket_collector() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("collector.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let target = format!("unix:{}", path.display());
+    let mut s = Server::started(&["--audit-log", &target]);
+    let (stream, _) = listener.accept().unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    s.start_process("p", &["true"], json!({}));
+    let _ = s.collect("p");
+    let mut seen = Vec::new();
+    for line in std::io::BufReader::new(stream).lines() {
+        let line: Value = serde_json::from_str(&line.unwrap()).unwrap();
+        seen.push(line["event"].as_str().unwrap().to_string());
+        if line["event"] == "process.exit" {
+            break;
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            "server.start",
+            "session.attach",
+            "process.start",
+            "process.exit"
+        ]
+    );
+}
