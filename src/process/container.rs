@@ -163,6 +163,18 @@ impl Containment {
         &self.mode
     }
 
+    /// At the server's clean exit, once every process is killed: remove its
+    /// cgroup subtree and the v1 groups of limits (the watchdog does the
+    /// same when the server dies, but it may itself be dead).
+    pub fn release(&self) {
+        if let Mode::Cgroup(root) = &self.mode {
+            kill_cgroup_tree(root, std::time::Duration::from_secs(1));
+        }
+        for root in self.controllers.legacy_roots() {
+            limits::remove_legacy(&root, std::time::Duration::from_secs(1));
+        }
+    }
+
     /// The controllers limits can use on this host.
     pub fn controllers(&self) -> &Controllers {
         &self.controllers

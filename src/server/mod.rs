@@ -240,7 +240,8 @@ pub fn run_with(
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(async move {
+    let release = containment.clone();
+    let served = runtime.block_on(async move {
         tokio::spawn(reap_orphans(containment.clone()));
         let watched = containment.clone();
         tokio::spawn(async move { watched.watch_watchdog().await });
@@ -374,15 +375,16 @@ pub fn run_with(
             .await;
         }
         Ok::<(), std::io::Error>(())
-    })?;
+    });
     runtime.shutdown_timeout(Duration::from_millis(100));
+    release.release();
     // The last events (the sessions' ends, the last exits) reach the log.
     crate::audit::record(
         "server.stop",
         serde_json::json!({"pid": std::process::id()}),
     );
     crate::audit::flush(FLUSH_TIMEOUT);
-    Ok(())
+    served
 }
 
 /// Returns once stdin ends (its bytes are read and dropped).

@@ -221,4 +221,34 @@ fn a_dead_watchdog_refuses_new_starts_with_a_clear_error() {
     assert!(message.contains("watchdog"), "{r}");
     // The server still answers.
     s.call("process/list", json!({}));
+    // With nobody to clean up after it, the server removes its own cgroup
+    // subtree as it exits.
+    let own = std::fs::read_to_string(format!("/proc/{server}/cgroup")).unwrap_or_default();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mount = mounts.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        (right.split(' ').next()? == "cgroup2").then(|| {
+            let f: Vec<&str> = left.split(' ').collect();
+            (f[4].to_string(), f[3].to_string())
+        })
+    });
+    let root = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .zip(mount)
+        .map(|(path, (point, base))| {
+            let rel = path
+                .strip_prefix(base.as_str())
+                .unwrap_or(path)
+                .trim_start_matches('/');
+            std::path::Path::new(&point)
+                .join(rel)
+                .join(format!("exec-server-{server}"))
+        });
+    let made = root.as_ref().is_some_and(|r| r.exists());
+    s.close_stdin();
+    assert!(s.child.wait().unwrap().success());
+    if let (true, Some(root)) = (made, root) {
+        assert!(!root.exists(), "{} was left behind", root.display());
+    }
 }
