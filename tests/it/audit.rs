@@ -445,3 +445,31 @@ fn the_log_goes_to_a_unix_socket_collector() {
         ]
     );
 }
+
+#[test]
+fn a_detached_session_that_expires_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.log");
+    let log_arg = log.display().to_string();
+    let mut s = Server::start_unix(&["--audit-log", &log_arg, "--detached-session-ttl-ms", "200"]);
+    s.handshake();
+    s.start_process("long", &["sleep", "30"], json!({}));
+    // Gone, and not back within the TTL.
+    s.reconnect_unix();
+    let got = lines_when(&log, |l| l.iter().any(|e| e["event"] == "process.exit"));
+    let names = events(&got);
+    assert_eq!(
+        names,
+        [
+            "server.start",
+            "session.attach",
+            "process.start",
+            "session.detach",
+            "session.expire",
+            "process.exit"
+        ],
+        "{got:#?}"
+    );
+    assert_eq!(got[5]["reason"], "terminated");
+    assert_eq!(got[3]["session"], got[4]["session"]);
+}
