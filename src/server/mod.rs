@@ -343,6 +343,7 @@ pub fn run_with(
                     method: SERVER_STOPPING,
                     params: serde_json::json!({"reason": reason}),
                 });
+                server.sessions.wait_written(FLUSH_TIMEOUT).await;
                 false
             }
             () = idle(&server) => {

@@ -183,6 +183,28 @@ impl Registry {
         }
     }
 
+    /// Wait (up to `within`) until every attached connection has written
+    /// what it was given: what the server says as it stops must reach the
+    /// peers before their connections end.
+    pub async fn wait_written(&self, within: Duration) {
+        let all: Vec<Arc<Session>> = self.map().values().cloned().collect();
+        let outbounds: Vec<Outbound> = all
+            .iter()
+            .filter_map(|s| {
+                lock(&s.attachment)
+                    .connection
+                    .as_ref()
+                    .map(|(_, o)| o.clone())
+            })
+            .collect();
+        let deadline = tokio::time::Instant::now() + within;
+        while outbounds.iter().any(|o| o.budget().queued() > 0)
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Whether no session exists.
     pub fn is_empty(&self) -> bool {
         self.map().is_empty()
