@@ -192,8 +192,10 @@ fn a_fork_bomb_under_pids_is_contained_within_a_second_and_goes_away() {
     if !plain {
         refused_up_front(&mut s, "pids", json!({"pids": 64}));
     }
-    // The leader execs its sleep: a fork it needs could fail at the limit.
-    let bomb = "bomb() { bomb | bomb & }; bomb; exec sleep 60";
+    // Every process forks for ever, and retries when a fork fails: a bomb
+    // that keeps pressing at the limit (a shell's bomb dies out when its
+    // forks fail, and then proves nothing).
+    let bomb = "import os, time\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        time.sleep(0.01)";
     let ways = [
         ("bomb", json!({"limits": {"pids": 64}}), plain, 64),
         (
@@ -209,7 +211,7 @@ fn a_fork_bomb_under_pids_is_contained_within_a_second_and_goes_away() {
             continue;
         }
         ran += 1;
-        s.start_process(id, &["sh", "-c", bomb], extra);
+        s.start_process(id, &["python3", "-c", bomb], extra);
         let pid = s.call("process/list", json!({}))["processes"]
             .as_array()
             .unwrap()
@@ -218,20 +220,31 @@ fn a_fork_bomb_under_pids_is_contained_within_a_second_and_goes_away() {
             .expect("listed")["pid"]
             .as_i64()
             .unwrap() as i32;
-        // Within a second it is at its limit, and it stays there (a bomb
-        // is a heavy load on two cores: no longer than needed).
-        let start = Instant::now();
+        // It grows to its limit (how fast depends on the machine's load)
+        // and never past it: sampled until it is near the limit, then a
+        // little longer (a bomb is a heavy load on two cores: no longer
+        // than needed).
         let count = |pid: i32| in_session(pid).max(tree(pid));
+        let start = Instant::now();
         let mut most = 0;
-        while start.elapsed() < Duration::from_millis(1200) {
+        let mut near: Option<Instant> = None;
+        while start.elapsed() < Duration::from_secs(15)
+            && near.is_none_or(|t| t.elapsed() < Duration::from_millis(500))
+        {
             most = most.max(count(pid));
+            if near.is_none() && most + 8 >= most_allowed {
+                near = Some(Instant::now());
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
         assert!(
             most <= most_allowed,
             "{id} reached {most} processes past pids 64"
         );
-        assert!(most >= 8, "{id} never ran ({most} processes)");
+        assert!(
+            near.is_some(),
+            "{id} never came near its limit ({most} processes in 15 s)"
+        );
         s.call("process/terminate", json!({"processId": id}));
         assert_eq!(exited(&mut s, id)["reason"], "terminated");
         assert!(
