@@ -288,6 +288,8 @@ struct Reader {
     modified: HashSet<PathBuf>,
     /// A `moved from` waiting for its `moved to` (cookie, path, a dir).
     moving: Option<(u32, PathBuf, bool)>,
+    /// What `read` reads into, kept between reads.
+    buf: Vec<u8>,
 }
 
 const MASK: u32 = libc::IN_CREATE
@@ -331,6 +333,7 @@ impl Reader {
             created: HashSet::new(),
             modified: HashSet::new(),
             moving: None,
+            buf: vec![0u8; 64 * 1024],
         })
     }
 
@@ -445,7 +448,13 @@ impl Reader {
 
     /// Read what the kernel has; false when the watch can't go on.
     fn read(&mut self) -> bool {
-        let mut buf = vec![0u8; 64 * 1024];
+        let mut buf = std::mem::take(&mut self.buf);
+        let going = self.read_into(&mut buf);
+        self.buf = buf;
+        going
+    }
+
+    fn read_into(&mut self, buf: &mut [u8]) -> bool {
         loop {
             // SAFETY: reads into a buffer we own.
             let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
