@@ -115,13 +115,14 @@ pub fn enabled() -> bool {
     AUDIT.get().is_some()
 }
 
-/// Record `event` with `fields` (an object), if the log is on.
-pub fn record(event: &str, fields: Value) {
+/// Record `event` with the fields `fields` makes (an object), if the log
+/// is on: with it off, they are never made.
+pub fn record(event: &str, fields: impl FnOnce() -> Value) {
     let Some(audit) = AUDIT.get() else {
         return;
     };
     let seq = audit.next_seq.fetch_add(1, Ordering::Relaxed);
-    let fields = match fields {
+    let fields = match fields() {
         Value::Object(map) => map,
         _ => Map::new(),
     };
@@ -489,7 +490,7 @@ impl RequestNote {
                     self.fields
                         .insert("status".into(), status.unwrap_or(Value::Null));
                 }
-                record(event, Value::Object(self.fields));
+                record(event, move || Value::Object(self.fields));
             }
             Err(error) => {
                 self.fields.insert("request".into(), json!(self.method));
@@ -503,7 +504,7 @@ impl RequestNote {
                     message.truncate(cut);
                 }
                 self.fields.insert("message".into(), json!(message));
-                record("refused", Value::Object(self.fields));
+                record("refused", move || Value::Object(self.fields));
             }
         }
     }

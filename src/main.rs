@@ -483,6 +483,21 @@ fn read_secret(path: &std::path::Path, what: &str) -> Result<String, String> {
     }
 }
 
+/// The secret in the file at `path`, if given; a file that can't be
+/// read, or holds none, is said (after `prefix`) and ends the command.
+fn secret_flag(
+    path: Option<&std::path::Path>,
+    what: &str,
+    prefix: &str,
+) -> Result<Option<String>, ExitCode> {
+    path.map(|path| read_secret(path, what))
+        .transpose()
+        .map_err(|err| {
+            eprintln!("exec-server: {prefix}{err}");
+            ExitCode::from(2)
+        })
+}
+
 /// `exec-server relay`.
 fn relay(args: RelayArgs) -> ExitCode {
     let Some(listen) = args
@@ -496,17 +511,9 @@ fn relay(args: RelayArgs) -> ExitCode {
         );
         return ExitCode::from(2);
     };
-    let token = match args
-        .token_file
-        .as_deref()
-        .map(|path| read_secret(path, "token"))
-        .transpose()
-    {
+    let token = match secret_flag(args.token_file.as_deref(), "token", "--token-file ") {
         Ok(token) => token,
-        Err(err) => {
-            eprintln!("exec-server: --token-file {err}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     if token.is_none() && !listen.ip().is_loopback() {
         eprintln!(
@@ -515,17 +522,9 @@ fn relay(args: RelayArgs) -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    let key = match args
-        .key_file
-        .as_deref()
-        .map(|path| read_secret(path, "key"))
-        .transpose()
-    {
+    let key = match secret_flag(args.key_file.as_deref(), "key", "--key-file ") {
         Ok(key) => key,
-        Err(err) => {
-            eprintln!("exec-server: --key-file {err}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let config = server::RelayConfig {
         listen,
@@ -916,17 +915,9 @@ fn serve(cli: ServeArgs) -> ExitCode {
             }
         };
     }
-    let connection_token = match cli
-        .connection_token_file
-        .as_deref()
-        .map(|path| read_secret(path, "token"))
-        .transpose()
-    {
+    let connection_token = match secret_flag(cli.connection_token_file.as_deref(), "token", "") {
         Ok(token) => token,
-        Err(err) => {
-            eprintln!("exec-server: {err}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let config = Config {
         max_message_bytes: cli.max_message_bytes,

@@ -725,12 +725,7 @@ async fn ws_lines(url: &str, keepalive: Duration) -> Result<Pipes, String> {
                     }
                 }
                 _ = ping.tick() => {
-                    if heard.elapsed() >= limit {
-                        tracing::debug!("the websocket server answers nothing; taking the connection as lost");
-                        break;
-                    }
-                    let send = sink.send(Message::Ping(Vec::new().into()));
-                    if !matches!(tokio::time::timeout(limit, send).await, Ok(Ok(()))) {
+                    if !keep_alive(&mut sink, heard, limit, "the websocket server").await {
                         break;
                     }
                 }
@@ -741,6 +736,29 @@ async fn ws_lines(url: &str, keepalive: Duration) -> Result<Pipes, String> {
     });
     let (read, write) = tokio::io::split(ours);
     Ok((Box::new(write), Box::new(read)))
+}
+
+/// One tick of a WebSocket client's keep-alive: false when the peer
+/// (`who`) has said nothing for `limit` (it is taken as lost) or a ping
+/// can't be sent within it.
+pub(super) async fn keep_alive<S>(
+    sink: &mut S,
+    heard: tokio::time::Instant,
+    limit: Duration,
+    who: &str,
+) -> bool
+where
+    S: futures_util::Sink<tokio_tungstenite::tungstenite::Message> + Unpin,
+{
+    use futures_util::SinkExt;
+    if heard.elapsed() >= limit {
+        tracing::debug!("{who} answers nothing; taking the connection as lost");
+        return false;
+    }
+    let send = sink.send(tokio_tungstenite::tungstenite::Message::Ping(
+        Vec::new().into(),
+    ));
+    matches!(tokio::time::timeout(limit, send).await, Ok(Ok(())))
 }
 
 /// The ends of a connection: a spawned server's pipes, or a socket.

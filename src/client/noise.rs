@@ -223,12 +223,7 @@ pub(super) async fn lines(
                     }
                 }
                 _ = ping.tick() => {
-                    if heard.elapsed() >= limit {
-                        tracing::debug!("the relay answers nothing; taking the stream as lost");
-                        break;
-                    }
-                    let send = sink.send(Message::Ping(Vec::new().into()));
-                    if !matches!(tokio::time::timeout(limit, send).await, Ok(Ok(()))) {
+                    if !super::connection::keep_alive(&mut sink, heard, limit, "the relay").await {
                         break;
                     }
                 }

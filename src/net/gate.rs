@@ -223,8 +223,7 @@ impl Gate {
             reason,
             "network policy decision"
         );
-        crate::audit::record(
-            "network.decision",
+        crate::audit::record("network.decision", || {
             json!({
                 "processId": self.process_id,
                 "protocol": ask.protocol.as_str(),
@@ -233,8 +232,8 @@ impl Gate {
                 "decision": decision,
                 "source": source.as_str(),
                 "rule": reason,
-            }),
-        );
+            })
+        });
         let Some(outbound) = (self.peer)() else {
             return;
         };

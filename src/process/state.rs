@@ -260,7 +260,7 @@ impl Process {
         let oom =
             self.limits.memory_bytes.is_some() && self.containment.oom_kills(&self.container) > 0;
         let permit = self.reserve().await;
-        {
+        let (reason, sandbox_denied) = {
             let mut state = self.lock();
             let reason = match state.cause {
                 Some(cause) => cause,
@@ -291,32 +291,22 @@ impl Process {
                     reason,
                 });
             }
-        }
+            (reason, sandbox_denied)
+        };
         self.changed.notify_waiters();
-        if crate::audit::enabled() {
-            let (reason, denied) = {
-                let state = self.lock();
-                let exit = state.exit.as_ref();
-                (
-                    exit.map(|e| e.reason.as_str()),
-                    exit.is_some_and(|e| e.sandbox_denied),
-                )
-            };
+        crate::audit::record("process.exit", || {
             let out = self.output_used.load(std::sync::atomic::Ordering::SeqCst);
-            crate::audit::record(
-                "process.exit",
-                serde_json::json!({
-                    "processId": self.id,
-                    "pid": self.pid,
-                    "exitCode": code,
-                    "signal": signal,
-                    "reason": reason,
-                    "sandboxDenied": denied,
-                    "durationMs": self.started.elapsed().as_millis() as u64,
-                    "bytesOut": out.min(self.limits.output_bytes.unwrap_or(u64::MAX)),
-                }),
-            );
-        }
+            serde_json::json!({
+                "processId": self.id,
+                "pid": self.pid,
+                "exitCode": code,
+                "signal": signal,
+                "reason": reason.as_str(),
+                "sandboxDenied": sandbox_denied,
+                "durationMs": self.started.elapsed().as_millis() as u64,
+                "bytesOut": out.min(self.limits.output_bytes.unwrap_or(u64::MAX)),
+            })
+        });
         self.maybe_close().await;
     }
 

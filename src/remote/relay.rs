@@ -272,13 +272,7 @@ impl Relay {
             )
             .await;
         }
-        let header = |name: &str| {
-            request
-                .headers
-                .iter()
-                .find(|h| h.name.eq_ignore_ascii_case(name))
-                .map(|h| String::from_utf8_lossy(h.value).into_owned())
-        };
+        let header = |name: &str| crate::transport::ws::header_value(request.headers, name);
         let method = request.method.unwrap_or("").to_string();
         let target = request.path.unwrap_or("/").to_string();
         let (path, query) = target.split_once('?').unwrap_or((&target, ""));

@@ -254,7 +254,7 @@ fn start(ctx: &Ctx, name: &str, params: Value) -> Reply {
         })?;
         if let Some(mut event) = audit {
             event["pid"] = launch.pid().into();
-            crate::audit::record("process.start", event);
+            crate::audit::record("process.start", move || event);
         }
         let response = StartResponse {
             process_id: p.process_id,

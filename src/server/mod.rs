@@ -217,15 +217,14 @@ pub fn run_with(
     if let Some((target, max_bytes)) = &config.audit_log {
         crate::audit::start(target.clone(), *max_bytes)
             .map_err(|err| std::io::Error::new(err.kind(), format!("--audit-log: {err}")))?;
-        crate::audit::record(
-            "server.start",
+        crate::audit::record("server.start", || {
             serde_json::json!({
                 "pid": std::process::id(),
                 "version": env!("CARGO_PKG_VERSION"),
                 "containment": containment.mode().name(),
                 "limitsEnforced": containment.controllers().enforced(),
-            }),
-        );
+            })
+        });
         // No sandboxed process may read or touch it.
         match target {
             crate::audit::Target::File(path) | crate::audit::Target::Unix(path) => {
@@ -382,7 +381,7 @@ pub fn run_with(
     // The last events (the sessions' ends, the last exits) reach the log.
     crate::audit::record(
         "server.stop",
-        serde_json::json!({"pid": std::process::id()}),
+        || serde_json::json!({"pid": std::process::id()}),
     );
     crate::audit::flush(FLUSH_TIMEOUT);
     served

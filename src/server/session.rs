@@ -83,7 +83,7 @@ impl Registry {
         self.map().insert(session.id.clone(), session.clone());
         crate::audit::record(
             "session.attach",
-            serde_json::json!({"session": session.id, "connection": conn, "resumed": false}),
+            || serde_json::json!({"session": session.id, "connection": conn, "resumed": false}),
         );
         session
     }
@@ -107,7 +107,7 @@ impl Registry {
         drop(attached);
         crate::audit::record(
             "session.attach",
-            serde_json::json!({"session": session.id, "connection": conn, "resumed": true}),
+            || serde_json::json!({"session": session.id, "connection": conn, "resumed": true}),
         );
         Ok(session)
     }
@@ -129,7 +129,7 @@ impl Registry {
         };
         crate::audit::record(
             "session.detach",
-            serde_json::json!({"session": session.id, "connection": conn}),
+            || serde_json::json!({"session": session.id, "connection": conn}),
         );
         let registry = self.clone();
         let session = session.clone();
@@ -140,7 +140,10 @@ impl Registry {
             });
             if expired {
                 tracing::info!(session = %session.id, "detached session expired");
-                crate::audit::record("session.expire", serde_json::json!({"session": session.id}));
+                crate::audit::record(
+                    "session.expire",
+                    || serde_json::json!({"session": session.id}),
+                );
             }
         });
     }
@@ -149,7 +152,7 @@ impl Registry {
     /// processes are killed, as at expiry.
     pub fn end(&self, session: &Arc<Session>) {
         if self.end_if(session, |_| true) {
-            crate::audit::record("session.end", serde_json::json!({"session": session.id}));
+            crate::audit::record("session.end", || serde_json::json!({"session": session.id}));
         }
         tracing::debug!(session = %session.id, "session ended by its client");
     }

@@ -75,17 +75,11 @@ where
     }
     let target = request.path.unwrap_or("/");
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let header = |name: &str| {
-        request
-            .headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
-            .map(|h| String::from_utf8_lossy(h.value).into_owned())
-    };
+    let header = |name: &str| header_value(request.headers, name);
     if header("origin").is_some() {
         crate::audit::record(
             "refused",
-            serde_json::json!({"transport": "ws", "status": 403, "message": "a browser's request (Origin header)"}),
+            || serde_json::json!({"transport": "ws", "status": 403, "message": "a browser's request (Origin header)"}),
         );
         respond(&mut stream, "403 Forbidden").await?;
         return Ok(Accepted::Answered);
@@ -123,7 +117,7 @@ where
         tracing::warn!("refused a websocket connection: {why}");
         crate::audit::record(
             "refused",
-            serde_json::json!({"transport": "ws", "status": status, "message": why}),
+            || serde_json::json!({"transport": "ws", "status": status, "message": why}),
         );
         respond(&mut stream, status).await?;
         return Ok(Accepted::Answered);
@@ -151,7 +145,7 @@ where
         if !matches {
             crate::audit::record(
                 "refused",
-                serde_json::json!({"transport": "ws", "status": 401, "message": "no valid connection token"}),
+                || serde_json::json!({"transport": "ws", "status": 401, "message": "no valid connection token"}),
             );
             respond(&mut stream, "401 Unauthorized").await?;
             return Ok(Accepted::Answered);
@@ -277,6 +271,14 @@ fn encode_message(message: &Outgoing) -> Vec<u8> {
         line.pop();
     }
     line
+}
+
+/// The first header named `name` (any case) of a parsed request head.
+pub(crate) fn header_value(headers: &[httparse::Header<'_>], name: &str) -> Option<String> {
+    headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(name))
+        .map(|h| String::from_utf8_lossy(h.value).into_owned())
 }
 
 /// Read up to the end of the request head (`\r\n\r\n`).
