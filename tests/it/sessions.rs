@@ -337,6 +337,11 @@ fn an_unprivileged_server_refuses_a_peer_of_another_uid() {
     let mut answer = String::new();
     let n = BufReader::new(&stream).read_line(&mut answer).unwrap_or(0);
     assert_eq!(n, 0, "root was served by another user's server: {answer}");
-    let _ = child.kill();
+    // `child` is runuser, which does not pass a SIGKILL on: the server
+    // (its child) goes first, else it outlives the test.
+    for pid in crate::support::children_of(child.id()) {
+        // SAFETY: plain syscall on a child of our child.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
     let _ = child.wait();
 }
